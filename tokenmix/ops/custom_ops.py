@@ -1,0 +1,174 @@
+"""The three primitives as ``torch.library`` custom ops in the ``tokenmix::`` namespace.
+
+Each op has a fake (meta) implementation, an autograd formula written with the other two
+ops (DESIGN.md 2.2) and a FLOP formula, so ``torch.compile(fullgraph=True)``,
+``torch.export`` and fvcore tracing see one named node. The device implementation picks a
+backend with :func:`tokenmix.ops.registry.select_backend`.
+
+Geometry travels as flat int lists: ``kernel_size, stride, dilation, padding`` (each
+[h, w]) and ``border`` ("zero" | "clamp").
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from . import checks
+from .flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
+from .registry import select_backend
+from .window import Window
+
+# ----------------------------------------------------------------------------- aggregate
+
+
+@torch.library.custom_op("tokenmix::aggregate", mutates_args=())
+def aggregate_op(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                 padding: List[int], border: str, backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_aggregate(x, w, window)
+    x, w = x.contiguous(), w.contiguous()
+    return select_backend("aggregate", (x, w), window, backend).aggregate(x, w, window)
+
+
+@aggregate_op.register_fake
+def _(x, w, kernel_size, stride, dilation, padding, border, backend):
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    Ho, Wo = window.output_size(x.shape[2], x.shape[3])
+    return x.new_empty(x.shape[0], x.shape[1], Ho, Wo)
+
+
+# ----------------------------------------------------------------------------- correlate
+
+
+@torch.library.custom_op("tokenmix::correlate", mutates_args=())
+def correlate_op(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                 padding: List[int], border: str, groups: int, sum_batch: bool, sum_space: bool,
+                 backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_correlate(q, k, window, groups)
+    q, k = q.contiguous(), k.contiguous()
+    b = select_backend("correlate", (q, k), window, backend)
+    return b.correlate(q, k, window, groups, sum_batch, sum_space)
+
+
+@correlate_op.register_fake
+def _(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, sum_space, backend):
+    B, _, Ho, Wo = q.shape
+    kk = kernel_size[0] * kernel_size[1]
+    return q.new_empty(1 if sum_batch else B, groups, kk, 1 if sum_space else Ho, 1 if sum_space else Wo)
+
+
+# ------------------------------------------------------------------- aggregate_transpose
+
+
+@torch.library.custom_op("tokenmix::aggregate_transpose", mutates_args=())
+def aggregate_transpose_op(y: Tensor, w: Tensor, kernel_size: List[int], stride: List[int],
+                           dilation: List[int], padding: List[int], border: str, input_size: List[int],
+                           backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    H, W = checks.check_aggregate_transpose(y, w, window, tuple(input_size))
+    y, w = y.contiguous(), w.contiguous()
+    b = select_backend("aggregate_transpose", (y, w), window, backend)
+    return b.aggregate_transpose(y, w, window, (H, W))
+
+
+@aggregate_transpose_op.register_fake
+def _(y, w, kernel_size, stride, dilation, padding, border, input_size, backend):
+    return y.new_empty(y.shape[0], y.shape[1], input_size[0], input_size[1])
+
+
+# ------------------------------------------------------------------------------ autograd
+# d aggregate/dx = aggregate_transpose, d aggregate/dw = correlate (summed over broadcast
+# dims), d correlate/dq = aggregate(k, g), d correlate/dk = aggregate_transpose(q, g),
+# d aggregate_transpose/dy = aggregate(g, w), d aggregate_transpose/dw = correlate(y, g).
+
+
+def _geometry(inputs, n_tensors=2):
+    return inputs[n_tensors:n_tensors + 5]
+
+
+def _broadcast_flags(w: Tensor):
+    return w.shape[0] == 1, (w.shape[3] == 1 and w.shape[4] == 1)
+
+
+def _setup_aggregate(ctx, inputs, output):
+    x, w = inputs[:2]
+    ctx.save_for_backward(x, w)
+    ctx.geometry = _geometry(inputs)
+    ctx.backend = inputs[7]
+
+
+def _backward_aggregate(ctx, gy):
+    x, w = ctx.saved_tensors
+    g, be = ctx.geometry, ctx.backend
+    gx = gw = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.tokenmix.aggregate_transpose(gy, w, *g, list(x.shape[2:]), be)
+    if ctx.needs_input_grad[1]:
+        sb, ss = _broadcast_flags(w)
+        gw = torch.ops.tokenmix.correlate(gy, x, *g, w.shape[1], sb, ss, be)
+    return gx, gw, None, None, None, None, None, None
+
+
+def _setup_correlate(ctx, inputs, output):
+    q, k = inputs[:2]
+    ctx.save_for_backward(q, k)
+    ctx.geometry = _geometry(inputs)
+    ctx.backend = inputs[10]
+
+
+def _backward_correlate(ctx, go):
+    q, k = ctx.saved_tensors
+    g, be = ctx.geometry, ctx.backend
+    gq = gk = None
+    if ctx.needs_input_grad[0]:
+        gq = torch.ops.tokenmix.aggregate(k, go, *g, be)
+    if ctx.needs_input_grad[1]:
+        gk = torch.ops.tokenmix.aggregate_transpose(q, go, *g, list(k.shape[2:]), be)
+    return (gq, gk) + (None,) * 9
+
+
+def _setup_transpose(ctx, inputs, output):
+    y, w = inputs[:2]
+    ctx.save_for_backward(y, w)
+    ctx.geometry = _geometry(inputs)
+    ctx.backend = inputs[8]
+
+
+def _backward_transpose(ctx, gz):
+    y, w = ctx.saved_tensors
+    g, be = ctx.geometry, ctx.backend
+    gy = gw = None
+    if ctx.needs_input_grad[0]:
+        gy = torch.ops.tokenmix.aggregate(gz, w, *g, be)
+    if ctx.needs_input_grad[1]:
+        sb, ss = _broadcast_flags(w)
+        gw = torch.ops.tokenmix.correlate(y, gz, *g, w.shape[1], sb, ss, be)
+    return (gy, gw) + (None,) * 7
+
+
+aggregate_op.register_autograd(_backward_aggregate, setup_context=_setup_aggregate)
+correlate_op.register_autograd(_backward_correlate, setup_context=_setup_correlate)
+aggregate_transpose_op.register_autograd(_backward_transpose, setup_context=_setup_transpose)
+
+# --------------------------------------------------------------------------------- flops
+# torch's FlopCounterMode counts 2 flops per multiply-add.
+
+
+@register_flop_formula(torch.ops.tokenmix.aggregate)
+def _aggregate_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * aggregate_macs(x_shape, w_shape, out_shape)
+
+
+@register_flop_formula(torch.ops.tokenmix.correlate)
+def _correlate_flop(q_shape, k_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 2 * correlate_macs(q_shape, kernel_size[0] * kernel_size[1])
+
+
+@register_flop_formula(torch.ops.tokenmix.aggregate_transpose)
+def _aggregate_transpose_flop(y_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * aggregate_transpose_macs(y_shape, w_shape)

@@ -1,0 +1,88 @@
+"""Public functional API of the shared aggregation op (DESIGN.md 2.2).
+
+Channels of group g are the contiguous block ``[g*C/G, (g+1)*C/G)``; tap ``t = u*Kw + v``
+of output (i, j) reads input ``src_t(i, j)`` as defined by :class:`~tokenmix.ops.Window`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import checks
+from . import custom_ops  # noqa: F401  (defines torch.ops.tokenmix.*)
+from .window import Window
+
+
+def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Apply a per-pixel kernel: ``y[b,c,i,j] = sum_t w[b,g(c),t,i,j] * x[b,c,src_t(i,j)]``.
+
+    Args:
+        x: (B, C, H, W) input.
+        w: (B|1, G, K*K, Ho|1, Wo|1) kernel, G dividing C. A weight of batch 1 and/or spatial
+            1x1 broadcasts: with G = C and shape (1, C, K*K, 1, 1) this is a depthwise conv.
+        window: the :class:`Window` geometry.
+        backend: force a backend by name ("reference", "cpu", "triton"); default: dispatch.
+
+    Returns:
+        y: (B, C, Ho, Wo) with ``(Ho, Wo) = window.output_size(H, W)``.
+
+    Equivalent PyTorch code (zero border; the reference backend avoids the K*K copy)::
+
+        cols = F.unfold(x, window.kernel_size, window.dilation, window.padding, window.stride)
+        cols = cols.view(B, G, C // G, K * K, Ho, Wo)
+        y = (cols * w.unsqueeze(2)).sum(3).view(B, C, Ho, Wo)
+    """
+    checks.check_aggregate(x, w, window)
+    return torch.ops.tokenmix.aggregate(x, w, *window.as_args(), backend)
+
+
+def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
+              backend: Optional[str] = None) -> torch.Tensor:
+    """Windowed grouped dot product (the q.k of local attention, and the weight gradient of
+    :func:`aggregate`): ``out[b,g,t,i,j] = sum_{c in g} q[b,c,i,j] * k[b,c,src_t(i,j)]``,
+    0 on out-of-image taps.
+
+    Args:
+        q: (B, C, Ho, Wo) queries, ``(Ho, Wo) = window.output_size(H, W)``.
+        k: (B, C, H, W) keys.
+        window: the :class:`Window` geometry.
+        groups: G, dividing C (attention heads).
+
+    Returns:
+        (B, G, K*K, Ho, Wo).
+
+    Equivalent PyTorch code (zero border)::
+
+        cols = F.unfold(k, window.kernel_size, window.dilation, window.padding, window.stride)
+        cols = cols.view(B, G, C // G, K * K, Ho, Wo)
+        out = (cols * q.view(B, G, C // G, 1, Ho, Wo)).sum(2)
+    """
+    checks.check_correlate(q, k, window, groups)
+    return torch.ops.tokenmix.correlate(q, k, *window.as_args(), groups, False, False, backend)
+
+
+def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_size: Tuple[int, int], *,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """Adjoint of :func:`aggregate` in x:
+    ``x[b,c,h,w] = sum_{t,i,j : src_t(i,j) = (h,w)} w[b,g(c),t,i,j] * y[b,c,i,j]``,
+    so that ``<aggregate(x, w), y> = <x, aggregate_transpose(y, w)>``.
+
+    Args:
+        y: (B, C, Ho, Wo).
+        w: (B|1, G, K*K, Ho|1, Wo|1).
+        window: the :class:`Window` geometry.
+        input_size: (H, W) of the input that ``aggregate`` read; ``window.output_size(H, W)``
+            must be (Ho, Wo).
+
+    Returns:
+        (B, C, H, W).
+
+    Equivalent PyTorch code (zero border)::
+
+        cols = (y.view(B, G, C // G, 1, Ho, Wo) * w.unsqueeze(2)).view(B, C * K * K, Ho * Wo)
+        x = F.fold(cols, input_size, window.kernel_size, window.dilation, window.padding, window.stride)
+    """
+    H, W = checks.check_aggregate_transpose(y, w, window, input_size)
+    return torch.ops.tokenmix.aggregate_transpose(y, w, *window.as_args(), [H, W], backend)

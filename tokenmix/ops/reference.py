@@ -1,0 +1,126 @@
+"""Pure-PyTorch reference backend: the test oracle, the portable fallback and the
+"equivalent PyTorch code" of the public docstrings.
+
+It loops over the K*K taps and, per tap, works on one shifted view of the input (strided
+slices of the zero-padded input for ``border="zero"``, an index gather for ``"clamp"``), so
+its extra memory is O(output), never the K*K-times copy that ``unfold`` makes. float16 and
+bfloat16 are computed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .registry import Backend
+from .window import Window
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for an input dtype (float32 for the 16-bit floats)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pad_amounts(window: Window, H: int, W: int):
+    """(top, bottom, left, right) zero padding so that every tap of every output is a
+    plain strided slice of the padded input."""
+    Ho, Wo = window.output_size(H, W)
+    (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
+    bottom = max(0, (Ho - 1) * sh - ph + (Kh - 1) * dh - (H - 1))
+    right = max(0, (Wo - 1) * sw - pw + (Kw - 1) * dw - (W - 1))
+    return ph, bottom, pw, right
+
+
+def shifted_views(x: torch.Tensor, window: Window) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Yield ``(t, x_t)`` for every tap, where ``x_t[..., i, j] = x[..., src_t(i, j)]`` (0 on
+    out-of-image taps); x: (..., H, W) -> x_t: (..., Ho, Wo). Zero border: views of one
+    padded copy; clamp border: one gathered copy per tap."""
+    H, W = x.shape[-2:]
+    Ho, Wo = window.output_size(H, W)
+    Kh, Kw = window.kernel_size
+    if window.border == "zero":
+        top, bottom, left, right = _pad_amounts(window, H, W)
+        xp = F.pad(x, (left, right, top, bottom))
+        (sh, sw), (dh, dw) = window.stride, window.dilation
+        for u in range(Kh):
+            rows = xp[..., u * dh: u * dh + sh * (Ho - 1) + 1: sh, :]
+            for v in range(Kw):
+                yield u * Kw + v, rows[..., v * dw: v * dw + sw * (Wo - 1) + 1: sw]
+    else:
+        ri, ci = window.source_index(H, W, device=x.device)
+        for u in range(Kh):
+            rows = x.index_select(-2, ri[u])
+            for v in range(Kw):
+                yield u * Kw + v, rows.index_select(-1, ci[v])
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    devices = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
+    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    fwd_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),
+               torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+    bwd_tol = fwd_tol
+
+    def aggregate(self, x, w, window):
+        B, C, H, W = x.shape
+        G = w.shape[1]
+        Ho, Wo = window.output_size(H, W)
+        cd = compute_dtype(x.dtype)
+        x5 = x.to(cd).reshape(B, G, C // G, H, W)
+        w6 = w.to(cd).unsqueeze(2)  # (B|1, G, 1, KK, Ho|1, Wo|1)
+        y = torch.zeros(B, G, C // G, Ho, Wo, dtype=cd, device=x.device)
+        for t, xt in shifted_views(x5, window):
+            y.addcmul_(w6[:, :, :, t], xt)
+        return y.reshape(B, C, Ho, Wo).to(x.dtype)
+
+    def correlate(self, q, k, window, groups, sum_batch=False, sum_space=False):
+        B, C, Ho, Wo = q.shape
+        H, W = k.shape[-2:]
+        G = groups
+        cd = compute_dtype(q.dtype)
+        q5 = q.to(cd).reshape(B, G, C // G, Ho, Wo)
+        k5 = k.to(cd).reshape(B, G, C // G, H, W)
+        out = torch.empty(1 if sum_batch else B, G, window.taps, 1 if sum_space else Ho,
+                          1 if sum_space else Wo, dtype=cd, device=q.device)
+        for t, kt in shifted_views(k5, window):
+            s = (q5 * kt).sum(2)  # (B, G, Ho, Wo)
+            if sum_batch:
+                s = s.sum(0, keepdim=True)
+            if sum_space:
+                s = s.sum((2, 3), keepdim=True)
+            out[:, :, t] = s
+        return out.to(q.dtype)
+
+    def aggregate_transpose(self, y, w, window, input_size):
+        B, C, Ho, Wo = y.shape
+        H, W = input_size
+        G = w.shape[1]
+        cd = compute_dtype(y.dtype)
+        y5 = y.to(cd).reshape(B, G, C // G, Ho, Wo)
+        w6 = w.to(cd).unsqueeze(2)
+        Kh, Kw = window.kernel_size
+        if window.border == "zero":
+            # Scatter-add each tap into a strided view of a padded buffer: for a fixed tap
+            # the map output -> input is injective, so the in-place add is exact.
+            top, bottom, left, right = _pad_amounts(window, H, W)
+            xp = torch.zeros(B, G, C // G, H + top + bottom, W + left + right, dtype=cd, device=y.device)
+            (sh, sw), (dh, dw) = window.stride, window.dilation
+            for u in range(Kh):
+                for v in range(Kw):
+                    view = xp[..., u * dh: u * dh + sh * (Ho - 1) + 1: sh, v * dw: v * dw + sw * (Wo - 1) + 1: sw]
+                    view.addcmul_(w6[:, :, :, u * Kw + v], y5)
+            out = xp[..., top: top + H, left: left + W]
+        else:
+            # Clamp border: several outputs can read the same pixel through one tap, so
+            # accumulate with index_add (deterministic on the CPU).
+            ri, ci = window.source_index(H, W, device=y.device)
+            out = torch.zeros(B, G, C // G, H, W, dtype=cd, device=y.device)
+            for u in range(Kh):
+                acc = torch.zeros(B, G, C // G, Ho, W, dtype=cd, device=y.device)
+                for v in range(Kw):
+                    acc.index_add_(-1, ci[v], w6[:, :, :, u * Kw + v] * y5)
+                out.index_add_(-2, ri[u], acc)
+        return out.reshape(B, C, H, W).to(y.dtype)

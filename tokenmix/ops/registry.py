@@ -1,0 +1,164 @@
+"""Backends declare what they support; the dispatcher takes the first that can run the
+inputs and, when a forced backend cannot, raises with every reason (DESIGN.md 2.3).
+
+Built-in backends are named here by import path and constructed on first use, so importing
+tokenmix never imports Triton or compiles anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import warnings
+from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import torch
+
+from .window import Window
+
+OPS = ("aggregate", "correlate", "aggregate_transpose")
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised by ``Backend.check_available`` when a backend cannot run on this machine."""
+
+
+class Backend:
+    """Base class of an aggregation backend.
+
+    Subclasses set the class attributes and implement the three primitives. Inputs reach a
+    backend already validated (shapes consistent, same device and dtype); the weight may be
+    broadcast, i.e. have size 1 in its batch and/or both spatial dims. Outputs are new
+    tensors with the input's dtype.
+    """
+
+    name: ClassVar[str] = "base"
+    devices: ClassVar[FrozenSet[str]] = frozenset()
+    dtypes: ClassVar[FrozenSet[torch.dtype]] = frozenset()
+    borders: ClassVar[FrozenSet[str]] = frozenset({"zero", "clamp"})
+    #: (atol, rtol) against the float64 reference, per input dtype; forward and backward.
+    fwd_tol: ClassVar[Dict[torch.dtype, Tuple[float, float]]] = {}
+    bwd_tol: ClassVar[Dict[torch.dtype, Tuple[float, float]]] = {}
+
+    # -- availability ----------------------------------------------------------------
+    def unavailable_reason(self) -> Optional[str]:
+        """None when the backend can run here, else why not (no compiler, no Triton...)."""
+        return None
+
+    # -- support ----------------------------------------------------------------------
+    def not_supported_reasons(self, op: str, tensors: Sequence[torch.Tensor], window: Window) -> List[str]:
+        reasons = []
+        t0 = tensors[0]
+        if t0.device.type not in self.devices:
+            reasons.append(f"device {t0.device.type!r} not in {sorted(self.devices)}")
+        if t0.dtype not in self.dtypes:
+            reasons.append(f"dtype {t0.dtype} not in {sorted(str(d) for d in self.dtypes)}")
+        if window.border not in self.borders:
+            reasons.append(f"border {window.border!r} not in {sorted(self.borders)}")
+        return reasons
+
+    # -- primitives -------------------------------------------------------------------
+    def aggregate(self, x: torch.Tensor, w: torch.Tensor, window: Window) -> torch.Tensor:
+        raise NotImplementedError
+
+    def correlate(self, q: torch.Tensor, k: torch.Tensor, window: Window, groups: int,
+                  sum_batch: bool = False, sum_space: bool = False) -> torch.Tensor:
+        """(B, G, K*K, Ho, Wo); with ``sum_batch``/``sum_space`` the batch/spatial dims are
+        summed to size 1 (the weight gradient of a broadcast weight)."""
+        raise NotImplementedError
+
+    def aggregate_transpose(self, y: torch.Tensor, w: torch.Tensor, window: Window,
+                            input_size: Tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"<tokenmix backend {self.name!r}>"
+
+
+# name -> "module:Class" (lazy) or an instance; order is dispatch priority.
+_REGISTRY: Dict[str, object] = {
+    "triton": "tokenmix.ops.triton_backend:TritonBackend",
+    "cpu": "tokenmix.ops.cpu_backend:CpuBackend",
+    "reference": "tokenmix.ops.reference:ReferenceBackend",
+}
+_LOCK = threading.Lock()
+_WARNED: set = set()
+
+
+def register_backend(backend: Backend, *, first: bool = False) -> Backend:
+    """Register a Backend instance under ``backend.name``; ``first=True`` gives it priority."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a tokenmix.ops.Backend instance, got {type(backend).__name__}")
+    with _LOCK:
+        _REGISTRY.pop(backend.name, None)
+        if first:
+            items = list(_REGISTRY.items())
+            _REGISTRY.clear()
+            _REGISTRY[backend.name] = backend
+            _REGISTRY.update(items)
+        else:
+            _REGISTRY[backend.name] = backend
+    return backend
+
+
+def list_backends() -> List[str]:
+    """Backend names in dispatch priority order."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The Backend registered as ``name`` (constructed on first use)."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"backend must be one of {list_backends()}, got {name!r}")
+    entry = _REGISTRY[name]
+    if isinstance(entry, str):
+        with _LOCK:
+            entry = _REGISTRY[name]
+            if isinstance(entry, str):
+                module, cls = entry.split(":")
+                entry = getattr(importlib.import_module(module), cls)()
+                _REGISTRY[name] = entry
+    return entry  # type: ignore[return-value]
+
+
+def _reasons(b: Backend, op: str, tensors, window) -> List[str]:
+    reasons = b.not_supported_reasons(op, tensors, window)
+    if not reasons:
+        why = b.unavailable_reason()
+        if why:
+            reasons.append(f"unavailable: {why}")
+    return reasons
+
+
+def select_backend(op: str, tensors: Sequence[torch.Tensor], window: Window,
+                   backend: Optional[str] = None) -> Backend:
+    """The backend that runs ``op`` on ``tensors``.
+
+    With ``backend=None`` the first registered backend with no reasons against the inputs
+    wins; a backend that supports the inputs but is unavailable on this machine (no
+    compiler, no Triton) is skipped with one warning. A forced ``backend`` that cannot run
+    raises ValueError listing every reason.
+    """
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if backend is not None:
+        b = get_backend(backend)
+        reasons = _reasons(b, op, tensors, window)
+        if reasons:
+            raise ValueError(f"backend={backend!r} cannot run {op} on these inputs: " + "; ".join(reasons))
+        return b
+    refused = []
+    for name in list_backends():
+        b = get_backend(name)
+        reasons = b.not_supported_reasons(op, tensors, window)
+        if not reasons:
+            why = b.unavailable_reason()
+            if why is None:
+                return b
+            if name not in _WARNED:
+                _WARNED.add(name)
+                warnings.warn(f"tokenmix: backend {name!r} is unavailable ({why}); falling back to the next backend",
+                              RuntimeWarning, stacklevel=3)
+            reasons = [f"unavailable: {why}"]
+        refused.append(f"{name}: " + "; ".join(reasons))
+    raise ValueError(f"no tokenmix backend can run {op} on these inputs: " + " | ".join(refused))

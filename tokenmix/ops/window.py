@@ -1,0 +1,169 @@
+"""Window geometry shared by kernel generators and the aggregation op (DESIGN.md 2.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+import torch
+
+IntOrPair = Union[int, Tuple[int, int]]
+BORDERS = ("zero", "clamp")
+
+
+def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
+    """Normalise an int-or-(h, w) argument, raising ValueError/TypeError naming `name`."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        if v < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        out.append(int(v))
+    return (out[0], out[1])
+
+
+@dataclass(frozen=True)
+class Window:
+    """Geometry of a K x K sliding window.
+
+    Args:
+        kernel_size: K, int or (Kh, Kw).
+        stride: s, int or (sh, sw). Must be 1 for ``border="clamp"``.
+        dilation: d, int or (dh, dw).
+        padding: p, int or (ph, pw); default ``d * (K - 1) // 2``. Must be 0/None for clamp.
+        border: ``"zero"`` (taps outside the image read 0, as ``conv2d``/``unfold``) or
+            ``"clamp"`` (neighborhood attention: the window slides inward near the border,
+            every tap is inside the image, output size = input size).
+
+    Per axis, tap ``u`` of output ``i`` reads input ``i*s - p + u*d`` (zero border); the
+    output size is ``floor((L + 2p - d(K-1) - 1) / s) + 1``. Tap ``t = u*Kw + v``.
+
+    >>> w = Window(3, stride=2)
+    >>> w.output_size(7, 5)
+    (4, 3)
+    """
+
+    kernel_size: IntOrPair
+    stride: IntOrPair = 1
+    dilation: IntOrPair = 1
+    padding: IntOrPair | None = None
+    border: str = "zero"
+
+    def __post_init__(self):
+        ks = _pair("kernel_size", self.kernel_size, 1)
+        st = _pair("stride", self.stride, 1)
+        dl = _pair("dilation", self.dilation, 1)
+        if self.border not in BORDERS:
+            raise ValueError(f"border must be one of {BORDERS}, got {self.border!r}")
+        if self.border == "clamp":
+            if st != (1, 1):
+                raise ValueError(
+                    f"border='clamp' (neighborhood attention) needs stride 1, got stride={self.stride!r}"
+                )
+            pd = (0, 0) if self.padding is None else _pair("padding", self.padding, 0)
+            if pd != (0, 0):
+                raise ValueError(
+                    f"border='clamp' takes no padding (the window slides inward), got padding={self.padding!r}"
+                )
+        elif self.padding is None:
+            pd = (dl[0] * (ks[0] - 1) // 2, dl[1] * (ks[1] - 1) // 2)
+        else:
+            pd = _pair("padding", self.padding, 0)
+        object.__setattr__(self, "kernel_size", ks)
+        object.__setattr__(self, "stride", st)
+        object.__setattr__(self, "dilation", dl)
+        object.__setattr__(self, "padding", pd)
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def taps(self) -> int:
+        """Number of taps K*K (Kh*Kw)."""
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        """(Ho, Wo) for an (H, W) input; ValueError if the window does not fit."""
+        out = []
+        for axis, L in (("height", height), ("width", width)):
+            a = 0 if axis == "height" else 1
+            K, s, d, p = self.kernel_size[a], self.stride[a], self.dilation[a], self.padding[a]
+            if L < 1:
+                raise ValueError(f"input {axis} must be >= 1, got {L}")
+            if self.border == "clamp":
+                if K * d > L:
+                    raise ValueError(
+                        f"border='clamp' needs kernel_size*dilation <= input {axis}: "
+                        f"{K}*{d} > {L} (input size {(height, width)})"
+                    )
+                out.append(L)
+                continue
+            n = (L + 2 * p - d * (K - 1) - 1) // s + 1
+            if n < 1:
+                raise ValueError(
+                    f"window kernel_size={self.kernel_size}, dilation={self.dilation}, "
+                    f"padding={self.padding} does not fit input {axis} {L}: output {axis} would be {n}"
+                )
+            out.append(n)
+        return (out[0], out[1])
+
+    # ------------------------------------------------------------ index maps
+    def axis_index(self, axis: int, length: int, device=None) -> torch.Tensor:
+        """(K, Lo) int64 source index along one axis (0 = height, 1 = width); -1 where the
+        tap falls outside the image (zero border only)."""
+        K, s, d, p = self.kernel_size[axis], self.stride[axis], self.dilation[axis], self.padding[axis]
+        if self.border == "zero":
+            n = (length + 2 * p - d * (K - 1) - 1) // s + 1
+            i = torch.arange(n, device=device)
+            u = torch.arange(K, device=device)
+            src = i[None, :] * s - p + u[:, None] * d
+            return torch.where((src >= 0) & (src < length), src, torch.full_like(src, -1))
+        i = torch.arange(length, device=device)
+        r = i % d
+        ip = i // d
+        Lr = (length - r + d - 1) // d  # ceil((L - r) / d)
+        start = torch.minimum(torch.clamp(ip - K // 2, min=0), Lr - K)
+        u = torch.arange(K, device=device)
+        return r[None, :] + d * (start[None, :] + u[:, None])
+
+    def source_index(self, height: int, width: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-axis source maps ``(rows (Kh, Ho), cols (Kw, Wo))``; -1 marks out-of-image."""
+        self.output_size(height, width)  # validates
+        return self.axis_index(0, height, device), self.axis_index(1, width, device)
+
+    def valid_mask(self, height: int, width: int, device=None) -> torch.Tensor:
+        """(K*K, Ho, Wo) bool mask of taps that read a pixel inside the image."""
+        rows, cols = self.source_index(height, width, device)
+        m = (rows >= 0)[:, None, :, None] & (cols >= 0)[None, :, None, :]
+        return m.reshape(self.taps, rows.shape[1], cols.shape[1])
+
+    def relative_offset(self, height: int, width: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """True (source - centre) offsets per tap in input pixels, ``(dy (Kh, Ho), dx (Kw, Wo))``,
+        where the centre of output i is the input pixel it sits on (``i*s``). For the zero
+        border this is ``u*d - p``; for the clamp border it shifts near the edges. Used by
+        relative position biases."""
+        rows, cols = self.source_index(height, width, device)
+        sh, sw = self.stride
+        ci = torch.arange(rows.shape[1], device=device) * sh
+        cj = torch.arange(cols.shape[1], device=device) * sw
+        if self.border == "zero":
+            dy = (torch.arange(self.kernel_size[0], device=device) * self.dilation[0] - self.padding[0])
+            dx = (torch.arange(self.kernel_size[1], device=device) * self.dilation[1] - self.padding[1])
+            return dy[:, None].expand_as(rows), dx[:, None].expand_as(cols)
+        return rows - ci[None, :], cols - cj[None, :]
+
+    def as_args(self):
+        """Flat argument list used by the ``tokenmix::`` custom ops."""
+        return list(self.kernel_size), list(self.stride), list(self.dilation), list(self.padding), self.border
+
+    @staticmethod
+    def from_args(kernel_size, stride, dilation, padding, border) -> "Window":
+        return Window(tuple(kernel_size), tuple(stride), tuple(dilation), tuple(padding) if border == "zero" else None, border)
+
+
+__all__ = ["Window", "BORDERS"]
