@@ -1,0 +1,17 @@
+"""Kernel generators (DESIGN.md 3): ``nn.Module``s with channels first in the constructor and
+``forward(x, window) -> w: (B|1, G, K*K, Ho|1, Wo|1)``, registered by name."""
+
+from .registry import create_kernel_gen, get_kernel_gen, list_kernel_gens, register_kernel_gen
+from .base import KernelGenerator
+from .static import StaticKernel
+from .bottleneck import BottleneckKernel
+
+__all__ = [
+    "register_kernel_gen",
+    "create_kernel_gen",
+    "list_kernel_gens",
+    "get_kernel_gen",
+    "KernelGenerator",
+    "StaticKernel",
+    "BottleneckKernel",
+]

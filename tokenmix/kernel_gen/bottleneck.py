@@ -1,0 +1,85 @@
+"""``bottleneck``: the involution kernel generator (Li et al., CVPR 2021, official RedNet).
+
+avg-pool by the stride (kernel branch only) -> 1x1 conv C -> C/r (no bias) -> BN -> ReLU ->
+1x1 conv C/r -> G*K*K (with bias); span output channel ``g*K*K + t`` is tap t of group g.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import KernelGenerator, check_int, resolve_groups
+from .registry import register_kernel_gen
+
+
+def stride_pool(stride: int) -> nn.Module:
+    """``nn.AvgPool2d(s, s, ceil_mode=True)`` for s > 1, else ``nn.Identity``.
+
+    ``ceil_mode=True`` gives ceil(H/s) rows, the aggregation's output size, also for odd H
+    (the last, partial window averages the pixels it covers); for H divisible by s it is
+    the official ``nn.AvgPool2d(s, s)`` exactly."""
+    return nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+
+
+@register_kernel_gen("bottleneck")
+class BottleneckKernel(KernelGenerator):
+    """Involution's kernel generator, official semantics; no normalisation of the kernel.
+
+    Submodules (names fixed: checkpoints map onto them): ``pool``, ``reduce``, ``norm``,
+    ``act``, ``span``.
+
+    Args:
+        channels: C.
+        kernel_size: K.
+        stride: s; the kernel branch is average-pooled by s so one kernel per output pixel.
+        group_channels: channels per group (default 16), G = C / group_channels; or ``groups``.
+        reduction: r, the bottleneck width is C // r (default 4).
+
+    Shapes: ``forward(x: (B, C, H, W), window) -> (B, G, K*K, ceil(H/s), ceil(W/s))``.
+    """
+
+    def __init__(self, channels: int, kernel_size=7, *, stride: int = 1, groups: Optional[int] = None,
+                 group_channels: Optional[int] = None, reduction: int = 4, device=None, dtype=None):
+        super().__init__()
+        if groups is None and group_channels is None:
+            group_channels = 16
+        G = resolve_groups(channels, groups, group_channels)
+        self._setup(channels, G, kernel_size)
+        self.stride = check_int("stride", stride)
+        self.reduction = check_int("reduction", reduction)
+        hidden = channels // self.reduction
+        if hidden < 1:
+            raise ValueError(f"channels // reduction must be >= 1, got channels={channels}, reduction={reduction}")
+        fk = dict(device=device, dtype=dtype)
+        self.pool = stride_pool(self.stride)
+        self.reduce = nn.Conv2d(channels, hidden, 1, bias=False, **fk)
+        self.norm = nn.BatchNorm2d(hidden, **fk)
+        self.act = nn.ReLU(inplace=False)
+        self.span = nn.Conv2d(hidden, G * self.kernel_size[0] * self.kernel_size[1], 1, bias=True, **fk)
+
+    def reset_parameters(self) -> None:
+        """PyTorch defaults of the convs; BN weight 1, bias 0, running stats reset."""
+        self.reduce.reset_parameters()
+        self.norm.reset_parameters()
+        self.span.reset_parameters()
+
+    def span_kernel(self, h: torch.Tensor, window, input_hw) -> torch.Tensor:
+        """(B, hidden, Ho', Wo') features -> kernel (B, G, K*K, Ho, Wo), checking the size."""
+        w = self.span(self.act(self.norm(h)))
+        B, _, Ho, Wo = w.shape
+        expect = window.output_size(*input_hw)
+        if (Ho, Wo) != tuple(expect):
+            raise ValueError(f"{type(self).__name__}: kernel branch gives {(Ho, Wo)} pixels but the window "
+                             f"{window} gives output {expect} for input {tuple(input_hw)}; build the generator "
+                             f"with the window's stride (stride={self.stride})")
+        return w.view(B, self.groups, window.taps, Ho, Wo)
+
+    def forward(self, x: torch.Tensor, window) -> torch.Tensor:
+        self.check_window(x, window)
+        return self.span_kernel(self.reduce(self.pool(x)), window, x.shape[2:])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}, reduction={self.reduction}"

@@ -1,0 +1,56 @@
+"""Registry of kernel generators: ``register_kernel_gen``, ``create_kernel_gen``,
+``list_kernel_gens``. A generator is an ``nn.Module`` whose constructor takes ``channels``
+first and whose ``forward(x, window)`` returns the kernel ``w: (B|1, G, K*K, Ho|1, Wo|1)``."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Type
+
+from torch import nn
+
+_KERNEL_GENS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_kernel_gen(name: str):
+    """Class (or factory) decorator that registers a generator under ``name``.
+
+    >>> @register_kernel_gen("my_gen")          # doctest: +SKIP
+    ... class MyGen(nn.Module): ...
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"kernel generator name must be a non-empty str, got {name!r}")
+
+    def deco(cls: Type[nn.Module]):
+        if name in _KERNEL_GENS and _KERNEL_GENS[name] is not cls:
+            raise ValueError(f"kernel generator {name!r} is already registered to {_KERNEL_GENS[name]!r}")
+        _KERNEL_GENS[name] = cls
+        return cls
+
+    return deco
+
+
+def list_kernel_gens() -> List[str]:
+    """Names of the registered kernel generators, sorted."""
+    return sorted(_KERNEL_GENS)
+
+
+def get_kernel_gen(name: str) -> Callable[..., nn.Module]:
+    """The class registered under ``name``; ValueError listing the known names otherwise."""
+    if name not in _KERNEL_GENS:
+        raise ValueError(f"unknown kernel generator {name!r}; known: {', '.join(list_kernel_gens())}")
+    return _KERNEL_GENS[name]
+
+
+def create_kernel_gen(name: str, channels: int, **kwargs) -> nn.Module:
+    """Build the generator registered under ``name`` for ``channels`` input channels.
+
+    Args:
+        name: a name from :func:`list_kernel_gens`.
+        channels: C, the channels of the input ``x: (B, C, H, W)``.
+        **kwargs: the generator's own arguments (``kernel_size``, ``stride``, ``groups`` ...,
+            ``device``, ``dtype``).
+    """
+    return get_kernel_gen(name)(channels, **kwargs)
+
+
+__all__ = ["register_kernel_gen", "create_kernel_gen", "list_kernel_gens", "get_kernel_gen"]

@@ -1,0 +1,63 @@
+"""The named mixer presets of DESIGN.md 4. Each builder maps (B, dim, H, W) to
+(B, dim, ceil(H/s), ceil(W/s)) for every H, W (odd sizes included)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..kernel_gen.base import check_int, check_odd_kernel
+from ..kernel_gen.bottleneck import BottleneckKernel
+from ..kernel_gen.static import StaticKernel
+from ..ops.window import Window
+from .mixer import Mixer
+from .registry import register_mixer
+
+_SIZE = "output size ceil(H/stride) needs a centre tap"
+
+
+def _window(kernel_size, stride, dilation=1, border="zero") -> Window:
+    check_odd_kernel(kernel_size, _SIZE)
+    return Window(kernel_size, stride=stride, dilation=dilation, border=border)
+
+
+@register_mixer("conv")
+def conv(dim: int, *, kernel_size=7, stride: int = 1, groups: int = 1, dilation: int = 1, bias: bool = False,
+         device=None, dtype=None) -> nn.Conv2d:
+    """Plain ``nn.Conv2d(dim, dim, K, stride, padding=K//2, bias=False)``: the channel-mixing
+    baseline (ResNet's 3x3), not an aggregation instance. ``groups`` as in ``nn.Conv2d``."""
+    ks = check_odd_kernel(kernel_size, _SIZE)
+    groups = check_int("groups", groups)
+    dilation = check_int("dilation", dilation)
+    if dim % groups:
+        raise ValueError(f"dim={dim} is not divisible by groups={groups}")
+    pad = (dilation * (ks[0] // 2), dilation * (ks[1] // 2))
+    return nn.Conv2d(dim, dim, ks, stride, padding=pad, dilation=dilation, groups=groups, bias=bias,
+                     device=device, dtype=dtype)
+
+
+@register_mixer("dwconv")
+def dwconv(dim: int, *, kernel_size=7, stride: int = 1, dilation: int = 1, bias: bool = False,
+           device=None, dtype=None) -> Mixer:
+    """Depthwise convolution through ``tokenmix.ops.aggregate``: a ``static`` generator with
+    G = dim; equals ``nn.Conv2d(dim, dim, K, stride, K//2, groups=dim)`` with weight
+    ``generator.weight.view(dim, 1, K, K)``."""
+    window = _window(kernel_size, stride, dilation)
+    gen = StaticKernel(dim, kernel_size, groups=dim, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, bias=bias, device=device, dtype=dtype)
+
+
+@register_mixer("involution")
+def involution(dim: int, *, kernel_size=7, stride: int = 1, group_channels: Optional[int] = 16,
+               groups: Optional[int] = None, reduction: int = 4, dilation: int = 1,
+               device=None, dtype=None) -> Mixer:
+    """Involution, official RedNet semantics: ``bottleneck`` generator (pool, reduce, norm,
+    act, span), G = dim // group_channels (or ``groups``), value and proj identity.
+    State dict: ``generator.reduce.weight``, ``generator.norm.*``, ``generator.span.{weight,bias}``."""
+    if groups is not None:
+        group_channels = None
+    window = _window(kernel_size, stride, dilation)
+    gen = BottleneckKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
+                           reduction=reduction, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, device=device, dtype=dtype)
