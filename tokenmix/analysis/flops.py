@@ -1,0 +1,326 @@
+"""FLOP counting that sees every mixer: fvcore's ``FlopCountAnalysis`` with handles for the
+``tokenmix::`` ops and for the common ops fvcore skips, plus torch's ``FlopCounterMode``.
+
+Conventions (fvcore's): **one flop = one multiply-add (MAC)**, so ResNet-50 is 4.1 G.
+torch's ``FlopCounterMode`` counts **two** flops per multiply-add; :func:`torch_flops`
+returns that count and ``2 * FlopCount.macs == torch_flops(...)`` holds exactly.
+
+=====================================  ==========================================================
+traced op                              counted (fvcore convention)
+=====================================  ==========================================================
+``tokenmix::aggregate``                B*C*Ho*Wo*K*K MACs (:func:`tokenmix.ops.flops.aggregate_macs`)
+``tokenmix::correlate``                B*C*Ho*Wo*K*K MACs (``correlate_macs``)
+``tokenmix::aggregate_transpose``      B*C*Ho*Wo*K*K MACs (``aggregate_transpose_macs``)
+conv, linear, (add)mm, (b)mm, matmul,  MACs, fvcore's own handles
+einsum
+``aten::scaled_dot_product_attention`` B*H*L*S*(E + Ev) MACs (q.k and attn.v; as torch counts it)
+``aten::batch_norm``                   fvcore's handle: 2 per element (affine, eval), 1 without
+                                       affine; group/layer/instance norm as fvcore
+``aten::softmax`` / ``log_softmax``    1 per element (not a MAC)
+``aten::{max,avg}_pool2d``             (output elements) * (window area) (not a MAC)
+``aten::adaptive_{avg,max}_pool2d``,   1 per input element (fvcore's handle; not a MAC)
+``aten::mean``, ``aten::sum``
+elementwise arithmetic / activations   0, explicitly ignored (:data:`ELEMENTWISE_OPS`), as fvcore
+(add, mul, sigmoid, exp, ...)          already ignores ``relu``; they are memory-bound and not MACs
+shape / data-movement ops              0, explicitly ignored (:data:`DATA_MOVEMENT_OPS`)
+=====================================  ==========================================================
+
+``FlopCount.macs`` sums the multiply-add operators only (:data:`MAC_OPERATORS`); ``total``
+adds the norm, pool and softmax counts above. Models are counted as at inference: eval mode,
+no autograd (the mode is restored afterwards).
+
+``strict=True`` (the default) raises :class:`UnsupportedOpError` when the trace contains any
+op that has neither a handle nor an explicit ignore entry, so a new op can never count as 0
+silently (fvcore itself only logs a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from math import prod
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..ops import custom_ops  # noqa: F401  (defines torch.ops.tokenmix.* so traces name them)
+from ..ops.flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
+
+__all__ = [
+    "FlopCount",
+    "UnsupportedOpError",
+    "count_flops",
+    "torch_flops",
+    "flop_analysis",
+    "EXTRA_HANDLES",
+    "ELEMENTWISE_OPS",
+    "DATA_MOVEMENT_OPS",
+    "MAC_OPERATORS",
+]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _shape(value) -> List[int]:
+    """Complete shape of a traced tensor value (a ``torch._C.Value``)."""
+    if not value.isCompleteTensor():
+        raise ValueError(f"traced value {value.debugName()!r} has no complete tensor shape")
+    return list(value.type().sizes())
+
+
+def _ivalue(value) -> Any:
+    """Constant of a traced value; lists built with ``prim::ListConstruct`` included."""
+    node = value.node()
+    if node.kind() == "prim::ListConstruct":
+        return [_ivalue(v) for v in node.inputs()]
+    return value.toIValue()
+
+
+def _pair(v) -> List[int]:
+    if isinstance(v, (list, tuple)):
+        return [int(v[0]), int(v[-1])] if len(v) else []
+    return [int(v), int(v)]
+
+
+# ------------------------------------------------------------------------------ handles
+# Every handle takes (inputs, outputs): the traced values of the node, and returns a count.
+
+
+def aggregate_handle(inputs, outputs) -> int:
+    """``tokenmix::aggregate(x, w, ...)``: B*C*Ho*Wo*K*K multiply-adds."""
+    return aggregate_macs(_shape(inputs[0]), _shape(inputs[1]), _shape(outputs[0]))
+
+
+def correlate_handle(inputs, outputs) -> int:
+    """``tokenmix::correlate(q, k, ...) -> (B|1, G, K*K, Ho|1, Wo|1)``: B*C*Ho*Wo*K*K MACs."""
+    return correlate_macs(_shape(inputs[0]), _shape(outputs[0])[2])
+
+
+def aggregate_transpose_handle(inputs, outputs) -> int:
+    """``tokenmix::aggregate_transpose(y, w, ...)``: B*C*Ho*Wo*K*K multiply-adds."""
+    return aggregate_transpose_macs(_shape(inputs[0]), _shape(inputs[1]))
+
+
+def sdpa_handle(inputs, outputs) -> int:
+    """``aten::scaled_dot_product_attention(q, k, v, ...)``, q (..., L, E), k (..., S, E),
+    v (..., S, Ev): L*S*E MACs for q.k plus L*S*Ev for attn.v per batch/head."""
+    q, k, v = (_shape(t) for t in inputs[:3])
+    batch = prod(q[:-2])
+    return int(batch * q[-2] * k[-2] * (q[-1] + v[-1]))
+
+
+def per_element_handle(inputs, outputs) -> int:
+    """One flop per element of the first input (softmax, mean, sum, adaptive pooling)."""
+    return int(prod(_shape(inputs[0])))
+
+
+def pool_handle(inputs, outputs) -> int:
+    """``aten::{max,avg}_pool2d(x, kernel_size, ...)``: output elements * window area."""
+    kernel = _pair(_ivalue(inputs[1]))
+    return int(prod(_shape(outputs[0])) * kernel[0] * kernel[1])
+
+
+EXTRA_HANDLES: Dict[str, Any] = {
+    "tokenmix::aggregate": aggregate_handle,
+    "tokenmix::correlate": correlate_handle,
+    "tokenmix::aggregate_transpose": aggregate_transpose_handle,
+    "aten::scaled_dot_product_attention": sdpa_handle,
+    "aten::softmax": per_element_handle,
+    "aten::_softmax": per_element_handle,
+    "aten::log_softmax": per_element_handle,
+    "aten::max_pool2d": pool_handle,
+    "aten::avg_pool2d": pool_handle,
+    "aten::adaptive_max_pool2d": per_element_handle,
+    "aten::mean": per_element_handle,
+    "aten::sum": per_element_handle,
+}
+"""fvcore handles added on top of fvcore's defaults, by traced op name."""
+
+ELEMENTWISE_OPS = frozenset(
+    f"aten::{name}{suffix}"
+    for name in (
+        "add", "sub", "rsub", "mul", "div", "neg", "abs", "pow", "sqrt", "rsqrt", "exp", "log",
+        "sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "hardtanh", "relu6",
+        "leaky_relu", "elu", "clamp_min", "clamp_max", "where", "ne", "lt", "le", "logical_not",
+        "logical_and", "logical_or", "masked_fill", "fill", "zero", "reciprocal", "square",
+        "softplus", "erf",
+    )
+    for suffix in ("", "_")
+)
+"""Elementwise ops counted as 0 flops (explicitly, so strict mode accepts them)."""
+
+DATA_MOVEMENT_OPS = frozenset(
+    f"aten::{name}"
+    for name in (
+        "unfold", "im2col", "col2im", "pad", "reflection_pad2d", "replicate_pad2d", "repeat",
+        "expand_as", "view_as", "reshape_as", "clone", "flip", "movedim", "unflatten", "linspace",
+        "meshgrid", "contiguous", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
+        "repeat_interleave", "tile", "broadcast_to", "index_select", "take_along_dim",
+        "alias", "lift_fresh", "scalar_tensor", "tensor", "empty_like", "ones_like", "new_ones",
+        "mT", "adjoint", "swapaxes", "unsafe_view", "_unsafe_view", "as_strided",
+    )
+)
+"""Shape and data-movement ops counted as 0 flops (explicitly)."""
+
+MAC_OPERATORS = frozenset(
+    {"conv", "linear", "addmm", "mm", "bmm", "matmul", "einsum", "baddbmm",
+     "aggregate", "correlate", "aggregate_transpose", "scaled_dot_product_attention"}
+)
+"""``by_operator`` keys whose counts are multiply-adds (those torch's FlopCounterMode counts)."""
+
+
+# ------------------------------------------------------------------------------ results
+
+
+class UnsupportedOpError(ValueError):
+    """Raised by strict counting when the trace holds ops with no flop handle."""
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """fvcore flop counts (one multiply-add = one flop).
+
+    Attributes:
+        total: all counted flops of the model.
+        by_module: flops of every submodule by qualified name ("" is the model).
+        by_operator: flops by operator (fvcore's short names: "conv", "aggregate", ...).
+        unsupported: ops with no handle and how often they ran (empty when strict).
+    """
+
+    total: int
+    by_module: Dict[str, int] = field(default_factory=dict)
+    by_operator: Dict[str, int] = field(default_factory=dict)
+    unsupported: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds of the contraction operators (:data:`MAC_OPERATORS`) only."""
+        return sum(v for k, v in self.by_operator.items() if k in MAC_OPERATORS)
+
+    @property
+    def gmacs(self) -> float:
+        return self.macs / 1e9
+
+
+# ------------------------------------------------------------------------------ counting
+
+
+@contextlib.contextmanager
+def _inference(model: nn.Module):
+    was_training = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in zip(model.modules(), was_training):
+            m.training = t
+
+
+def flop_analysis(model: nn.Module, *inputs: torch.Tensor):
+    """fvcore ``FlopCountAnalysis`` of ``model(*inputs)`` with :data:`EXTRA_HANDLES`
+    registered and :data:`ELEMENTWISE_OPS` / :data:`DATA_MOVEMENT_OPS` explicitly ignored.
+    Lazy: nothing is traced until a count is asked for. Warnings are left to the caller."""
+    from fvcore.nn import FlopCountAnalysis
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inputs:
+        raise ValueError("count_flops needs at least one input tensor, got none")
+    analysis = FlopCountAnalysis(model, tuple(inputs))
+    analysis.set_op_handle(**EXTRA_HANDLES)
+    analysis.set_op_handle(**{name: None for name in ELEMENTWISE_OPS | DATA_MOVEMENT_OPS})
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis
+
+
+def count_flops(model: nn.Module, *inputs: torch.Tensor, strict: bool = True) -> FlopCount:
+    """Count the flops of ``model(*inputs)`` with fvcore (one multiply-add = one flop).
+
+    Args:
+        model: any ``nn.Module``; counted in eval mode under ``torch.no_grad`` (its
+            training flags are restored).
+        inputs: example inputs, e.g. ``x: (B, 3, H, W)``; counts scale with B.
+        strict: raise :class:`UnsupportedOpError` when any traced op has no handle.
+
+    Returns:
+        :class:`FlopCount` with ``total``, ``by_module``, ``by_operator`` and ``macs``.
+
+    Example::
+
+        >>> from torch import nn
+        >>> count_flops(nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.zeros(1, 3, 4, 4)).total
+        3456
+    """
+    analysis = flop_analysis(model, *inputs)
+    with _inference(model):
+        total = int(analysis.total())
+        unsupported = dict(analysis.unsupported_ops())
+    if strict and unsupported:
+        listed = ", ".join(f"{k} (x{v})" for k, v in sorted(unsupported.items()))
+        raise UnsupportedOpError(
+            f"count_flops(strict=True): no flop handle for {listed} in {type(model).__name__}; "
+            "register one with tokenmix.analysis.flops.EXTRA_HANDLES (or pass strict=False)"
+        )
+    return FlopCount(
+        total=total,
+        by_module={k: int(v) for k, v in analysis.by_module().items()},
+        by_operator={k: int(v) for k, v in analysis.by_operator().items()},
+        unsupported=unsupported,
+    )
+
+
+_TORCH_FORMULAS_ADDED = False
+
+
+def _ensure_torch_formulas() -> None:
+    """torch's FlopCounterMode has no formula for the CPU flash-attention kernel that
+    ``F.scaled_dot_product_attention`` dispatches to on CPU (it would count 0); add one that
+    uses torch's own sdpa count. Done on first use, not at import."""
+    global _TORCH_FORMULAS_ADDED
+    if _TORCH_FORMULAS_ADDED:
+        return
+    from torch.utils import flop_counter
+
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None and cpu_sdpa.default not in flop_counter.flop_registry:
+
+        @flop_counter.register_flop_formula(cpu_sdpa)
+        def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    _TORCH_FORMULAS_ADDED = True
+
+
+def torch_flops(model: nn.Module, *inputs: torch.Tensor, by_operator: bool = False):
+    """Flops of ``model(*inputs)`` by ``torch.utils.flop_counter.FlopCounterMode``:
+    **two** flops per multiply-add, contraction ops only (conv, mm, bmm, sdpa and the
+    ``tokenmix::`` ops, whose formulas live in :mod:`tokenmix.ops.custom_ops`). Counted in
+    eval mode under no_grad. Returns the total, or ``(total, {op name: flops})``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _ensure_torch_formulas()
+    with _inference(model), FlopCounterMode(display=False) as counter:
+        model(*inputs)
+    total = int(counter.get_total_flops())
+    if not by_operator:
+        return total
+    ops = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    return total, ops
+
+
+def format_counts(counts: Mapping[str, int], scale: float = 1e6, unit: str = "M") -> List[str]:
+    """Lines ``name  value`` of a count mapping, largest first."""
+    width = max((len(k) for k in counts), default=4)
+    return [f"{k:<{width}}  {v / scale:12.3f} {unit}" for k, v in Counter(counts).most_common()]
+
+
+def iter_mixer_modules(model: nn.Module) -> Iterable:
+    """``(name, module)`` of every submodule that generates a kernel (has ``generator``
+    and ``window`` attributes, i.e. a tokenmix Mixer)."""
+    for name, module in model.named_modules():
+        if hasattr(module, "generator") and hasattr(module, "window"):
+            yield name, module
