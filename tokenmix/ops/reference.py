@@ -123,4 +123,4 @@ class ReferenceBackend(Backend):
                 for v in range(Kw):
                     acc.index_add_(-1, ci[v], w6[:, :, :, u * Kw + v] * y5)
                 out.index_add_(-2, ri[u], acc)
-        return out.reshape(B, C, H, W).to(y.dtype)
+        return out.reshape(B, C, H, W).contiguous().to(y.dtype)

@@ -1,0 +1,135 @@
+"""Independent float64 brute-force oracle and hypothesis strategies for the op tests.
+
+The loops below follow DESIGN.md 2.1/2.2 literally, pixel by pixel, and do not use any
+index map of tokenmix (only the Window's normalised fields), so they can catch a wrong
+index in Window as well as in a backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+from tokenmix.ops import Window
+
+
+def src(i: int, u: int, L: int, K: int, s: int, d: int, p: int, border: str):
+    """Source coordinate of tap u of output i along an axis of length L, or None."""
+    if border == "zero":
+        r = i * s - p + u * d
+        return r if 0 <= r < L else None
+    r = i % d
+    ip = i // d
+    Lr = -(-(L - r) // d)
+    start = min(max(ip - K // 2, 0), Lr - K)
+    return r + d * (start + u)
+
+
+def out_len(L, K, s, d, p, border):
+    return L if border == "clamp" else (L + 2 * p - d * (K - 1) - 1) // s + 1
+
+
+def _geom(window: Window, H: int, W: int):
+    (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
+    b = window.border
+    Ho, Wo = out_len(H, Kh, sh, dh, ph, b), out_len(W, Kw, sw, dw, pw, b)
+    taps = []  # (t, i, j, h, w) for every valid tap
+    for i in range(Ho):
+        for j in range(Wo):
+            for u in range(Kh):
+                h = src(i, u, H, Kh, sh, dh, ph, b)
+                for v in range(Kw):
+                    ww = src(j, v, W, Kw, sw, dw, pw, b)
+                    if h is not None and ww is not None:
+                        taps.append((u * Kw + v, i, j, h, ww))
+    return Ho, Wo, taps
+
+
+def _per_channel(w: np.ndarray, C: int) -> np.ndarray:
+    G = w.shape[1]
+    return np.repeat(w, C // G, axis=1)  # (B|1, C, KK, Ho|1, Wo|1)
+
+
+def brute_aggregate(x, w, window):
+    x, w = x.double().numpy(), w.double().numpy()
+    B, C, H, W = x.shape
+    Ho, Wo, taps = _geom(window, H, W)
+    wc = _per_channel(w, C)
+    y = np.zeros((B, C, Ho, Wo))
+    for t, i, j, h, ww in taps:
+        y[:, :, i, j] += wc[:, :, t, min(i, wc.shape[3] - 1), min(j, wc.shape[4] - 1)] * x[:, :, h, ww]
+    return torch.from_numpy(y)
+
+
+def brute_correlate(q, k, window, groups):
+    q, k = q.double().numpy(), k.double().numpy()
+    B, C, H, W = k.shape
+    Ho, Wo, taps = _geom(window, H, W)
+    out = np.zeros((B, groups, window.taps, Ho, Wo))
+    Cg = C // groups
+    for t, i, j, h, ww in taps:
+        prod = (q[:, :, i, j] * k[:, :, h, ww]).reshape(B, groups, Cg).sum(-1)
+        out[:, :, t, i, j] += prod
+    return torch.from_numpy(out)
+
+
+def brute_aggregate_transpose(y, w, window, input_size):
+    y, w = y.double().numpy(), w.double().numpy()
+    B, C = y.shape[:2]
+    H, W = input_size
+    Ho, Wo, taps = _geom(window, H, W)
+    wc = _per_channel(w, C)
+    x = np.zeros((B, C, H, W))
+    for t, i, j, h, ww in taps:
+        x[:, :, h, ww] += wc[:, :, t, min(i, wc.shape[3] - 1), min(j, wc.shape[4] - 1)] * y[:, :, i, j]
+    return torch.from_numpy(x)
+
+
+# ------------------------------------------------------------------ hypothesis strategies
+
+
+@st.composite
+def geometries(draw, max_kernel=9, max_stride=3, max_dilation=3, max_size=13, borders=("zero", "clamp")):
+    """(window, B, C, G, H, W) with odd/prime sizes, H != W, rectangular kernels, custom
+    padding, C not a power of two, G in {1, some, C}."""
+    border = draw(st.sampled_from(borders))
+    if draw(st.booleans()):
+        k = draw(st.integers(1, max_kernel))
+        K = (k, k)
+    else:
+        K = (draw(st.integers(1, max_kernel)), draw(st.integers(1, max_kernel)))
+    D = (draw(st.integers(1, max_dilation)), draw(st.integers(1, max_dilation)))
+    if border == "clamp":
+        # keep the clamp window within the image: K*d <= L
+        D = tuple(min(d, max_size // k) for d, k in zip(D, K))
+        D = tuple(max(1, d) for d in D)
+        K = tuple(min(k, max_size // d) for k, d in zip(K, D))
+        window = Window(K, dilation=D, border="clamp")
+        H = draw(st.integers(K[0] * D[0], max(K[0] * D[0], max_size)))
+        W = draw(st.integers(K[1] * D[1], max(K[1] * D[1], max_size)))
+    else:
+        S = (draw(st.integers(1, max_stride)), draw(st.integers(1, max_stride)))
+        pad = None
+        if draw(st.booleans()):
+            pad = (draw(st.integers(0, D[0] * (K[0] - 1))), draw(st.integers(0, D[1] * (K[1] - 1))))
+        window = Window(K, stride=S, dilation=D, padding=pad)
+        ph, pw = window.padding
+        minH = max(1, D[0] * (K[0] - 1) + 1 - 2 * ph)
+        minW = max(1, D[1] * (K[1] - 1) + 1 - 2 * pw)
+        H = draw(st.integers(minH, max(minH, max_size)))
+        W = draw(st.integers(minW, max(minW, max_size)))
+    B = draw(st.integers(1, 3))
+    G = draw(st.sampled_from([1, 2, 3, 5]))
+    Cg = draw(st.sampled_from([1, 2, 3]))
+    return window, B, G * Cg, G, H, W
+
+
+def random_weight(B, G, window, Ho, Wo, mode, dtype=torch.float64, gen=None):
+    """A weight in one of the broadcast modes: full, batch1, space1, both1."""
+    b = 1 if mode in ("batch1", "both1") else B
+    ho, wo = (1, 1) if mode in ("space1", "both1") else (Ho, Wo)
+    return torch.randn(b, G, window.taps, ho, wo, dtype=dtype, generator=gen)
+
+
+WEIGHT_MODES = ("full", "batch1", "space1", "both1")

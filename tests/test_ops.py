@@ -1,0 +1,274 @@
+"""The op suite: every CPU backend against the independent float64 brute force, gradcheck,
+adjoint identities, opcheck, torch.compile, broadcasting, low precision, NaN locality.
+
+The Triton backend runs the same checks under TRITON_INTERPRET=1 in tests/test_triton.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oracle import (WEIGHT_MODES, brute_aggregate, brute_aggregate_transpose, brute_correlate, geometries,
+                    random_weight)
+from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, get_backend
+
+BACKENDS = ["reference", "cpu"]
+
+
+def _geom_args(window):
+    return window.as_args()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(geo=geometries(), mode=st.sampled_from(WEIGHT_MODES), seed=st.integers(0, 2**16))
+def test_aggregate_matches_brute_force(backend, geo, mode, seed):
+    window, B, C, G, H, W = geo
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
+    Ho, Wo = window.output_size(H, W)
+    w = random_weight(B, G, window, Ho, Wo, mode, gen=g)
+    y = aggregate(x, w, window, backend=backend)
+    torch.testing.assert_close(y, brute_aggregate(x, w, window), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(geo=geometries(), seed=st.integers(0, 2**16), sums=st.sampled_from([(False, False), (True, False),
+                                                                              (False, True), (True, True)]))
+def test_correlate_matches_brute_force(backend, geo, seed, sums):
+    window, B, C, G, H, W = geo
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    q = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=g)
+    k = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
+    expected = brute_correlate(q, k, window, G)
+    if sums == (False, False):
+        out = correlate(q, k, window, G, backend=backend)
+    else:  # the reduced forms used for the gradient of a broadcast weight
+        out = torch.ops.tokenmix.correlate(q, k, *_geom_args(window), G, sums[0], sums[1], backend)
+        if sums[0]:
+            expected = expected.sum(0, keepdim=True)
+        if sums[1]:
+            expected = expected.sum((3, 4), keepdim=True)
+    torch.testing.assert_close(out, expected, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(geo=geometries(), mode=st.sampled_from(WEIGHT_MODES), seed=st.integers(0, 2**16))
+def test_aggregate_transpose_matches_brute_force(backend, geo, mode, seed):
+    window, B, C, G, H, W = geo
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    y = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=g)
+    w = random_weight(B, G, window, Ho, Wo, mode, gen=g)
+    x = aggregate_transpose(y, w, window, (H, W), backend=backend)
+    torch.testing.assert_close(x, brute_aggregate_transpose(y, w, window, (H, W)), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(geo=geometries(), seed=st.integers(0, 2**16))
+def test_adjoint_identities(backend, geo, seed):
+    """<aggregate(x, w), y> = <x, aggregate_transpose(y, w)> = <w, correlate(y, x)>."""
+    window, B, C, G, H, W = geo
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
+    y = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=g)
+    w = torch.randn(B, G, window.taps, Ho, Wo, dtype=torch.float64, generator=g)
+    a = (aggregate(x, w, window, backend=backend) * y).sum()
+    b = (x * aggregate_transpose(y, w, window, (H, W), backend=backend)).sum()
+    c = (w * correlate(y, x, window, G, backend=backend)).sum()
+    scale = 1 + a.abs().item()
+    assert abs(a.item() - b.item()) <= 1e-10 * scale
+    assert abs(a.item() - c.item()) <= 1e-10 * scale
+
+
+# --------------------------------------------------------------------------- gradients
+
+GRAD_CASES = [
+    # (window, B, C, G, H, W, weight mode): H != W with stride 2 is where a well-known
+    # involution port gets the input gradient wrong.
+    (Window(3, stride=2), 2, 6, 3, 7, 10, "full"),
+    (Window(5, stride=2, dilation=2), 1, 4, 2, 11, 8, "full"),
+    (Window((3, 2), stride=(2, 1), padding=(1, 0)), 2, 3, 3, 6, 9, "batch1"),
+    (Window(3, stride=2), 2, 4, 4, 9, 6, "both1"),
+    (Window(3, border="clamp", dilation=2), 2, 4, 2, 7, 9, "full"),
+    (Window(4, border="clamp"), 1, 4, 2, 5, 6, "space1"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: f"{c[0]}-{c[-1]}")
+def test_gradcheck_all_inputs(backend, case):
+    window, B, C, G, H, W, mode = case
+    Ho, Wo = window.output_size(H, W)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g, requires_grad=True)
+    w = random_weight(B, G, window, Ho, Wo, mode, gen=g).requires_grad_()
+    q = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: aggregate(x, w, window, backend=backend), (x, w))
+    assert torch.autograd.gradcheck(lambda q, k: correlate(q, k, window, G, backend=backend), (q, x))
+    assert torch.autograd.gradcheck(
+        lambda y, w: aggregate_transpose(y, w, window, (H, W), backend=backend), (q, w))
+
+
+def test_gradgradcheck_reference():
+    window = Window(3, stride=2)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 7, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(1, 2, 9, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: aggregate(x, w, window, backend="reference"), (x, w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    g = torch.Generator().manual_seed(0)
+    for window in (Window(3, stride=2), Window(3, border="clamp")):
+        H, W = 7, 6
+        Ho, Wo = window.output_size(H, W)
+        x = torch.randn(2, 4, H, W, generator=g, requires_grad=True)
+        w = torch.randn(2, 2, 9, Ho, Wo, generator=g, requires_grad=True)
+        y = torch.randn(2, 4, Ho, Wo, generator=g, requires_grad=True)
+        wb = torch.randn(1, 2, 9, 1, 1, generator=g, requires_grad=True)
+        geo = _geom_args(window)
+        torch.library.opcheck(torch.ops.tokenmix.aggregate.default, (x, w, *geo, backend))
+        torch.library.opcheck(torch.ops.tokenmix.aggregate.default, (x, wb, *geo, backend))
+        torch.library.opcheck(torch.ops.tokenmix.correlate.default, (y, x, *geo, 2, False, False, backend))
+        torch.library.opcheck(torch.ops.tokenmix.correlate.default, (y, x, *geo, 2, True, True, backend))
+        torch.library.opcheck(torch.ops.tokenmix.aggregate_transpose.default, (y, w, *geo, [H, W], backend))
+
+
+def test_torch_compile_fullgraph():
+    window = Window(3, stride=2)
+
+    def f(x, w):
+        y = aggregate(x, w, window)
+        s = correlate(y, x, window, 2)
+        return aggregate_transpose(y, s, window, (x.shape[2], x.shape[3])).sum(), y
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 8, generator=g, requires_grad=True)
+    w = torch.randn(2, 2, 9, 5, 4, generator=g, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (l1, y1), (l2, y2) = f(x, w), compiled(x, w)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(l1, l2)
+    g1 = torch.autograd.grad(l1, (x, w))
+    g2 = torch.autograd.grad(l2, (x, w))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_inductor():
+    window = Window(3)
+    f = torch.compile(lambda x, w: aggregate(x, w, window).relu(), fullgraph=True)
+    x, w = torch.randn(1, 4, 6, 5), torch.randn(1, 4, 9, 6, 5)
+    torch.testing.assert_close(f(x, w), aggregate(x, w, window).relu())
+
+
+# ------------------------------------------------------------------------ semantics
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("stride,dilation,H,W", [(1, 1, 9, 7), (2, 1, 11, 6), (2, 2, 13, 10), (3, 1, 8, 8)])
+def test_broadcast_weight_is_depthwise_conv(backend, stride, dilation, H, W):
+    C, K = 6, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, C, H, W, dtype=torch.float64, generator=g)
+    kernel = torch.randn(C, 1, K, K, dtype=torch.float64, generator=g)
+    window = Window(K, stride=stride, dilation=dilation)
+    y = aggregate(x, kernel.reshape(1, C, K * K, 1, 1), window, backend=backend)
+    expected = F.conv2d(x, kernel, stride=stride, dilation=dilation, padding=window.padding, groups=C)
+    torch.testing.assert_close(y, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_close_to_float32(backend, dtype):
+    b = get_backend(backend)
+    if dtype not in b.dtypes:
+        pytest.fail(f"backend {backend} must support {dtype}") if dtype == torch.bfloat16 else None
+        return
+    atol, rtol = b.fwd_tol[dtype]
+    window = Window(7, stride=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 13, 11, generator=g).to(dtype)
+    w = (torch.randn(2, 2, 49, 7, 6, generator=g) / 7).to(dtype)
+    y = aggregate(x, w, window, backend=backend)
+    assert y.dtype == dtype
+    ref = aggregate(x.float(), w.float(), window, backend="reference")
+    torch.testing.assert_close(y.float(), ref, atol=atol, rtol=rtol)
+    q = torch.randn(2, 8, 7, 6, generator=g).to(dtype)
+    s = correlate(q, x, window, 2, backend=backend)
+    torch.testing.assert_close(s.float(), correlate(q.float(), x.float(), window, 2, backend="reference"),
+                               atol=4 * atol, rtol=rtol)
+    t = aggregate_transpose(q, w, window, (13, 11), backend=backend)
+    torch.testing.assert_close(t.float(), aggregate_transpose(q.float(), w.float(), window, (13, 11),
+                                                              backend="reference"), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("H,W", [(7, 7), (9, 5), (1, 3), (15, 14)])
+def test_odd_sizes_with_stride_two(backend, H, W):
+    window = Window(7, stride=2)
+    Ho, Wo = window.output_size(H, W)
+    assert (Ho, Wo) == (-(-H // 2), -(-W // 2))
+    x = torch.randn(1, 4, H, W, dtype=torch.float64)
+    w = torch.randn(1, 1, 49, Ho, Wo, dtype=torch.float64)
+    torch.testing.assert_close(aggregate(x, w, window, backend=backend), brute_aggregate(x, w, window))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [Window(3), Window(3, stride=2, dilation=2), Window(5, border="clamp")],
+                         ids=str)
+def test_nan_propagates_only_to_windows_that_read_it(backend, window):
+    H, W = 11, 9
+    x = torch.randn(1, 2, H, W, dtype=torch.float64)
+    x[0, 1, 4, 6] = float("nan")
+    Ho, Wo = window.output_size(H, W)
+    w = torch.randn(1, 1, window.taps, Ho, Wo, dtype=torch.float64)
+    y = aggregate(x, w, window, backend=backend)
+    # which outputs read (4, 6)? from an indicator image
+    ind = torch.zeros(1, 1, H, W, dtype=torch.float64)
+    ind[0, 0, 4, 6] = 1
+    reads = brute_aggregate(ind, torch.ones(1, 1, window.taps, 1, 1, dtype=torch.float64), window)[0, 0] > 0
+    assert reads.any()
+    assert torch.isnan(y[0, 1]).eq(reads).all()
+    assert not torch.isnan(y[0, 0]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    window = Window(3, stride=2, dilation=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 11, 6, dtype=torch.float64, generator=g).transpose(2, 3)  # (2, 9, 6, 11)
+    Ho, Wo = window.output_size(6, 11)
+    w = torch.randn(2, 3, Wo, Ho, 9, dtype=torch.float64, generator=g).permute(0, 1, 4, 3, 2)
+    assert not x.is_contiguous() and not w.is_contiguous()
+    torch.testing.assert_close(aggregate(x, w, window, backend=backend), brute_aggregate(x, w, window))
+    y = torch.randn(2, 9, Wo, Ho, dtype=torch.float64, generator=g).transpose(2, 3)
+    torch.testing.assert_close(aggregate_transpose(y, w, window, (6, 11), backend=backend),
+                               brute_aggregate_transpose(y, w, window, (6, 11)))
+    torch.testing.assert_close(correlate(y, x, window, 3, backend=backend), brute_correlate(y, x, window, 3))
+
+
+def test_backends_agree_with_reference_on_rednet_like_shape():
+    """A larger shape than the hypothesis draws: every CPU backend agrees with the reference."""
+    window = Window(7, stride=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 23, 19, generator=g)
+    Ho, Wo = window.output_size(23, 19)
+    w = torch.randn(2, 4, 49, Ho, Wo, generator=g)
+    ref = aggregate(x.double(), w.double(), window, backend="reference")
+    for name in BACKENDS:
+        atol, rtol = get_backend(name).fwd_tol[torch.float32]
+        torch.testing.assert_close(aggregate(x, w, window, backend=name).double(), ref, atol=atol, rtol=rtol)
+
+
+def test_default_dispatch_uses_cpu_backend_for_cpu_tensors():
+    from tokenmix.ops import select_backend
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(1, 1, 9, 5, 5)
+    assert select_backend("aggregate", (x, w), Window(3)).name == "cpu"
