@@ -5,6 +5,9 @@ from .registry import create_kernel_gen, get_kernel_gen, list_kernel_gens, regis
 from .base import KernelGenerator
 from .static import StaticKernel
 from .bottleneck import BottleneckKernel
+from .query_key import QueryKeyKernel
+from .positional import PositionalKernel
+from .patch import PatchKernel
 
 __all__ = [
     "register_kernel_gen",
@@ -14,4 +17,7 @@ __all__ = [
     "KernelGenerator",
     "StaticKernel",
     "BottleneckKernel",
+    "QueryKeyKernel",
+    "PositionalKernel",
+    "PatchKernel",
 ]

@@ -9,6 +9,9 @@ from torch import nn
 
 from ..kernel_gen.base import check_int, check_odd_kernel
 from ..kernel_gen.bottleneck import BottleneckKernel
+from ..kernel_gen.patch import PatchKernel
+from ..kernel_gen.positional import PositionalKernel
+from ..kernel_gen.query_key import QueryKeyKernel
 from ..kernel_gen.static import StaticKernel
 from ..ops.window import Window
 from .mixer import Mixer
@@ -60,4 +63,67 @@ def involution(dim: int, *, kernel_size=7, stride: int = 1, group_channels: Opti
     window = _window(kernel_size, stride, dilation)
     gen = BottleneckKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
                            reduction=reduction, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, device=device, dtype=dtype)
+
+
+def _check_heads(dim: int, heads) -> int:
+    heads = check_int("heads", heads)
+    if dim % heads:
+        raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+    return heads
+
+
+def _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, border, device, dtype) -> Mixer:
+    heads = _check_heads(dim, heads)
+    window = _window(kernel_size, stride, dilation, border)
+    gen = QueryKeyKernel(dim, kernel_size, heads=heads, qkv_bias=qkv_bias, rel_pos=rel_pos,
+                         device=device, dtype=dtype)
+    value = nn.Conv2d(dim, dim, 1, bias=qkv_bias, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, value=value, device=device, dtype=dtype)
+
+
+@register_mixer("local_attention")
+def local_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
+                    rel_pos: bool = True, dilation: int = 1, device=None, dtype=None) -> Mixer:
+    """Stand-alone local self-attention (SASA-style, zero border): ``query_key`` generator
+    (q, k 1x1 projections, learned relative position bias by true offset, out-of-image taps
+    masked), value = a 1x1 v projection, no output projection. Stride s: queries at the
+    strided positions ``x[..., ::s, ::s]``, keys and values at every pixel."""
+    return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "zero", device, dtype)
+
+
+@register_mixer("neighborhood_attention")
+def neighborhood_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
+                           rel_pos: bool = True, dilation: int = 1, device=None, dtype=None) -> Mixer:
+    """Neighborhood attention (NATTEN semantics): ``local_attention`` with the clamp border,
+    so every query attends to exactly K*K in-image keys. Stride must be 1; the input must be
+    at least K*dilation in each dimension."""
+    if stride != 1:
+        raise ValueError(f"neighborhood_attention uses border='clamp', which needs stride=1, got stride={stride}")
+    return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "clamp", device, dtype)
+
+
+@register_mixer("positional_attention")
+def positional_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
+                         dilation: int = 1, device=None, dtype=None) -> Mixer:
+    """SASA's positional-only attention ``softmax_t(q . r_t)`` (``positional`` generator),
+    value = a 1x1 v projection, no output projection."""
+    heads = _check_heads(dim, heads)
+    window = _window(kernel_size, stride, dilation)
+    gen = PositionalKernel(dim, kernel_size, heads=heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
+    value = nn.Conv2d(dim, dim, 1, bias=qkv_bias, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, value=value, device=device, dtype=dtype)
+
+
+@register_mixer("patch_involution")
+def patch_involution(dim: int, *, kernel_size=7, stride: int = 1, patch_size: int = 3,
+                     group_channels: Optional[int] = 16, groups: Optional[int] = None, reduction: int = 4,
+                     dilation: int = 1, device=None, dtype=None) -> Mixer:
+    """Involution with a patch-conditioned kernel (``patch`` generator): the kernel at (i, j)
+    comes from a P x P neighborhood (P x P reduce conv); ``patch_size=1`` is ``involution``."""
+    if groups is not None:
+        group_channels = None
+    window = _window(kernel_size, stride, dilation)
+    gen = PatchKernel(dim, kernel_size, stride=stride, patch_size=patch_size, groups=groups,
+                      group_channels=group_channels, reduction=reduction, device=device, dtype=dtype)
     return Mixer(dim, gen, window, device=device, dtype=dtype)
