@@ -1,0 +1,271 @@
+"""``tokenmix compare``: train the same small backbone (:class:`tokenmix.small_net.SmallNet`)
+once per spatial mixer on built-in data, with a fixed seed and a held-out split, and compare::
+
+    tokenmix compare --mixers conv,dwconv,involution,local_attention,positional_attention,patch_involution
+
+Prints a table (parameters, multiply-adds per image, train time, time per epoch, test
+accuracy) and writes into ``--out`` (default ``runs/compare``):
+
+- ``compare.json``: the configuration and, per mixer, the numbers and the per-epoch history;
+- ``compare.md``: the table;
+- ``curves.png``: test accuracy and train loss per epoch, every mixer on one figure;
+- ``kernels_<mixer>.png``: heat maps of the generated kernels of the trained mixer on test
+  images (for mixers whose kernel depends on the input: involution, attention, ...).
+
+Every mixer starts from ``torch.manual_seed(seed)`` and sees the same data order (the
+sampler's permutation depends on ``(seed, epoch)`` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .cli import Command
+
+DEFAULT_MIXERS = "conv,dwconv,involution,local_attention,positional_attention,patch_involution"
+
+
+def _parse_mixers(text: str) -> List[str]:
+    from .mixers import list_mixers
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--mixers must name at least one mixer, got {text!r}")
+    unknown = [n for n in names if n not in list_mixers()]
+    if unknown:
+        raise ValueError(f"--mixers: unknown mixer(s) {', '.join(map(repr, unknown))}; known: {', '.join(list_mixers())}")
+    return names
+
+
+def train_one(mixer: str, split, *, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+              width: int, depth: int, kernel_size: int, progress: Optional[bool]) -> Dict[str, Any]:
+    """Train ``SmallNet(mixer)`` on ``split`` in this process; returns numbers, history and the
+    trained model (key ``"model"``)."""
+    from .small_net import SmallNet
+    from .train import Dist, count_macs, evaluate, make_optimizer, make_scheduler, make_train_loader, train_epoch
+
+    info = Dist()
+    torch.manual_seed(seed)
+    model = SmallNet(mixer, num_classes=split.num_classes, in_channels=split.in_channels, width=width, depth=depth,
+                     kernel_size=kernel_size)
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(model, split.test.tensors[0][:1])
+    loader = make_train_loader(split.train, batch_size, info, seed)
+    optimizer = make_optimizer(model, "adamw", lr, weight_decay)
+    scheduler = make_scheduler(optimizer, epochs * len(loader), len(loader) // 2)
+    history = []
+    train_time = 0.0
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        m = train_epoch(model, loader, optimizer, scheduler, info, desc=f"{mixer} epoch {epoch + 1}/{epochs}",
+                        progress=progress)
+        dt = time.perf_counter() - t0
+        train_time += dt
+        m.update(evaluate(model, split.test, 256, info))
+        history.append({"epoch": epoch + 1, **m, "time_s": dt})
+        print(f"{mixer:>22s} epoch {epoch + 1:2d}/{epochs}  train loss {m['train_loss']:.4f}  "
+              f"test acc {m['test_acc']:.4f}  {dt:.1f}s", file=sys.stderr)
+    return {"mixer": mixer, "params": params, "macs": macs["macs"], "macs_counter": macs["counter"],
+            "train_time_s": train_time, "time_per_epoch_s": train_time / epochs,
+            "test_acc": history[-1]["test_acc"], "test_loss": history[-1]["test_loss"],
+            "history": history, "model": model}
+
+
+def format_table(results: Sequence[Dict[str, Any]]) -> str:
+    """Markdown table: mixer, params, MACs per image, train time, time per epoch, test accuracy."""
+    rows = ["| mixer | params | MACs/image | train time (s) | time/epoch (s) | test acc (%) |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rows.append(f"| {r['mixer']} | {r['params']:,} | {r['macs'] / 1e6:.2f} M | {r['train_time_s']:.1f} | "
+                    f"{r['time_per_epoch_s']:.2f} | {100 * r['test_acc']:.2f} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_curves(results: Sequence[Dict[str, Any]], path: Path) -> None:
+    """Test accuracy and train loss per epoch of every mixer, one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in results:
+        ep = [h["epoch"] for h in r["history"]]
+        ax_acc.plot(ep, [100 * h["test_acc"] for h in r["history"]], marker="o", ms=3, label=r["mixer"])
+        ax_loss.plot(ep, [h["train_loss"] for h in r["history"]], marker="o", ms=3, label=r["mixer"])
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="held-out accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="training loss", yscale="log")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def generated_kernel(mixer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The kernel ``w: (B, G, K*K, Ho, Wo)`` the mixer generates for ``x: (B, C, H, W)``, or
+    None when the mixer has no generator or its kernel does not depend on the input
+    (batch 1 and spatial 1x1: convolution-like)."""
+    gen = getattr(mixer, "generator", None)
+    if gen is None:
+        return None
+    with torch.no_grad():
+        w = mixer.kernel(x) if hasattr(mixer, "kernel") else gen(x, mixer.window)
+    if w.shape[0] == 1 and w.shape[-2:] == (1, 1) and x.shape[0] > 1:
+        return None
+    return w
+
+
+def kernel_maps(w: torch.Tensor):
+    """Heat maps of a generated kernel ``w: (B, G, K*K, Ho, Wo)`` -> ``(maps (B, G, Ho, Wo), label)``.
+
+    The sum over the K*K taps per group (the paper's figure 3); for kernels that sum to 1
+    at every pixel (softmax attention) that map is constant, so the weight of the centre tap
+    (how much each pixel keeps of itself) is shown instead.
+    """
+    s = w.sum(2)
+    if torch.allclose(s, torch.ones_like(s), atol=1e-4):
+        return w[:, :, w.shape[2] // 2], "weight of the centre tap (kernels sum to 1)"
+    return s, "sum over the K*K taps"
+
+
+def plot_kernels(mixer_name: str, model: nn.Module, images: torch.Tensor, path: Path, max_groups: int = 4) -> bool:
+    """Heat maps of the first block's generated kernel over ``images: (N, C, H, W)`` (normalised
+    inputs, N small). Returns False (and writes nothing) when the mixer's kernel is static."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixer = model.mixers()[0]
+    captured = {}
+    handle = mixer.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0].detach()))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        handle.remove()
+        model.train(was)
+    w = generated_kernel(mixer, captured["x"])
+    if w is None:
+        return False
+    maps, label = kernel_maps(w.float())
+    G = min(maps.shape[1], max_groups)
+    N = images.shape[0]
+    fig, axes = plt.subplots(N, G + 1, figsize=(1.9 * (G + 1), 1.9 * N), squeeze=False)
+    H, W = images.shape[-2:]
+    for n in range(N):
+        img = images[n].float().mean(0)
+        axes[n, 0].imshow(img, cmap="gray")
+        axes[n, 0].set_title("input" if n == 0 else "", fontsize=8)
+        for g in range(G):
+            m = torch.nn.functional.interpolate(maps[n, g][None, None], size=(H, W), mode="bilinear",
+                                                align_corners=False)[0, 0]
+            ax = axes[n, g + 1]
+            ax.imshow(img, cmap="gray")
+            ax.imshow(m, cmap="jet", alpha=0.55)
+            if n == 0:
+                ax.set_title(f"group {g}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{mixer_name}: {label}\n(first block, {maps.shape[1]} groups, {min(G, maps.shape[1])} shown)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _sample_images(split, n: int = 4) -> torch.Tensor:
+    """One test image of each of the first ``n`` classes: (n, C, H, W)."""
+    x, y = split.test.tensors
+    picks = [int((y == c).nonzero()[0]) for c in range(min(n, split.num_classes)) if (y == c).any()]
+    return x[picks]
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mixers", default=DEFAULT_MIXERS, help=f"comma-separated mixer presets (default {DEFAULT_MIXERS})")
+    p.add_argument("--data", default="digits", help="digits | folder:PATH (default digits)")
+    p.add_argument("--size", type=int, default=None, help="resize images (default: 8 for digits, 32 for folders)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--width", type=int, default=32, help="channels of stage 1 (stage 2: twice)")
+    p.add_argument("--depth", type=int, default=1, help="blocks per stage")
+    p.add_argument("--kernel-size", type=int, default=3, help="K of every mixer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: these tiny models run fastest single-threaded)")
+    p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="always show progress bars (default: only on a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .data import load_data
+
+    for name in ("epochs", "batch_size", "width", "depth", "threads"):
+        v = getattr(args, name)
+        if v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v!r}")
+    mixers = _parse_mixers(args.mixers)
+    torch.set_num_threads(args.threads)
+    split = load_data(args.data, size=args.size, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"data {args.data!r}: {len(split.train)} train / {len(split.test)} test images "
+          f"{split.in_channels}x{split.image_size[0]}x{split.image_size[1]}, {split.num_classes} classes; "
+          f"{args.epochs} epochs per mixer", file=sys.stderr)
+    results, models = [], {}
+    for mixer in mixers:
+        r = train_one(mixer, split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, seed=args.seed, width=args.width, depth=args.depth,
+                      kernel_size=args.kernel_size, progress=args.progress)
+        models[mixer] = r.pop("model")
+        results.append(r)
+    table = format_table(results)
+    print(table)
+    (out / "compare.md").write_text(table + "\n")
+    plot_curves(results, out / "curves.png")
+    images = _sample_images(split)
+    heatmaps = {}
+    for mixer, model in models.items():
+        path = out / f"kernels_{mixer}.png"
+        if plot_kernels(mixer, model, images, path):
+            heatmaps[mixer] = path.name
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
+    config.update(mixers=mixers, train_size=len(split.train), test_size=len(split.test),
+                  torch=torch.__version__, threads=torch.get_num_threads())
+    payload = {"config": config, "results": results, "table": table, "plots": {"curves": "curves.png",
+                                                                                   "kernels": heatmaps}}
+    (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'curves.png'}"
+          + "".join(f", {out / p}" for p in heatmaps.values()), file=sys.stderr)
+    return 0
+
+
+COMMAND = Command(help="train one small backbone per mixer on built-in data and compare", configure=configure,
+                  run=run)
+
+__all__ = ["COMMAND", "train_one", "format_table", "plot_curves", "plot_kernels", "kernel_maps", "generated_kernel"]
