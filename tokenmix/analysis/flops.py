@@ -11,8 +11,8 @@ traced op                              counted (fvcore convention)
 ``tokenmix::aggregate``                B*C*Ho*Wo*K*K MACs (:func:`tokenmix.ops.flops.aggregate_macs`)
 ``tokenmix::correlate``                B*C*Ho*Wo*K*K MACs (``correlate_macs``)
 ``tokenmix::aggregate_transpose``      B*C*Ho*Wo*K*K MACs (``aggregate_transpose_macs``)
-conv, linear, (add)mm, (b)mm, matmul,  MACs, fvcore's own handles
-einsum
+conv, linear, (add)mm, (b)mm, matmul   MACs, fvcore's own handles
+``aten::einsum``                       MACs; two operands: exact (product of all index sizes)
 ``aten::scaled_dot_product_attention`` B*H*L*S*(E + Ev) MACs (q.k and attn.v; as torch counts it)
 ``aten::batch_norm``                   fvcore's handle: 2 per element (affine, eval), 1 without
                                        affine; group/layer/instance norm as fvcore
@@ -112,6 +112,24 @@ def sdpa_handle(inputs, outputs) -> int:
     return int(batch * q[-2] * k[-2] * (q[-1] + v[-1]))
 
 
+def einsum_handle(inputs, outputs) -> int:
+    """``aten::einsum(equation, operands)``: with two operands (no ellipsis) the exact
+    contraction count, the product of the sizes of every index letter (what torch's bmm
+    decomposition executes); otherwise fvcore's handle (numpy's optimised path / 2)."""
+    from fvcore.nn.jit_handles import einsum_flop_jit
+
+    equation = str(_ivalue(inputs[0])).replace(" ", "")
+    operands = [_shape(v) for v in inputs[1].node().inputs()]
+    lhs = equation.split("->")[0].split(",")
+    if len(operands) != 2 or "." in equation or len(lhs) != 2:
+        return int(einsum_flop_jit(inputs, outputs))
+    sizes: Dict[str, int] = {}
+    for letters, shape in zip(lhs, operands):
+        for letter, n in zip(letters, shape):
+            sizes[letter] = int(n)
+    return int(prod(sizes.values()))
+
+
 def per_element_handle(inputs, outputs) -> int:
     """One flop per element of the first input (softmax, mean, sum, adaptive pooling)."""
     return int(prod(_shape(inputs[0])))
@@ -128,6 +146,7 @@ EXTRA_HANDLES: Dict[str, Any] = {
     "tokenmix::correlate": correlate_handle,
     "tokenmix::aggregate_transpose": aggregate_transpose_handle,
     "aten::scaled_dot_product_attention": sdpa_handle,
+    "aten::einsum": einsum_handle,
     "aten::softmax": per_element_handle,
     "aten::_softmax": per_element_handle,
     "aten::log_softmax": per_element_handle,
@@ -146,7 +165,8 @@ ELEMENTWISE_OPS = frozenset(
         "sigmoid", "tanh", "gelu", "silu", "hardswish", "hardsigmoid", "hardtanh", "relu6",
         "leaky_relu", "elu", "clamp_min", "clamp_max", "where", "ne", "lt", "le", "logical_not",
         "logical_and", "logical_or", "masked_fill", "fill", "zero", "reciprocal", "square",
-        "softplus", "erf",
+        "softplus", "erf", "minimum", "maximum", "floor_divide", "remainder", "sign", "round",
+        "eq", "gt", "ge", "bitwise_and", "bitwise_or", "mish", "clamp",
     )
     for suffix in ("", "_")
 )
@@ -209,11 +229,11 @@ class FlopCount:
 
 
 @contextlib.contextmanager
-def _inference(model: nn.Module):
+def _inference(model: nn.Module, no_grad: bool = True):
     was_training = [m.training for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
             yield
     finally:
         for m, t in zip(model.modules(), was_training):
@@ -299,11 +319,13 @@ def torch_flops(model: nn.Module, *inputs: torch.Tensor, by_operator: bool = Fal
     """Flops of ``model(*inputs)`` by ``torch.utils.flop_counter.FlopCounterMode``:
     **two** flops per multiply-add, contraction ops only (conv, mm, bmm, sdpa and the
     ``tokenmix::`` ops, whose formulas live in :mod:`tokenmix.ops.custom_ops`). Counted in
-    eval mode under no_grad. Returns the total, or ``(total, {op name: flops})``."""
+    eval mode, forward only (autograd stays on: FlopCounterMode's module tracker fails under
+    no_grad on generators that return a parameter view). Returns the total, or
+    ``(total, {op name: flops})``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _ensure_torch_formulas()
-    with _inference(model), FlopCounterMode(display=False) as counter:
+    with _inference(model, no_grad=False), FlopCounterMode(display=False) as counter:
         model(*inputs)
     total = int(counter.get_total_flops())
     if not by_operator:

@@ -1,0 +1,236 @@
+"""The paper's numbers and the comparison tables: the model zoo (params, GMACs, the paper's
+Table 1 and the official README side by side) and every mixer preset at one size.
+
+GMACs here are fvcore's ``total`` (one flop = one multiply-add; BN, pooling and softmax
+counted as documented in :mod:`tokenmix.analysis.flops`), at batch 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .flops import FlopCount, count_flops
+from .params import count_params
+
+__all__ = [
+    "PaperEntry",
+    "PAPER_TABLE1",
+    "ZooRow",
+    "MixerRow",
+    "zoo_rows",
+    "format_zoo",
+    "mixer_rows",
+    "format_mixers",
+    "cpu_latency_ms",
+    "check_size",
+]
+
+
+@dataclass(frozen=True)
+class PaperEntry:
+    """One row of the involution paper's Table 1 (Li et al., CVPR 2021).
+
+    Attributes:
+        params_m: parameters in millions.
+        gmacs: GFLOPs as printed in the paper (multiply-adds, 224x224).
+        readme_gmacs: the official repository README's more precise value (RedNet only).
+    """
+
+    params_m: float
+    gmacs: float
+    readme_gmacs: Optional[float] = None
+
+    @property
+    def reference_gmacs(self) -> float:
+        """The most precise published value: the README's where there is one."""
+        return self.readme_gmacs if self.readme_gmacs is not None else self.gmacs
+
+
+PAPER_TABLE1: Dict[str, PaperEntry] = {
+    "resnet26": PaperEntry(13.7, 2.4),
+    "resnet38": PaperEntry(19.6, 3.2),
+    "resnet50": PaperEntry(25.6, 4.1),
+    "resnet101": PaperEntry(44.6, 7.9),
+    "resnet152": PaperEntry(60.2, 11.6),
+    "rednet26": PaperEntry(9.2, 1.7, 1.73),
+    "rednet38": PaperEntry(12.4, 2.2, 2.22),
+    "rednet50": PaperEntry(15.5, 2.7, 2.71),
+    "rednet101": PaperEntry(25.6, 4.7, 4.74),
+    "rednet152": PaperEntry(34.0, 6.8, 6.79),
+    "sasa_resnet26": PaperEntry(10.3, 2.4),
+    "sasa_resnet38": PaperEntry(14.1, 3.0),
+    "sasa_resnet50": PaperEntry(18.0, 3.6),
+}
+"""Paper Table 1 (params M / GMACs at 224x224), with the official README's RedNet GFLOPs."""
+
+
+def check_size(size) -> int:
+    """Validate an input side length: an int >= 32 (five stride-2 stages need 32 pixels)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"size must be an int, got {type(size).__name__}: {size!r}")
+    if size < 32:
+        raise ValueError(f"size must be >= 32 (the backbones downsample by 32), got {size}")
+    return size
+
+
+def cpu_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of ``model(x)`` (eval, inference mode) on this CPU.
+    A measurement of this machine, not a property of the model; the tests never assert it."""
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ------------------------------------------------------------------------------ model zoo
+
+
+@dataclass(frozen=True)
+class ZooRow:
+    """One model of the zoo: our counts at ``size`` and the paper's numbers."""
+
+    name: str
+    size: int
+    params: int
+    flops: FlopCount
+    paper: Optional[PaperEntry]
+    latency_ms: Optional[float] = None
+
+    @property
+    def gmacs(self) -> float:
+        """fvcore total in G (one multiply-add = one flop)."""
+        return self.flops.total / 1e9
+
+    @property
+    def ratio(self) -> Optional[float]:
+        """Our GMACs / the paper's (README value where published); only at 224."""
+        if self.paper is None or self.size != 224:
+            return None
+        return self.gmacs / self.paper.reference_gmacs
+
+
+def zoo_rows(names: Optional[Iterable[str]] = None, *, size: int = 224, latency: bool = False,
+             progress: Optional[Callable[[str], None]] = None) -> List[ZooRow]:
+    """Build every model of ``names`` (default: all registered), count params and flops on a
+    (1, 3, size, size) input, and pair them with :data:`PAPER_TABLE1`.
+
+    Raises:
+        ValueError: an unknown model name (listing the known ones) or a bad ``size``.
+    """
+    from ..models import create_model, list_models
+
+    size = check_size(size)
+    known = list_models()
+    names = list(known if names is None else names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    rows = []
+    for name in names:
+        if progress is not None:
+            progress(name)
+        torch.manual_seed(0)
+        model = create_model(name).eval()
+        x = torch.randn(1, 3, size, size)
+        flops = count_flops(model, x)
+        lat = cpu_latency_ms(model, x) if latency else None
+        rows.append(ZooRow(name, size, count_params(model), flops, PAPER_TABLE1.get(name), lat))
+        del model
+    return rows
+
+
+def _fmt(v: Optional[float], spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_zoo(rows: Sequence[ZooRow]) -> str:
+    """Markdown table of :func:`zoo_rows`."""
+    size = rows[0].size if rows else 224
+    with_lat = any(r.latency_ms is not None for r in rows)
+    head = ["model", "params (M)", "paper params (M)", f"GMACs @{size}", "paper GMACs", "README GMACs",
+            "ours / published"]
+    if with_lat:
+        head.append("CPU ms/img")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        p = r.paper
+        cells = [r.name, f"{r.params / 1e6:.2f}", _fmt(p and p.params_m, ".1f"), f"{r.gmacs:.3f}",
+                 _fmt(p and p.gmacs, ".1f"), _fmt(p and p.readme_gmacs, ".2f"), _fmt(r.ratio, ".3f")]
+        if with_lat:
+            cells.append(_fmt(r.latency_ms, ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ mixers
+
+
+@dataclass(frozen=True)
+class MixerRow:
+    """One mixer preset at (1, dim, size, size)."""
+
+    name: str
+    params: int
+    flops: FlopCount
+    generator_flops: int  # flops inside the module's ``generator`` (0 for a plain conv)
+
+    @property
+    def aggregate_flops(self) -> int:
+        """Flops of the shared ``aggregate`` op (attention's ``correlate`` runs inside the
+        generator and is counted there)."""
+        return self.flops.by_operator.get("aggregate", 0)
+
+    @property
+    def other_flops(self) -> int:
+        """Everything else: value/output projections, bias; all of a plain conv."""
+        return self.flops.total - self.generator_flops - self.aggregate_flops
+
+
+def mixer_rows(dim: int = 256, size: int = 14, kernel_size: int = 7, *, stride: int = 1,
+               names: Optional[Iterable[str]] = None) -> List[MixerRow]:
+    """Params and flops of every mixer preset (or ``names``) on a (1, dim, size, size) input.
+
+    Raises:
+        ValueError: unknown mixer names, non-positive sizes, or a preset that rejects
+            ``dim``/``kernel_size`` (its own message).
+    """
+    from ..mixers import create_mixer, list_mixers
+
+    for arg, v in (("dim", dim), ("size", size), ("kernel_size", kernel_size), ("stride", stride)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{arg} must be a positive int, got {v!r}")
+    known = list_mixers()
+    names = list(known if names is None else names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown mixer(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        mixer = create_mixer(name, dim, kernel_size=kernel_size, stride=stride)
+        flops = count_flops(mixer, torch.randn(1, dim, size, size))
+        gen = flops.by_module.get("generator", 0) if hasattr(mixer, "generator") else 0
+        rows.append(MixerRow(name, count_params(mixer), flops, gen))
+    return rows
+
+
+def format_mixers(rows: Sequence[MixerRow]) -> str:
+    """Markdown table of :func:`mixer_rows` (MMACs: fvcore flops / 1e6)."""
+    head = ["mixer", "params (K)", "MMACs total", "generator", "aggregate", "value/proj/other"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in rows:
+        cells = [r.name, f"{r.params / 1e3:.1f}", f"{r.flops.total / 1e6:.2f}", f"{r.generator_flops / 1e6:.2f}",
+                 f"{r.aggregate_flops / 1e6:.2f}", f"{r.other_flops / 1e6:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
