@@ -1,0 +1,765 @@
+// Fast CPU kernels of the three tokenmix primitives (aggregate, correlate,
+// aggregate_transpose), compiled at first use by tokenmix/ops/cpu_backend.py.
+//
+// Geometry arrives as per-axis tables computed in Python from Window.source_index, so the
+// index arithmetic here is exactly the reference's:
+//   rows (Kh, Ho), cols (Kw, Wo): source row / column of tap u / v, -1 = out of image.
+//   coff (Kw): column offset of tap v where the column map is affine, col = j*s + coff[v].
+//   fa, fb: output columns [fa, fb) on which every tap is affine (zero border: all of them).
+//   pad_ok: zero border; reads past the image land in zero padding, so block tails may
+//   overrun the output row into scratch.
+// Everything not covered by the affine fast path (clamp-border edges) goes through a
+// scalar path that reads the tables directly.
+//
+// Work split (at::parallel_for): aggregate and correlate over (batch, group, chunk of
+// output rows); aggregate_transpose over (batch, group, chunk of input rows), computed as a
+// gather (each input pixel sums the (tap, output) pairs that read it), so there are no
+// atomics and results do not depend on the number of threads. Each task copies the input
+// rows it reads into a zero-padded, stride-phase-split float scratch (a few tens of KiB),
+// so the inner loops are unit-stride over output columns for any stride/dilation, and the
+// 16-bit types are converted once. The inner loops use GCC/Clang vector extensions (one
+// 256-bit vector = 8 floats / 4 doubles) with register blocking: aggregate keeps 4
+// channels x 2 vectors of outputs in registers over all K*K taps and reuses each weight
+// vector across the 4 channels; correlate keeps up to 8 taps in registers and reuses each
+// query vector across them.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <initializer_list>
+#include <utility>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T> struct VecOf;
+template <> struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int N = 8;
+};
+template <> struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int N = 4;
+};
+
+template <typename T>
+inline typename VecOf<T>::type loadu(const T* p) {
+  typename VecOf<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void storeu(T* p, typename VecOf<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Rows per task: at most 8, fewer when that leaves too few tasks for the threads.
+int64_t chunk_rows(int64_t outer, int64_t rows) {
+  int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  int64_t ch = std::min<int64_t>(8, rows);
+  while (ch > 1 && outer * ceil_div(rows, ch) < want) ch = ceil_div(ch, 2);
+  return std::max<int64_t>(ch, 1);
+}
+
+// Column layout of the input-side scratch: input column col lives at phase
+// (col + padc) % s, index (col + padc) / s of a row of s phases of pw entries each.
+struct ColPlan {
+  int64_t Kw, Wo, W, s, padc, pw, fa, fb, wbw;
+  bool pad_ok;
+  std::vector<int64_t> phoff;  // per v: phase * pw + e_v (scratch offset of output column 0)
+  const int64_t* cols;
+  int64_t pos(int64_t col) const {
+    int64_t q = col + padc;
+    return (q % s) * pw + q / s;
+  }
+};
+
+// fast columns [f0, f1) and whether the block tail may overrun (pad_ok)
+ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, int64_t s, int64_t fa,
+                     int64_t fb, bool pad_ok, int64_t block) {
+  ColPlan p;
+  p.Kw = cols.size(0);
+  p.Wo = cols.size(1);
+  p.W = W;
+  p.s = s;
+  p.cols = cols.data_ptr<int64_t>();
+  p.pad_ok = pad_ok;
+  const int64_t* off = coff.data_ptr<int64_t>();
+  int64_t mn = 0;
+  for (int64_t v = 0; v < p.Kw; ++v) mn = std::min(mn, off[v]);
+  p.padc = -mn;
+  if (pad_ok) {
+    p.fa = 0;
+    p.fb = round_up(p.Wo, block);
+  } else if (fb - fa >= block) {
+    p.fa = fa;
+    p.fb = fb;
+  } else {
+    p.fa = p.fb = 0;  // too narrow for a vector block: everything through the scalar path
+  }
+  p.wbw = round_up(std::max(p.Wo, p.fb), block);
+  int64_t emax = 0;
+  for (int64_t v = 0; v < p.Kw; ++v) emax = std::max(emax, (off[v] + p.padc) / s);
+  p.pw = std::max(p.wbw + emax, (W - 1 + p.padc) / s + 1) + 1;
+  p.phoff.resize(p.Kw);
+  for (int64_t v = 0; v < p.Kw; ++v) {
+    int64_t q = off[v] + p.padc;
+    p.phoff[v] = (q % s) * p.pw + q / s;
+  }
+  return p;
+}
+
+// Block start columns covering [fa, fb): full blocks, the last one shifted left to end at fb
+// (recomputes a few columns; every fast path writes, never accumulates, so that is exact).
+template <typename F>
+inline void for_blocks(const ColPlan& p, int64_t block, F&& f) {
+  if (p.fb <= p.fa) return;
+  int64_t j0 = p.fa;
+  for (; j0 + block <= p.fb; j0 += block) f(j0);
+  if (j0 < p.fb) f(p.fb - block);
+}
+
+inline bool in_fast(const ColPlan& p, int64_t j) { return j >= p.fa && j < p.fb; }
+
+// A slice of the per-thread scratch.
+template <typename T>
+struct Buf {
+  T* p = nullptr;
+  int64_t n = 0;
+  T* data() const { return p; }
+  T* begin() const { return p; }
+  T* end() const { return p + n; }
+  T& operator[](int64_t i) const { return p[i]; }
+};
+
+// Per-thread scratch carved out of one tensor allocated (before the parallel region) through
+// the ATen CPU allocator: memory profilers see it, and it is bounded by threads x the
+// per-thread need (a few input rows of one group), independent of the batch.
+struct ThreadScratch {
+  at::Tensor buf;
+  int64_t per, used = 0, nthreads;
+  explicit ThreadScratch(int64_t per_thread) : per(std::max<int64_t>(per_thread, 1)) {
+    nthreads = std::max<int64_t>(1, at::get_num_threads());
+    buf = at::empty({nthreads * per}, at::TensorOptions().dtype(at::kByte));
+  }
+  char* base() const {
+    int64_t tid = at::get_thread_num();
+    TORCH_CHECK(tid >= 0 && tid < nthreads, "tokenmix cpu: unexpected thread id ", tid);
+    return reinterpret_cast<char*>(buf.data_ptr<uint8_t>()) + tid * per;
+  }
+};
+
+// Carve consecutive slices of sizes n... out of a thread's scratch.
+struct Carver {
+  char* cur;
+  template <typename T>
+  Buf<T> take(int64_t n) {
+    Buf<T> b;
+    b.p = reinterpret_cast<T*>(cur);
+    b.n = n;
+    cur += ((n * static_cast<int64_t>(sizeof(T)) + 63) / 64) * 64;
+    return b;
+  }
+};
+
+inline int64_t bytes_of(std::initializer_list<int64_t> ns, int64_t elem) {
+  int64_t t = 0;
+  for (int64_t n : ns) t += ((n * elem + 63) / 64) * 64;
+  return t;
+}
+
+// Range of valid source rows read by output rows [i0, i1): (rmin, count).
+inline std::pair<int64_t, int64_t> row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t i0, int64_t i1) {
+  int64_t rmin = INT64_MAX, rmax = -1;
+  for (int64_t u = 0; u < Kh; ++u)
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t r = rows[u * Ho + i];
+      if (r >= 0) rmin = std::min(rmin, r), rmax = std::max(rmax, r);
+    }
+  return rmax >= 0 ? std::make_pair(rmin, rmax - rmin + 1) : std::make_pair<int64_t, int64_t>(0, 0);
+}
+
+inline int64_t max_row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t ch) {
+  int64_t m = 0;
+  for (int64_t i0 = 0; i0 < Ho; i0 += ch) m = std::max(m, row_span(rows, Kh, Ho, i0, std::min(Ho, i0 + ch)).second);
+  return m;
+}
+
+// d[k] = src[S*k] with a compile-time stride, so the compiler vectorises the de-interleave.
+template <int S, typename scalar_t, typename acc_t>
+inline void copy_strided(acc_t* __restrict__ d, const scalar_t* __restrict__ src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<acc_t>(src[S * k]);
+}
+
+// Copy rows [rmin, rmin + nrr) of ncg channels into the phase-split, zero-padded scratch.
+template <typename scalar_t, typename acc_t>
+void fill_rows(acc_t* xs, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t nrr,
+               const ColPlan& p) {
+  const int64_t W = p.W, s = p.s, rs = s * p.pw;
+  for (int64_t c = 0; c < ncg; ++c) {
+    for (int64_t rr = 0; rr < nrr; ++rr) {
+      acc_t* dst = xs + (c * nrr + rr) * rs;
+      const scalar_t* row = src + (c * H + rmin + rr) * W;
+      std::fill(dst, dst + rs, acc_t(0));
+      if (s == 1) {
+        acc_t* d = dst + p.padc;
+        for (int64_t col = 0; col < W; ++col) d[col] = static_cast<acc_t>(row[col]);
+      } else {
+        // phase f holds columns col = idx*s + f - padc
+        for (int64_t f = 0; f < s; ++f) {
+          const int64_t idx = ceil_div(std::max<int64_t>(p.padc - f, 0), s);
+          const int64_t col = idx * s + f - p.padc;
+          if (col >= W) continue;
+          const int64_t n = (W - 1 - col) / s + 1;
+          if (s == 2)
+            copy_strided<2>(dst + f * p.pw + idx, row + col, n);
+          else
+            for (int64_t k = 0; k < n; ++k) dst[f * p.pw + idx + k] = static_cast<acc_t>(row[col + k * s]);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ aggregate
+template <typename acc_t, int CB, int NV>
+inline void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wbw,
+                      const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  V acc[CB][NV];
+  for (int c = 0; c < CB; ++c)
+    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rru[u] < 0) continue;
+    const acc_t* xr = xs + rru[u] * rowstride + j0;
+    const acc_t* wr = wb + u * Kw * wbw + j0;
+    for (int64_t v = 0; v < Kw; ++v) {
+      V wv[NV];
+      for (int n = 0; n < NV; ++n) wv[n] = loadu(wr + v * wbw + n * L);
+      const acc_t* xp = xr + phoff[v];
+      for (int c = 0; c < CB; ++c)
+        for (int n = 0; n < NV; ++n) acc[c][n] += wv[n] * loadu(xp + c * cstride + n * L);
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int n = 0; n < NV; ++n) storeu(ob + c * wbw + j0 + n * L, acc[c][n]);
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t,
+                          const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
+                          bool pad_ok) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int NV = Wo > L ? 2 : 1;
+  const int64_t block = L * NV;
+  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, block);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* yd = y.data_ptr<scalar_t>();
+  const int64_t ch = chunk_rows(B * G, Ho), nch = ceil_div(Ho, ch);
+  const int64_t wbw = p.wbw, rowstride = s * p.pw;
+
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, KK * wbw, Cg * wbw}, sizeof(acc_t)));
+
+  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+    Carver cv{scratch.base()};
+    Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wb = cv.take<acc_t>(KK * wbw),
+               ob = cv.take<acc_t>(Cg * wbw);
+    std::vector<int64_t> rru(Kh);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / (G * nch), g = (task / nch) % G, ic = task % nch;
+      const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      const int64_t cstride = nrr * rowstride;
+      if (nrr > 0) {
+        fill_rows<scalar_t, acc_t>(xs.data(), xd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+      }
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t u = 0; u < Kh; ++u) {
+          int64_t r = rows[u * Ho + i];
+          rru[u] = r >= 0 ? r - rmin : -1;
+        }
+        for (int64_t t = 0; t < KK; ++t) {
+          acc_t* dst = wb.data() + t * wbw;
+          if (wHW == 1) {
+            std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
+          } else {
+            const scalar_t* src = wg + t * wHW + i * Wo;
+            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+          }
+          std::fill(dst + Wo, dst + wbw, acc_t(0));
+        }
+        std::fill(ob.begin(), ob.end(), acc_t(0));
+        if (nrr > 0) {
+          for_blocks(p, block, [&](int64_t j0) {
+            int64_t c = 0;
+            for (; c + 4 <= Cg; c += 4) {
+              if (NV == 2)
+                agg_block<acc_t, 4, 2>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
+              else
+                agg_block<acc_t, 4, 1>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
+            }
+            for (; c < Cg; ++c) {
+              if (NV == 2)
+                agg_block<acc_t, 1, 2>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
+              else
+                agg_block<acc_t, 1, 1>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
+            }
+          });
+          // scalar path: columns outside the affine range (clamp-border edges)
+          for (int64_t j = 0; j < Wo; ++j) {
+            if (in_fast(p, j)) continue;
+            for (int64_t c = 0; c < Cg; ++c) {
+              const acc_t* xc = xs.data() + c * cstride;
+              acc_t acc = 0;
+              for (int64_t u = 0; u < Kh; ++u) {
+                if (rru[u] < 0) continue;
+                for (int64_t v = 0; v < Kw; ++v) {
+                  int64_t col = p.cols[v * Wo + j];
+                  if (col < 0) continue;
+                  acc += wb[(u * Kw + v) * wbw + j] * xc[rru[u] * rowstride + p.pos(col)];
+                }
+              }
+              ob[c * wbw + j] = acc;
+            }
+          }
+        }
+        for (int64_t c = 0; c < Cg; ++c) {
+          scalar_t* dst = yd + ((b * C + g * Cg + c) * Ho + i) * Wo;
+          const acc_t* src = ob.data() + c * wbw;
+          for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------ correlate
+template <typename acc_t, int TV>
+inline void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t wbw, int64_t Cg,
+                       const int64_t* phoff, int64_t j0, acc_t* rb) {
+  using V = typename VecOf<acc_t>::type;
+  V acc[TV];
+  for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
+  for (int64_t c = 0; c < Cg; ++c) {
+    const V qv = loadu(qs + c * wbw + j0);
+    const acc_t* kc = ks + c * cstride + j0;
+    for (int tv = 0; tv < TV; ++tv) acc[tv] += qv * loadu(kc + phoff[tv]);
+  }
+  for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * wbw + j0, acc[tv]);
+}
+
+template <typename acc_t>
+inline void corr_dispatch(int tv, const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t wbw, int64_t Cg,
+                          const int64_t* phoff, int64_t j0, acc_t* rb) {
+  switch (tv) {
+    case 1: corr_block<acc_t, 1>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    case 2: corr_block<acc_t, 2>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    case 3: corr_block<acc_t, 3>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    case 4: corr_block<acc_t, 4>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    case 5: corr_block<acc_t, 5>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    case 6: corr_block<acc_t, 6>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    case 7: corr_block<acc_t, 7>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    default: corr_block<acc_t, 8>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+  }
+}
+
+template <typename scalar_t>
+at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows_t,
+                          const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
+                          bool pad_ok, int64_t G, bool sum_batch, bool sum_space) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
+  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t KK = Kh * Kw;
+  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  const int64_t nb = sum_batch ? 1 : B;
+  at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  const int64_t ch = chunk_rows(nb * G, Ho), nch = ceil_div(Ho, ch);
+  const int64_t wbw = p.wbw, rowstride = s * p.pw, ntask = nb * G * nch;
+  // spatial sums: one partial per (task, tap), reduced in a fixed order afterwards
+  at::Tensor part_t = at::empty({sum_space ? ntask * KK : 1}, at::TensorOptions().dtype(at::kDouble));
+  double* part = part_t.data_ptr<double>();
+  std::fill(part, part + part_t.numel(), 0.0);
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, Cg * wbw, KK * wbw, nacc}, sizeof(acc_t)));
+
+  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+    Carver cv{scratch.base()};
+    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(Cg * wbw),
+               rb = cv.take<acc_t>(KK * wbw), accb = cv.take<acc_t>(nacc);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t bb = task / (G * nch), g = (task / nch) % G, ic = task % nch;
+      const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      const int64_t cstride = nrr * rowstride;
+      std::fill(accb.begin(), accb.end(), acc_t(0));
+      const int64_t b0 = sum_batch ? 0 : bb, b1 = sum_batch ? B : bb + 1;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (nrr > 0) {
+          fill_rows<scalar_t, acc_t>(ks.data(), kd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t c = 0; c < Cg; ++c) {
+            const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
+            acc_t* dst = qs.data() + c * wbw;
+            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+            std::fill(dst + Wo, dst + wbw, acc_t(0));
+          }
+          for (int64_t u = 0; u < Kh; ++u) {
+            const int64_t r = rows[u * Ho + i];
+            acc_t* rbu = rb.data() + u * Kw * wbw;
+            if (r < 0) {
+              std::fill(rbu, rbu + Kw * wbw, acc_t(0));
+              continue;
+            }
+            const acc_t* kr = ks.data() + (r - rmin) * rowstride;
+            for_blocks(p, L, [&](int64_t j0) {
+              for (int64_t v0 = 0; v0 < Kw; v0 += 8) {
+                int tv = static_cast<int>(std::min<int64_t>(8, Kw - v0));
+                corr_dispatch<acc_t>(tv, kr, cstride, qs.data(), wbw, Cg, p.phoff.data() + v0, j0,
+                                     rbu + v0 * wbw);
+              }
+            });
+            for (int64_t j = 0; j < Wo; ++j) {
+              if (in_fast(p, j)) continue;
+              for (int64_t v = 0; v < Kw; ++v) {
+                const int64_t col = p.cols[v * Wo + j];
+                acc_t acc = 0;
+                if (col >= 0) {
+                  const int64_t pc = p.pos(col);
+                  for (int64_t c = 0; c < Cg; ++c) acc += qs[c * wbw + j] * kr[c * cstride + pc];
+                }
+                rbu[v * wbw + j] = acc;
+              }
+            }
+          }
+          if (sum_space) {
+            double* pt = part + task * KK;
+            for (int64_t t = 0; t < KK; ++t) {
+              double sacc = 0;
+              const acc_t* r = rb.data() + t * wbw;
+              for (int64_t j = 0; j < Wo; ++j) sacc += static_cast<double>(r[j]);
+              pt[t] += sacc;
+            }
+          } else if (sum_batch) {
+            for (int64_t t = 0; t < KK; ++t) {
+              acc_t* dst = accb.data() + (t * ch + (i - i0)) * Wo;
+              const acc_t* r = rb.data() + t * wbw;
+              for (int64_t j = 0; j < Wo; ++j) dst[j] += r[j];
+            }
+          } else {
+            for (int64_t t = 0; t < KK; ++t) {
+              scalar_t* dst = od + (((b * G + g) * KK + t) * Ho + i) * Wo;
+              const acc_t* r = rb.data() + t * wbw;
+              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(r[j]);
+            }
+          }
+        }
+      }
+      if (sum_batch && !sum_space) {
+        for (int64_t t = 0; t < KK; ++t)
+          for (int64_t i = i0; i < i1; ++i) {
+            scalar_t* dst = od + ((g * KK + t) * Ho + i) * Wo;
+            const acc_t* src = accb.data() + (t * ch + (i - i0)) * Wo;
+            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+          }
+      }
+    }
+  });
+  if (sum_space) {
+    for (int64_t bb = 0; bb < nb; ++bb)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < KK; ++t) {
+          double sacc = 0;
+          for (int64_t ic = 0; ic < nch; ++ic) sacc += part[((bb * G + g) * nch + ic) * KK + t];
+          od[(bb * G + g) * KK + t] = static_cast<scalar_t>(sacc);
+        }
+  }
+  return out;
+}
+
+// -------------------------------------------------------------------- aggregate_transpose
+// x[c, h, col] = sum over (u, i) with rows[u][i] = h and (v, j) with cols[v][j] = col of
+// w[t, i, j] * y[c, i, j]. Affine columns: col + padc = s*m + phase_v with j = m - e_v, so for
+// a fixed phase the sum over taps is unit-stride in m. Output-side scratch (y and w rows of
+// the task) is zero-padded by lp on the left so that j = m - e_v outside [0, Wo) reads 0.
+template <typename acc_t, int CB, int NV>
+inline void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
+                     const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
+                     int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t obw) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  V acc[CB][NV];
+  for (int c = 0; c < CB; ++c)
+    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
+  for (int64_t pp = p0; pp < p1; ++pp) {
+    const int64_t u = ru[pp], ii = ri[pp] - imin;
+    for (int64_t a = 0; a < nv; ++a) {
+      const int64_t v = vl[a];
+      const int64_t off = ii * lpw + base[v] + m0;
+      const acc_t* wp = wb + (u * Kw + v) * tplane + off;
+      const acc_t* yp = ys + off;
+      V wv[NV];
+      for (int n = 0; n < NV; ++n) wv[n] = loadu(wp + n * L);
+      for (int c = 0; c < CB; ++c)
+        for (int n = 0; n < NV; ++n) acc[c][n] += wv[n] * loadu(yp + c * cplane + n * L);
+    }
+  }
+  for (int c = 0; c < CB; ++c)
+    for (int n = 0; n < NV; ++n) storeu(xo + c * obw + m0 + n * L, acc[c][n]);
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows_t,
+                                    const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, bool pad_ok,
+                                    int64_t ca, int64_t cb, const at::Tensor& rptr_t, const at::Tensor& rpair_t,
+                                    const at::Tensor& cptr_t, const at::Tensor& cpair_t, int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = y.size(0), C = y.size(1), Ho = y.size(2), Wo = y.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = rows_t.size(0), Kw = cols_t.size(0);
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int64_t* off = coff.data_ptr<int64_t>();
+  const int64_t* rptr = rptr_t.data_ptr<int64_t>();
+  const int64_t* rpair = rpair_t.data_ptr<int64_t>();  // (n, 2): u, i
+  const int64_t* cptr = cptr_t.data_ptr<int64_t>();
+  const int64_t* cpair = cpair_t.data_ptr<int64_t>();  // (n, 3): v, j, affine
+  const int64_t npair = rpair_t.size(0);
+  std::vector<int64_t> ru(npair), ri(npair);
+  for (int64_t a = 0; a < npair; ++a) ru[a] = rpair[2 * a], ri[a] = rpair[2 * a + 1];
+
+  int64_t mn = 0;
+  for (int64_t v = 0; v < Kw; ++v) mn = std::min(mn, off[v]);
+  const int64_t padc = -mn;
+  std::vector<int64_t> e(Kw), ph(Kw);
+  int64_t emax = 0;
+  for (int64_t v = 0; v < Kw; ++v) {
+    e[v] = (off[v] + padc) / s;
+    ph[v] = (off[v] + padc) % s;
+    emax = std::max(emax, e[v]);
+  }
+  const int64_t mw = (W - 1 + padc) / s + 1;  // phase-row length covering every input column
+  const int NV = mw > L ? 2 : 1;
+  const int64_t block = L * NV;
+  // fast m range per phase: all of [0, mw) (zero border) or the clamp interior
+  int64_t m_a = 0, m_b = round_up(mw, block);
+  if (!pad_ok) {
+    m_a = ca + padc;
+    m_b = cb + padc;
+    if (m_b - m_a < block) m_a = m_b = 0;
+  }
+  const int64_t obw = round_up(std::max(mw, m_b), block);
+  const int64_t lp = emax, lpw = lp + std::max(obw, Wo) + 1;
+  std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
+  for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
+  // taps per phase
+  std::vector<int64_t> vptr(s + 1, 0), vlist;
+  for (int64_t f = 0; f < s; ++f) {
+    for (int64_t v = 0; v < Kw; ++v)
+      if (ph[v] == f) vlist.push_back(v);
+    vptr[f + 1] = static_cast<int64_t>(vlist.size());
+  }
+
+  at::Tensor x = at::empty({B, C, H, W}, y.options());
+  const scalar_t* yd = y.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* xd = x.data_ptr<scalar_t>();
+  const int64_t ch = chunk_rows(B * G, H), nch = ceil_div(H, ch);
+
+  auto out_span = [&](int64_t h0, int64_t h1) {
+    int64_t imin = Ho, imax = -1;
+    for (int64_t a = rptr[h0]; a < rptr[h1]; ++a) imin = std::min(imin, ri[a]), imax = std::max(imax, ri[a]);
+    return imax >= imin ? std::make_pair(imin, imax - imin + 1) : std::make_pair<int64_t, int64_t>(0, 0);
+  };
+  int64_t nri_max = 0;
+  for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
+  ThreadScratch scratch(
+      bytes_of({Cg * nri_max * lpw, KK * nri_max * lpw, Cg * obw, Cg * W}, sizeof(acc_t)));
+
+  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+    Carver cv{scratch.base()};
+    Buf<acc_t> ys = cv.take<acc_t>(Cg * nri_max * lpw), wb = cv.take<acc_t>(KK * nri_max * lpw),
+               xo = cv.take<acc_t>(Cg * obw), xrow = cv.take<acc_t>(Cg * W);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / (G * nch), g = (task / nch) % G, hc = task % nch;
+      const int64_t h0 = hc * ch, h1 = std::min(H, h0 + ch);
+      const auto span = out_span(h0, h1);
+      const int64_t imin = span.first, nri = span.second;
+      const int64_t cplane = nri * lpw, tplane = nri * lpw;
+      if (nri > 0) {
+        std::fill(ys.p, ys.p + Cg * cplane, acc_t(0));
+        std::fill(wb.p, wb.p + KK * tplane, acc_t(0));
+        for (int64_t c = 0; c < Cg; ++c)
+          for (int64_t ii = 0; ii < nri; ++ii) {
+            const scalar_t* src = yd + ((b * C + g * Cg + c) * Ho + imin + ii) * Wo;
+            acc_t* dst = ys.data() + c * cplane + ii * lpw + lp;
+            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+          }
+        const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+        for (int64_t t = 0; t < KK; ++t)
+          for (int64_t ii = 0; ii < nri; ++ii) {
+            acc_t* dst = wb.data() + t * tplane + ii * lpw + lp;
+            if (wHW == 1) {
+              std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
+            } else {
+              const scalar_t* src = wg + t * wHW + (imin + ii) * Wo;
+              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+            }
+          }
+      }
+      for (int64_t h = h0; h < h1; ++h) {
+        std::fill(xrow.begin(), xrow.end(), acc_t(0));
+        const int64_t p0 = rptr[h], p1 = rptr[h + 1];
+        if (p1 > p0) {
+          for (int64_t f = 0; f < s; ++f) {
+            const int64_t* vl = vlist.data() + vptr[f];
+            const int64_t nv = vptr[f + 1] - vptr[f];
+            if (nv == 0 || m_b <= m_a) continue;
+            auto run = [&](int64_t m0) {
+              int64_t c = 0;
+              for (; c + 4 <= Cg; c += 4) {
+                if (NV == 2)
+                  tr_block<acc_t, 4, 2>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+                else
+                  tr_block<acc_t, 4, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+              }
+              for (; c < Cg; ++c) {
+                if (NV == 2)
+                  tr_block<acc_t, 1, 2>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+                else
+                  tr_block<acc_t, 1, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+              }
+            };
+            int64_t m0 = m_a;
+            for (; m0 + block <= m_b; m0 += block) run(m0);
+            if (m0 < m_b) run(m_b - block);
+            // scatter the phase row into the input row: col = s*m + f - padc
+            const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(padc - f, 0), s));
+            for (int64_t c = 0; c < Cg; ++c) {
+              const acc_t* src = xo.data() + c * obw;
+              acc_t* dst = xrow.data() + c * W;
+              for (int64_t m = mlo; m < m_b; ++m) {
+                const int64_t col = s * m + f - padc;
+                if (col >= W) break;
+                if (col >= 0) dst[col] = src[m];
+              }
+            }
+          }
+          // scalar path: pairs the affine blocks did not cover (clamp-border edges)
+          const int64_t ca_used = m_b > m_a ? m_a - padc : 0, cb_used = m_b > m_a ? m_b - padc : 0;
+          for (int64_t col = 0; col < W; ++col) {
+            const bool fast = pad_ok || (col >= ca_used && col < cb_used);
+            for (int64_t a = cptr[col]; a < cptr[col + 1]; ++a) {
+              const int64_t v = cpair[3 * a], j = cpair[3 * a + 1], aff = cpair[3 * a + 2];
+              if (fast && aff) continue;
+              for (int64_t pp = p0; pp < p1; ++pp) {
+                const int64_t u = ru[pp], ii = ri[pp] - imin;
+                const acc_t wv = wb[(u * Kw + v) * tplane + ii * lpw + lp + j];
+                for (int64_t c = 0; c < Cg; ++c) xrow[c * W + col] += wv * ys[c * cplane + ii * lpw + lp + j];
+              }
+            }
+          }
+        }
+        for (int64_t c = 0; c < Cg; ++c) {
+          scalar_t* dst = xd + ((b * C + g * Cg + c) * H + h) * W;
+          const acc_t* src = xrow.data() + c * W;
+          for (int64_t col = 0; col < W; ++col) dst[col] = static_cast<scalar_t>(src[col]);
+        }
+      }
+    }
+  });
+  return x;
+}
+
+void check_inputs(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "tokenmix cpu kernels need CPU tensors");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "tokenmix cpu kernels need contiguous tensors");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "tokenmix cpu kernels need one dtype");
+}
+
+}  // namespace
+
+at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
+                     const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, bool pad_ok) {
+  check_inputs(x, w);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tokenmix_aggregate", [&] {
+    out = aggregate_impl<scalar_t>(x, w, rows, cols, coff, s, fa, fb, pad_ok);
+  });
+  return out;
+}
+
+at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows, const at::Tensor& cols,
+                     const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, bool pad_ok, int64_t groups,
+                     bool sum_batch, bool sum_space) {
+  check_inputs(q, k);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tokenmix_correlate", [&] {
+    out = correlate_impl<scalar_t>(q, k, rows, cols, coff, s, fa, fb, pad_ok, groups, sum_batch, sum_space);
+  });
+  return out;
+}
+
+at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows,
+                               const at::Tensor& cols, const at::Tensor& coff, int64_t s, bool pad_ok, int64_t ca,
+                               int64_t cb, const at::Tensor& rptr, const at::Tensor& rpair, const at::Tensor& cptr,
+                               const at::Tensor& cpair, int64_t H, int64_t W) {
+  check_inputs(y, w);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "tokenmix_aggregate_transpose", [&] {
+    out = aggregate_transpose_impl<scalar_t>(y, w, rows, cols, coff, s, pad_ok, ca, cb, rptr, rpair, cptr, cpair,
+                                             H, W);
+  });
+  return out;
+}
+
+// Registered as torch.ops.tokenmix_cpu.* (no pybind11: keeps the first-use compile short).
+TORCH_LIBRARY(tokenmix_cpu, m) {
+  m.def("aggregate(Tensor x, Tensor w, Tensor rows, Tensor cols, Tensor coff, int s, int fa, int fb, bool pad_ok)"
+        " -> Tensor", &aggregate);
+  m.def("correlate(Tensor q, Tensor k, Tensor rows, Tensor cols, Tensor coff, int s, int fa, int fb, bool pad_ok,"
+        " int groups, bool sum_batch, bool sum_space) -> Tensor", &correlate);
+  m.def("aggregate_transpose(Tensor y, Tensor w, Tensor rows, Tensor cols, Tensor coff, int s, bool pad_ok, int ca,"
+        " int cb, Tensor rptr, Tensor rpair, Tensor cptr, Tensor cpair, int H, int W) -> Tensor",
+        &aggregate_transpose);
+}
