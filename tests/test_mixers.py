@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenmix.mixers import Mixer, create_mixer, list_mixers, register_mixer
+from tokenmix.kernel_gen.registry import _KERNEL_GENS
+from tokenmix.mixers.registry import _MIXERS
 from tokenmix.ops import Window
 
 torch.manual_seed(0)
@@ -367,5 +371,68 @@ def test_register_mixer():
         assert "_test_avg" in list_mixers()
         assert create_mixer("_test_avg", 4, kernel_size=3, stride=2)(torch.randn(1, 4, 5, 5)).shape == (1, 4, 3, 3)
     finally:
-        from tokenmix.mixers.registry import _MIXERS
         _MIXERS.pop("_test_avg")
+
+
+# ------------------------------------------------------------------------------ compile
+# Each preset is compiled once. fullgraph=True with the "aot_eager" backend runs dynamo
+# (no graph break allowed), the fake kernels and AOT autograd (forward and backward) over the
+# preset's whole module; inductor code generation (10-30 s per graph on 2 cores, minutes for
+# the attention presets) is exercised once, on a module holding dwconv and involution.
+
+
+@pytest.mark.parametrize("name", list_mixers())
+def test_preset_compile_fullgraph_equals_eager(name):
+    m = _make(name).eval()
+    x = torch.randn(2, DIM, 6, 7)
+    xc = x.clone().requires_grad_()
+    xe = x.clone().requires_grad_()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    yc, ye = compiled(xc), m(xe)
+    torch.testing.assert_close(yc, ye, atol=1e-6, rtol=1e-5)
+    g = torch.randn_like(ye)
+    yc.backward(g)
+    ye.backward(g)
+    torch.testing.assert_close(xc.grad, xe.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_inductor_compile_equals_eager():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = _make("dwconv", stride=2)
+            self.inv = _make("involution", stride=2)
+
+        def forward(self, x):
+            return self.dw(x) + self.inv(x)
+
+    m = Pair().eval()
+    x = torch.randn(2, DIM, 7, 6)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ README
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _section_blocks():
+    text = README.read_text()
+    start = text.index("## Mixers and kernel generators")
+    nxt = re.search(r"^## |^<!-- ", text[start + 3:], re.M)
+    section = text[start: start + 3 + nxt.start()] if nxt else text[start:]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_mixer_section_runs():
+    blocks = _section_blocks()
+    assert len(blocks) >= 3
+    gens, mixers = dict(_KERNEL_GENS), dict(_MIXERS)
+    try:
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"README.md[mixers block {i}]", "exec"), {"__name__": f"readme_block_{i}"})
+    finally:  # leave the registries as they were
+        _KERNEL_GENS.clear()
+        _KERNEL_GENS.update(gens)
+        _MIXERS.clear()
+        _MIXERS.update(mixers)
