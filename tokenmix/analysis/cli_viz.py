@@ -1,0 +1,100 @@
+"""``tokenmix viz``: kernel heat maps (paper figure 3) of a mixer preset or a model layer.
+
+Two sources of the kernel:
+
+- ``--mixer NAME``: a fresh preset (random init, ``--seed``) applied to the image as a
+  first layer would see it: the normalised image, average-pooled by 4 and lifted to
+  ``--dim`` channels by a fixed random 1x1 convolution (same seed).
+- ``--model NAME [--layer L] [--checkpoint FILE]``: the input that layer ``L`` (default: the
+  first kernel-generating layer) receives when the model runs on the normalised image;
+  random weights unless a safetensors checkpoint (``tokenmix.models.save_weights``) is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..cli import Command
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--mixer", help="a mixer preset name (fresh, random init)")
+    src.add_argument("--model", help="a registered model name; see --layer")
+    p.add_argument("--layer", default=None, help="model submodule to show (default: first mixer layer)")
+    p.add_argument("--checkpoint", default=None, help="safetensors weights for --model")
+    p.add_argument("--image", default=None, help="image file (default: scikit-learn's bundled china.jpg)")
+    p.add_argument("--size", type=int, default=224, help="image side length after centre crop (default 224)")
+    p.add_argument("--dim", type=int, default=64, help="channels of the fresh --mixer (default 64)")
+    p.add_argument("--kernel-size", type=int, default=7, help="K of the fresh --mixer (default 7)")
+    p.add_argument("--reduce", default="sum", choices=("sum", "max", "center"),
+                   help="reduction over the K*K taps (default sum, the paper's; softmax kernels "
+                        "sum to 1, use max for them)")
+    p.add_argument("--groups", type=int, default=16, help="draw at most this many groups (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of fresh weights (default 0)")
+    p.add_argument("--out", required=True, help="output PNG path")
+
+
+def _fail(msg: str) -> int:
+    print(f"tokenmix viz: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from .heatmap import kernel_maps, layer_input, load_image, mixer_layers, normalize, plot_heatmaps
+
+    if args.size < 32:
+        return _fail(f"--size must be >= 32, got {args.size}")
+    if args.groups < 1:
+        return _fail(f"--groups must be >= 1, got {args.groups}")
+    try:
+        image = load_image(args.image, args.size)
+    except ValueError as e:
+        return _fail(str(e))
+    torch.manual_seed(args.seed)
+    x_img = normalize(image)
+    try:
+        if args.mixer is not None:
+            from ..mixers import create_mixer
+
+            mixer = create_mixer(args.mixer, args.dim, kernel_size=args.kernel_size)
+            if not hasattr(mixer, "generator"):
+                return _fail(f"mixer {args.mixer!r} is a plain nn.Conv2d with no generated kernel; "
+                             "choose a kernel-generating preset")
+            lift = torch.nn.Conv2d(3, args.dim, 1)
+            with torch.no_grad():
+                x = lift(F.avg_pool2d(x_img, 4))
+            what = (f"fresh {args.mixer} (dim {args.dim}, K {args.kernel_size}, seed {args.seed}) on the image "
+                    f"pooled by 4 and lifted by a random 1x1 conv")
+        else:
+            from ..models import create_model, list_models, load_weights
+
+            if args.model not in list_models():
+                return _fail(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
+            model = create_model(args.model)
+            if args.checkpoint is not None:
+                load_weights(model, args.checkpoint)
+            layers = mixer_layers(model)
+            if not layers:
+                return _fail(f"model {args.model!r} has no kernel-generating layer (plain convolutions only)")
+            layer = args.layer if args.layer is not None else layers[0]
+            if layer not in layers:
+                return _fail(f"layer {layer!r} of {args.model} generates no kernel; choose one of: {', '.join(layers)}")
+            mixer, x = layer_input(model, layer, x_img)
+            weights = args.checkpoint if args.checkpoint else f"random weights, seed {args.seed}"
+            what = f"{args.model}.{layer} ({weights})"
+        maps = kernel_maps(mixer, x, reduce=args.reduce)
+    except (ValueError, TypeError) as e:
+        return _fail(str(e))
+    G = maps.shape[1]
+    title = f"{what}: {args.reduce} over K*K taps, {min(G, args.groups)} of {G} groups"
+    path = plot_heatmaps(image, maps, args.out, title=title, max_groups=args.groups)
+    print(f"wrote {path}: {title}")
+    return 0
+
+
+COMMAND = Command("kernel heat maps of a mixer (paper figure 3)", configure, run)
