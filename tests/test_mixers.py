@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -259,6 +261,29 @@ def test_preset_shapes(name, stride):
     for H, W in ((7, 9), (8, 8), (5, 6)):
         y = m(torch.randn(2, DIM, H, W))
         assert y.shape == (2, DIM, math.ceil(H / stride), math.ceil(W / stride))
+
+
+@settings(max_examples=20)
+@given(name=st.sampled_from(list_mixers()), H=st.integers(1, 11), W=st.integers(1, 11),
+       stride=st.integers(1, 3), K=st.sampled_from([1, 3, 5]), dilation=st.integers(1, 2))
+def test_preset_shape_contract_and_wiring(name, H, W, stride, K, dilation):
+    """Any size, stride, odd K: (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s)); an aggregation
+    Mixer's output is the brute-force oracle's aggregate of value(x) with its own kernel."""
+    from oracle import brute_aggregate
+
+    if name in STRIDE1_ONLY:
+        stride = 1
+        H, W = max(H, K * dilation), max(W, K * dilation)
+    kw = {"heads": 4} if "attention" in name else {}
+    m = create_mixer(name, 16, kernel_size=K, stride=stride, dilation=dilation, dtype=torch.float64, **kw).eval()
+    x = torch.randn(2, 16, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        y = m(x)
+    assert y.shape == (2, 16, -(-H // stride), -(-W // stride))
+    if isinstance(m, Mixer):
+        with torch.no_grad():
+            ref = brute_aggregate(m.value(x), m.kernel(x), m.window)
+        torch.testing.assert_close(y, m.proj(torch.as_tensor(ref, dtype=y.dtype)), atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", list_mixers())

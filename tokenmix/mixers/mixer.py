@@ -12,6 +12,15 @@ from ..ops.functional import aggregate
 from ..ops.window import Window
 
 
+def _reset(m: nn.Module) -> None:
+    """Call ``m.reset_parameters()`` if it has one, else recurse into the children."""
+    if hasattr(m, "reset_parameters"):
+        m.reset_parameters()
+    else:
+        for c in m.children():
+            _reset(c)
+
+
 class Mixer(nn.Module):
     """Spatial token mixer ``y = proj(aggregate(value(x), generator(x, window), window) + bias)``.
 
@@ -48,9 +57,7 @@ class Mixer(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise generator, value and proj (each with its own ``reset_parameters``); bias 0."""
         for m in (self.generator, self.value, self.proj):
-            for sub in m.modules():
-                if sub is not self and hasattr(sub, "reset_parameters"):
-                    sub.reset_parameters()
+            _reset(m)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
