@@ -1,4 +1,6 @@
-"""The ``tokenmix`` command. Each subcommand lives in its own module and is imported only
+"""tokenmix: compare, train and analyse convolution, involution and attention mixers.
+
+Each subcommand lives in its own module and is imported only
 when it runs, so ``tokenmix --help`` stays fast.
 
 A subcommand module exposes a ``COMMAND = Command(help, configure, run)`` object:
