@@ -81,6 +81,18 @@ def test_attention_weights_are_distributions_over_valid_taps(name, stride):
     assert (w[:, :, valid] > 0).all()
 
 
+def test_static_groups_share_one_filter_per_group():
+    """static with G < C: the channels of a group share the group's K x K filter."""
+    C, G, K = 6, 2, 3
+    gen = _gen("static", C, K, groups=G)
+    m = Mixer(C, gen, Window(K, stride=2))
+    ref = nn.Conv2d(C, C, K, 2, K // 2, groups=C, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(gen.weight.view(G, 1, 1, K, K).expand(G, C // G, 1, K, K).reshape(C, 1, K, K))
+    x = torch.randn(2, C, 7, 8, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ref(x), atol=1e-12, rtol=1e-10)
+
+
 def test_bottleneck_span_channel_layout():
     """span output channel g*K*K + t is tap t of group g; no normalisation of the kernel."""
     C, K = 32, 3

@@ -367,9 +367,11 @@ def test_even_kernel_rejected(name):
 
 @pytest.mark.parametrize("name,kw,match", [
     ("conv", dict(groups=3), "dim=32 is not divisible by groups=3"),
-    ("involution", dict(group_channels=5), "channels=32 is not divisible by group_channels=5"),
-    ("involution", dict(groups=3), "channels=32 is not divisible by groups=3"),
-    ("patch_involution", dict(groups=3), "channels=32 is not divisible by groups=3"),
+    ("involution", dict(group_channels=5), "dim=32 is not divisible by group_channels=5"),
+    ("involution", dict(groups=3), "dim=32 is not divisible by groups=3"),
+    ("patch_involution", dict(groups=3), "dim=32 is not divisible by groups=3"),
+    ("patch_involution", dict(patch_size=2), "patch_size must be odd"),
+    ("dwconv", dict(kernel_size=(3, 4)), "kernel_size must be odd"),
     ("local_attention", dict(heads=3), "dim=32 is not divisible by heads=3"),
     ("neighborhood_attention", dict(heads=5), "dim=32 is not divisible by heads=5"),
     ("positional_attention", dict(heads=6), "dim=32 is not divisible by heads=6"),
@@ -378,7 +380,7 @@ def test_even_kernel_rejected(name):
 ])
 def test_bad_mixer_config(name, kw, match):
     with pytest.raises(ValueError, match=match):
-        create_mixer(name, DIM, kernel_size=3, **kw)
+        create_mixer(name, DIM, **{"kernel_size": 3, **kw})
 
 
 def test_neighborhood_attention_input_smaller_than_window():

@@ -27,9 +27,10 @@ def check_odd_kernel(kernel_size, why: str = "the window needs a centre tap") ->
 
 
 def resolve_groups(channels: int, groups: Optional[int], group_channels: Optional[int],
-                   what: str = "groups") -> int:
-    """Number of groups G from ``groups`` or ``group_channels`` (exactly one given); C % G == 0."""
-    channels = check_int("channels", channels)
+                   what: str = "groups", cname: str = "channels") -> int:
+    """Number of groups G from ``groups`` or ``group_channels`` (exactly one given); C % G == 0.
+    ``what`` and ``cname`` name the arguments in the error ("heads", "dim")."""
+    channels = check_int(cname, channels)
     if groups is not None and group_channels is not None:
         raise ValueError(f"give either {what}={groups!r} or group_channels={group_channels!r}, not both")
     if groups is None and group_channels is None:
@@ -37,11 +38,11 @@ def resolve_groups(channels: int, groups: Optional[int], group_channels: Optiona
     if groups is not None:
         groups = check_int(what, groups)
         if channels % groups:
-            raise ValueError(f"channels={channels} is not divisible by {what}={groups}")
+            raise ValueError(f"{cname}={channels} is not divisible by {what}={groups}")
         return groups
     group_channels = check_int("group_channels", group_channels)
     if channels % group_channels:
-        raise ValueError(f"channels={channels} is not divisible by group_channels={group_channels}")
+        raise ValueError(f"{cname}={channels} is not divisible by group_channels={group_channels}")
     return channels // group_channels
 
 

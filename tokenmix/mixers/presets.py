@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import nn
 
-from ..kernel_gen.base import check_int, check_odd_kernel
+from ..kernel_gen.base import check_int, check_odd_kernel, resolve_groups
 from ..kernel_gen.bottleneck import BottleneckKernel
 from ..kernel_gen.patch import PatchKernel
 from ..kernel_gen.positional import PositionalKernel
@@ -60,6 +60,7 @@ def involution(dim: int, *, kernel_size=7, stride: int = 1, group_channels: Opti
     State dict: ``generator.reduce.weight``, ``generator.norm.*``, ``generator.span.{weight,bias}``."""
     if groups is not None:
         group_channels = None
+    resolve_groups(dim, groups, group_channels, cname="dim")
     window = _window(kernel_size, stride, dilation)
     gen = BottleneckKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
                            reduction=reduction, device=device, dtype=dtype)
@@ -123,6 +124,7 @@ def patch_involution(dim: int, *, kernel_size=7, stride: int = 1, patch_size: in
     comes from a P x P neighborhood (P x P reduce conv); ``patch_size=1`` is ``involution``."""
     if groups is not None:
         group_channels = None
+    resolve_groups(dim, groups, group_channels, cname="dim")
     window = _window(kernel_size, stride, dilation)
     gen = PatchKernel(dim, kernel_size, stride=stride, patch_size=patch_size, groups=groups,
                       group_channels=group_channels, reduction=reduction, device=device, dtype=dtype)
