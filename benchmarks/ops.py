@@ -1,0 +1,281 @@
+"""Benchmark of the aggregation op on the CPU against the machine's own ceiling.
+
+For the four RedNet-50 stage shapes (K=7, stride 1 and 2) it measures, in one run:
+
+* the machine: memory bandwidth (best copy of a 256 MiB float32 tensor, read + write bytes)
+  and float32 matmul rate (best ``torch.matmul`` of two 2048 x 2048 matrices), each at the
+  start and at the end of the run; the best of the two is used (so the ceiling is the
+  fastest the machine showed, which makes the ratios conservative);
+* per shape, the ceiling time = max(bytes / bandwidth, 2 * MACs / matmul rate), where
+  forward ``aggregate`` must read x and w and write y, and forward + backward also runs
+  ``aggregate_transpose`` (read gy, w; write gx) and ``correlate`` (read gy, x; write gw):
+  3x the bytes and MACs of the forward;
+* the best wall time of the ``cpu`` backend, the ``reference`` backend and a plain
+  ``F.unfold`` implementation (forward, and forward + backward through autograd);
+* the peak extra memory of each: the rise of the process' peak resident set (VmHWM,
+  reset through /proc/self/clear_refs) above the resident set at the start of the call,
+  with glibc told (mallopt) to mmap every allocation >= 64 KiB and to trim freed memory, so
+  an allocation cannot hide in memory that was already resident. It counts everything
+  the call touches, including the C++ kernels' scratch. Resolution is about +-0.3 MB (the
+  kernel updates RSS counters in per-thread batches).
+
+Prints a table of ratios and writes ``ops.json`` and ``ops.csv`` to ``--out``.
+
+    python benchmarks/ops.py                # full run (a few minutes on 2 cores)
+    python benchmarks/ops.py --quick        # batch 2, fewer repeats, no unfold backward
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tokenmix.ops import Window, aggregate
+from tokenmix.ops import cpu_backend
+
+SHAPES = [(64, 56, 4), (128, 28, 8), (256, 14, 16), (512, 7, 32)]  # (C, H=W, G): RedNet-50 stages
+
+
+# ------------------------------------------------------------------------------ memory
+def _malloc_no_reuse() -> bool:
+    """Ask glibc to mmap allocations >= 64 KiB and to give freed memory back at once."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 0))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    except OSError:
+        return False
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> Optional[int]:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status("VmRSS")
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------ timing
+def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Dict[str, float]:
+    """Best wall time of ``repeats`` calls after ``warmup`` calls, and the peak extra memory."""
+    for _ in range(warmup):
+        fn()
+    best, peak = math.inf, 0
+    for _ in range(repeats):
+        base = _reset_peak()
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+        if base is not None:
+            peak = max(peak, _status("VmHWM") - base)
+        del out
+        best = min(best, dt)
+    return {"time": best, "peak": peak}
+
+
+def machine_rates(repeats: int = 5) -> Dict[str, float]:
+    src = torch.ones(64 * 1024 * 1024)  # 256 MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t_copy = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    t_mm = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
+    return {"bandwidth": 2 * src.numel() * 4 / t_copy, "flops": 2 * n ** 3 / t_mm}
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------- implementations
+def unfold_aggregate(x: torch.Tensor, w: torch.Tensor, window: Window) -> torch.Tensor:
+    """The usual port: materialise the K*K shifted copies of x with F.unfold."""
+    B, C, H, W = x.shape
+    G, KK = w.shape[1], w.shape[2]
+    Ho, Wo = window.output_size(H, W)
+    cols = F.unfold(x, window.kernel_size, dilation=window.dilation, padding=window.padding, stride=window.stride)
+    cols = cols.view(B, G, C // G, KK, Ho, Wo)
+    return (cols * w.unsqueeze(2)).sum(3).view(B, C, Ho, Wo)
+
+
+def _impl(name: str):
+    if name == "unfold":
+        return unfold_aggregate
+    return lambda x, w, window: aggregate(x, w, window, backend=name)
+
+
+def _fwd(f, x, w, window):
+    def run():
+        with torch.no_grad():
+            return f(x, w, window)
+    return run
+
+
+def _fwdbwd(f, x, w, gy, window):
+    def run():
+        xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+        f(xr, wr, window).backward(gy)
+        return xr.grad, wr.grad
+    return run
+
+
+# --------------------------------------------------------------------------------- main
+def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slow_repeats: int,
+                  impls: List[str], unfold_backward: bool) -> Dict[str, object]:
+    rates0 = machine_rates()
+    rows = []
+    for (C, H, G) in SHAPES:
+        for s in strides:
+            window = Window(kernel, stride=s)
+            Ho, Wo = window.output_size(H, H)
+            KK = window.taps
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, C, H, H, generator=g)
+            w = torch.randn(batch, G, KK, Ho, Wo, generator=g)
+            gy = torch.randn(batch, C, Ho, Wo, generator=g)
+            nx, nw, ny = x.numel() * 4, w.numel() * 4, gy.numel() * 4
+            macs = batch * C * Ho * Wo * KK
+            row = {"C": C, "H": H, "G": G, "K": kernel, "stride": s, "B": batch, "Ho": Ho,
+                   "x_bytes": nx, "w_bytes": nw, "y_bytes": ny, "macs": macs,
+                   "fwd_bytes": nx + nw + ny, "fwdbwd_bytes": 3 * (nx + nw + ny),
+                   "fwd_limit_bytes": ny + nw, "fwdbwd_limit_bytes": ny + nx + nw}
+            for name in impls:
+                f = _impl(name)
+                n = repeats if name == "cpu" else slow_repeats
+                warm = 1 if name == "cpu" else 0
+                m = measure(_fwd(f, x, w, window), n, warm)
+                row[f"{name}_fwd_s"], row[f"{name}_fwd_peak"] = m["time"], m["peak"]
+                if name != "unfold" or unfold_backward:
+                    m = measure(_fwdbwd(f, x, w, gy, window), n, warm)
+                    row[f"{name}_fwdbwd_s"], row[f"{name}_fwdbwd_peak"] = m["time"], m["peak"]
+            rows.append(row)
+            print(f"  measured C={C} H={H} stride={s}", file=sys.stderr, flush=True)
+    rates1 = machine_rates()
+    bw = max(rates0["bandwidth"], rates1["bandwidth"])
+    fl = max(rates0["flops"], rates1["flops"])
+    for row in rows:
+        for mode, k in (("fwd", 1), ("fwdbwd", 3)):
+            ceil = max(row[f"{mode}_bytes"] / bw, 2 * k * row["macs"] / fl)
+            row[f"{mode}_ceiling_s"] = ceil
+            row[f"{mode}_bound"] = "memory" if row[f"{mode}_bytes"] / bw >= 2 * k * row["macs"] / fl else "compute"
+            if "cpu" in impls:
+                row[f"{mode}_cpu_over_ceiling"] = row[f"cpu_{mode}_s"] / ceil
+                row[f"{mode}_peak_over_limit"] = row[f"cpu_{mode}_peak"] / row[f"{mode}_limit_bytes"]
+                for other in ("reference", "unfold"):
+                    if f"{other}_{mode}_s" in row:
+                        row[f"{mode}_{other}_over_cpu"] = row[f"{other}_{mode}_s"] / row[f"cpu_{mode}_s"]
+    return {"rows": rows, "rates_start": rates0, "rates_end": rates1, "bandwidth": bw, "flops": fl}
+
+
+def _geomean(vals):
+    vals = [v for v in vals if v is not None]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else float("nan")
+
+
+def summarise(result: Dict[str, object]) -> str:
+    rows = result["rows"]
+    out = []
+    out.append(f"machine: bandwidth {result['bandwidth'] / 1e9:.1f} GB/s (start {result['rates_start']['bandwidth'] / 1e9:.1f},"
+               f" end {result['rates_end']['bandwidth'] / 1e9:.1f}); fp32 matmul {result['flops'] / 1e9:.1f} GFLOP/s"
+               f" (start {result['rates_start']['flops'] / 1e9:.1f}, end {result['rates_end']['flops'] / 1e9:.1f});"
+               f" threads {torch.get_num_threads()}")
+    hdr = ("| shape (C@HxW, G, stride) | bound | fwd cpu/ceil | fwd ref/cpu | fwd unfold/cpu | fwd peak/limit |"
+           " f+b cpu/ceil | f+b ref/cpu | f+b unfold/cpu | f+b peak/limit |")
+    out.append(hdr)
+    out.append("|" + "---|" * 10)
+
+    def fmt(row, key, spec=".2f"):
+        v = row.get(key)
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        out.append(f"| {r['C']}@{r['H']}x{r['H']}, G={r['G']}, s={r['stride']} | {r['fwd_bound']} "
+                   f"| {fmt(r, 'fwd_cpu_over_ceiling')} | {fmt(r, 'fwd_reference_over_cpu', '.0f')} "
+                   f"| {fmt(r, 'fwd_unfold_over_cpu', '.0f')} | {fmt(r, 'fwd_peak_over_limit')} "
+                   f"| {fmt(r, 'fwdbwd_cpu_over_ceiling')} | {fmt(r, 'fwdbwd_reference_over_cpu', '.0f')} "
+                   f"| {fmt(r, 'fwdbwd_unfold_over_cpu', '.0f')} | {fmt(r, 'fwdbwd_peak_over_limit')} |")
+    gf = _geomean([r.get("fwd_cpu_over_ceiling") for r in rows])
+    gb = _geomean([r.get("fwdbwd_cpu_over_ceiling") for r in rows])
+    unf = [r.get("fwd_unfold_over_cpu") for r in rows if r.get("fwd_unfold_over_cpu")]
+    unb = [r.get("fwdbwd_unfold_over_cpu") for r in rows if r.get("fwdbwd_unfold_over_cpu")]
+    pk = [r.get(f"{m}_peak_over_limit") for r in rows for m in ("fwd", "fwdbwd") if r.get(f"{m}_peak_over_limit")]
+    out.append("")
+    out.append(f"geometric mean cpu/ceiling: forward {gf:.2f} (target <= 2), forward+backward {gb:.2f} (target <= 3)")
+    if unf:
+        out.append(f"unfold/cpu: forward min {min(unf):.0f} geomean {_geomean(unf):.0f}"
+                   + (f"; forward+backward min {min(unb):.0f} geomean {_geomean(unb):.0f}" if unb else "")
+                   + " (target >= 50)")
+    if pk:
+        out.append(f"cpu peak extra memory / limit: max {max(pk):.2f} (target <= 1; limit = output + weight-gradient"
+                   f" bytes for the forward, y + gx + gw bytes for forward+backward)")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--kernel", type=int, default=7)
+    ap.add_argument("--strides", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls of the cpu backend (best is kept)")
+    ap.add_argument("--slow-repeats", type=int, default=2, help="timed calls of reference and unfold")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--impls", nargs="+", default=["cpu", "reference", "unfold"])
+    ap.add_argument("--no-unfold-backward", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="batch 2, 3 repeats, 1 slow repeat, no unfold backward")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.repeats, args.slow_repeats, args.no_unfold_backward = 2, 3, 1, True
+    torch.set_num_threads(args.threads)
+    malloc_ok = _malloc_no_reuse()
+    t0 = time.perf_counter()
+    reason = cpu_backend.CpuBackend().unavailable_reason()
+    load_s = time.perf_counter() - t0
+    if reason and "cpu" in args.impls:
+        print(f"cpu backend unavailable: {reason}", file=sys.stderr)
+        return 1
+    result = run_benchmark(args.batch, args.kernel, args.strides, args.repeats, args.slow_repeats, args.impls,
+                           not args.no_unfold_backward)
+    result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+                      "processor": platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                      "cpu_backend_load_s": load_s, "malloc_no_reuse": malloc_ok, "argv": sys.argv[1:],
+                      "loadavg": os.getloadavg()}
+    text = summarise(result)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "ops.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    keys = sorted({k for r in result["rows"] for k in r})
+    with open(os.path.join(args.out, "ops.csv"), "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows(result["rows"])
+    print(f"wrote {os.path.join(args.out, 'ops.json')} and ops.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

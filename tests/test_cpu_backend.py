@@ -1,0 +1,256 @@
+"""The native CPU backend: build caching, fallback, and what the shared op suite
+(tests/test_ops.py, parametrised over backends) does not already cover: broadcast and
+non-contiguous weights on larger shapes, float32/16-bit tolerances on RedNet-like shapes
+for all three primitives and the reduced correlate forms, thread-count independence, wide
+rows. Everything is compared with the float64 reference backend.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, registry
+from tokenmix.ops import cpu_backend
+from tokenmix.ops.cpu_backend import CpuBackend
+from tokenmix.ops.reference import ReferenceBackend
+
+REF = ReferenceBackend()
+
+WINDOWS = [
+    Window(7),
+    Window(7, stride=2),
+    Window(3, stride=(2, 3), dilation=(1, 2)),
+    Window((5, 3), stride=(1, 2), dilation=(2, 1), padding=(3, 0)),
+    Window(5, border="clamp"),
+    Window(3, dilation=(2, 3), border="clamp"),
+]
+
+
+def _ref(op, *args, **kw):
+    """The reference backend in float64."""
+    args = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
+    return getattr(REF, op)(*args, **kw)
+
+
+def _cpu():
+    b = CpuBackend()
+    reason = b.unavailable_reason()
+    assert reason is None, f"the cpu backend must build on the test machine: {reason}"
+    return b
+
+
+def _weight(B, G, window, Ho, Wo, mode, dtype, gen):
+    b = 1 if mode in ("batch1", "both1") else B
+    ho, wo = (1, 1) if mode in ("space1", "both1") else (Ho, Wo)
+    return torch.randn(b, G, window.taps, ho, wo, dtype=dtype, generator=gen)
+
+
+# ------------------------------------------------------------------------------- build
+
+
+def test_build_is_cached_and_reused_by_a_new_process():
+    """The first use builds into torch's extension directory; a second process loads the
+    same library without rebuilding it (its file is not rewritten)."""
+    _cpu()
+    lib = cpu_backend.build_info()["library"]
+    assert lib and os.path.isfile(lib), lib
+    ext_dir = os.path.dirname(lib)
+    before = {f: os.stat(os.path.join(ext_dir, f)).st_mtime_ns for f in os.listdir(ext_dir)}
+    code = ("from tokenmix.ops import cpu_backend as c; import torch;"
+            "info = c.build_info(); assert info['error'] is None, info;"
+            "print(info['library']); print(hasattr(torch.ops.tokenmix_cpu, 'aggregate'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split()
+    assert lines == [lib, "True"]
+    after = {f: os.stat(os.path.join(ext_dir, f)).st_mtime_ns for f in os.listdir(ext_dir)}
+    assert after == before, "a second process rebuilt the extension"
+
+
+def test_importing_tokenmix_does_not_build():
+    code = ("import sys, tokenmix, tokenmix.ops;"
+            "from tokenmix.ops import cpu_backend as c;"
+            "assert c._state['module'] is None and c._state['error'] is None;"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.fixture
+def broken_build(monkeypatch):
+    """The cpu backend as if the compiler were missing; restores the real state after."""
+    saved = dict(cpu_backend._state)
+
+    def fail():
+        raise RuntimeError("Error building extension 'tokenmix_aggregate_cpu': c++: command not found")
+
+    monkeypatch.setattr(cpu_backend, "_build", fail)
+    cpu_backend._state.update(module=None, error=None, build_seconds=None, library=None)
+    monkeypatch.setattr(registry, "_WARNED", set())
+    yield
+    cpu_backend._state.clear()
+    cpu_backend._state.update(saved)
+
+
+def test_failed_build_falls_back_to_reference_with_one_warning(broken_build):
+    window = Window(3, stride=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64, generator=g)
+    Ho, Wo = window.output_size(9, 7)
+    w = torch.randn(2, 2, 9, Ho, Wo, dtype=torch.float64, generator=g)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = aggregate(x, w, window)
+        y2 = aggregate(x, w, window)
+        t = aggregate_transpose(y1, w, window, (9, 7))
+    ours = [c for c in caught if "tokenmix" in str(c.message)]
+    assert len(ours) == 1, [str(c.message) for c in ours]
+    assert issubclass(ours[0].category, RuntimeWarning)
+    assert "'cpu'" in str(ours[0].message) and "command not found" in str(ours[0].message)
+    torch.testing.assert_close(y1, _ref("aggregate", x, w, window), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(y2, y1, atol=0, rtol=0)
+    torch.testing.assert_close(t, _ref("aggregate_transpose", y1, w, window, (9, 7)), atol=1e-12, rtol=1e-10)
+    reason = CpuBackend().unavailable_reason()
+    assert reason and "could not build" in reason
+    with pytest.raises(ValueError, match="unavailable: could not build"):
+        aggregate(x, w, window, backend="cpu")
+
+
+def test_default_dispatch_is_cpu_when_built():
+    _cpu()
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(1, 1, 9, 5, 5)
+    assert registry.select_backend("aggregate", (x, w), Window(3)).name == "cpu"
+    assert registry.select_backend("aggregate", (x.bfloat16(), w.bfloat16()), Window(3)).name == "cpu"
+
+
+# ---------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("mode", ["full", "batch1", "space1", "both1"])
+def test_broadcast_weights_float64(window, mode):
+    b = _cpu()
+    g = torch.Generator().manual_seed(hash((str(window), mode)) % 2**31)
+    B, G, C, H, W = 2, 3, 12, 17, 23
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
+    y = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=g)
+    w = _weight(B, G, window, Ho, Wo, mode, torch.float64, g)
+    tol = dict(atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(b.aggregate(x, w, window), _ref("aggregate", x, w, window), **tol)
+    torch.testing.assert_close(b.aggregate_transpose(y, w, window, (H, W)),
+                               _ref("aggregate_transpose", y, w, window, (H, W)), **tol)
+    sb, ss = w.shape[0] == 1, w.shape[3] == 1
+    torch.testing.assert_close(b.correlate(y, x, window, G, sb, ss), _ref("correlate", y, x, window, G, sb, ss),
+                               atol=1e-11, rtol=1e-10)
+
+
+def test_non_contiguous_and_broadcast_weights_through_autograd():
+    """Strided views in, gradients of an expanded (stride-0) weight out: the op makes inputs
+    contiguous and the weight gradient comes back summed over the broadcast dims."""
+    _cpu()
+    window = Window(5, stride=2, dilation=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 23, 19, dtype=torch.float64, generator=g).transpose(2, 3)  # (2, 8, 19, 23)
+    Ho, Wo = window.output_size(19, 23)
+    base = torch.randn(1, 4, 25, 1, 1, dtype=torch.float64, generator=g)
+    for w in (base.expand(2, 4, 25, 1, 1), base.expand(2, 4, 25, Ho, Wo), base[:, :, :, :, :]):
+        xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+        xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+        gy = torch.randn(2, 8, Ho, Wo, dtype=torch.float64, generator=g)
+        out = aggregate(xr, wr, window, backend="cpu")
+        out.backward(gy)
+        ref = aggregate(xs, ws, window, backend="reference")
+        ref.backward(gy)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(xr.grad, xs.grad, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(wr.grad, ws.grad, atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("window", [Window(7), Window(7, stride=2), Window(7, border="clamp")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_dtype_tolerances_on_rednet_like_shape(window, dtype):
+    """float32/bfloat16/float16 against the float64 reference within the backend's own
+    tolerances, forward (aggregate) and backward (aggregate_transpose, correlate with the
+    reduced forms a broadcast weight's gradient uses)."""
+    b = _cpu()
+    ftol, btol = b.fwd_tol[dtype], b.bwd_tol[dtype]
+    g = torch.Generator().manual_seed(1)
+    B, C, G, H, W = 2, 32, 2, 21, 18
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, generator=g).to(dtype)
+    w = (torch.randn(B, G, 49, Ho, Wo, generator=g) / 7).to(dtype)
+    y = (torch.randn(B, C, Ho, Wo, generator=g) / 4).to(dtype)
+    out = b.aggregate(x, w, window)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), _ref("aggregate", x, w, window), atol=ftol[0], rtol=ftol[1])
+    torch.testing.assert_close(b.aggregate_transpose(y, w, window, (H, W)).double(),
+                               _ref("aggregate_transpose", y, w, window, (H, W)), atol=btol[0], rtol=btol[1])
+    for sb, ss in ((False, False), (True, False), (False, True), (True, True)):
+        got = b.correlate(y, x, window, G, sb, ss).double()
+        exp = _ref("correlate", y, x, window, G, sb, ss)
+        # the reduced forms sum up to B*Ho*Wo terms: scale the absolute tolerance with them
+        n = (B if sb else 1) * (Ho * Wo if ss else 1)
+        torch.testing.assert_close(got, exp, atol=btol[0] * n ** 0.5 * 4, rtol=btol[1])
+
+
+def test_results_do_not_depend_on_thread_count():
+    """No atomics, fixed reduction order: bitwise the same result on 1 and 2 threads."""
+    b = _cpu()
+    window = Window(5, stride=2)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 16, 19, 17, generator=g)
+    Ho, Wo = window.output_size(19, 17)
+    w = torch.randn(3, 4, 25, Ho, Wo, generator=g)
+    y = torch.randn(3, 16, Ho, Wo, generator=g)
+    threads = torch.get_num_threads()
+
+    def run():
+        return (b.aggregate(x, w, window), b.aggregate_transpose(y, w, window, (19, 17)),
+                b.correlate(y, x, window, 4), b.correlate(y, x, window, 4, True, True))
+
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(max(2, threads))
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two):
+        assert torch.equal(a, c)
+
+
+def test_wide_rows_past_2_16():
+    """A row longer than 2**16 pixels (index arithmetic and the per-thread scratch)."""
+    b = _cpu()
+    g = torch.Generator().manual_seed(3)
+    W = 2**16 + 37
+    for window in (Window((1, 5), stride=(1, 3), dilation=(1, 2)), Window((1, 3), border="clamp")):
+        x = torch.randn(1, 2, 1, W, generator=g, dtype=torch.float64)
+        Ho, Wo = window.output_size(1, W)
+        w = torch.randn(1, 1, window.taps, Ho, Wo, generator=g, dtype=torch.float64)
+        y = torch.randn(1, 2, Ho, Wo, generator=g, dtype=torch.float64)
+        tol = dict(atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(b.aggregate(x, w, window), _ref("aggregate", x, w, window), **tol)
+        torch.testing.assert_close(b.aggregate_transpose(y, w, window, (1, W)),
+                                   _ref("aggregate_transpose", y, w, window, (1, W)), **tol)
+        torch.testing.assert_close(b.correlate(y, x, window, 1, False, True),
+                                   _ref("correlate", y, x, window, 1, False, True), atol=1e-10, rtol=1e-10)
+
+
+def test_gradcheck_clamp_broadcast():
+    _cpu()
+    window = Window(3, dilation=2, border="clamp")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(1, 2, 9, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: aggregate(x, w, window, backend="cpu"), (x, w))
+    q = torch.randn(2, 4, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k: correlate(q, k, window, 2, backend="cpu"), (q, x), fast_mode=True)
