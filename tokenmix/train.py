@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from .cli import Command
 
 OPTIMIZERS = ("adamw", "sgd")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # ----------------------------------------------------------------------------- config
@@ -69,6 +70,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     device: str = "auto"
     threads: Optional[int] = None
+    dtype: str = "float32"
     model_args: Dict[str, Any] = field(default_factory=dict)
     progress: Optional[bool] = None
     stop_after_steps: Optional[int] = None
@@ -84,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
@@ -387,7 +391,11 @@ def train(config: TrainConfig) -> Dict[str, Any]:
         else:
             raise ValueError(f"model {config.model!r} expects {want} input channels, data {config.data!r} has "
                              f"{split.in_channels}")
-    model.to(info.device)
+    dtype = DTYPES[config.dtype]
+    if dtype != torch.float32:
+        for ds in (split.train, split.test):
+            ds.tensors = (ds.tensors[0].to(dtype), ds.tensors[1])
+    model.to(device=info.device, dtype=dtype)
     loader = make_train_loader(split.train, config.batch_size, info, config.seed)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -485,6 +493,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads,
                    help="torch intra-op threads per process (default: torch's choice; tiny models on a "
                         "busy CPU run much faster with 1)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype,
+                   help="parameter and data dtype (float64 for exactness checks)")
     p.add_argument("--out", default=d.out, help=f"output directory (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out if there is one")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -499,6 +509,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
                        warmup_epochs=args.warmup_epochs, out=args.out, resume=args.resume, size=args.size,
                        seed=args.seed, test_fraction=args.test_fraction, device=args.device, threads=args.threads,
+                       dtype=args.dtype,
                        model_args=dict(args.model_arg), progress=args.progress,
                        stop_after_steps=args.stop_after_steps)
 
