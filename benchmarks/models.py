@@ -1,0 +1,236 @@
+"""RedNet vs ResNet on the CPU: inference latency, training-step time and training memory.
+
+For each pair (rednet50 vs resnet50, rednet26 vs resnet26), in one run and one process:
+
+* inference latency: batch 1, 224x224, eval mode, ``torch.no_grad``; median of ``--reps``
+  calls after warm-up, the two models' calls interleaved (A B A B ...) so that load changes
+  on a shared machine hit both alike;
+* training step: batch 8, 224x224, forward + cross-entropy + backward + SGD(momentum) step;
+  median of ``--train-reps`` steps after one warm-up step, interleaved;
+* training memory: the rise of the process' peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) above the resident set just before one steady-state step (grads and
+  momentum buffers already allocated), with glibc told to mmap allocations >= 64 KiB and to
+  trim freed memory, so nothing hides in memory that was already resident. This counts the
+  activations saved for backward and every temporary, including the C++ kernels' scratch.
+  "training peak" adds the persistent training state (params + grads + momentum, 3 x 4 bytes
+  per parameter), i.e. what a GPU's max_memory_allocated would count.
+
+Ratios are rednet / resnet (< 1: RedNet is faster / smaller). Prints a table and writes
+``models.json`` to ``--out`` (default ``benchmarks/results``). Also reports which tokenmix
+backend ran the aggregation (``tokenmix.ops.select_backend``) and the thread count.
+
+    python benchmarks/models.py             # both pairs (a few minutes on 2 cores)
+    python benchmarks/models.py --quick     # 26-layer pair only, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tokenmix.models import create_model
+from tokenmix.ops import select_backend
+
+
+# ------------------------------------------------------------------------------ memory
+def malloc_release_eagerly() -> bool:
+    """glibc: mmap every allocation >= 64 KiB (M_MMAP_THRESHOLD) and trim freed memory at
+    once (M_TRIM_THRESHOLD 0), so a step's allocations show up in the resident set."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 0))
+    except (OSError, AttributeError):
+        return False
+
+
+def proc_status(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> Optional[int]:
+    """Reset VmHWM to the current resident set; returns that resident set (bytes) or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return proc_status("VmRSS")
+
+
+def peak_extra_bytes(fn: Callable[[], None]) -> Optional[int]:
+    gc.collect()
+    base = reset_peak_rss()
+    fn()
+    if base is None:
+        return None
+    return proc_status("VmHWM") - base
+
+
+# ------------------------------------------------------------------------------ workloads
+class Trainer:
+    """One model with its optimizer and a fixed batch; ``step()`` is one training step."""
+
+    def __init__(self, name: str, batch: int, size: int, seed: int = 0):
+        torch.manual_seed(seed)
+        self.name = name
+        self.model = create_model(name).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.x = torch.randn(batch, 3, size, size)
+        self.y = torch.randint(0, 1000, (batch,))
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=False)
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, List[float]]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def backend_used(name: str = "rednet50") -> Dict[str, str]:
+    """Which tokenmix backend runs aggregate / correlate for a RedNet stage-1 involution."""
+    model = create_model(name, num_classes=10).eval()
+    mixer = model.stages[0][0].mixer
+    x = torch.randn(1, mixer.dim, 56, 56)
+    with torch.no_grad():
+        w = mixer.kernel(x)
+    out = {}
+    for op, tensors in [("aggregate", [x, w]), ("correlate", [x, x]), ("aggregate_transpose", [x, w])]:
+        try:
+            out[op] = select_backend(op, tensors, mixer.window).name
+        except ValueError as e:
+            out[op] = f"none ({e})"
+    return out
+
+
+def compare(red: str, res: str, args) -> Dict[str, object]:
+    row: Dict[str, object] = {"rednet": red, "resnet": res}
+    # inference latency, batch 1
+    models = {n: create_model(n).eval() for n in (red, res)}
+    x1 = torch.randn(1, 3, args.size, args.size)
+
+    def infer(m):
+        def run():
+            with torch.no_grad():
+                m(x1)
+        return run
+
+    lat = interleaved_medians({n: infer(m) for n, m in models.items()}, args.reps, warmup=2)
+    row["params"] = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    del models
+    gc.collect()
+    row["latency_s"] = {n: statistics.median(t) for n, t in lat.items()}
+    row["latency_all_s"] = lat
+    # training step time, batch 8
+    trainers = {n: Trainer(n, args.batch, args.size) for n in (red, res)}
+    steps = interleaved_medians({n: t.step for n, t in trainers.items()}, args.train_reps, warmup=1)
+    row["train_step_s"] = {n: statistics.median(t) for n, t in steps.items()}
+    row["train_step_all_s"] = steps
+    # training memory: one steady-state step each, alone in the process but for the model
+    extra = {}
+    for n in (red, res):
+        t = trainers.pop(n)
+        gc.collect()
+        extra[n] = peak_extra_bytes(t.step)
+        state = 3 * 4 * t.params
+        row.setdefault("train_state_bytes", {})[n] = state
+        del t
+        gc.collect()
+    row["train_step_peak_extra_bytes"] = extra
+    if all(v is not None for v in extra.values()):
+        row["train_peak_bytes"] = {n: extra[n] + row["train_state_bytes"][n] for n in extra}
+    r = {
+        "latency": row["latency_s"][red] / row["latency_s"][res],
+        "train_step": row["train_step_s"][red] / row["train_step_s"][res],
+    }
+    if "train_peak_bytes" in row:
+        r["train_step_peak_extra"] = extra[red] / extra[res]
+        r["train_peak"] = row["train_peak_bytes"][red] / row["train_peak_bytes"][res]
+    row["ratios"] = r
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", default="50,26", help="depths to compare, e.g. 50,26")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8, help="training batch")
+    p.add_argument("--reps", type=int, default=15, help="inference calls per model")
+    p.add_argument("--train-reps", type=int, default=3, help="training steps per model")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="26 only, 5 inference calls, 2 training steps")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.pairs, args.reps, args.train_reps = "26", 5, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eager = malloc_release_eagerly()
+    backends = backend_used()
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(), "backend": backends,
+            "malloc_release_eagerly": eager, "size": args.size, "train_batch": args.batch,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    print(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_count']} cpus, "
+          f"load {info['load_average']}; tokenmix backend: {backends}")
+    rows = []
+    for d in [int(v) for v in args.pairs.split(",")]:
+        row = compare(f"rednet{d}", f"resnet{d}", args)
+        rows.append(row)
+        red, res = row["rednet"], row["resnet"]
+        r = row["ratios"]
+        print(f"\n{red} vs {res}  (params {row['params'][red] / 1e6:.2f}M vs {row['params'][res] / 1e6:.2f}M)")
+        print(f"  inference latency b1 {args.size}px : {row['latency_s'][red] * 1e3:8.1f} ms vs "
+              f"{row['latency_s'][res] * 1e3:8.1f} ms   ratio {r['latency']:.2f}x")
+        print(f"  training step b{args.batch}          : {row['train_step_s'][red]:8.2f} s  vs "
+              f"{row['train_step_s'][res]:8.2f} s    ratio {r['train_step']:.2f}x")
+        if "train_peak" in r:
+            mb = 2 ** 20
+            ex, pk = row["train_step_peak_extra_bytes"], row["train_peak_bytes"]
+            print(f"  step peak extra (activations)  : {ex[red] / mb:8.0f} MB vs {ex[res] / mb:8.0f} MB   "
+                  f"ratio {r['train_step_peak_extra']:.2f}x")
+            print(f"  training peak (+params/grads/momentum): {pk[red] / mb:8.0f} MB vs {pk[res] / mb:8.0f} MB   "
+                  f"ratio {r['train_peak']:.2f}x")
+        else:
+            print("  training memory: not measurable here (no /proc/self/clear_refs)")
+    info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "models.json")
+    with open(path, "w") as f:
+        json.dump({"info": info, "results": rows}, f, indent=2)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
