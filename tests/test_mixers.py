@@ -316,6 +316,28 @@ def test_preset_float32_float64_forward_backward_and_grads_reach_every_parameter
 
 
 @pytest.mark.parametrize("name", list_mixers())
+def test_preset_bfloat16_and_autocast(name):
+    """bfloat16 weights, and float32 weights under CPU autocast (kernels and values come out
+    in different dtypes there), both track float32 to bfloat16 precision and backpropagate."""
+    m32 = _make(name).eval()
+    m16 = _make(name, dtype=torch.bfloat16).eval()
+    m16.load_state_dict(m32.state_dict())
+    x = torch.randn(2, DIM, 6, 7)
+    ref = m32(x)
+    tol = dict(atol=5e-2 * ref.abs().max().item(), rtol=0)
+    y16 = m16(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), ref, **tol)
+    xa = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = m32(xa)
+    assert ya.dtype == torch.bfloat16
+    torch.testing.assert_close(ya.float(), ref, **tol)
+    ya.float().sum().backward()
+    assert xa.grad is not None and torch.isfinite(xa.grad).all()
+
+
+@pytest.mark.parametrize("name", list_mixers())
 def test_preset_state_dict_round_trip(name):
     a = _make(name, seed=1).eval()
     b = _make(name, seed=2).eval()

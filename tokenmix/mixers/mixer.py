@@ -12,6 +12,9 @@ from ..ops.functional import aggregate
 from ..ops.window import Window
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
 def _reset(m: nn.Module) -> None:
     """Call ``m.reset_parameters()`` if it has one, else recurse into the children."""
     if hasattr(m, "reset_parameters"):
@@ -70,9 +73,17 @@ class Mixer(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, {self.dim}, H, W), got {tuple(x.shape)}")
         w = self.generator(x, self.window)
-        y = aggregate(self.value(x), w, self.window)
+        v = self.value(x)
+        if v.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(v.device.type):
+            # as a conv under autocast: compute in the autocast dtype (a softmax kernel comes
+            # out of autocast in float32, a conv-made kernel in the low-precision dtype)
+            dt = torch.get_autocast_dtype(v.device.type)
+            v, w = v.to(dt), w.to(dt)
+        elif w.dtype != v.dtype:
+            w = w.to(v.dtype)
+        y = aggregate(v, w, self.window)
         if self.bias is not None:
-            y = y + self.bias.view(1, -1, 1, 1)
+            y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
         return self.proj(y)
 
     def extra_repr(self) -> str:
