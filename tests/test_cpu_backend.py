@@ -56,31 +56,25 @@ def _weight(B, G, window, Ho, Wo, mode, dtype, gen):
 
 def test_build_is_cached_and_reused_by_a_new_process():
     """The first use builds into torch's extension directory; a second process loads the
-    same library without rebuilding it (its file is not rewritten)."""
+    same library without rebuilding it (no file there is rewritten), and importing tokenmix
+    in that process does not touch the build until the backend is first asked."""
     _cpu()
     lib = cpu_backend.build_info()["library"]
     assert lib and os.path.isfile(lib), lib
     ext_dir = os.path.dirname(lib)
     before = {f: os.stat(os.path.join(ext_dir, f)).st_mtime_ns for f in os.listdir(ext_dir)}
-    code = ("from tokenmix.ops import cpu_backend as c; import torch;"
-            "info = c.build_info(); assert info['error'] is None, info;"
-            "print(info['library']); print(hasattr(torch.ops.tokenmix_cpu, 'aggregate'))")
+    code = ("import torch, tokenmix, tokenmix.ops\n"
+            "from tokenmix.ops import cpu_backend as c\n"
+            "assert c._state['module'] is None and c._state['error'] is None, 'import built the kernels'\n"
+            "info = c.build_info()\n"
+            "assert info['error'] is None, info\n"
+            "print(info['library'], hasattr(torch.ops.tokenmix_cpu, 'aggregate'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
                          timeout=600)
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.split()
-    assert lines == [lib, "True"]
+    assert out.stdout.split() == [lib, "True"]
     after = {f: os.stat(os.path.join(ext_dir, f)).st_mtime_ns for f in os.listdir(ext_dir)}
     assert after == before, "a second process rebuilt the extension"
-
-
-def test_importing_tokenmix_does_not_build():
-    code = ("import sys, tokenmix, tokenmix.ops;"
-            "from tokenmix.ops import cpu_backend as c;"
-            "assert c._state['module'] is None and c._state['error'] is None;"
-            "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 @pytest.fixture
@@ -251,6 +245,6 @@ def test_gradcheck_clamp_broadcast():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 4, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(1, 2, 9, 1, 1, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: aggregate(x, w, window, backend="cpu"), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: aggregate(x, w, window, backend="cpu"), (x, w), fast_mode=True)
     q = torch.randn(2, 4, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k: correlate(q, k, window, 2, backend="cpu"), (q, x), fast_mode=True)
