@@ -382,3 +382,18 @@ def test_bad_official_checkpoints_list_the_keys():
         load_official_rednet(sd, depth=34)
     with pytest.raises(ValueError, match="backbone.neck.weight"):
         convert_official_rednet({**sd, "backbone.neck.weight": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------------------------------------
+# README
+
+def test_readme_models_section_runs():
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    start = text.index("## Models")
+    nxt = re.search(r"^## |^<!-- ", text[start + 3:], re.M)
+    section = text[start: start + 3 + nxt.start()] if nxt else text[start:]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) >= 2
+    scope = {"__name__": "readme_models"}
+    for i, code in enumerate(blocks):                 # the blocks share one namespace, in order
+        exec(compile(code, f"README.md[models block {i}]", "exec"), scope)
