@@ -1,0 +1,122 @@
+"""Triton kernel of ``aggregate`` (DESIGN.md 2.2), then its launcher.
+
+``y[b, c, i, j] = sum_t w[b, g(c), t, i, j] * x[b, c, src_t(i, j)]``
+
+This module imports Triton at import time; it is only imported by
+:mod:`tokenmix.ops.triton_backend` once that backend is used, never by ``import tokenmix``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_backend import acc_dtype, channel_tile, check_plane, launchable, pixel_tile, weight_strides
+
+
+@triton.jit
+def aggregate_kernel(
+    x_ptr, w_ptr, y_ptr,
+    C, H, W, Ho, Wo, Cg, G, n_cblk, n_pblk,
+    w_sb, w_sg, w_st, w_sp,
+    sh, sw, dh, dw, ph, pw,
+    KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program computes a ``BLOCK_C x BLOCK_P`` tile of ``y``: ``BLOCK_C`` channels of one
+    group ``g`` (so every weight value it loads is reused by ``BLOCK_C`` channels) times
+    ``BLOCK_P`` consecutive output pixels of the flattened ``Ho*Wo`` plane of one image ``b``.
+
+    Grid: 1-D, ``B * G * n_cblk * n_pblk`` programs with ``n_cblk = cdiv(C/G, BLOCK_C)`` and
+    ``n_pblk = cdiv(Ho*Wo, BLOCK_P)``; program id = ``((b*G + g)*n_cblk + cblk)*n_pblk + pblk``
+    (pixel tiles vary fastest).
+
+    Work per program: for each of the ``KH*KW`` taps (unrolled), one ``BLOCK_P`` weight load
+    and one ``BLOCK_C x BLOCK_P`` gathered input load, one FMA per element into a float32
+    (float64 for float64 inputs) accumulator; one store of the tile.
+
+    The weight is addressed by strides ``(w_sb, w_sg, w_st, w_sp)``: ``w_sb = 0`` broadcasts it
+    over the batch, ``w_sp = 0`` over space. Image/plane offsets are int64; offsets inside one
+    ``H*W`` plane are int32 (the launcher checks a plane has < 2**31 elements).
+    """
+    pid = tl.program_id(0)
+    pblk = pid % n_pblk
+    rest = pid // n_pblk
+    cblk = rest % n_cblk
+    rest = rest // n_cblk
+    g = rest % G
+    b = (rest // G).to(tl.int64)
+
+    offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Ho * Wo
+    i = offs_p // Wo
+    j = offs_p % Wo
+    cl = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cl < Cg
+    bc = b * C + g * Cg + cl                      # (BLOCK_C,) int64 image-channel index
+    x_rows = x_ptr + bc * H * W                   # (BLOCK_C,) plane pointers
+    w_tap = w_ptr + (b * w_sb + g.to(tl.int64) * w_sg)
+
+    if CLAMP:
+        # neighborhood window: per axis, sub-grid r = i mod d, start' clamped into the sub-grid
+        rh = i % dh
+        Lh = (H - rh + dh - 1) // dh
+        h0 = rh + dh * tl.minimum(tl.maximum(i // dh - KH // 2, 0), Lh - KH)
+        rw = j % dw
+        Lw = (W - rw + dw - 1) // dw
+        w0 = rw + dw * tl.minimum(tl.maximum(j // dw - KW // 2, 0), Lw - KW)
+    else:
+        h0 = i * sh - ph
+        w0 = j * sw - pw
+
+    x_rows = x_rows[:, None]                      # hoisted broadcasts (fewer ops per tap)
+    mask_c2 = mask_c[:, None]
+    w_pix = w_tap + offs_p * w_sp                 # (BLOCK_P,) weight pointers of tap 0
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for u in range(KH):  # a loop (not unrolled: keeps K=7 compiles short); the KW taps unroll
+        hs = h0 + u * dh
+        if CLAMP:
+            m_h = mask_p
+        else:
+            m_h = mask_p & (hs >= 0) & (hs < H)
+        hs = hs * W
+        for v in tl.static_range(KW):
+            ws = w0 + v * dw
+            if CLAMP:
+                m = m_h
+            else:
+                m = m_h & (ws >= 0) & (ws < W)
+            wv = tl.load(w_pix, mask=mask_p, other=0.0).to(ACC)
+            xv = tl.load(x_rows + (hs + ws)[None, :], mask=mask_c2 & m[None, :], other=0.0).to(ACC)
+            acc += wv[None, :] * xv
+            w_pix += w_st
+
+    y_offs = (bc * Ho * Wo)[:, None] + offs_p[None, :]
+    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+def aggregate(x: torch.Tensor, w: torch.Tensor, window) -> torch.Tensor:
+    """Launch :func:`aggregate_kernel`. x: (B, C, H, W), w: (B|1, G, K*K, Ho|1, Wo|1), both
+    contiguous -> y: (B, C, Ho, Wo) in x's dtype."""
+    B, C, H, W = x.shape
+    G = w.shape[1]
+    Cg = C // G
+    Ho, Wo = window.output_size(H, W)
+    check_plane(H, W, Ho, Wo)
+    y = torch.empty(B, C, Ho, Wo, dtype=x.dtype, device=x.device)
+    BLOCK_C = channel_tile(Cg)
+    BLOCK_P = pixel_tile(Ho * Wo, BLOCK_C, x.dtype)
+    n_cblk = triton.cdiv(Cg, BLOCK_C)
+    n_pblk = triton.cdiv(Ho * Wo, BLOCK_P)
+    grid = (launchable(B * G * n_cblk * n_pblk),)
+    (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
+    aggregate_kernel[grid](
+        x, w, y,
+        C, H, W, Ho, Wo, Cg, G, n_cblk, n_pblk,
+        *weight_strides(w),
+        sh, sw, dh, dw, ph, pw,
+        KH=Kh, KW=Kw, CLAMP=window.border == "clamp", ACC=acc_dtype(x.dtype),
+        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
+    )
+    return y

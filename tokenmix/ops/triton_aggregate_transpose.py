@@ -1,0 +1,148 @@
+"""Triton kernel of ``aggregate_transpose`` (DESIGN.md 2.2), then its launcher.
+
+The adjoint of ``aggregate`` in x, computed as a gather so that it is deterministic:
+``x[b, c, h, w] = sum over (t, i, j) with src_t(i, j) = (h, w) of w[b, g(c), t, i, j] * y[b, c, i, j]``.
+
+This module imports Triton at import time; it is only imported by
+:mod:`tokenmix.ops.triton_backend` once that backend is used, never by ``import tokenmix``.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_backend import (acc_dtype, channel_tile, check_plane, clamp_candidates, launchable, pixel_tile,
+                             weight_strides)
+
+
+@triton.jit
+def aggregate_transpose_kernel(
+    y_ptr, w_ptr, x_ptr,
+    C, H, W, Ho, Wo, Cg, G, n_cblk, n_pblk,
+    w_sb, w_sg, w_st, w_sp,
+    sh, sw, dh, dw, ph, pw, NC_H, NC_W,
+    KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program computes a ``BLOCK_C x BLOCK_P`` tile of the result ``x``: ``BLOCK_C``
+    channels of one group ``g`` times ``BLOCK_P`` consecutive *input* pixels of the flattened
+    ``H*W`` plane of image ``b``, and sums everything that reads those pixels (a gather: every
+    output element has one writer, no atomics).
+
+    Grid: 1-D, ``B * G * n_cblk * n_pblk`` programs, ``n_cblk = cdiv(C/G, BLOCK_C)``,
+    ``n_pblk = cdiv(H*W, BLOCK_P)``; program id = ``((b*G + g)*n_cblk + cblk)*n_pblk + pblk``.
+
+    Work per program:
+    - zero border: for each tap ``(u, v)`` (unrolled) the only output that can read input row
+      ``h`` is ``i = (h + p - u*d) / s``, valid when the division is exact and ``0 <= i < Ho``
+      (same for columns); one ``BLOCK_P`` weight gather, one ``BLOCK_C x BLOCK_P`` gather of
+      ``y``, one FMA per element.
+    - clamp border (stride 1): along an axis, the outputs whose window covers input ``h`` have
+      ``i' = i // d`` in a contiguous range ``[lo, hi]`` of the sub-grid ``r = h mod d``, each
+      through the single tap ``u = h // d - start'(i')``. The program loops ``NC_H x NC_W``
+      candidates (the largest range length for this geometry, runtime arguments computed by
+      the launcher), masked per pixel, with the same loads and FMA per candidate.
+    Accumulation in float32 (float64 for float64 inputs); int64 image/plane offsets.
+    """
+    pid = tl.program_id(0)
+    pblk = pid % n_pblk
+    rest = pid // n_pblk
+    cblk = rest % n_cblk
+    rest = rest // n_cblk
+    g = rest % G
+    b = (rest // G).to(tl.int64)
+
+    offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < H * W
+    h = offs_p // W
+    w = offs_p % W
+    cl = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = cl < Cg
+    bc = b * C + g * Cg + cl                      # (BLOCK_C,) int64 image-channel index
+    y_rows = y_ptr + bc * Ho * Wo                 # (BLOCK_C,) plane pointers of y
+    w_base = w_ptr + (b * w_sb + g.to(tl.int64) * w_sg)
+
+    y_rows = y_rows[:, None]                      # hoisted broadcasts (fewer ops per tap)
+    mask_c2 = mask_c[:, None]
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    if CLAMP:
+        # per axis: sub-grid r, position h' in it, sub-grid length L_r, candidate range [lo, hi]
+        rh = h % dh
+        hp = h // dh
+        Lh = (H - rh + dh - 1) // dh
+        lo_h = tl.where(hp - KH + 1 <= 0, 0, hp - KH + 1 + KH // 2)
+        hi_h = tl.where(hp >= Lh - KH, Lh - 1, hp + KH // 2)
+        rw = w % dw
+        wp = w // dw
+        Lw = (W - rw + dw - 1) // dw
+        lo_w = tl.where(wp - KW + 1 <= 0, 0, wp - KW + 1 + KW // 2)
+        hi_w = tl.where(wp >= Lw - KW, Lw - 1, wp + KW // 2)
+        for n in range(NC_H):
+            ip = lo_h + n
+            ok_h = mask_p & (ip <= hi_h)
+            u = hp - tl.minimum(tl.maximum(ip - KH // 2, 0), Lh - KH)
+            i = rh + dh * ip
+            for m in range(NC_W):
+                jp = lo_w + m
+                ok = ok_h & (jp <= hi_w)
+                v = wp - tl.minimum(tl.maximum(jp - KW // 2, 0), Lw - KW)
+                o = tl.where(ok, i * Wo + rw + dw * jp, 0)           # output pixel (Wo = W)
+                t = tl.where(ok, u * KW + v, 0)
+                wv = tl.load(w_base + t.to(tl.int64) * w_st + o * w_sp, mask=ok, other=0.0).to(ACC)
+                yv = tl.load(y_rows + o[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(ACC)
+                acc += wv[None, :] * yv
+    else:
+        w_tap = w_base
+        for u in range(KH):  # a loop; the KW taps of a row unroll
+            nh = h + ph - u * dh                      # = i * sh for the output row i reading h
+            ok_h = mask_p & (nh >= 0)
+            nh = tl.where(ok_h, nh, 0)
+            i = nh // sh
+            ok_h = ok_h & (i * sh == nh) & (i < Ho)
+            for v in tl.static_range(KW):
+                nw = w + pw - v * dw
+                ok = ok_h & (nw >= 0)
+                nw = tl.where(ok, nw, 0)
+                j = nw // sw
+                ok = ok & (j * sw == nw) & (j < Wo)
+                o = tl.where(ok, i * Wo + j, 0)
+                wv = tl.load(w_tap + o * w_sp, mask=ok, other=0.0).to(ACC)
+                yv = tl.load(y_rows + o[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(ACC)
+                acc += wv[None, :] * yv
+                w_tap += w_st
+
+    x_offs = (bc * H * W)[:, None] + offs_p[None, :]
+    tl.store(x_ptr + x_offs, acc.to(x_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_p[None, :])
+
+
+def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window, input_size: Tuple[int, int]) -> torch.Tensor:
+    """Launch :func:`aggregate_transpose_kernel`. y: (B, C, Ho, Wo), w: (B|1, G, K*K, Ho|1, Wo|1),
+    both contiguous, input_size (H, W) -> x: (B, C, H, W) in y's dtype."""
+    B, C, Ho, Wo = y.shape
+    H, W = input_size
+    G = w.shape[1]
+    Cg = C // G
+    check_plane(H, W, Ho, Wo)
+    x = torch.empty(B, C, H, W, dtype=y.dtype, device=y.device)
+    BLOCK_C = channel_tile(Cg)
+    BLOCK_P = pixel_tile(H * W, BLOCK_C, y.dtype)
+    n_cblk = triton.cdiv(Cg, BLOCK_C)
+    n_pblk = triton.cdiv(H * W, BLOCK_P)
+    grid = (launchable(B * G * n_cblk * n_pblk),)
+    (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
+    clamp = window.border == "clamp"
+    nc_h = clamp_candidates(H, Kh, dh) if clamp else 0
+    nc_w = clamp_candidates(W, Kw, dw) if clamp else 0
+    aggregate_transpose_kernel[grid](
+        y, w, x,
+        C, H, W, Ho, Wo, Cg, G, n_cblk, n_pblk,
+        *weight_strides(w),
+        sh, sw, dh, dw, ph, pw, nc_h, nc_w,
+        KH=Kh, KW=Kw, CLAMP=clamp, ACC=acc_dtype(y.dtype),
+        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
+    )
+    return x

@@ -1,0 +1,129 @@
+"""Triton kernel of ``correlate`` (DESIGN.md 2.2), then its launcher.
+
+``out[b, g, t, i, j] = sum_{c in g} q[b, c, i, j] * k[b, c, src_t(i, j)]`` (0 on invalid taps),
+optionally summed over the batch and/or space (the gradient of a broadcast weight).
+
+This module imports Triton at import time; it is only imported by
+:mod:`tokenmix.ops.triton_backend` once that backend is used, never by ``import tokenmix``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_backend import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
+
+
+@triton.jit
+def correlate_kernel(
+    q_ptr, k_ptr, out_ptr,
+    C, H, W, Ho, Wo, Cg, G, n_pblk, b_per_prog,
+    sh, sw, dh, dw, ph, pw,
+    KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, SUM_SPACE: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program owns a ``BLOCK_T x BLOCK_P`` tile of the output: all ``KH*KW`` taps
+    (``BLOCK_T`` = next power of two) of ``BLOCK_P`` consecutive output pixels of the
+    flattened ``Ho*Wo`` plane, for one group ``g`` and one output batch index ``bo``.
+
+    Grid: 1-D, ``Bo * G * n_pblk`` programs, ``n_pblk = cdiv(Ho*Wo, BLOCK_P)``, ``Bo = B`` (or
+    1 when summing over the batch); program id = ``(bo*G + g)*n_pblk + pblk``.
+
+    Work per program: it loops over the images ``bo*b_per_prog ... +b_per_prog`` (``b_per_prog
+    = B`` when summing over the batch, else 1) and the ``C/G`` channels of the group; per
+    channel it loads ``BLOCK_P`` query values and gathers a ``BLOCK_T x BLOCK_P`` key tile (the
+    gather offsets and masks are computed once, before the loops) and does one FMA per element
+    into a float32 (float64) accumulator. Without ``SUM_SPACE`` it stores the tile to
+    ``out (Bo, G, KK, Ho, Wo)``; with ``SUM_SPACE`` it reduces the tile over its pixels and
+    stores ``BLOCK_T`` partial sums to ``out (Bo, G, KK, n_pblk)``, which the launcher sums
+    over the last dim. No atomics: every output element has exactly one writer.
+    """
+    pid = tl.program_id(0)
+    pblk = pid % n_pblk
+    rest = pid // n_pblk
+    g = rest % G
+    bo = (rest // G).to(tl.int64)
+
+    offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < Ho * Wo
+    i = offs_p // Wo
+    j = offs_p % Wo
+    t = tl.arange(0, BLOCK_T)
+    mask_t = t < KH * KW
+    u = t // KW
+    v = t % KW
+
+    if CLAMP:
+        rh = i % dh
+        Lh = (H - rh + dh - 1) // dh
+        h0 = rh + dh * tl.minimum(tl.maximum(i // dh - KH // 2, 0), Lh - KH)
+        rw = j % dw
+        Lw = (W - rw + dw - 1) // dw
+        w0 = rw + dw * tl.minimum(tl.maximum(j // dw - KW // 2, 0), Lw - KW)
+        hs = h0[None, :] + (u * dh)[:, None]
+        ws = w0[None, :] + (v * dw)[:, None]
+        valid = mask_t[:, None] & mask_p[None, :]
+    else:
+        hs = (i * sh - ph)[None, :] + (u * dh)[:, None]
+        ws = (j * sw - pw)[None, :] + (v * dw)[:, None]
+        valid = mask_t[:, None] & mask_p[None, :] & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+    k_offs = tl.where(valid, hs * W + ws, 0)      # (BLOCK_T, BLOCK_P) int32, inside one plane
+
+    acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
+    b0 = bo * b_per_prog
+    for bb in range(b_per_prog):
+        plane = (b0 + bb) * C + g * Cg           # int64 index of the group's first channel
+        q_c = q_ptr + plane * Ho * Wo
+        k_c = k_ptr + plane * H * W
+        for c in range(Cg):
+            qv = tl.load(q_c + offs_p, mask=mask_p, other=0.0).to(ACC)
+            kv = tl.load(k_c + k_offs, mask=valid, other=0.0).to(ACC)
+            acc += qv[None, :] * kv
+            q_c += Ho * Wo
+            k_c += H * W
+
+    row = (bo * G + g) * (KH * KW) + t             # (BLOCK_T,) int64 row of out
+    if SUM_SPACE:
+        part = tl.sum(acc, axis=1)
+        tl.store(out_ptr + row * n_pblk + pblk, part.to(out_ptr.dtype.element_ty), mask=mask_t)
+    else:
+        out_offs = (row * Ho * Wo)[:, None] + offs_p[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_p[None, :])
+
+
+def correlate(q: torch.Tensor, k: torch.Tensor, window, groups: int, sum_batch: bool = False,
+              sum_space: bool = False) -> torch.Tensor:
+    """Launch :func:`correlate_kernel`. q: (B, C, Ho, Wo), k: (B, C, H, W), both contiguous ->
+    (1|B, G, K*K, 1|Ho, 1|Wo) in q's dtype (``sum_batch``/``sum_space`` sum those dims).
+
+    With ``sum_space`` the kernel writes per-tile partial sums (float32, float64 for float64
+    inputs) and this launcher adds them with ``torch.sum`` (deterministic)."""
+    B, C, Ho, Wo = q.shape
+    H, W = k.shape[-2:]
+    G = groups
+    check_plane(H, W, Ho, Wo)
+    KK = window.taps
+    BLOCK_T = tap_tile(KK)
+    BLOCK_P = correlate_pixel_tile(Ho * Wo, BLOCK_T, q.dtype)
+    n_pblk = triton.cdiv(Ho * Wo, BLOCK_P)
+    Bo = 1 if sum_batch else B
+    b_per_prog = B if sum_batch else 1
+    if sum_space:
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.empty(Bo, G, KK, n_pblk, dtype=acc, device=q.device)
+    else:
+        out = torch.empty(Bo, G, KK, Ho, Wo, dtype=q.dtype, device=q.device)
+    grid = (launchable(Bo * G * n_pblk),)
+    (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
+    correlate_kernel[grid](
+        q, k, out,
+        C, H, W, Ho, Wo, C // G, G, n_pblk, b_per_prog,
+        sh, sw, dh, dw, ph, pw,
+        KH=Kh, KW=Kw, CLAMP=window.border == "clamp", SUM_SPACE=sum_space, ACC=acc_dtype(q.dtype),
+        BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
+    )
+    if sum_space:
+        out = out.sum(-1).to(q.dtype).reshape(Bo, G, KK, 1, 1)
+    return out
