@@ -170,12 +170,12 @@ def plot_kernels(mixer_name: str, model: nn.Module, images: torch.Tensor, path: 
     fig, axes = plt.subplots(N, G + 1, figsize=(1.9 * (G + 1), 1.9 * N), squeeze=False)
     H, W = images.shape[-2:]
     for n in range(N):
-        img = images[n].float().mean(0)
+        img = images[n].float().mean(0).numpy()
         axes[n, 0].imshow(img, cmap="gray")
         axes[n, 0].set_title("input" if n == 0 else "", fontsize=8)
         for g in range(G):
             m = torch.nn.functional.interpolate(maps[n, g][None, None], size=(H, W), mode="bilinear",
-                                                align_corners=False)[0, 0]
+                                                align_corners=False)[0, 0].numpy()
             ax = axes[n, g + 1]
             ax.imshow(img, cmap="gray")
             ax.imshow(m, cmap="jet", alpha=0.55)
@@ -223,14 +223,22 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data import load_data
-
     for name in ("epochs", "batch_size", "width", "depth", "threads"):
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v!r}")
     mixers = _parse_mixers(args.mixers)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, mixers)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args: argparse.Namespace, mixers: List[str]) -> int:
+    from .data import load_data
+
     split = load_data(args.data, size=args.size, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -256,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
             heatmaps[mixer] = path.name
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     config.update(mixers=mixers, train_size=len(split.train), test_size=len(split.test),
-                  torch=torch.__version__, threads=torch.get_num_threads())
+                  torch=torch.__version__)
     payload = {"config": config, "results": results, "table": table, "plots": {"curves": "curves.png",
                                                                                    "kernels": heatmaps}}
     (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -365,12 +365,20 @@ def load_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, config: T
 
 def train(config: TrainConfig) -> Dict[str, Any]:
     """Run one training (distributed when launched by torchrun). Returns the last epoch's
-    metrics (on every rank)."""
-    from .data import load_data
-
+    metrics (on every rank). ``config.threads`` applies for the duration of the call."""
     config.check()
+    threads_before = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig) -> Dict[str, Any]:
+    from .data import load_data
+
     info = setup_distributed(config.device)
     out = Path(config.out)
     if config.stop_after_steps is not None and config.stop_after_steps < 1:

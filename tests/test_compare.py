@@ -1,0 +1,108 @@
+"""``tokenmix compare`` end to end with tiny settings, plus its pieces: the small backbone with
+every mixer, determinism, and the kernel heat-map rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from tokenmix.cli import main
+from tokenmix.compare import format_table, kernel_maps, train_one
+from tokenmix.data import load_data
+from tokenmix.mixers import list_mixers
+from tokenmix.small_net import SmallNet
+
+MIXERS = ["conv", "dwconv", "involution", "local_attention"]
+
+
+def test_compare_end_to_end_writes_table_json_and_pngs(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    threads = torch.get_num_threads()
+    rc = main(["compare", "--mixers", ",".join(MIXERS), "--epochs", "2", "--width", "16", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # --threads (default 1) holds only during the run
+    printed = capsys.readouterr().out
+    assert "| mixer | params | MACs/image | train time (s) | time/epoch (s) | test acc (%) |" in printed
+    for m in MIXERS:
+        assert f"| {m} |" in printed
+    assert (out / "compare.md").read_text().strip() in printed
+
+    payload = json.loads((out / "compare.json").read_text())
+    results = {r["mixer"]: r for r in payload["results"]}
+    assert list(results) == MIXERS
+    assert payload["config"]["epochs"] == 2 and payload["config"]["test_size"] == 359
+    for m, r in results.items():
+        assert [h["epoch"] for h in r["history"]] == [1, 2]
+        assert r["params"] == sum(p.numel() for p in SmallNet(m, width=16).parameters())
+        assert r["macs"] > 0 and r["train_time_s"] > 0
+        assert r["time_per_epoch_s"] == pytest.approx(r["train_time_s"] / 2)
+        assert 0.0 <= r["test_acc"] <= 1.0 and r["test_acc"] == r["history"][-1]["test_acc"]
+        assert r["history"][-1]["train_loss"] < r["history"][0]["train_loss"]  # it learns
+    # the plain 3x3 conv does 9 * C * C multiply-adds per pixel, the depthwise one 9 * C
+    assert results["conv"]["macs"] > 3 * results["dwconv"]["macs"]
+
+    assert payload["plots"]["curves"] == "curves.png"
+    # heat maps only where the kernel depends on the input
+    assert sorted(payload["plots"]["kernels"]) == ["involution", "local_attention"]
+    for name in ["curves.png", "kernels_involution.png", "kernels_local_attention.png"]:
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
+    assert not (out / "kernels_conv.png").exists() and not (out / "kernels_dwconv.png").exists()
+
+
+def test_compare_rejects_unknown_mixer(tmp_path):
+    with pytest.raises(ValueError, match="unknown mixer.*'nope'.*known: conv"):
+        main(["compare", "--mixers", "conv,nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("mixer", list_mixers())
+def test_small_net_runs_every_mixer(mixer):
+    torch.manual_seed(0)
+    net = SmallNet(mixer, num_classes=10, in_channels=1, width=16)
+    x = torch.randn(3, 1, 8, 8)
+    y = net(x)
+    assert y.shape == (3, 10) and torch.isfinite(y).all()
+    y.sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert len(net.mixers()) == 2
+
+
+def test_small_net_argument_errors():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        SmallNet("conv", norm="layer")
+    with pytest.raises(ValueError, match="width must be a positive int, got 0"):
+        SmallNet("conv", width=0)
+    with pytest.raises(ValueError, match="unknown mixer 'nope'"):
+        SmallNet("nope")
+
+
+def test_train_one_is_deterministic():
+    split = load_data("digits")
+    kw = dict(epochs=1, batch_size=128, lr=3e-3, weight_decay=0.01, seed=4, width=16, depth=1, kernel_size=3,
+              progress=False)
+    a = train_one("involution", split, **kw)
+    b = train_one("involution", split, **kw)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    for (ka, pa), (kb, pb) in zip(a["model"].state_dict().items(), b["model"].state_dict().items()):
+        assert ka == kb and torch.equal(pa, pb), ka
+
+
+def test_kernel_maps_sum_taps_unless_normalised():
+    w = torch.randn(2, 3, 9, 4, 5)
+    maps, label = kernel_maps(w)
+    torch.testing.assert_close(maps, w.sum(2))
+    assert label == "sum over the K*K taps"
+    p = w.softmax(2)  # attention: every kernel sums to 1, the tap sum would be a constant map
+    maps, label = kernel_maps(p)
+    torch.testing.assert_close(maps, p[:, :, 4])
+    assert "centre tap" in label
+
+
+def test_format_table():
+    r = {"mixer": "conv", "params": 60074, "macs": 1_520_000, "train_time_s": 40.04, "time_per_epoch_s": 2.669,
+         "test_acc": 0.99164}
+    assert format_table([r]).splitlines()[-1] == "| conv | 60,074 | 1.52 M | 40.0 | 2.67 | 99.16 |"
