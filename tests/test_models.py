@@ -397,3 +397,20 @@ def test_readme_models_section_runs():
     scope = {"__name__": "readme_models"}
     for i, code in enumerate(blocks):                 # the blocks share one namespace, in order
         exec(compile(code, f"README.md[models block {i}]", "exec"), scope)
+
+
+def test_checkpoint_mixer_same_outputs_gradients_and_bn_statistics():
+    torch.manual_seed(0)
+    plain = create_model("rednet26", num_classes=10, zero_init_last_bn=False).double().train()
+    ckpt = create_model("rednet26", num_classes=10, zero_init_last_bn=False, checkpoint_mixer=True).double().train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 37, 33, dtype=torch.float64)
+    y0, y1 = plain(x), ckpt(x)
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    y0.square().sum().backward()
+    y1.square().sum().backward()
+    for (name, p0), (_, p1) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, b0), (_, b1) in zip(plain.named_buffers(), ckpt.named_buffers()):
+        assert torch.equal(b0, b1), name                 # updated once, not again on recompute
+    assert ckpt.stages[0][0].mixer.generator.norm.num_batches_tracked.item() == 1

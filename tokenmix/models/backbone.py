@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, StageConfig, StemConfig
 
@@ -63,6 +65,23 @@ class RedNetStem(nn.Module):
 STEMS = {"conv7": ConvStem, "rednet": RedNetStem}
 
 
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module):
+    """Run ``module`` without changing its BN running statistics (for the recompute pass of
+    activation checkpointing: the forward pass already updated them once)."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, n in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(n)
+
+
 class Bottleneck(nn.Module):
     """1x1 conv + BN + ReLU -> mixer (stride here) + BN + ReLU -> 1x1 conv + BN, plus the
     shortcut (identity, or 1x1 conv with the stride + BN), then ReLU.
@@ -71,8 +90,9 @@ class Bottleneck(nn.Module):
     """
 
     def __init__(self, in_dim: int, width: int, stride: int, expansion: int, mixer: str,
-                 mixer_kwargs: Mapping[str, Any], where: str = "block"):
+                 mixer_kwargs: Mapping[str, Any], where: str = "block", checkpoint_mixer: bool = False):
         super().__init__()
+        self.checkpoint_mixer = bool(checkpoint_mixer)
         out_dim = width * expansion
         self.conv1 = nn.Conv2d(in_dim, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -89,7 +109,12 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         y = self.act(self.bn1(self.conv1(x)))
-        y = self.act(self.bn2(self.mixer(y)))
+        if self.checkpoint_mixer and self.training and torch.is_grad_enabled():
+            y = checkpoint(self.mixer, y, use_reentrant=False,
+                           context_fn=lambda: (contextlib.nullcontext(), _frozen_bn_stats(self.mixer)))
+        else:
+            y = self.mixer(y)
+        y = self.act(self.bn2(y))
         y = self.bn3(self.conv3(y))
         return self.act(y + shortcut)
 
@@ -122,7 +147,8 @@ class Backbone(nn.Module):
             blocks = []
             for j in range(s.depth):
                 blocks.append(Bottleneck(in_dim, s.width, s.stride if j == 0 else 1, config.expansion,
-                                         s.mixer, s.mixer_kwargs, where=f"stage {i} block {j}"))
+                                         s.mixer, s.mixer_kwargs, where=f"stage {i} block {j}",
+                                         checkpoint_mixer=config.checkpoint_mixer))
                 in_dim = s.width * config.expansion
             stages.append(nn.Sequential(*blocks))
             reduction *= s.stride

@@ -89,6 +89,11 @@ class ModelConfig:
 
     ``zero_init_last_bn``: the last BN of every block starts at weight 0, so each residual block
     starts as the identity (Goyal et al. 2017; mmcls ``zero_init_residual``).
+
+    ``checkpoint_mixer``: in training, recompute each block's mixer in the backward pass instead
+    of keeping its internals (for involution the (B, G*K*K, H, W) kernel, 3x the mixer's input)
+    for it; the same outputs and gradients, less activation memory, one more mixer forward per
+    step. BN running statistics inside the mixer are updated once (not again on recompute).
     """
 
     name: str
@@ -98,6 +103,7 @@ class ModelConfig:
     num_classes: int = 1000
     in_chans: int = 3
     zero_init_last_bn: bool = True
+    checkpoint_mixer: bool = False
 
     def __post_init__(self):
         stages = tuple(self.stages)
