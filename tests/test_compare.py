@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tokenmix.cli import main
-from tokenmix.compare import format_table, kernel_maps, train_one
+from tokenmix.compare import choose_reduction, format_table, train_one
 from tokenmix.data import load_data
 from tokenmix.mixers import list_mixers
 from tokenmix.small_net import SmallNet
@@ -47,7 +47,9 @@ def test_compare_end_to_end_writes_table_json_and_pngs(tmp_path, capsys):
 
     assert payload["plots"]["curves"] == "curves.png"
     # heat maps only where the kernel depends on the input
-    assert sorted(payload["plots"]["kernels"]) == ["involution", "local_attention"]
+    assert payload["plots"]["kernels"] == {"involution": {"file": "kernels_involution.png", "reduce": "sum"},
+                                           "local_attention": {"file": "kernels_local_attention.png",
+                                                               "reduce": "max"}}
     for name in ["curves.png", "kernels_involution.png", "kernels_local_attention.png"]:
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 200 and im.size[1] > 200
@@ -91,15 +93,12 @@ def test_train_one_is_deterministic():
         assert ka == kb and torch.equal(pa, pb), ka
 
 
-def test_kernel_maps_sum_taps_unless_normalised():
+def test_heat_map_reduction_rule():
     w = torch.randn(2, 3, 9, 4, 5)
-    maps, label = kernel_maps(w)
-    torch.testing.assert_close(maps, w.sum(2))
-    assert label == "sum over the K*K taps"
-    p = w.softmax(2)  # attention: every kernel sums to 1, the tap sum would be a constant map
-    maps, label = kernel_maps(p)
-    torch.testing.assert_close(maps, p[:, :, 4])
-    assert "centre tap" in label
+    assert choose_reduction(w, batch=2) == "sum"  # involution: the paper's tap sum
+    assert choose_reduction(w.softmax(2), batch=2) == "max"  # attention: the tap sum is flat (1)
+    assert choose_reduction(torch.randn(1, 3, 9, 1, 1), batch=2) is None  # static: dwconv
+    assert choose_reduction(torch.randn(1, 3, 9, 4, 5), batch=1) == "sum"
 
 
 def test_format_table():

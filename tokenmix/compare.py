@@ -93,14 +93,20 @@ def format_table(results: Sequence[Dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
+def _figure(width: float, height: float):
+    """A matplotlib Figure on the Agg canvas (no global backend switch, no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_curves(results: Sequence[Dict[str, Any]], path: Path) -> None:
     """Test accuracy and train loss per epoch of every mixer, one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = _figure(11, 4.2)
+    ax_acc, ax_loss = fig.subplots(1, 2)
     for r in results:
         ep = [h["epoch"] for h in r["history"]]
         ax_acc.plot(ep, [100 * h["test_acc"] for h in r["history"]], marker="o", ms=3, label=r["mixer"])
@@ -112,84 +118,75 @@ def plot_curves(results: Sequence[Dict[str, Any]], path: Path) -> None:
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
-def generated_kernel(mixer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The kernel ``w: (B, G, K*K, Ho, Wo)`` the mixer generates for ``x: (B, C, H, W)``, or
-    None when the mixer has no generator or its kernel does not depend on the input
-    (batch 1 and spatial 1x1: convolution-like)."""
-    gen = getattr(mixer, "generator", None)
-    if gen is None:
-        return None
-    with torch.no_grad():
-        w = mixer.kernel(x) if hasattr(mixer, "kernel") else gen(x, mixer.window)
-    if w.shape[0] == 1 and w.shape[-2:] == (1, 1) and x.shape[0] > 1:
-        return None
-    return w
+def choose_reduction(w: torch.Tensor, batch: int) -> Optional[str]:
+    """How to draw a generated kernel ``w: (B|1, G, K*K, Ho|1, Wo|1)`` as a heat map.
 
-
-def kernel_maps(w: torch.Tensor):
-    """Heat maps of a generated kernel ``w: (B, G, K*K, Ho, Wo)`` -> ``(maps (B, G, Ho, Wo), label)``.
-
-    The sum over the K*K taps per group (the paper's figure 3); for kernels that sum to 1
-    at every pixel (softmax attention) that map is constant, so the weight of the centre tap
-    (how much each pixel keeps of itself) is shown instead.
+    None: the kernel does not depend on the input (batch 1 and spatial 1x1 for a batch of
+    ``batch`` > 1 inputs: convolution-like), nothing to draw. ``"max"``: the taps sum to 1 at
+    every pixel (softmax attention), so the paper's tap sum would be a flat map; the largest
+    tap weight shows how peaked the attention is. ``"sum"`` otherwise (paper figure 3).
     """
+    if batch > 1 and w.shape[0] == 1 and w.shape[-2:] == (1, 1):
+        return None
     s = w.sum(2)
     if torch.allclose(s, torch.ones_like(s), atol=1e-4):
-        return w[:, :, w.shape[2] // 2], "weight of the centre tap (kernels sum to 1)"
-    return s, "sum over the K*K taps"
+        return "max"
+    return "sum"
 
 
-def plot_kernels(mixer_name: str, model: nn.Module, images: torch.Tensor, path: Path, max_groups: int = 4) -> bool:
-    """Heat maps of the first block's generated kernel over ``images: (N, C, H, W)`` (normalised
-    inputs, N small). Returns False (and writes nothing) when the mixer's kernel is static."""
-    import matplotlib
+REDUCTION_LABELS = {"sum": "sum over the K*K taps", "max": "largest tap weight (kernels sum to 1)"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot_kernels(mixer_name: str, model: nn.Module, images: torch.Tensor, path: Path,
+                 max_groups: int = 4) -> Optional[str]:
+    """Heat maps of the first block's generated kernel on ``images: (N, C, H, W)`` (N small,
+    normalised as the model saw them), drawn over each image. The maps come from
+    :func:`tokenmix.analysis.heatmap.kernel_maps`. Returns the reduction drawn (see
+    :func:`choose_reduction`), or None (and writes nothing) when the mixer generates no kernel
+    or a static one."""
+    from .analysis.heatmap import kernel_maps, layer_input
 
     mixer = model.mixers()[0]
-    captured = {}
-    handle = mixer.register_forward_hook(lambda mod, inp, out: captured.__setitem__("x", inp[0].detach()))
-    was = model.training
-    model.eval()
+    if not (hasattr(mixer, "generator") and hasattr(mixer, "window")):
+        return None
+    name = next(n for n, m in model.named_modules() if m is mixer)
+    _, x = layer_input(model, name, images)
+    was = mixer.training
+    mixer.eval()
     try:
         with torch.no_grad():
-            model(images)
+            reduce = choose_reduction(mixer.generator(x, mixer.window), x.shape[0])
     finally:
-        handle.remove()
-        model.train(was)
-    w = generated_kernel(mixer, captured["x"])
-    if w is None:
-        return False
-    maps, label = kernel_maps(w.float())
+        mixer.train(was)
+    if reduce is None:
+        return None
+    maps = kernel_maps(mixer, x, reduce=reduce)  # (N, G, Ho, Wo)
     G = min(maps.shape[1], max_groups)
     N = images.shape[0]
-    fig, axes = plt.subplots(N, G + 1, figsize=(1.9 * (G + 1), 1.9 * N), squeeze=False)
     H, W = images.shape[-2:]
+    fig = _figure(1.9 * (G + 1), 1.9 * N + 0.5)
+    axes = fig.subplots(N, G + 1, squeeze=False)
     for n in range(N):
         img = images[n].float().mean(0).numpy()
         axes[n, 0].imshow(img, cmap="gray")
         axes[n, 0].set_title("input" if n == 0 else "", fontsize=8)
         for g in range(G):
-            m = torch.nn.functional.interpolate(maps[n, g][None, None], size=(H, W), mode="bilinear",
-                                                align_corners=False)[0, 0].numpy()
+            m = torch.nn.functional.interpolate(maps[n, g][None, None], size=(H, W), mode="nearest")[0, 0]
             ax = axes[n, g + 1]
             ax.imshow(img, cmap="gray")
-            ax.imshow(m, cmap="jet", alpha=0.55)
+            ax.imshow(m.numpy(), cmap="jet", alpha=0.55)
             if n == 0:
                 ax.set_title(f"group {g}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{mixer_name}: {label}\n(first block, {maps.shape[1]} groups, {min(G, maps.shape[1])} shown)",
+    fig.suptitle(f"{mixer_name}: {REDUCTION_LABELS[reduce]}\n(first block, {G} of {maps.shape[1]} groups)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return reduce
 
 
 def _sample_images(split, n: int = 4) -> torch.Tensor:
@@ -260,8 +257,9 @@ def _run(args: argparse.Namespace, mixers: List[str]) -> int:
     heatmaps = {}
     for mixer, model in models.items():
         path = out / f"kernels_{mixer}.png"
-        if plot_kernels(mixer, model, images, path):
-            heatmaps[mixer] = path.name
+        reduce = plot_kernels(mixer, model, images, path)
+        if reduce is not None:
+            heatmaps[mixer] = {"file": path.name, "reduce": reduce}
     config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
     config.update(mixers=mixers, train_size=len(split.train), test_size=len(split.test),
                   torch=torch.__version__)
@@ -269,11 +267,11 @@ def _run(args: argparse.Namespace, mixers: List[str]) -> int:
                                                                                    "kernels": heatmaps}}
     (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'curves.png'}"
-          + "".join(f", {out / p}" for p in heatmaps.values()), file=sys.stderr)
+          + "".join(f", {out / h['file']}" for h in heatmaps.values()), file=sys.stderr)
     return 0
 
 
 COMMAND = Command(help="train one small backbone per mixer on built-in data and compare", configure=configure,
                   run=run)
 
-__all__ = ["COMMAND", "train_one", "format_table", "plot_curves", "plot_kernels", "kernel_maps", "generated_kernel"]
+__all__ = ["COMMAND", "train_one", "format_table", "plot_curves", "plot_kernels", "choose_reduction"]
