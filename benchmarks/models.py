@@ -6,7 +6,8 @@ For each pair (rednet50 vs resnet50, rednet26 vs resnet26), in one run and one p
   calls after warm-up, the two models' calls interleaved (A B A B ...) so that load changes
   on a shared machine hit both alike;
 * training step: batch 8, 224x224, forward + cross-entropy + backward + SGD(momentum) step;
-  median of ``--train-reps`` steps after one warm-up step, interleaved;
+  median of ``--train-reps`` steps after one warm-up step, interleaved; RedNet both as
+  registered and with ``checkpoint_mixer=True`` (mixers recomputed in backward);
 * training memory: the rise of the process' peak resident set (VmHWM, reset through
   /proc/self/clear_refs) above the resident set just before one steady-state step (grads and
   momentum buffers already allocated), with glibc told to mmap allocations >= 64 KiB and to
@@ -88,10 +89,10 @@ def peak_extra_bytes(fn: Callable[[], None]) -> Optional[int]:
 class Trainer:
     """One model with its optimizer and a fixed batch; ``step()`` is one training step."""
 
-    def __init__(self, name: str, batch: int, size: int, seed: int = 0):
+    def __init__(self, name: str, batch: int, size: int, seed: int = 0, **overrides):
         torch.manual_seed(seed)
         self.name = name
-        self.model = create_model(name).train()
+        self.model = create_model(name, **overrides).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.x = torch.randn(batch, 3, size, size)
         self.y = torch.randint(0, 1000, (batch,))
@@ -151,31 +152,34 @@ def compare(red: str, res: str, args) -> Dict[str, object]:
     gc.collect()
     row["latency_s"] = {n: statistics.median(t) for n, t in lat.items()}
     row["latency_all_s"] = lat
-    # training step time, batch 8
-    trainers = {n: Trainer(n, args.batch, args.size) for n in (red, res)}
+    # training step time, batch 8 (RedNet also with checkpoint_mixer=True)
+    ck = red + "+ckpt"
+    variants = [red, ck, res] if args.checkpoint_variant else [red, res]
+    trainers = {n: Trainer(n.split("+")[0], args.batch, args.size, checkpoint_mixer=n.endswith("+ckpt"))
+                for n in variants}
     steps = interleaved_medians({n: t.step for n, t in trainers.items()}, args.train_reps, warmup=1)
     row["train_step_s"] = {n: statistics.median(t) for n, t in steps.items()}
     row["train_step_all_s"] = steps
-    # training memory: one steady-state step each, alone in the process but for the model
+    # training memory: one steady-state step each
     extra = {}
-    for n in (red, res):
+    for n in variants:
         t = trainers.pop(n)
         gc.collect()
         extra[n] = peak_extra_bytes(t.step)
-        state = 3 * 4 * t.params
-        row.setdefault("train_state_bytes", {})[n] = state
+        row.setdefault("train_state_bytes", {})[n] = 3 * 4 * t.params
         del t
         gc.collect()
     row["train_step_peak_extra_bytes"] = extra
     if all(v is not None for v in extra.values()):
         row["train_peak_bytes"] = {n: extra[n] + row["train_state_bytes"][n] for n in extra}
-    r = {
-        "latency": row["latency_s"][red] / row["latency_s"][res],
-        "train_step": row["train_step_s"][red] / row["train_step_s"][res],
-    }
-    if "train_peak_bytes" in row:
-        r["train_step_peak_extra"] = extra[red] / extra[res]
-        r["train_peak"] = row["train_peak_bytes"][red] / row["train_peak_bytes"][res]
+    r = {"latency": row["latency_s"][red] / row["latency_s"][res]}
+    for v in variants[:-1]:
+        sfx = "" if v == red else "_ckpt"
+        r["train_step" + sfx] = row["train_step_s"][v] / row["train_step_s"][res]
+        if "train_peak_bytes" in row:
+            r["train_step_peak_extra" + sfx] = extra[v] / extra[res]
+            r["train_peak" + sfx] = row["train_peak_bytes"][v] / row["train_peak_bytes"][res]
+    row["variants"] = variants
     row["ratios"] = r
     return row
 
@@ -188,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=15, help="inference calls per model")
     p.add_argument("--train-reps", type=int, default=3, help="training steps per model")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--no-checkpoint-variant", dest="checkpoint_variant", action="store_false",
+                   help="skip the rednet + checkpoint_mixer=True training variant")
     p.add_argument("--quick", action="store_true", help="26 only, 5 inference calls, 2 training steps")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -212,17 +218,20 @@ def main(argv=None) -> int:
         print(f"\n{red} vs {res}  (params {row['params'][red] / 1e6:.2f}M vs {row['params'][res] / 1e6:.2f}M)")
         print(f"  inference latency b1 {args.size}px : {row['latency_s'][red] * 1e3:8.1f} ms vs "
               f"{row['latency_s'][res] * 1e3:8.1f} ms   ratio {r['latency']:.2f}x")
-        print(f"  training step b{args.batch}          : {row['train_step_s'][red]:8.2f} s  vs "
-              f"{row['train_step_s'][res]:8.2f} s    ratio {r['train_step']:.2f}x")
-        if "train_peak" in r:
-            mb = 2 ** 20
-            ex, pk = row["train_step_peak_extra_bytes"], row["train_peak_bytes"]
-            print(f"  step peak extra (activations)  : {ex[red] / mb:8.0f} MB vs {ex[res] / mb:8.0f} MB   "
-                  f"ratio {r['train_step_peak_extra']:.2f}x")
-            print(f"  training peak (+params/grads/momentum): {pk[red] / mb:8.0f} MB vs {pk[res] / mb:8.0f} MB   "
-                  f"ratio {r['train_peak']:.2f}x")
-        else:
-            print("  training memory: not measurable here (no /proc/self/clear_refs)")
+        mb = 2 ** 20
+        for v in row["variants"][:-1]:
+            sfx, label = ("", red) if v == red else ("_ckpt", red + " checkpoint_mixer")
+            print(f"  [{label}]")
+            print(f"    training step b{args.batch}            : {row['train_step_s'][v]:8.2f} s  vs "
+                  f"{row['train_step_s'][res]:8.2f} s    ratio {r['train_step' + sfx]:.2f}x")
+            if "train_peak" + sfx in r:
+                ex, pk = row["train_step_peak_extra_bytes"], row["train_peak_bytes"]
+                print(f"    step peak extra (activations) : {ex[v] / mb:8.0f} MB vs {ex[res] / mb:8.0f} MB   "
+                      f"ratio {r['train_step_peak_extra' + sfx]:.2f}x")
+                print(f"    training peak (+params/grads/momentum): {pk[v] / mb:6.0f} MB vs {pk[res] / mb:6.0f} MB   "
+                      f"ratio {r['train_peak' + sfx]:.2f}x")
+            else:
+                print("    training memory: not measurable here (no /proc/self/clear_refs)")
     info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "models.json")
