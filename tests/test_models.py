@@ -334,6 +334,9 @@ def test_load_official_from_path(tmp_path):
         assert torch.equal(state[ours], sd[theirs]), ours
     converted = convert_official_rednet(sd)
     assert all(torch.equal(state[k], v) for k, v in converted.items())
+    # a backbone-only checkpoint (as detection configs save it) loads with num_classes=0
+    backbone = load_official_rednet({k: v for k, v in sd.items() if k.startswith("backbone.")}, 50, num_classes=0)
+    assert backbone(torch.randn(1, 3, 32, 32)).shape == (1, 2048)
 
 
 def _subset_depth(shapes, blocks):

@@ -140,7 +140,9 @@ def load_official_rednet(path_or_state_dict: Union[str, "os.PathLike[str]", Mapp
 
     ``path_or_state_dict``: a path (read with ``torch.load(weights_only=True)``) or a loaded
     dict (official layout, optionally under ``state_dict``). ``num_classes`` defaults to the
-    rows of ``head.fc.weight`` (1000 if absent, which is then reported missing). A mismatch
+    rows of ``head.fc.weight`` (1000 if absent, which is then reported missing; pass
+    ``num_classes=0`` for a backbone-only checkpoint: no fc, ``forward`` returns the pooled
+    features). A mismatch
     raises ValueError listing the missing and unexpected keys (official names) and shape
     mismatches. Returns the model in eval mode.
     """
