@@ -147,6 +147,11 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted_run(tmp_path):
         assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
 
 
+def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--sync-bn needs GPUs"):
+        train(_cfg(tmp_path, device="cpu", sync_bn=True))
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     train(_cfg(tmp_path, epochs=1))
     with pytest.raises(ValueError, match="batch_size=128.*batch_size=64"):

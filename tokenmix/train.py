@@ -71,6 +71,7 @@ class TrainConfig:
     device: str = "auto"
     threads: Optional[int] = None
     dtype: str = "float32"
+    sync_bn: bool = False
     model_args: Dict[str, Any] = field(default_factory=dict)
     progress: Optional[bool] = None
     stop_after_steps: Optional[int] = None
@@ -377,9 +378,17 @@ def train(config: TrainConfig) -> Dict[str, Any]:
 
 
 def _train(config: TrainConfig) -> Dict[str, Any]:
+    info = setup_distributed(config.device)
+    try:
+        return _train_in_group(config, info)
+    finally:
+        if info.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_in_group(config: TrainConfig, info: Dist) -> Dict[str, Any]:
     from .data import load_data
 
-    info = setup_distributed(config.device)
     out = Path(config.out)
     if config.stop_after_steps is not None and config.stop_after_steps < 1:
         raise ValueError(f"stop_after_steps must be >= 1, got {config.stop_after_steps!r}")
@@ -404,6 +413,12 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
         for ds in (split.train, split.test):
             ds.tensors = (ds.tensors[0].to(dtype), ds.tensors[1])
     model.to(device=info.device, dtype=dtype)
+    if config.sync_bn:
+        if info.device.type != "cuda":
+            raise ValueError("--sync-bn needs GPUs (torch's SyncBatchNorm does not run on CPU); on CPU use a "
+                             "model without BatchNorm, e.g. --model small:MIXER --model-arg norm=group")
+        if info.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loader = make_train_loader(split.train, config.batch_size, info, config.seed)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -439,29 +454,25 @@ def _train(config: TrainConfig) -> Dict[str, Any]:
 
     last: Dict[str, Any] = {}
     steps = start * steps_per_epoch
-    try:
-        for epoch in range(start, config.epochs):
-            loader.sampler.set_epoch(epoch)
-            t0 = time.perf_counter()
-            m = train_epoch(net, loader, optimizer, scheduler, info, desc=f"epoch {epoch + 1}/{config.epochs}",
-                            progress=config.progress, stop_after_steps=config.stop_after_steps, steps_done=steps)
-            steps += steps_per_epoch
-            train_time = time.perf_counter() - t0
-            broadcast_buffers(model, info)
-            m.update(evaluate(model, split.test, config.batch_size, info))
-            last = {"epoch": epoch + 1, **m, "lr": optimizer.param_groups[0]["lr"], "time_s": train_time,
-                    "world_size": info.world, "param_spread": param_spread(model, info)}
-            if info.main:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                save_checkpoint(out, model, optimizer, scheduler, epoch + 1, config)
-                print(f"epoch {epoch + 1}/{config.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
-                      f"  test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  {train_time:.1f}s", file=sys.stderr)
-            if info.enabled:
-                dist.barrier()
-    finally:
-        if info.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    for epoch in range(start, config.epochs):
+        loader.sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        m = train_epoch(net, loader, optimizer, scheduler, info, desc=f"epoch {epoch + 1}/{config.epochs}",
+                        progress=config.progress, stop_after_steps=config.stop_after_steps, steps_done=steps)
+        steps += steps_per_epoch
+        train_time = time.perf_counter() - t0
+        broadcast_buffers(model, info)
+        m.update(evaluate(model, split.test, config.batch_size, info))
+        last = {"epoch": epoch + 1, **m, "lr": optimizer.param_groups[0]["lr"], "time_s": train_time,
+                "world_size": info.world, "param_spread": param_spread(model, info)}
+        if info.main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(last) + "\n")
+            save_checkpoint(out, model, optimizer, scheduler, epoch + 1, config)
+            print(f"epoch {epoch + 1}/{config.epochs}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}"
+                  f"  test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}  {train_time:.1f}s", file=sys.stderr)
+        if info.enabled:
+            dist.barrier()
     return last
 
 
@@ -503,6 +514,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "busy CPU run much faster with 1)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype,
                    help="parameter and data dtype (float64 for exactness checks)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="GPU only: BatchNorm statistics over the global batch (SyncBatchNorm) under torchrun")
     p.add_argument("--out", default=d.out, help=f"output directory (default {d.out})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out if there is one")
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -517,7 +530,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        lr=args.lr, weight_decay=args.weight_decay, optimizer=args.optimizer,
                        warmup_epochs=args.warmup_epochs, out=args.out, resume=args.resume, size=args.size,
                        seed=args.seed, test_fraction=args.test_fraction, device=args.device, threads=args.threads,
-                       dtype=args.dtype,
+                       dtype=args.dtype, sync_bn=args.sync_bn,
                        model_args=dict(args.model_arg), progress=args.progress,
                        stop_after_steps=args.stop_after_steps)
 
