@@ -102,11 +102,12 @@ def test_clamp_candidates_is_the_largest_fan_in(length, k, d):
 # ------------------------------------------------------------- ahead-of-time compile
 
 # A subset that runs in ~30 s: per kernel and target, the largest kernel (7x7) with both
-# borders, a 16-bit and a 32-bit dtype and the extreme tiles, plus the float64 tile that
-# spilled before its cap. benchmarks/triton_resources.py prints every configuration.
+# borders, a 16-bit and a 32-bit dtype and the extreme tiles, among them the two that spilled
+# with 512-pixel tiles (bf16 zero / fp64 clamp aggregate, BLOCK_C=1).
+# benchmarks/triton_resources.py prints every configuration.
 AOT_CASES = [
-    ("aggregate", torch.float16, "clamp", 0), ("aggregate", torch.float32, "zero", -1),
-    ("aggregate", torch.float64, "clamp", 0),
+    ("aggregate", torch.float16, "clamp", 0), ("aggregate", torch.bfloat16, "zero", 0),
+    ("aggregate", torch.float32, "zero", -1), ("aggregate", torch.float64, "clamp", 0),
     ("correlate", torch.bfloat16, "zero", 1), ("correlate", torch.float32, "clamp", 0),
     ("aggregate_transpose", torch.bfloat16, "clamp", 0), ("aggregate_transpose", torch.float32, "zero", -1),
 ]

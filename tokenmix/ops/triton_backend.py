@@ -63,10 +63,10 @@ def channel_tile(channels_per_group: int) -> int:
 
 def pixel_tile(pixels: int, block_c: int, dtype: torch.dtype) -> int:
     """BLOCK_P of aggregate/aggregate_transpose: about 1024 accumulators per program (512 for
-    float64), between 64 and 512 pixels (256 for float64: 512 spilled on sm_90), and no
-    larger than the plane needs."""
-    budget, cap = (512, 256) if dtype == torch.float64 else (1024, 512)
-    p = max(64, min(cap, budget // block_c))
+    float64), between 64 and 256 pixels, and no larger than the plane needs. (512-pixel
+    tiles spilled: bf16 aggregate on sm_80, fp64 clamp aggregate on sm_90.)"""
+    budget = 512 if dtype == torch.float64 else 1024
+    p = max(64, min(256, budget // block_c))
     return min(p, max(16, _next_pow2(pixels)))
 
 
