@@ -130,6 +130,27 @@ def test_aot_compile_has_no_spills(op, dtype, border, tile, capability):
     assert r["shared"] <= 48 * 1024, r
 
 
+# Triton's launcher turns integer arguments equal to 1 into constants: the depthwise-like
+# launch (one channel per group, unit stride/dilation, spatially broadcast weight, one image
+# per program) must compile in that form too.
+ONES = {"aggregate": dict(Cg=1, n_cblk=1, sh=1, sw=1, dh=1, dw=1, w_st=1, C=1, G=1),
+        "correlate": dict(Cg=1, b_per_prog=1, sh=1, sw=1, dh=1, dw=1, n_pblk=1),
+        "aggregate_transpose": dict(Cg=1, n_cblk=1, sh=1, sw=1, dh=1, dw=1, w_st=1, NC_H=1)}
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (the construction test covers this)")
+@pytest.mark.skipif(INTERPRET, reason="AOT compilation needs the jit kernels; runs in the parent process")
+@pytest.mark.parametrize("border", ["zero", "clamp"])
+@pytest.mark.parametrize("op", OPS)
+def test_aot_compile_with_unit_arguments_specialised(op, border):
+    from tokenmix.ops.triton_backend import aot_compile, resource_usage, tile_configs
+
+    ck = aot_compile(op, torch.float32, (3, 3), border, tile_configs(op, torch.float32, 9)[0], 80,
+                     specialize=ONES[op])
+    r = resource_usage(ck, 80)
+    assert r["spill_stores"] == 0 and r["stack"] == 0, r
+
+
 # ------------------------------------------------------------- interpreter (parent)
 
 
@@ -309,3 +330,9 @@ if INTERPRET:
             aggregate(x, w, Window(3), backend="triton")
         y = aggregate(x, w, Window(3), backend="triton_interpret")
         torch.testing.assert_close(y, ReferenceBackend().aggregate(x, w, Window(3)), atol=1e-5, rtol=1e-5)
+        # an empty batch: empty outputs, and a weight gradient summed over no images is 0
+        x0, w0 = torch.randn(0, 2, 5, 5), torch.randn(1, 2, 9, 1, 1)
+        assert backend.aggregate(x0, w0, Window(3)).shape == (0, 2, 5, 5)
+        assert backend.aggregate_transpose(x0, w0, Window(3), (5, 5)).shape == (0, 2, 5, 5)
+        g = backend.correlate(x0, x0, Window(3), 2, True, True)
+        assert g.shape == (1, 2, 9, 1, 1) and not g.any()

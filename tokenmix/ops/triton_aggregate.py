@@ -105,6 +105,8 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window) -> torch.Tensor:
     Ho, Wo = window.output_size(H, W)
     check_plane(H, W, Ho, Wo)
     y = torch.empty(B, C, Ho, Wo, dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
     BLOCK_C = channel_tile(Cg)
     BLOCK_P = pixel_tile(Ho * Wo, BLOCK_C, x.dtype)
     n_cblk = triton.cdiv(Cg, BLOCK_C)

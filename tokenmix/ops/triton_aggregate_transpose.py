@@ -128,6 +128,8 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window, input_size: Tu
     Cg = C // G
     check_plane(H, W, Ho, Wo)
     x = torch.empty(B, C, H, W, dtype=y.dtype, device=y.device)
+    if x.numel() == 0:
+        return x
     BLOCK_C = channel_tile(Cg)
     BLOCK_P = pixel_tile(H * W, BLOCK_C, y.dtype)
     n_cblk = triton.cdiv(Cg, BLOCK_C)

@@ -164,22 +164,29 @@ class TritonBackend(Backend):
         return None
 
     # -- kernels ------------------------------------------------------------------------
-    def _launch(self, op: str):
-        """The launcher of ``op`` (imports its kernel module on first use)."""
+    def _launch(self, op: str, *args):
+        """Run the launcher of ``op`` (its kernel module is imported on first use) on the
+        device of the first tensor, so that a tensor on ``cuda:1`` is not launched on the
+        current device."""
         module, _, lname = _KERNELS[op]
-        return getattr(importlib.import_module(module), lname)
+        launch = getattr(importlib.import_module(module), lname)
+        t0 = args[0]
+        if t0.is_cuda:
+            with torch.cuda.device(t0.device):
+                return launch(*args)
+        return launch(*args)
 
     # -- primitives ---------------------------------------------------------------------
     def aggregate(self, x: torch.Tensor, w: torch.Tensor, window: Window) -> torch.Tensor:
-        return self._launch("aggregate")(x, w, window)
+        return self._launch("aggregate", x.contiguous(), w.contiguous(), window)
 
     def correlate(self, q: torch.Tensor, k: torch.Tensor, window: Window, groups: int,
                   sum_batch: bool = False, sum_space: bool = False) -> torch.Tensor:
-        return self._launch("correlate")(q, k, window, groups, sum_batch, sum_space)
+        return self._launch("correlate", q.contiguous(), k.contiguous(), window, groups, sum_batch, sum_space)
 
     def aggregate_transpose(self, y: torch.Tensor, w: torch.Tensor, window: Window,
                             input_size: Tuple[int, int]) -> torch.Tensor:
-        return self._launch("aggregate_transpose")(y, w, window, tuple(input_size))
+        return self._launch("aggregate_transpose", y.contiguous(), w.contiguous(), window, tuple(input_size))
 
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}{' (interpreter)' if self.interpret else ''}>"
@@ -205,10 +212,12 @@ def tile_configs(op: str, dtype: torch.dtype, taps: int):
 
 
 def aot_compile(op: str, dtype: torch.dtype, kernel_size: Tuple[int, int], border: str, tiles: dict,
-                capability: int, num_warps: int = 4):
+                capability: int, num_warps: int = 4, specialize: Optional[dict] = None):
     """Compile the kernel of ``op`` with ``triton.compile`` for ``GPUTarget("cuda", capability,
     32)`` on any machine (no GPU needed); pointers are assumed 16-byte aligned, integer
-    arguments generic. Returns the CompiledKernel."""
+    arguments generic except those named in ``specialize`` (name -> value), which become
+    compile-time constants as Triton's launcher makes integer arguments equal to 1.
+    Returns the CompiledKernel."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -221,7 +230,7 @@ def aot_compile(op: str, dtype: torch.dtype, kernel_size: Tuple[int, int], borde
     if not hasattr(kernel, "arg_names") or not hasattr(kernel, "cache_key"):
         raise RuntimeError("aot_compile needs the jit kernels: unset TRITON_INTERPRET before triton is imported")
     constexprs = dict(KH=kernel_size[0], KW=kernel_size[1], CLAMP=border == "clamp",
-                      ACC=tl.float64 if dtype == torch.float64 else tl.float32, **tiles)
+                      ACC=tl.float64 if dtype == torch.float64 else tl.float32, **tiles, **(specialize or {}))
     sig = {}
     for n in kernel.arg_names:
         if n in constexprs:

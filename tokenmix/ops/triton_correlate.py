@@ -110,6 +110,8 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window, groups: int, sum_batch: 
     n_pblk = triton.cdiv(Ho * Wo, BLOCK_P)
     Bo = 1 if sum_batch else B
     b_per_prog = B if sum_batch else 1
+    if B * C == 0 or Bo * G == 0:  # nothing to read (a sum over an empty batch is 0)
+        return torch.zeros(Bo, G, KK, 1 if sum_space else Ho, 1 if sum_space else Wo, dtype=q.dtype, device=q.device)
     if sum_space:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.empty(Bo, G, KK, n_pblk, dtype=acc, device=q.device)
