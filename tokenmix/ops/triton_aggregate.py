@@ -32,9 +32,11 @@ def aggregate_kernel(
     ``n_pblk = cdiv(Ho*Wo, BLOCK_P)``; program id = ``((b*G + g)*n_cblk + cblk)*n_pblk + pblk``
     (pixel tiles vary fastest).
 
-    Work per program: for each of the ``KH*KW`` taps (unrolled), one ``BLOCK_P`` weight load
-    and one ``BLOCK_C x BLOCK_P`` gathered input load, one FMA per element into a float32
-    (float64 for float64 inputs) accumulator; one store of the tile.
+    Work per program: for each of the ``KH*KW`` taps (a loop over the KH rows, the KW taps
+    of a row unrolled), one ``BLOCK_P`` weight load and one ``BLOCK_C x BLOCK_P`` gathered input
+    load, one FMA per element into a float32 (float64 for float64 inputs) accumulator; one
+    store of the tile. Reads: ``KH*KW*(BLOCK_P + BLOCK_C*BLOCK_P)`` elements (mostly cache
+    hits: neighbouring taps overlap), writes ``BLOCK_C*BLOCK_P``.
 
     The weight is addressed by strides ``(w_sb, w_sg, w_st, w_sp)``: ``w_sb = 0`` broadcasts it
     over the batch, ``w_sp = 0`` over space. Image/plane offsets are int64; offsets inside one

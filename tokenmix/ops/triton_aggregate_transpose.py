@@ -37,7 +37,8 @@ def aggregate_transpose_kernel(
     ``n_pblk = cdiv(H*W, BLOCK_P)``; program id = ``((b*G + g)*n_cblk + cblk)*n_pblk + pblk``.
 
     Work per program:
-    - zero border: for each tap ``(u, v)`` (unrolled) the only output that can read input row
+    - zero border: for each tap ``(u, v)`` (a loop over rows u, the KW taps of a row
+      unrolled) the only output that can read input row
       ``h`` is ``i = (h + p - u*d) / s``, valid when the division is exact and ``0 <= i < Ho``
       (same for columns); one ``BLOCK_P`` weight gather, one ``BLOCK_C x BLOCK_P`` gather of
       ``y``, one FMA per element.
