@@ -234,7 +234,7 @@ void fill_rows(acc_t* xs, const scalar_t* src, int64_t ncg, int64_t H, int64_t r
 
 // ------------------------------------------------------------------------------ aggregate
 template <typename acc_t, int CB, int NV>
-inline void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wbw,
+inline void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
                       const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob) {
   using V = typename VecOf<acc_t>::type;
   constexpr int L = VecOf<acc_t>::N;
@@ -244,10 +244,10 @@ inline void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const
   for (int64_t u = 0; u < Kh; ++u) {
     if (rru[u] < 0) continue;
     const acc_t* xr = xs + rru[u] * rowstride + j0;
-    const acc_t* wr = wb + u * Kw * wbw + j0;
+    const acc_t* wr = wb + u * Kw * wts + j0;
     for (int64_t v = 0; v < Kw; ++v) {
       V wv[NV];
-      for (int n = 0; n < NV; ++n) wv[n] = loadu(wr + v * wbw + n * L);
+      for (int n = 0; n < NV; ++n) wv[n] = loadu(wr + v * wts + n * L);
       const acc_t* xp = xr + phoff[v];
       for (int c = 0; c < CB; ++c)
         for (int n = 0; n < NV; ++n) acc[c][n] += wv[n] * loadu(xp + c * cstride + n * L);
@@ -279,11 +279,13 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t wbw = p.wbw, rowstride = s * p.pw;
 
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, KK * wbw, Cg * wbw}, sizeof(acc_t)));
+  // weights of a task: (K*K, ch, wbw), copied once per task so each tap plane streams ch rows
+  const int64_t wts = ch * wbw;
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, KK * wts, Cg * wbw}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     Carver cv{scratch.base()};
-    Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wb = cv.take<acc_t>(KK * wbw),
+    Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(KK * wts),
                ob = cv.take<acc_t>(Cg * wbw);
     std::vector<int64_t> rru(Kh);
     for (int64_t task = t0; task < t1; ++task) {
@@ -296,13 +298,9 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
         fill_rows<scalar_t, acc_t>(xs.data(), xd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
       }
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t u = 0; u < Kh; ++u) {
-          int64_t r = rows[u * Ho + i];
-          rru[u] = r >= 0 ? r - rmin : -1;
-        }
-        for (int64_t t = 0; t < KK; ++t) {
-          acc_t* dst = wb.data() + t * wbw;
+      for (int64_t t = 0; t < KK; ++t) {
+        for (int64_t i = i0; i < i1; ++i) {
+          acc_t* dst = wbig.data() + t * wts + (i - i0) * wbw;
           if (wHW == 1) {
             std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
           } else {
@@ -311,24 +309,36 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           }
           std::fill(dst + Wo, dst + wbw, acc_t(0));
         }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t u = 0; u < Kh; ++u) {
+          int64_t r = rows[u * Ho + i];
+          rru[u] = r >= 0 ? r - rmin : -1;
+        }
+        const acc_t* wb = wbig.data() + (i - i0) * wbw;
         std::fill(ob.begin(), ob.end(), acc_t(0));
         if (nrr > 0) {
           for_blocks(p, block, [&](int64_t j0) {
+            // 8 accumulator vectors: 4 channels x 2 vectors, or 8 channels x 1 vector
             int64_t c = 0;
+            if (NV == 1)
+              for (; c + 8 <= Cg; c += 8)
+                agg_block<acc_t, 8, 1>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
+                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
             for (; c + 4 <= Cg; c += 4) {
               if (NV == 2)
-                agg_block<acc_t, 4, 2>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                agg_block<acc_t, 4, 2>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
                                        Kw, p.phoff.data(), j0, ob.data() + c * wbw);
               else
-                agg_block<acc_t, 4, 1>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                agg_block<acc_t, 4, 1>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
                                        Kw, p.phoff.data(), j0, ob.data() + c * wbw);
             }
             for (; c < Cg; ++c) {
               if (NV == 2)
-                agg_block<acc_t, 1, 2>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                agg_block<acc_t, 1, 2>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
                                        Kw, p.phoff.data(), j0, ob.data() + c * wbw);
               else
-                agg_block<acc_t, 1, 1>(xs.data() + c * cstride, cstride, rowstride, wb.data(), wbw, rru.data(), Kh,
+                agg_block<acc_t, 1, 1>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
                                        Kw, p.phoff.data(), j0, ob.data() + c * wbw);
             }
           });
@@ -343,7 +353,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
                 for (int64_t v = 0; v < Kw; ++v) {
                   int64_t col = p.cols[v * Wo + j];
                   if (col < 0) continue;
-                  acc += wb[(u * Kw + v) * wbw + j] * xc[rru[u] * rowstride + p.pos(col)];
+                  acc += wb[(u * Kw + v) * wts + j] * xc[rru[u] * rowstride + p.pos(col)];
                 }
               }
               ob[c * wbw + j] = acc;
@@ -653,6 +663,10 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             if (nv == 0 || m_b <= m_a) continue;
             auto run = [&](int64_t m0) {
               int64_t c = 0;
+              if (NV == 1)
+                for (; c + 8 <= Cg; c += 8)
+                  tr_block<acc_t, 8, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
               for (; c + 4 <= Cg; c += 4) {
                 if (NV == 2)
                   tr_block<acc_t, 4, 2>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
