@@ -74,7 +74,7 @@ def check_size(size) -> int:
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"size must be an int, got {type(size).__name__}: {size!r}")
     if size < 32:
-        raise ValueError(f"size must be >= 32 (the backbones downsample by 32), got {size}")
+        raise ValueError(f"size must be >= 32, got {size} (the backbones downsample by 32)")
     return size
 
 
