@@ -142,7 +142,8 @@ REDUCTION_LABELS = {"sum": "sum over the K*K taps", "max": "largest tap weight (
 def plot_kernels(mixer_name: str, model: nn.Module, images: torch.Tensor, path: Path,
                  max_groups: int = 4) -> Optional[str]:
     """Heat maps of the first block's generated kernel on ``images: (N, C, H, W)`` (N small,
-    normalised as the model saw them), drawn over each image. The maps come from
+    normalised as the model saw them), one panel per group with the image's outline (a white
+    contour at half its intensity range) drawn over the map. The maps come from
     :func:`tokenmix.analysis.heatmap.kernel_maps`. Returns the reduction drawn (see
     :func:`choose_reduction`), or None (and writes nothing) when the mixer generates no kernel
     or a static one."""
@@ -175,14 +176,14 @@ def plot_kernels(mixer_name: str, model: nn.Module, images: torch.Tensor, path: 
         for g in range(G):
             m = torch.nn.functional.interpolate(maps[n, g][None, None], size=(H, W), mode="nearest")[0, 0]
             ax = axes[n, g + 1]
-            ax.imshow(img, cmap="gray")
-            ax.imshow(m.numpy(), cmap="jet", alpha=0.55)
+            ax.imshow(m.numpy(), cmap="viridis")
+            ax.contour(img, levels=[0.5 * (float(img.min()) + float(img.max()))], colors="white", linewidths=0.8)
             if n == 0:
                 ax.set_title(f"group {g}", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{mixer_name}: {REDUCTION_LABELS[reduce]}\n(first block, {G} of {maps.shape[1]} groups)",
+    fig.suptitle(f"{mixer_name}: {REDUCTION_LABELS[reduce]}\n(first block, {G} of {maps.shape[1]} groups; white: digit outline)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
