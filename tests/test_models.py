@@ -417,3 +417,4 @@ def test_checkpoint_mixer_same_outputs_gradients_and_bn_statistics():
     for (name, b0), (_, b1) in zip(plain.named_buffers(), ckpt.named_buffers()):
         assert torch.equal(b0, b1), name                 # updated once, not again on recompute
     assert ckpt.stages[0][0].mixer.generator.norm.num_batches_tracked.item() == 1
+    assert ckpt.stem.mixer.generator.norm.num_batches_tracked.item() == 1

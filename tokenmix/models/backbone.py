@@ -23,10 +23,39 @@ def _mixer(name: str, dim: int, stride: int, kwargs: Mapping[str, Any], where: s
                          f"failed: {e}") from e
 
 
-class ConvStem(nn.Module):
-    """ResNet stem. x: (B, in_chans, H, W) -> (B, channels, ceil(H/4), ceil(W/4))."""
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module):
+    """Run ``module`` without changing its BN running statistics (for the recompute pass of
+    activation checkpointing: the forward pass already updated them once)."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, n in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(n)
 
-    def __init__(self, in_chans: int, cfg: StemConfig):
+
+def run_mixer(mixer: nn.Module, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """``mixer(x)``; with ``checkpointed`` (and grad enabled) its internals are not kept for
+    backward but recomputed there (activation checkpointing, BN statistics updated once)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(mixer, x, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _frozen_bn_stats(mixer)))
+    return mixer(x)
+
+
+class ConvStem(nn.Module):
+    """ResNet stem (no mixer: ``checkpoint_mixer`` is accepted for a uniform signature).
+
+    x: (B, in_chans, H, W) -> (B, channels, ceil(H/4), ceil(W/4)).
+    """
+
+    def __init__(self, in_chans: int, cfg: StemConfig, checkpoint_mixer: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(in_chans, cfg.channels, 7, 2, 3, bias=False)
         self.bn = nn.BatchNorm2d(cfg.channels)
@@ -43,8 +72,9 @@ class RedNetStem(nn.Module):
     x: (B, in_chans, H, W) -> (B, channels, ceil(H/4), ceil(W/4)).
     """
 
-    def __init__(self, in_chans: int, cfg: StemConfig):
+    def __init__(self, in_chans: int, cfg: StemConfig, checkpoint_mixer: bool = False):
         super().__init__()
+        self.checkpoint_mixer = bool(checkpoint_mixer)
         half = cfg.channels // 2
         self.conv1 = nn.Conv2d(in_chans, half, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(half)
@@ -57,29 +87,12 @@ class RedNetStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.conv1(x)))
-        x = self.act(self.bn2(self.mixer(x)))
+        x = self.act(self.bn2(run_mixer(self.mixer, x, self.checkpoint_mixer and self.training)))
         x = self.act(self.bn3(self.conv2(x)))
         return self.pool(x)
 
 
 STEMS = {"conv7": ConvStem, "rednet": RedNetStem}
-
-
-@contextlib.contextmanager
-def _frozen_bn_stats(module: nn.Module):
-    """Run ``module`` without changing its BN running statistics (for the recompute pass of
-    activation checkpointing: the forward pass already updated them once)."""
-    saved = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
-            m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum, n in saved:
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(n)
 
 
 class Bottleneck(nn.Module):
@@ -109,12 +122,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         y = self.act(self.bn1(self.conv1(x)))
-        if self.checkpoint_mixer and self.training and torch.is_grad_enabled():
-            y = checkpoint(self.mixer, y, use_reentrant=False,
-                           context_fn=lambda: (contextlib.nullcontext(), _frozen_bn_stats(self.mixer)))
-        else:
-            y = self.mixer(y)
-        y = self.act(self.bn2(y))
+        y = self.act(self.bn2(run_mixer(self.mixer, y, self.checkpoint_mixer and self.training)))
         y = self.bn3(self.conv3(y))
         return self.act(y + shortcut)
 
@@ -138,7 +146,7 @@ class Backbone(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config={config!r} must be a ModelConfig")
         self.config = config
-        self.stem = STEMS[config.stem.type](config.in_chans, config.stem)
+        self.stem = STEMS[config.stem.type](config.in_chans, config.stem, checkpoint_mixer=config.checkpoint_mixer)
         stages: List[nn.Module] = []
         in_dim = config.stem.channels
         reduction = 4

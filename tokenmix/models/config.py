@@ -90,7 +90,7 @@ class ModelConfig:
     ``zero_init_last_bn``: the last BN of every block starts at weight 0, so each residual block
     starts as the identity (Goyal et al. 2017; mmcls ``zero_init_residual``).
 
-    ``checkpoint_mixer``: in training, recompute each block's mixer in the backward pass instead
+    ``checkpoint_mixer``: in training, recompute every mixer (blocks and stem) in the backward pass instead
     of keeping its internals (for involution the (B, G*K*K, H, W) kernel, 3x the mixer's input)
     for it; the same outputs and gradients, less activation memory, one more mixer forward per
     step. BN running statistics inside the mixer are updated once (not again on recompute).
