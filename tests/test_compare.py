@@ -56,6 +56,23 @@ def test_compare_end_to_end_writes_table_json_and_pngs(tmp_path, capsys):
     assert not (out / "kernels_conv.png").exists() and not (out / "kernels_dwconv.png").exists()
 
 
+def test_compare_on_an_rgb_image_folder(tmp_path):
+    for k in range(3):
+        (tmp_path / "data" / f"c{k}").mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (12, 10), (80 * k + 5 * i, 40, 200 - 60 * k)).save(tmp_path / "data" / f"c{k}" / f"{i}.png")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--mixers", "dwconv,involution", "--data", f"folder:{tmp_path / 'data'}", "--size", "8",
+                 "--epochs", "1", "--batch-size", "4", "--width", "16", "--out", str(out), "--no-progress"]) == 0
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["config"]["test_size"] == 3  # one image of each class held out
+    assert [r["mixer"] for r in payload["results"]] == ["dwconv", "involution"]
+    # an RGB stem (3 input channels) and a 3-class head
+    assert payload["results"][0]["params"] == sum(p.numel() for p in SmallNet("dwconv", num_classes=3, in_channels=3,
+                                                                              width=16).parameters())
+    assert (out / "kernels_involution.png").exists()
+
+
 def test_compare_rejects_unknown_mixer(tmp_path):
     with pytest.raises(ValueError, match="unknown mixer.*'nope'.*known: conv"):
         main(["compare", "--mixers", "conv,nope", "--out", str(tmp_path)])
