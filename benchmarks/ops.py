@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -75,21 +76,36 @@ def _reset_peak() -> Optional[int]:
 
 
 # ------------------------------------------------------------------------------ timing
-def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Dict[str, float]:
-    """Best wall time of ``repeats`` calls after ``warmup`` calls, and the peak extra memory."""
+# wall: time.perf_counter. thread: time.thread_time, the CPU time of the calling thread,
+# which excludes the time the scheduler gives to other processes; only meaningful with one
+# thread (the kernels then run in the calling thread), and then used for the ceiling too.
+CLOCK = {"fn": time.perf_counter}
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Best time of ``repeats`` calls after ``warmup`` calls (default allocator settings)."""
     for _ in range(warmup):
         fn()
-    best, peak = math.inf, 0
+    best = math.inf
     for _ in range(repeats):
-        base = _reset_peak()
-        t0 = time.perf_counter()
+        t0 = CLOCK["fn"]()
         out = fn()
-        dt = time.perf_counter() - t0
-        if base is not None:
-            peak = max(peak, _status("VmHWM") - base)
+        best = min(best, CLOCK["fn"]() - t0)
         del out
-        best = min(best, dt)
-    return {"time": best, "peak": peak}
+    return best
+
+
+def peak_extra(fn: Callable[[], object]) -> int:
+    """Peak resident memory a call adds (its results included), after one warm-up call.
+    Run after ``_malloc_no_reuse()``; timings are taken before that, with glibc's defaults."""
+    fn()
+    base = _reset_peak()
+    if base is None:
+        return -1
+    out = fn()
+    peak = _status("VmHWM") - base
+    del out
+    return peak
 
 
 def machine_rates(repeats: int = 5) -> Dict[str, float]:
@@ -105,9 +121,9 @@ def machine_rates(repeats: int = 5) -> Dict[str, float]:
 
 
 def _timed(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK["fn"]()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK["fn"]() - t0
 
 
 # ----------------------------------------------------------------------- implementations
@@ -143,19 +159,26 @@ def _fwdbwd(f, x, w, gy, window):
 
 
 # --------------------------------------------------------------------------------- main
-def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slow_repeats: int,
-                  impls: List[str], unfold_backward: bool) -> Dict[str, object]:
-    rates0 = machine_rates()
-    rows = []
+def _cases(batch, kernel, strides):
     for (C, H, G) in SHAPES:
         for s in strides:
             window = Window(kernel, stride=s)
             Ho, Wo = window.output_size(H, H)
-            KK = window.taps
             g = torch.Generator().manual_seed(0)
             x = torch.randn(batch, C, H, H, generator=g)
-            w = torch.randn(batch, G, KK, Ho, Wo, generator=g)
+            w = torch.randn(batch, G, window.taps, Ho, Wo, generator=g)
             gy = torch.randn(batch, C, Ho, Wo, generator=g)
+            yield C, H, G, s, window, x, w, gy
+
+
+def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slow_repeats: int,
+                  impls: List[str], unfold_backward: bool) -> Dict[str, object]:
+    rates0 = machine_rates()
+    rows = []
+    for (C, H, G, s, window, x, w, gy) in _cases(batch, kernel, strides):
+        if True:
+            Ho, Wo = window.output_size(H, H)
+            KK = window.taps
             nx, nw, ny = x.numel() * 4, w.numel() * 4, gy.numel() * 4
             macs = batch * C * Ho * Wo * KK
             row = {"C": C, "H": H, "G": G, "K": kernel, "stride": s, "B": batch, "Ho": Ho,
@@ -166,14 +189,23 @@ def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slo
                 f = _impl(name)
                 n = repeats if name == "cpu" else slow_repeats
                 warm = 1 if name == "cpu" else 0
-                m = measure(_fwd(f, x, w, window), n, warm)
-                row[f"{name}_fwd_s"], row[f"{name}_fwd_peak"] = m["time"], m["peak"]
+                row[f"{name}_fwd_s"] = best_time(_fwd(f, x, w, window), n, warm)
                 if name != "unfold" or unfold_backward:
-                    m = measure(_fwdbwd(f, x, w, gy, window), n, warm)
-                    row[f"{name}_fwdbwd_s"], row[f"{name}_fwdbwd_peak"] = m["time"], m["peak"]
+                    row[f"{name}_fwdbwd_s"] = best_time(_fwdbwd(f, x, w, gy, window), n, warm)
             rows.append(row)
-            print(f"  measured C={C} H={H} stride={s}", file=sys.stderr, flush=True)
+            print(f"  timed C={C} H={H} stride={s}", file=sys.stderr, flush=True)
     rates1 = machine_rates()
+    # memory pass in a fresh process whose glibc mmaps every allocation >= 64 KiB (timings
+    # above use glibc's defaults, which recycle freed memory as a long-running job would)
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-only", "--batch", str(batch), "--kernel", str(kernel),
+           "--threads", str(torch.get_num_threads()), "--strides", *map(str, strides), "--impls", *impls]
+    if not unfold_backward:
+        cmd.append("--no-unfold-backward")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    peaks = json.loads(proc.stdout.strip().splitlines()[-1])
+    malloc_ok = peaks.pop("malloc_no_reuse")
+    for row, p in zip(rows, peaks["rows"]):
+        row.update(p)
     bw = max(rates0["bandwidth"], rates1["bandwidth"])
     fl = max(rates0["flops"], rates1["flops"])
     for row in rows:
@@ -187,7 +219,23 @@ def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slo
                 for other in ("reference", "unfold"):
                     if f"{other}_{mode}_s" in row:
                         row[f"{mode}_{other}_over_cpu"] = row[f"{other}_{mode}_s"] / row[f"cpu_{mode}_s"]
-    return {"rows": rows, "rates_start": rates0, "rates_end": rates1, "bandwidth": bw, "flops": fl}
+    return {"rows": rows, "rates_start": rates0, "rates_end": rates1, "bandwidth": bw, "flops": fl,
+            "malloc_no_reuse": malloc_ok}
+
+
+def memory_pass(batch, kernel, strides, impls, unfold_backward) -> Dict[str, object]:
+    malloc_ok = _malloc_no_reuse()
+    out = []
+    for (C, H, G, s, window, x, w, gy) in _cases(batch, kernel, strides):
+        row = {}
+        for name in impls:
+            f = _impl(name)
+            row[f"{name}_fwd_peak"] = peak_extra(_fwd(f, x, w, window))
+            if name != "unfold" or unfold_backward:
+                row[f"{name}_fwdbwd_peak"] = peak_extra(_fwdbwd(f, x, w, gy, window))
+        out.append(row)
+        print(f"  memory C={C} H={H} stride={s}", file=sys.stderr, flush=True)
+    return {"rows": out, "malloc_no_reuse": malloc_ok}
 
 
 def _geomean(vals):
@@ -201,7 +249,7 @@ def summarise(result: Dict[str, object]) -> str:
     out.append(f"machine: bandwidth {result['bandwidth'] / 1e9:.1f} GB/s (start {result['rates_start']['bandwidth'] / 1e9:.1f},"
                f" end {result['rates_end']['bandwidth'] / 1e9:.1f}); fp32 matmul {result['flops'] / 1e9:.1f} GFLOP/s"
                f" (start {result['rates_start']['flops'] / 1e9:.1f}, end {result['rates_end']['flops'] / 1e9:.1f});"
-               f" threads {torch.get_num_threads()}")
+               f" threads {torch.get_num_threads()}; clock {result['meta']['clock']}; batch {rows[0]['B']}")
     hdr = ("| shape (C@HxW, G, stride) | bound | fwd cpu/ceil | fwd ref/cpu | fwd unfold/cpu | fwd peak/limit |"
            " f+b cpu/ceil | f+b ref/cpu | f+b unfold/cpu | f+b peak/limit |")
     out.append(hdr)
@@ -242,15 +290,24 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed calls of the cpu backend (best is kept)")
     ap.add_argument("--slow-repeats", type=int, default=2, help="timed calls of reference and unfold")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="wall time, or the calling thread's CPU time (needs --threads 1; robust on a shared machine)")
     ap.add_argument("--impls", nargs="+", default=["cpu", "reference", "unfold"])
     ap.add_argument("--no-unfold-backward", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="batch 2, 3 repeats, 1 slow repeat, no unfold backward")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.repeats, args.slow_repeats, args.no_unfold_backward = 2, 3, 1, True
+    if args.clock == "thread":
+        if args.threads != 1:
+            ap.error("--clock thread needs --threads 1")
+        CLOCK["fn"] = time.thread_time
     torch.set_num_threads(args.threads)
-    malloc_ok = _malloc_no_reuse()
+    if args.memory_only:  # internal: the memory pass, run in its own process
+        print(json.dumps(memory_pass(args.batch, args.kernel, args.strides, args.impls, not args.no_unfold_backward)))
+        return 0
     t0 = time.perf_counter()
     reason = cpu_backend.CpuBackend().unavailable_reason()
     load_s = time.perf_counter() - t0
@@ -261,9 +318,10 @@ def main(argv=None) -> int:
                            not args.no_unfold_backward)
     result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                       "processor": platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                      "cpu_backend_load_s": load_s, "malloc_no_reuse": malloc_ok, "argv": sys.argv[1:],
+                      "cpu_backend_load_s": load_s, "clock": args.clock, "argv": sys.argv[1:],
                       "loadavg": os.getloadavg()}
     text = summarise(result)
+    result["summary"] = text
     print(text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ops.json"), "w") as f:
