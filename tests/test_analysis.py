@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tokenmix.analysis import count_flops, count_params, param_table, torch_flops
-from tokenmix.analysis.flops import MAC_OPERATORS, UnsupportedOpError, flop_analysis
+from tokenmix.analysis.flops import MAC_OPERATORS, UnsupportedOpError, flop_analysis, module_hook_flops
 from tokenmix.analysis.heatmap import kernel_maps, layer_input, load_image, mixer_layers, plot_heatmaps
 from tokenmix.analysis.tables import PAPER_TABLE1, format_mixers, format_zoo, mixer_rows, zoo_rows
 from tokenmix.mixers import create_mixer, list_mixers
@@ -153,6 +153,20 @@ def test_sdpa_and_einsum_handles_match_torch():
     assert r.by_operator["scaled_dot_product_attention"] == 2 * 3 * 5 * 7 * (4 + 6)
     assert r.by_operator["einsum"] == 2 * 3 * 5 * 7 * 4
     assert torch_flops(Attn(), q, k, v) == 2 * r.macs
+
+
+def test_module_hook_flops_by_hand_and_blind_to_the_op():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(4, 2))
+    # conv 25*4*27 MACs + 100 bias adds, BN 2*100, ReLU 100, pool 100 inputs, linear 4*2
+    assert module_hook_flops(net, torch.randn(1, 3, 5, 5)) == 2700 + 100 + 200 + 100 + 100 + 8
+    C, H, K = 32, 8, 3
+    inv = create_mixer("involution", C, kernel_size=K)
+    x = torch.randn(1, C, H, H)
+    r = count_flops(inv, x)
+    G, hidden, HW = C // 16, C // 4, H * H
+    # the hooks miss the aggregate; they add the span bias and the ReLU, which fvcore skips
+    assert module_hook_flops(inv, x) == r.total - r.by_operator["aggregate"] + HW * G * K * K + HW * hidden
 
 
 def test_params():

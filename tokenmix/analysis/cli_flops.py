@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..models import create_model, list_models
-    from .flops import count_flops, torch_flops
+    from .flops import count_flops, module_hook_flops, torch_flops
     from .params import count_params, param_table
     from .tables import check_size
 
@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
           f"{r.total / 1e9:.4f} GMACs (fvcore, 1 flop = 1 multiply-add), of which "
           f"{r.macs / 1e9:.4f} G in multiply-add operators")
     print(f"torch FlopCounterMode: {torch_flops(model, x) / 1e9:.4f} GFLOPs (2 per multiply-add)")
+    print(f"mmcv-style module hooks: {module_hook_flops(model, x) / 1e9:.4f} G (blind to the tokenmix ops: "
+          f"they are functional calls, not modules)")
     print("\nby operator (GMACs):")
     for k, v in sorted(r.by_operator.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<30} {v / 1e9:10.4f}  {100 * v / r.total:5.1f}%")

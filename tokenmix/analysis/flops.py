@@ -54,6 +54,7 @@ __all__ = [
     "count_flops",
     "torch_flops",
     "flop_analysis",
+    "module_hook_flops",
     "EXTRA_HANDLES",
     "ELEMENTWISE_OPS",
     "DATA_MOVEMENT_OPS",
@@ -346,3 +347,49 @@ def iter_mixer_modules(model: nn.Module) -> Iterable:
     for name, module in model.named_modules():
         if hasattr(module, "generator") and hasattr(module, "window"):
             yield name, module
+
+
+def module_hook_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """The counting rules of mmcv's module-hook FLOP counter (``get_model_complexity_info``,
+    which the official RedNet numbers come from), re-implemented for comparison: per call of
+    ``nn.Conv2d``: MACs + one add per output element if it has a bias; ``nn.BatchNorm2d``: 2 per
+    input element (affine) else 1; ``nn.ReLU``: 1 per output element; ``nn.{Max,Avg,
+    AdaptiveAvg,AdaptiveMax}Pool2d``: 1 per input element; ``nn.Linear``: MACs.
+
+    It sees modules only, so it is blind to functional ops such as ``tokenmix::aggregate``
+    (or the official involution's unfold-multiply-sum): compare with :func:`count_flops` to
+    see what such a counter misses. Counted in eval mode under no_grad.
+    """
+    total = [0]
+
+    def conv(m, i, o):
+        total[0] += o.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        total[0] += o.numel() if m.bias is not None else 0
+
+    def bn(m, i, o):
+        total[0] += i[0].numel() * (2 if m.affine else 1)
+
+    def per_output(m, i, o):
+        total[0] += o.numel()
+
+    def per_input(m, i, o):
+        total[0] += i[0].numel()
+
+    def linear(m, i, o):
+        total[0] += i[0].numel() * m.out_features
+
+    rules = ((nn.Conv2d, conv), (nn.BatchNorm2d, bn), (nn.ReLU, per_output), (nn.Linear, linear),
+             ((nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), per_input))
+    handles = []
+    for m in model.modules():
+        for kind, hook in rules:
+            if isinstance(m, kind):
+                handles.append(m.register_forward_hook(hook))
+                break
+    try:
+        with _inference(model):
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return int(total[0])
