@@ -103,8 +103,13 @@ def test_train_one_is_deterministic():
     split = load_data("digits")
     kw = dict(epochs=1, batch_size=128, lr=3e-3, weight_decay=0.01, seed=4, width=16, depth=1, kernel_size=3,
               progress=False)
-    a = train_one("involution", split, **kw)
-    b = train_one("involution", split, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `tokenmix compare` runs it; 2 threads on a busy 2-core box are ~10x slower
+    try:
+        a = train_one("involution", split, **kw)
+        b = train_one("involution", split, **kw)
+    finally:
+        torch.set_num_threads(threads)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
     for (ka, pa), (kb, pb) in zip(a["model"].state_dict().items(), b["model"].state_dict().items()):
         assert ka == kb and torch.equal(pa, pb), ka
