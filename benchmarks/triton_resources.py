@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float64"], choices=sorted(DTYPES))
     p.add_argument("--capabilities", nargs="+", type=int, default=[80, 90])
     p.add_argument("--borders", nargs="+", default=["zero", "clamp"], choices=["zero", "clamp"])
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     p.add_argument("--quick", action="store_true", help="float32 only")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     print(head)
     print("-" * len(head))
     t0 = time.time()
-    for op in OPS:
+    for op in args.ops:
         for border in args.borders:
             for dn in dtypes:
                 for tiles in tile_configs(op, DTYPES[dn], K * K):
