@@ -37,10 +37,9 @@ silently (fvcore itself only logs a warning).
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from dataclasses import dataclass, field
 from math import prod
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -333,20 +332,6 @@ def torch_flops(model: nn.Module, *inputs: torch.Tensor, by_operator: bool = Fal
         return total
     ops = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
     return total, ops
-
-
-def format_counts(counts: Mapping[str, int], scale: float = 1e6, unit: str = "M") -> List[str]:
-    """Lines ``name  value`` of a count mapping, largest first."""
-    width = max((len(k) for k in counts), default=4)
-    return [f"{k:<{width}}  {v / scale:12.3f} {unit}" for k, v in Counter(counts).most_common()]
-
-
-def iter_mixer_modules(model: nn.Module) -> Iterable:
-    """``(name, module)`` of every submodule that generates a kernel (has ``generator``
-    and ``window`` attributes, i.e. a tokenmix Mixer)."""
-    for name, module in model.named_modules():
-        if hasattr(module, "generator") and hasattr(module, "window"):
-            yield name, module
 
 
 def module_hook_flops(model: nn.Module, *inputs: torch.Tensor) -> int:

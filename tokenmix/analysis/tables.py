@@ -140,9 +140,10 @@ def zoo_rows(names: Optional[Iterable[str]] = None, *, size: int = 224, latency:
     for name in names:
         if progress is not None:
             progress(name)
-        torch.manual_seed(0)
-        model = create_model(name).eval()
-        x = torch.randn(1, 3, size, size)
+        with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+            torch.manual_seed(0)
+            model = create_model(name).eval()
+            x = torch.randn(1, 3, size, size)
         flops = count_flops(model, x)
         lat = cpu_latency_ms(model, x) if latency else None
         rows.append(ZooRow(name, size, count_params(model), flops, PAPER_TABLE1.get(name), lat))
@@ -217,9 +218,11 @@ def mixer_rows(dim: int = 256, size: int = 14, kernel_size: int = 7, *, stride: 
         raise ValueError(f"unknown mixer(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     rows = []
     for name in names:
-        torch.manual_seed(0)
-        mixer = create_mixer(name, dim, kernel_size=kernel_size, stride=stride)
-        flops = count_flops(mixer, torch.randn(1, dim, size, size))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            mixer = create_mixer(name, dim, kernel_size=kernel_size, stride=stride)
+            x = torch.randn(1, dim, size, size)
+        flops = count_flops(mixer, x)
         gen = flops.by_module.get("generator", 0) if hasattr(mixer, "generator") else 0
         rows.append(MixerRow(name, count_params(mixer), flops, gen))
     return rows
