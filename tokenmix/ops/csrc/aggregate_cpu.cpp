@@ -234,7 +234,7 @@ void fill_rows(acc_t* xs, const scalar_t* src, int64_t ncg, int64_t H, int64_t r
 
 // ------------------------------------------------------------------------------ aggregate
 template <typename acc_t, int CB, int NV>
-inline void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
+__attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
                       const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob) {
   using V = typename VecOf<acc_t>::type;
   constexpr int L = VecOf<acc_t>::N;
@@ -280,7 +280,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
 
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
   // weights of a task: (K*K, ch, wbw), copied once per task so each tap plane streams ch rows
-  const int64_t wts = ch * wbw;
+  // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets)
+  const int64_t wts = ch * wbw + 64 / static_cast<int64_t>(sizeof(acc_t));
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, KK * wts, Cg * wbw}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
@@ -373,7 +374,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
 
 // ------------------------------------------------------------------------------ correlate
 template <typename acc_t, int TV>
-inline void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t wbw, int64_t Cg,
+__attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t wbw, int64_t Cg,
                        const int64_t* phoff, int64_t j0, acc_t* rb) {
   using V = typename VecOf<acc_t>::type;
   V acc[TV];
@@ -529,7 +530,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
 // a fixed phase the sum over taps is unit-stride in m. Output-side scratch (y and w rows of
 // the task) is zero-padded by lp on the left so that j = m - e_v outside [0, Wo) reads 0.
 template <typename acc_t, int CB, int NV>
-inline void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
+__attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
                      const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
                      int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t obw) {
   using V = typename VecOf<acc_t>::type;
