@@ -108,15 +108,17 @@ def test_every_mixer_strict_and_factor_two(name):
         assert r.by_operator["correlate"] == 2 * C * H * H * K * K
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_every_model_strict_and_factor_two(name):
+@pytest.mark.parametrize("name", [n for n in list_models() if n.endswith("26")])
+def test_small_models_strict_and_factor_two(name):
+    """One model per family at 32x32: strict, and fvcore == FlopCounterMode / 2. (Strictness of
+    *every* registered model is checked at 224 by the zoo fixture below, which traces each
+    model once; a second trace of the deep models at a small size would double the cost.)"""
     torch.manual_seed(0)
     model = create_model(name, num_classes=10)
     x = torch.randn(1, 3, 32, 32)
     r = count_flops(model, x, strict=True)
     assert r.unsupported == {} and r.by_module[""] == r.total > 0
-    if name.endswith("26"):  # one per family: the second forward costs as much as the count
-        assert torch_flops(model, x) == 2 * r.macs
+    assert torch_flops(model, x) == 2 * r.macs
     if name.startswith(("rednet", "sasa")):
         assert r.by_operator["aggregate"] > 0
 
@@ -201,16 +203,22 @@ def test_resnet_gmacs_within_3_percent_of_paper(zoo, name, bar):
     assert abs(zoo[name].gmacs / bar - 1) <= 0.03, (name, zoo[name].gmacs, bar)
 
 
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_counts_strictly(zoo, name):
+    """zoo_rows counts with strict=True: it would have raised on any op with no handle."""
+    row = zoo[name]
+    assert row.flops.unsupported == {} and row.flops.by_module[""] == row.flops.total > 0
+    assert row.flops.macs > 0.98 * row.flops.total  # the multiply-add operators dominate
+    if name.startswith(("rednet", "sasa")):  # the involution/attention models count their aggregation
+        assert row.flops.by_operator["aggregate"] > 0
+
+
 def test_zoo_params_match_paper_and_table_renders(zoo):
-    assert sorted(zoo) == sorted(list_models())  # strict counts of every model at 224 too
+    assert sorted(zoo) == sorted(list_models())
     for name, row in zoo.items():
-        assert row.flops.unsupported == {}
         paper = PAPER_TABLE1[name]
-        # Table 1 prints one decimal: within its rounding, plus 1% for SASA-ResNet's head
-        assert abs(row.params / 1e6 - paper.params_m) <= 0.05 + 0.01 * paper.params_m, (name, row.params)
-        # the involution/attention models really count their aggregation
-        if name.startswith(("rednet", "sasa")):
-            assert row.flops.by_operator["aggregate"] > 0
+        # Table 1 prints one decimal; the largest gap is SASA-ResNet-38, 14.187 M vs 14.1 (0.62 %)
+        assert abs(row.params / 1e6 / paper.params_m - 1) <= 0.007, (name, row.params)
     text = format_zoo(list(zoo.values()))
     assert text.count("\n") == len(zoo) + 1 and "| rednet50 | 15.54 |" in text
 

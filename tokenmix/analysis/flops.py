@@ -336,7 +336,7 @@ def torch_flops(model: nn.Module, *inputs: torch.Tensor, by_operator: bool = Fal
 
 def module_hook_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
     """The counting rules of mmcv's module-hook FLOP counter (``get_model_complexity_info``,
-    which the official RedNet numbers come from), re-implemented for comparison: per call of
+    the counter of mmcls's ``get_flops`` tool), re-implemented for comparison: per call of
     ``nn.Conv2d``: MACs + one add per output element if it has a bias; ``nn.BatchNorm2d``: 2 per
     input element (affine) else 1; ``nn.ReLU``: 1 per output element; ``nn.{Max,Avg,
     AdaptiveAvg,AdaptiveMax}Pool2d``: 1 per input element; ``nn.Linear``: MACs.
