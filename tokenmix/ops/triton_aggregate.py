@@ -15,7 +15,16 @@ import triton.language as tl
 from .triton_backend import acc_dtype, channel_tile, check_plane, launchable, pixel_tile, weight_strides
 
 
-@triton.jit
+# Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
+# compiled variant per (K, border, dtype, tiles) serves every shape and geometry (pointers keep
+# Triton's 16-byte alignment specialisation).
+_RUNTIME_INTS = (
+    "C", "H", "W", "Ho", "Wo", "Cg", "G", "n_cblk", "n_pblk", "w_sb", "w_sg", "w_st", "w_sp", "sh",
+    "sw", "dh", "dw", "ph", "pw",
+)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def aggregate_kernel(
     x_ptr, w_ptr, y_ptr,
     C, H, W, Ho, Wo, Cg, G, n_cblk, n_pblk,

@@ -19,7 +19,16 @@ from .triton_backend import (acc_dtype, channel_tile, check_plane, clamp_candida
                              weight_strides)
 
 
-@triton.jit
+# Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
+# compiled variant per (K, border, dtype, tiles) serves every shape and geometry (pointers keep
+# Triton's 16-byte alignment specialisation).
+_RUNTIME_INTS = (
+    "C", "H", "W", "Ho", "Wo", "Cg", "G", "n_cblk", "n_pblk", "w_sb", "w_sg", "w_st", "w_sp", "sh",
+    "sw", "dh", "dw", "ph", "pw", "NC_H", "NC_W",
+)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def aggregate_transpose_kernel(
     y_ptr, w_ptr, x_ptr,
     C, H, W, Ho, Wo, Cg, G, n_cblk, n_pblk,

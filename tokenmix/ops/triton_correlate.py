@@ -18,7 +18,16 @@ from .triton_backend import acc_dtype, check_plane, correlate_pixel_tile, launch
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
 
 
-@triton.jit
+# Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
+# compiled variant per (K, border, dtype, tiles) serves every shape and geometry (pointers keep
+# Triton's 16-byte alignment specialisation).
+_RUNTIME_INTS = (
+    "B", "C", "H", "W", "Ho", "Wo", "Cg", "G", "n_pblk", "b_per_prog", "sh", "sw", "dh", "dw",
+    "ph", "pw",
+)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def correlate_kernel(
     q_ptr, k_ptr, out_ptr,
     B, C, H, W, Ho, Wo, Cg, G, n_pblk, b_per_prog,
