@@ -196,6 +196,19 @@ inline int64_t max_row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t
   return m;
 }
 
+// Ask for rows [r0, r1) of every tap plane of a weight block to be brought towards L2, so the
+// next task's weights (the bulk of the bytes, read as K*K short streams that the hardware
+// prefetcher does not pick up in time) arrive while this task computes.
+template <typename scalar_t>
+inline void prefetch_planes(const scalar_t* wg, int64_t KK, int64_t plane, int64_t rowlen, int64_t r0, int64_t r1) {
+  if (r1 <= r0) return;
+  const int64_t bytes = (r1 - r0) * rowlen * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t t = 0; t < KK; ++t) {
+    const char* base = reinterpret_cast<const char*>(wg + t * plane + r0 * rowlen);
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(base + off, 0, 2);
+  }
+}
+
 // d[k] = src[S*k] with a compile-time stride, so the compiler vectorises the de-interleave.
 template <int S, typename scalar_t, typename acc_t>
 inline void copy_strided(acc_t* __restrict__ d, const scalar_t* __restrict__ src, int64_t n) {
@@ -311,6 +324,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           std::fill(dst + Wo, dst + wbw, acc_t(0));
         }
       }
+      if (wHW > 1 && ic + 1 < nch) prefetch_planes(wg, KK, wHW, Wo, i1, std::min(Ho, i1 + ch));
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t u = 0; u < Kh; ++u) {
           int64_t r = rows[u * Ho + i];
@@ -653,6 +667,10 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
             }
           }
+        if (wHW > 1 && hc + 1 < nch) {
+          const auto next = out_span(h1, std::min(H, h1 + ch));
+          prefetch_planes(wg, KK, wHW, Wo, std::max(next.first, imin + nri), next.first + next.second);
+        }
       }
       for (int64_t h = h0; h < h1; ++h) {
         std::fill(xrow.begin(), xrow.end(), acc_t(0));
