@@ -4,11 +4,13 @@ first and whose ``forward(x, window)`` returns the kernel ``w: (B|1, G, K*K, Ho|
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Type
+from typing import Callable, List
 
 from torch import nn
 
-_KERNEL_GENS: Dict[str, Callable[..., nn.Module]] = {}
+from .._registry import Registry
+
+_KERNEL_GENS = Registry("kernel generator")
 
 
 def register_kernel_gen(name: str):
@@ -17,16 +19,7 @@ def register_kernel_gen(name: str):
     >>> @register_kernel_gen("my_gen")          # doctest: +SKIP
     ... class MyGen(nn.Module): ...
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"kernel generator name must be a non-empty str, got {name!r}")
-
-    def deco(cls: Type[nn.Module]):
-        if name in _KERNEL_GENS and _KERNEL_GENS[name] is not cls:
-            raise ValueError(f"kernel generator {name!r} is already registered to {_KERNEL_GENS[name]!r}")
-        _KERNEL_GENS[name] = cls
-        return cls
-
-    return deco
+    return _KERNEL_GENS.register(name)
 
 
 def list_kernel_gens() -> List[str]:
@@ -36,9 +29,7 @@ def list_kernel_gens() -> List[str]:
 
 def get_kernel_gen(name: str) -> Callable[..., nn.Module]:
     """The class registered under ``name``; ValueError listing the known names otherwise."""
-    if name not in _KERNEL_GENS:
-        raise ValueError(f"unknown kernel generator {name!r}; known: {', '.join(list_kernel_gens())}")
-    return _KERNEL_GENS[name]
+    return _KERNEL_GENS.lookup(name, list_kernel_gens())
 
 
 def create_kernel_gen(name: str, channels: int, **kwargs) -> nn.Module:

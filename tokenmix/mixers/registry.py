@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import List
 
 from torch import nn
 
+from .._registry import Registry
 from ..kernel_gen.base import check_int
 
-_MIXERS: Dict[str, Callable[..., nn.Module]] = {}
+_MIXERS = Registry("mixer")
 
 
 def register_mixer(name: str):
     """Decorator registering a builder ``fn(dim, *, kernel_size, stride, **kw) -> nn.Module``
     under ``name``. The builder must map (B, dim, H, W) to (B, dim, ceil(H/s), ceil(W/s))
     and accept ``device=``/``dtype=``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"mixer name must be a non-empty str, got {name!r}")
-
-    def deco(fn):
-        if name in _MIXERS and _MIXERS[name] is not fn:
-            raise ValueError(f"mixer {name!r} is already registered to {_MIXERS[name]!r}")
-        _MIXERS[name] = fn
-        return fn
-
-    return deco
+    return _MIXERS.register(name)
 
 
 def list_mixers() -> List[str]:
@@ -45,11 +37,10 @@ def create_mixer(name: str, dim: int, *, kernel_size=7, stride: int = 1, **kwarg
 
     Shapes: ``x: (B, dim, H, W) -> (B, dim, ceil(H/s), ceil(W/s))``.
     """
-    if name not in _MIXERS:
-        raise ValueError(f"unknown mixer {name!r}; known: {', '.join(list_mixers())}")
+    builder = _MIXERS.lookup(name, list_mixers())
     dim = check_int("dim", dim)
     stride = check_int("stride", stride)
-    return _MIXERS[name](dim, kernel_size=kernel_size, stride=stride, **kwargs)
+    return builder(dim, kernel_size=kernel_size, stride=stride, **kwargs)
 
 
 __all__ = ["register_mixer", "create_mixer", "list_mixers"]
