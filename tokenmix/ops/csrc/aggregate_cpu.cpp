@@ -153,10 +153,13 @@ struct ThreadScratch {
     nthreads = std::max<int64_t>(1, at::get_num_threads());
     buf = at::empty({nthreads * per}, at::TensorOptions().dtype(at::kByte));
   }
-  char* base() const {
+  // This thread's slice; a private buffer (kept alive by `own`) if the thread id is outside
+  // the pool sized above (a call from inside another parallel region).
+  char* base(at::Tensor& own) const {
     int64_t tid = at::get_thread_num();
-    TORCH_CHECK(tid >= 0 && tid < nthreads, "tokenmix cpu: unexpected thread id ", tid);
-    return reinterpret_cast<char*>(buf.data_ptr<uint8_t>()) + tid * per;
+    if (tid >= 0 && tid < nthreads) return reinterpret_cast<char*>(buf.data_ptr<uint8_t>()) + tid * per;
+    own = at::empty({per}, at::TensorOptions().dtype(at::kByte));
+    return reinterpret_cast<char*>(own.data_ptr<uint8_t>());
   }
 };
 
@@ -298,7 +301,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, KK * wts, Cg * wbw}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
-    Carver cv{scratch.base()};
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
     Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(KK * wts),
                ob = cv.take<acc_t>(Cg * wbw);
     std::vector<int64_t> rru(Kh);
@@ -443,7 +447,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, Cg * wbw, KK * wbw, nacc}, sizeof(acc_t)));
 
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-    Carver cv{scratch.base()};
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
     Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(Cg * wbw),
                rb = cv.take<acc_t>(KK * wbw), accb = cv.take<acc_t>(nacc);
     for (int64_t task = t0; task < t1; ++task) {
@@ -638,7 +643,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       bytes_of({Cg * nri_max * lpw, KK * nri_max * lpw, Cg * obw, Cg * W}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
-    Carver cv{scratch.base()};
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
     Buf<acc_t> ys = cv.take<acc_t>(Cg * nri_max * lpw), wb = cv.take<acc_t>(KK * nri_max * lpw),
                xo = cv.take<acc_t>(Cg * obw), xrow = cv.take<acc_t>(Cg * W);
     for (int64_t task = t0; task < t1; ++task) {
