@@ -18,7 +18,9 @@ input row, the (tap, output row) pairs that read it), so it is deterministic.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +39,21 @@ _lock = threading.Lock()
 _state = {"module": None, "error": None, "build_seconds": None, "library": None}
 
 
+def _host_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags. The build uses
+    ``-march=native`` and torch's extension cache is keyed by name and sources only, so the
+    name carries the host: a cache shared by machines with different CPUs never hands one a
+    library with instructions it lacks."""
+    info = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        info += "".join(sorted(set(lines)))
+    except OSError:
+        info += platform.processor()
+    return hashlib.sha1(info.encode()).hexdigest()[:10]
+
+
 def _source_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "aggregate_cpu.cpp")
 
@@ -48,7 +65,7 @@ def _build():
     ``load(is_python_module=False)`` loads it into the process and returns its path."""
     from torch.utils.cpp_extension import load
 
-    path = load(name=_EXT_NAME, sources=[_source_path()], extra_cflags=list(_CFLAGS),
+    path = load(name=f"{_EXT_NAME}_{_host_tag()}", sources=[_source_path()], extra_cflags=list(_CFLAGS),
                 extra_ldflags=list(_LDFLAGS), is_python_module=False, verbose=False)
     _state["library"] = path
     return torch.ops.tokenmix_cpu
