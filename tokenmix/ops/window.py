@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Tuple, Union
 
@@ -163,7 +164,14 @@ class Window:
 
     @staticmethod
     def from_args(kernel_size, stride, dilation, padding, border) -> "Window":
-        return Window(tuple(kernel_size), tuple(stride), tuple(dilation), tuple(padding) if border == "zero" else None, border)
+        """Inverse of :meth:`as_args` (cached: the ops rebuild their Window on every call)."""
+        return _window_from_args(tuple(kernel_size), tuple(stride), tuple(dilation),
+                                 tuple(padding) if border == "zero" else None, border)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_from_args(kernel_size, stride, dilation, padding, border) -> Window:
+    return Window(kernel_size, stride, dilation, padding, border)
 
 
 __all__ = ["Window", "BORDERS"]
