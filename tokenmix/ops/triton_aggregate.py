@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .triton_backend import acc_dtype, channel_tile, check_plane, launchable, pixel_tile, weight_strides
+from .triton_window import clamp_start, split_program
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
@@ -51,13 +52,7 @@ def aggregate_kernel(
     over the batch, ``w_sp = 0`` over space. Image/plane offsets are int64; offsets inside one
     ``H*W`` plane are int32 (the launcher checks a plane has < 2**31 elements).
     """
-    pid = tl.program_id(0)
-    pblk = pid % n_pblk
-    rest = pid // n_pblk
-    cblk = rest % n_cblk
-    rest = rest // n_cblk
-    g = rest % G
-    b = (rest // G).to(tl.int64)
+    pblk, cblk, g, b = split_program(tl.program_id(0), n_pblk, n_cblk, G)
 
     offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < Ho * Wo
@@ -71,12 +66,8 @@ def aggregate_kernel(
 
     if CLAMP:
         # neighborhood window: per axis, sub-grid r = i mod d, start' clamped into the sub-grid
-        rh = i % dh
-        Lh = (H - rh + dh - 1) // dh
-        h0 = rh + dh * tl.minimum(tl.maximum(i // dh - KH // 2, 0), Lh - KH)
-        rw = j % dw
-        Lw = (W - rw + dw - 1) // dw
-        w0 = rw + dw * tl.minimum(tl.maximum(j // dw - KW // 2, 0), Lw - KW)
+        h0 = clamp_start(i, H, KH, dh)
+        w0 = clamp_start(j, W, KW, dw)
     else:
         h0 = i * sh - ph
         w0 = j * sw - pw

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .triton_backend import (acc_dtype, channel_tile, check_plane, clamp_candidates, launchable, pixel_tile,
                              weight_strides)
+from .triton_window import split_program
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
@@ -58,13 +59,7 @@ def aggregate_transpose_kernel(
       the launcher), masked per pixel, with the same loads and FMA per candidate.
     Accumulation in float32 (float64 for float64 inputs); int64 image/plane offsets.
     """
-    pid = tl.program_id(0)
-    pblk = pid % n_pblk
-    rest = pid // n_pblk
-    cblk = rest % n_cblk
-    rest = rest // n_cblk
-    g = rest % G
-    b = (rest // G).to(tl.int64)
+    pblk, cblk, g, b = split_program(tl.program_id(0), n_pblk, n_cblk, G)
 
     offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < H * W

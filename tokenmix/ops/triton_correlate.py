@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .triton_backend import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
+from .triton_window import clamp_start
 
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
 
@@ -70,12 +71,8 @@ def correlate_kernel(
     v = t % KW
 
     if CLAMP:
-        rh = i % dh
-        Lh = (H - rh + dh - 1) // dh
-        h0 = rh + dh * tl.minimum(tl.maximum(i // dh - KH // 2, 0), Lh - KH)
-        rw = j % dw
-        Lw = (W - rw + dw - 1) // dw
-        w0 = rw + dw * tl.minimum(tl.maximum(j // dw - KW // 2, 0), Lw - KW)
+        h0 = clamp_start(i, H, KH, dh)
+        w0 = clamp_start(j, W, KW, dw)
         hs = h0[None, :] + (u * dh)[:, None]
         ws = w0[None, :] + (v * dw)[:, None]
         valid = mask_t[:, None] & mask_p[None, :]

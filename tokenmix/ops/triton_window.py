@@ -1,0 +1,28 @@
+"""Device helpers shared by the Triton kernels (inlined into each kernel at compile time).
+
+Imported only by the kernel modules, which are imported only when the Triton backend runs.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def clamp_start(i, L, K: tl.constexpr, d):
+    """First source pixel of the clamp-border window of output ``i`` along an axis of length
+    ``L`` (DESIGN.md 2.1): on the sub-grid ``r = i mod d`` of length ``ceil((L - r) / d)``,
+    ``start' = clamp(i // d - K // 2, 0, L_r - K)``; tap ``u`` then reads ``start + u*d``."""
+    r = i % d
+    Lr = (L - r + d - 1) // d
+    return r + d * tl.minimum(tl.maximum(i // d - K // 2, 0), Lr - K)
+
+
+@triton.jit
+def split_program(pid, n_pblk, n_cblk, G):
+    """Program id -> (pixel block, channel block, group, batch as int64); pixel blocks vary
+    fastest so neighbouring programs share input rows."""
+    pblk = pid % n_pblk
+    rest = pid // n_pblk
+    cblk = rest % n_cblk
+    rest = rest // n_cblk
+    return pblk, cblk, rest % G, (rest // G).to(tl.int64)
