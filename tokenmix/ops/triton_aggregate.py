@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import acc_dtype, channel_tile, check_plane, launchable, pixel_tile, weight_strides
+from .triton_backend import acc_dtype, channel_pixel_grid, check_plane, weight_strides
 from .triton_window import clamp_start, split_program
 
 
@@ -109,11 +109,7 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window) -> torch.Tensor:
     y = torch.empty(B, C, Ho, Wo, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    BLOCK_C = channel_tile(Cg)
-    BLOCK_P = pixel_tile(Ho * Wo, BLOCK_C, x.dtype)
-    n_cblk = triton.cdiv(Cg, BLOCK_C)
-    n_pblk = triton.cdiv(Ho * Wo, BLOCK_P)
-    grid = (launchable(B * G * n_cblk * n_pblk),)
+    BLOCK_C, BLOCK_P, n_cblk, n_pblk, grid = channel_pixel_grid(B, G, Cg, Ho * Wo, x.dtype)
     (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
     aggregate_kernel[grid](
         x, w, y,

@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import (acc_dtype, channel_tile, check_plane, clamp_candidates, launchable, pixel_tile,
-                             weight_strides)
+from .triton_backend import acc_dtype, channel_pixel_grid, check_plane, clamp_candidates, weight_strides
 from .triton_window import split_program
 
 
@@ -135,11 +134,7 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window, input_size: Tu
     x = torch.empty(B, C, H, W, dtype=y.dtype, device=y.device)
     if x.numel() == 0:
         return x
-    BLOCK_C = channel_tile(Cg)
-    BLOCK_P = pixel_tile(H * W, BLOCK_C, y.dtype)
-    n_cblk = triton.cdiv(Cg, BLOCK_C)
-    n_pblk = triton.cdiv(H * W, BLOCK_P)
-    grid = (launchable(B * G * n_cblk * n_pblk),)
+    BLOCK_C, BLOCK_P, n_cblk, n_pblk, grid = channel_pixel_grid(B, G, Cg, H * W, y.dtype)
     (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
     clamp = window.border == "clamp"
     nc_h = clamp_candidates(H, Kh, dh) if clamp else 0

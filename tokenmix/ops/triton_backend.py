@@ -70,6 +70,17 @@ def pixel_tile(pixels: int, block_c: int, dtype: torch.dtype) -> int:
     return min(p, max(16, _next_pow2(pixels)))
 
 
+def channel_pixel_grid(B: int, G: int, Cg: int, pixels: int, dtype: torch.dtype):
+    """Tiles and grid of aggregate/aggregate_transpose, whose programs own ``BLOCK_C``
+    channels of one group by ``BLOCK_P`` pixels (the kernels undo it with ``split_program``).
+    Returns ``(BLOCK_C, BLOCK_P, n_cblk, n_pblk, grid)``."""
+    block_c = channel_tile(Cg)
+    block_p = pixel_tile(pixels, block_c, dtype)
+    n_cblk = -(-Cg // block_c)
+    n_pblk = -(-pixels // block_p)
+    return block_c, block_p, n_cblk, n_pblk, (launchable(B * G * n_cblk * n_pblk),)
+
+
 def tap_tile(taps: int) -> int:
     """BLOCK_T of correlate: all K*K taps of a pixel in one program (next power of two)."""
     return _next_pow2(taps)
