@@ -120,6 +120,15 @@ class ZooRow:
         return self.gmacs / self.paper.reference_gmacs
 
 
+def _select(names: Optional[Iterable[str]], known: List[str], kind: str) -> List[str]:
+    """``names`` (default: every known one) as a list; ValueError naming the unknown ones."""
+    names = list(known if names is None else names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {kind}(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return names
+
+
 def zoo_rows(names: Optional[Iterable[str]] = None, *, size: int = 224, latency: bool = False,
              progress: Optional[Callable[[str], None]] = None) -> List[ZooRow]:
     """Build every model of ``names`` (default: all registered), count params and flops on a
@@ -131,11 +140,7 @@ def zoo_rows(names: Optional[Iterable[str]] = None, *, size: int = 224, latency:
     from ..models import create_model, list_models
 
     size = check_size(size)
-    known = list_models()
-    names = list(known if names is None else names)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    names = _select(names, list_models(), "model")
     rows = []
     for name in names:
         if progress is not None:
@@ -211,11 +216,7 @@ def mixer_rows(dim: int = 256, size: int = 14, kernel_size: int = 7, *, stride: 
     for arg, v in (("dim", dim), ("size", size), ("kernel_size", kernel_size), ("stride", stride)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{arg} must be a positive int, got {v!r}")
-    known = list_mixers()
-    names = list(known if names is None else names)
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown mixer(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    names = _select(names, list_mixers(), "mixer")
     rows = []
     for name in names:
         with torch.random.fork_rng(devices=[]):
