@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from ._checks import check_positive_int
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -135,8 +137,8 @@ def load_data(spec: str, *, size: Optional[int] = None, test_fraction: float = 0
     """
     if not isinstance(spec, str):
         raise TypeError(f"data must be a string such as 'digits' or 'folder:PATH', got {spec!r}")
-    if size is not None and (not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    if size is not None:
+        check_positive_int("size", size)
     if spec == "digits":
         x, y, classes = _load_digits()
         x = _resize(x, size)

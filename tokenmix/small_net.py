@@ -25,6 +25,8 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from ._checks import check_positive_int
+
 NORMS = ("batch", "group", "none")
 
 
@@ -77,8 +79,7 @@ class SmallNet(nn.Module):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width),
                             ("depth", depth)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         kw = dict(mixer_kwargs or {})

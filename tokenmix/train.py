@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from ._checks import check_positive_int
 from .cli import Command
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -78,9 +79,7 @@ class TrainConfig:
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_positive_int(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import check_positive_int
+
 __all__ = [
     "REDUCTIONS",
     "IMAGENET_MEAN",
@@ -177,8 +179,7 @@ def plot_heatmaps(image: torch.Tensor, maps: torch.Tensor, out: Union[str, os.Pa
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
     if maps.dim() != 3:
         raise ValueError(f"maps must be (G, Ho, Wo), got {tuple(maps.shape)}")
-    if not isinstance(max_groups, int) or max_groups < 1:
-        raise ValueError(f"max_groups must be a positive int, got {max_groups!r}")
+    check_positive_int("max_groups", max_groups)
     H, W = image.shape[1:]
     G = min(maps.shape[0], max_groups)
     up = F.interpolate(maps[:G].unsqueeze(0).float(), size=(H, W), mode="nearest")[0]

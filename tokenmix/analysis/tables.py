@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .._checks import check_positive_int
 from .flops import FlopCount, count_flops
 from .params import count_params
 
@@ -214,8 +215,7 @@ def mixer_rows(dim: int = 256, size: int = 14, kernel_size: int = 7, *, stride: 
     from ..mixers import create_mixer, list_mixers
 
     for arg, v in (("dim", dim), ("size", size), ("kernel_size", kernel_size), ("stride", stride)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        check_positive_int(arg, v)
     names = _select(names, list_mixers(), "mixer")
     rows = []
     for name in names:
