@@ -276,3 +276,24 @@ def test_default_dispatch_uses_cpu_backend_for_cpu_tensors():
     from tokenmix.ops import select_backend
     x, w = torch.randn(1, 2, 5, 5), torch.randn(1, 1, 9, 5, 5)
     assert select_backend("aggregate", (x, w), Window(3)).name == "cpu"
+
+
+def test_autocast_casts_both_inputs_to_the_autocast_dtype():
+    """A float32 value and a bfloat16 kernel (what a conv-made kernel is under CPU autocast)
+    meet in bfloat16, for all three primitives, matching the float32 reference."""
+    window = Window(3, stride=2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 8, generator=g)
+    w = torch.randn(2, 2, 9, 5, 4, generator=g)
+    q = torch.randn(2, 4, 5, 4, generator=g)
+    atol, rtol = get_backend("reference").fwd_tol[torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = aggregate(x, w.bfloat16(), window)
+        s = correlate(q.bfloat16(), x, window, 2)
+        t = aggregate_transpose(q, w.bfloat16(), window, (9, 8))
+    assert y.dtype == s.dtype == t.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), aggregate(x, w, window), atol=atol, rtol=rtol)
+    torch.testing.assert_close(s.float(), correlate(q, x, window, 2), atol=4 * atol, rtol=rtol)
+    torch.testing.assert_close(t.float(), aggregate_transpose(q, w, window, (9, 8)), atol=atol, rtol=rtol)
+    with pytest.raises(TypeError, match="one dtype"):  # outside autocast, mixed dtypes stay an error
+        aggregate(x, w.bfloat16(), window)

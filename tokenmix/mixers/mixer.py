@@ -8,11 +8,8 @@ import torch
 from torch import nn
 
 from ..kernel_gen.base import check_int
-from ..ops.functional import aggregate
+from ..ops.functional import aggregate, autocast_dtype
 from ..ops.window import Window
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
 
 def _reset(m: nn.Module) -> None:
@@ -74,13 +71,8 @@ class Mixer(nn.Module):
             raise ValueError(f"{type(self).__name__} expects x of shape (B, {self.dim}, H, W), got {tuple(x.shape)}")
         w = self.generator(x, self.window)
         v = self.value(x)
-        if v.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(v.device.type):
-            # as a conv under autocast: compute in the autocast dtype (a softmax kernel comes
-            # out of autocast in float32, a conv-made kernel in the low-precision dtype)
-            dt = torch.get_autocast_dtype(v.device.type)
-            v, w = v.to(dt), w.to(dt)
-        elif w.dtype != v.dtype:
-            w = w.to(v.dtype)
+        if w.dtype != v.dtype and autocast_dtype(v.device) is None:
+            w = w.to(v.dtype)  # under autocast, aggregate casts both to the autocast dtype itself
         y = aggregate(v, w, self.window)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)

@@ -14,6 +14,25 @@ from . import checks
 from . import custom_ops  # noqa: F401  (defines torch.ops.tokenmix.*)
 from .window import Window
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``device``, or None when autocast is off there."""
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _autocast(a: torch.Tensor, b: torch.Tensor):
+    """Under autocast, run in the autocast dtype (as conv2d/matmul do), so a generated kernel
+    and a value that autocast left in different dtypes can meet; otherwise unchanged."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        dt = autocast_dtype(a.device)
+        if dt is not None:
+            return a.to(dt), b.to(dt)
+    return a, b
+
 
 def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Optional[str] = None) -> torch.Tensor:
     """Apply a per-pixel kernel: ``y[b,c,i,j] = sum_t w[b,g(c),t,i,j] * x[b,c,src_t(i,j)]``.
@@ -25,6 +44,8 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Opti
         window: the :class:`Window` geometry.
         backend: force a backend by name ("reference", "cpu", "triton"); default: dispatch.
 
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype (as for conv2d).
+
     Returns:
         y: (B, C, Ho, Wo) with ``(Ho, Wo) = window.output_size(H, W)``.
 
@@ -34,6 +55,7 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Opti
         cols = cols.view(B, G, C // G, K * K, Ho, Wo)
         y = (cols * w.unsqueeze(2)).sum(3).view(B, C, Ho, Wo)
     """
+    x, w = _autocast(x, w)
     checks.check_aggregate(x, w, window)
     return torch.ops.tokenmix.aggregate(x, w, *window.as_args(), backend)
 
@@ -59,6 +81,7 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
         cols = cols.view(B, G, C // G, K * K, Ho, Wo)
         out = (cols * q.view(B, G, C // G, 1, Ho, Wo)).sum(2)
     """
+    q, k = _autocast(q, k)
     checks.check_correlate(q, k, window, groups)
     return torch.ops.tokenmix.correlate(q, k, *window.as_args(), groups, False, False, backend)
 
@@ -84,5 +107,6 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
         cols = (y.view(B, G, C // G, 1, Ho, Wo) * w.unsqueeze(2)).view(B, C * K * K, Ho * Wo)
         x = F.fold(cols, input_size, window.kernel_size, window.dilation, window.padding, window.stride)
     """
+    y, w = _autocast(y, w)
     H, W = checks.check_aggregate_transpose(y, w, window, input_size)
     return torch.ops.tokenmix.aggregate_transpose(y, w, *window.as_args(), [H, W], backend)
