@@ -14,6 +14,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, registry
 from tokenmix.ops import cpu_backend
@@ -193,6 +195,48 @@ def test_dtype_tolerances_on_rednet_like_shape(window, dtype):
         # the reduced forms sum up to B*Ho*Wo terms: scale the absolute tolerance with them
         n = (B if sb else 1) * (Ho * Wo if ss else 1)
         torch.testing.assert_close(got, exp, atol=btol[0] * n ** 0.5 * 4, rtol=btol[1])
+
+
+@st.composite
+def _wide_cases(draw):
+    """Rows wide enough for every vector path of the kernels (float32 blocks are 8 or 16
+    columns: weights read and outputs written in place, the transpose's direct stores, the
+    shifted last block) and channel counts that exercise every register-block size."""
+    border = draw(st.sampled_from(["zero", "clamp"]))
+    K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    D = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    S = (1, 1) if border == "clamp" else (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    window = Window(K, stride=S, dilation=D, border=border)
+    extra = 1 if border == "clamp" else 0  # the clamp window must fit in the image: K*d <= size
+    lo = [D[a] * (K[a] - 1) + 1 + extra * (D[a] - 1) for a in (0, 1)]
+    H = draw(st.integers(lo[0], max(lo[0], 12)))
+    W = draw(st.integers(max(8, lo[1]), 41))
+    G = draw(st.sampled_from([1, 2]))
+    Cg = draw(st.sampled_from([1, 3, 4, 8, 9, 16]))
+    mode = draw(st.sampled_from(["full", "batch1", "space1", "both1"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    return window, 2, G * Cg, G, H, W, mode, dtype
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_wide_cases(), seed=st.integers(0, 2**16))
+def test_wide_rows_all_vector_paths(case, seed):
+    """All three kernels on rows 8..41 wide, in float32 and float64, against the float64
+    reference: the in-place and scratch paths, both borders, stride and dilation."""
+    b = _cpu()
+    window, B, C, G, H, W, mode, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, generator=g).to(dtype)
+    w = (_weight(B, G, window, Ho, Wo, mode, torch.float32, g) / 4).to(dtype)
+    y = torch.randn(B, C, Ho, Wo, generator=g).to(dtype)
+    tol = b.fwd_tol[dtype]
+    torch.testing.assert_close(b.aggregate(x, w, window).double(), _ref("aggregate", x, w, window),
+                               atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(b.aggregate_transpose(y, w, window, (H, W)).double(),
+                               _ref("aggregate_transpose", y, w, window, (H, W)), atol=tol[0], rtol=tol[1])
+    torch.testing.assert_close(b.correlate(y, x, window, G).double(), _ref("correlate", y, x, window, G),
+                               atol=tol[0] * C ** 0.5, rtol=tol[1])
 
 
 def test_results_do_not_depend_on_thread_count():

@@ -34,9 +34,11 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 #include <utility>
 #include <cstring>
 #include <vector>
+#include <cstdlib>
 
 namespace {
 
@@ -78,6 +80,8 @@ struct ColPlan {
   int64_t Kw, Wo, W, s, padc, pw, fa, fb, wbw;
   bool pad_ok;
   std::vector<int64_t> phoff;  // per v: phase * pw + e_v (scratch offset of output column 0)
+  // per phase f (s > 1): input columns col0[f] + k*s, k < cnt[f], go to scratch dst0[f] + k
+  std::vector<int64_t> col0, cnt, dst0;
   const int64_t* cols;
   int64_t pos(int64_t col) const {
     int64_t q = col + padc;
@@ -87,7 +91,7 @@ struct ColPlan {
 
 // fast columns [f0, f1) and whether the block tail may overrun (pad_ok)
 ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, int64_t s, int64_t fa,
-                     int64_t fb, bool pad_ok, int64_t block) {
+                     int64_t fb, bool pad_ok, int64_t block, bool exact_end = false) {
   ColPlan p;
   p.Kw = cols.size(0);
   p.Wo = cols.size(1);
@@ -101,7 +105,7 @@ ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, 
   p.padc = -mn;
   if (pad_ok) {
     p.fa = 0;
-    p.fb = round_up(p.Wo, block);
+    p.fb = exact_end ? p.Wo : round_up(p.Wo, block);
   } else if (fb - fa >= block) {
     p.fa = fa;
     p.fb = fb;
@@ -112,6 +116,13 @@ ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, 
   int64_t emax = 0;
   for (int64_t v = 0; v < p.Kw; ++v) emax = std::max(emax, (off[v] + p.padc) / s);
   p.pw = std::max(p.wbw + emax, (W - 1 + p.padc) / s + 1) + 1;
+  for (int64_t f = 0; f < s; ++f) {
+    const int64_t idx = ceil_div(std::max<int64_t>(p.padc - f, 0), s);
+    const int64_t col = idx * s + f - p.padc;
+    p.col0.push_back(col);
+    p.cnt.push_back(col < W ? (W - 1 - col) / s + 1 : 0);
+    p.dst0.push_back(f * p.pw + idx);
+  }
   p.phoff.resize(p.Kw);
   for (int64_t v = 0; v < p.Kw; ++v) {
     int64_t q = off[v] + p.padc;
@@ -153,13 +164,19 @@ struct ThreadScratch {
     nthreads = std::max<int64_t>(1, at::get_num_threads());
     buf = at::empty({nthreads * per}, at::TensorOptions().dtype(at::kByte));
   }
-  // This thread's slice; a private buffer (kept alive by `own`) if the thread id is outside
-  // the pool sized above (a call from inside another parallel region).
+  // This thread's slice, zeroed; a private buffer (kept alive by `own`) if the thread id is
+  // outside the pool sized above (a call from inside another parallel region).
   char* base(at::Tensor& own) const {
     int64_t tid = at::get_thread_num();
-    if (tid >= 0 && tid < nthreads) return reinterpret_cast<char*>(buf.data_ptr<uint8_t>()) + tid * per;
-    own = at::empty({per}, at::TensorOptions().dtype(at::kByte));
-    return reinterpret_cast<char*>(own.data_ptr<uint8_t>());
+    char* p;
+    if (tid >= 0 && tid < nthreads) {
+      p = reinterpret_cast<char*>(buf.data_ptr<uint8_t>()) + tid * per;
+    } else {
+      own = at::empty({per}, at::TensorOptions().dtype(at::kByte));
+      p = reinterpret_cast<char*>(own.data_ptr<uint8_t>());
+    }
+    std::memset(p, 0, per);  // zeroed: the kernels write only data positions, padding stays 0
+    return p;
   }
 };
 
@@ -218,30 +235,29 @@ inline void copy_strided(acc_t* __restrict__ d, const scalar_t* __restrict__ src
   for (int64_t k = 0; k < n; ++k) d[k] = static_cast<acc_t>(src[S * k]);
 }
 
-// Copy rows [rmin, rmin + nrr) of ncg channels into the phase-split, zero-padded scratch.
+// Copy rows [rmin, rmin + nrr) of ncg channels (channel stride cstride) into the phase-split
+// scratch. Only the positions of image columns are written, and they are the same for every
+// task, so the padding around them stays as zeroed once per thread (ThreadScratch::zeroed).
 template <typename scalar_t, typename acc_t>
-void fill_rows(acc_t* xs, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t nrr,
+void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t nrr,
                const ColPlan& p) {
   const int64_t W = p.W, s = p.s, rs = s * p.pw;
   for (int64_t c = 0; c < ncg; ++c) {
     for (int64_t rr = 0; rr < nrr; ++rr) {
-      acc_t* dst = xs + (c * nrr + rr) * rs;
+      acc_t* dst = xs + c * cstride + rr * rs;
       const scalar_t* row = src + (c * H + rmin + rr) * W;
-      std::fill(dst, dst + rs, acc_t(0));
       if (s == 1) {
         acc_t* d = dst + p.padc;
         for (int64_t col = 0; col < W; ++col) d[col] = static_cast<acc_t>(row[col]);
       } else {
         // phase f holds columns col = idx*s + f - padc
         for (int64_t f = 0; f < s; ++f) {
-          const int64_t idx = ceil_div(std::max<int64_t>(p.padc - f, 0), s);
-          const int64_t col = idx * s + f - p.padc;
-          if (col >= W) continue;
-          const int64_t n = (W - 1 - col) / s + 1;
+          const int64_t col = p.col0[f], n = p.cnt[f];
+          acc_t* d = dst + p.dst0[f];
           if (s == 2)
-            copy_strided<2>(dst + f * p.pw + idx, row + col, n);
+            copy_strided<2>(d, row + col, n);
           else
-            for (int64_t k = 0; k < n; ++k) dst[f * p.pw + idx + k] = static_cast<acc_t>(row[col + k * s]);
+            for (int64_t k = 0; k < n; ++k) d[k] = static_cast<acc_t>(row[col + k * s]);
         }
       }
     }
@@ -285,7 +301,11 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
   const int NV = Wo > L ? 2 : 1;
   const int64_t block = L * NV;
-  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, block);
+  // direct: weights are read and outputs written in place (no scratch copies) when they are
+  // already in the accumulation type and every output row holds a whole vector block (the last
+  // block of a row is shifted left to end at Wo, so no read or write leaves the row).
+  const bool direct = std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= block;
+  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, block, direct);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
@@ -294,73 +314,81 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t ch = chunk_rows(B * G, Ho), nch = ceil_div(Ho, ch);
   const int64_t wbw = p.wbw, rowstride = s * p.pw;
 
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
-  // weights of a task: (K*K, ch, wbw), copied once per task so each tap plane streams ch rows
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
+  // copied weights of a task: (K*K, ch, wbw), so each tap plane streams ch rows
   // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets)
   const int64_t wts = ch * wbw + 64 / static_cast<int64_t>(sizeof(acc_t));
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, KK * wts, Cg * wbw}, sizeof(acc_t)));
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, direct ? 0 : Cg * wbw},
+                                 sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(KK * wts),
-               ob = cv.take<acc_t>(Cg * wbw);
+    Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(direct ? 0 : KK * wts),
+               ob = cv.take<acc_t>(direct ? 0 : Cg * wbw);
     std::vector<int64_t> rru(Kh);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / (G * nch), g = (task / nch) % G, ic = task % nch;
       const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
-      const int64_t cstride = nrr * rowstride;
       if (nrr > 0) {
-        fill_rows<scalar_t, acc_t>(xs.data(), xd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+        fill_rows<scalar_t, acc_t>(xs.data(), cstride, xd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
       }
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
-      for (int64_t t = 0; t < KK; ++t) {
-        for (int64_t i = i0; i < i1; ++i) {
-          acc_t* dst = wbig.data() + t * wts + (i - i0) * wbw;
-          if (wHW == 1) {
-            std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
-          } else {
-            const scalar_t* src = wg + t * wHW + i * Wo;
-            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+      scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
+      if (!direct) {
+        for (int64_t t = 0; t < KK; ++t) {
+          for (int64_t i = i0; i < i1; ++i) {
+            acc_t* dst = wbig.data() + t * wts + (i - i0) * wbw;
+            if (wHW == 1) {
+              std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
+            } else {
+              const scalar_t* src = wg + t * wHW + i * Wo;
+              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+            }  // columns [Wo, wbw) stay zero
           }
-          std::fill(dst + Wo, dst + wbw, acc_t(0));
         }
+        if (wHW > 1 && ic + 1 < nch) prefetch_planes(wg, KK, wHW, Wo, i1, std::min(Ho, i1 + ch));
       }
-      if (wHW > 1 && ic + 1 < nch) prefetch_planes(wg, KK, wHW, Wo, i1, std::min(Ho, i1 + ch));
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t u = 0; u < Kh; ++u) {
           int64_t r = rows[u * Ho + i];
           rru[u] = r >= 0 ? r - rmin : -1;
         }
-        const acc_t* wb = wbig.data() + (i - i0) * wbw;
-        std::fill(ob.begin(), ob.end(), acc_t(0));
-        if (nrr > 0) {
-          for_blocks(p, block, [&](int64_t j0) {
-            // 8 accumulator vectors: 4 channels x 2 vectors, or 8 channels x 1 vector
-            int64_t c = 0;
-            if (NV == 1)
-              for (; c + 8 <= Cg; c += 8)
-                agg_block<acc_t, 8, 1>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
-                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
-            for (; c + 4 <= Cg; c += 4) {
-              if (NV == 2)
-                agg_block<acc_t, 4, 2>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
-                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
-              else
-                agg_block<acc_t, 4, 1>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
-                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
-            }
-            for (; c < Cg; ++c) {
-              if (NV == 2)
-                agg_block<acc_t, 1, 2>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
-                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
-              else
-                agg_block<acc_t, 1, 1>(xs.data() + c * cstride, cstride, rowstride, wb, wts, wbw, rru.data(), Kh,
-                                       Kw, p.phoff.data(), j0, ob.data() + c * wbw);
-            }
-          });
+        // weights of row i: tap t at wb[t * wstep + j]; outputs of channel c at orow[c * ostep + j]
+        const acc_t* wb;
+        int64_t wstep, ostep;
+        acc_t* orow;
+        if (direct) {
+          wb = reinterpret_cast<const acc_t*>(wg) + i * Wo;
+          wstep = wHW;
+          orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
+          ostep = Ho * Wo;
+        } else {
+          wb = wbig.data() + (i - i0) * wbw;
+          wstep = wts;
+          orow = ob.data();
+          ostep = wbw;
+        }
+        if (nrr == 0) {
+          for (int64_t c = 0; c < Cg; ++c) std::fill(orow + c * ostep, orow + c * ostep + Wo, acc_t(0));
+        } else {
+          // channel blocks outer, column blocks inner: the x rows of one channel block (a few
+          // KiB) and the weights of the row stay in L1 while the blocks sweep the row
+          auto run = [&](auto kern, int64_t c, int cb) {
+            for_blocks(p, block, [&](int64_t j0) {
+              kern(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep, rru.data(), Kh, Kw,
+                   p.phoff.data(), j0, orow + c * ostep);
+            });
+            return c + cb;
+          };
+          // 8 accumulator vectors: 4 channels x 2 vectors, or 8 channels x 1 vector
+          int64_t c = 0;
+          if (NV == 1)
+            while (c + 8 <= Cg) c = run(agg_block<acc_t, 8, 1>, c, 8);
+          while (c + 4 <= Cg) c = NV == 2 ? run(agg_block<acc_t, 4, 2>, c, 4) : run(agg_block<acc_t, 4, 1>, c, 4);
+          while (c < Cg) c = NV == 2 ? run(agg_block<acc_t, 1, 2>, c, 1) : run(agg_block<acc_t, 1, 1>, c, 1);
           // scalar path: columns outside the affine range (clamp-border edges)
           for (int64_t j = 0; j < Wo; ++j) {
             if (in_fast(p, j)) continue;
@@ -372,17 +400,19 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
                 for (int64_t v = 0; v < Kw; ++v) {
                   int64_t col = p.cols[v * Wo + j];
                   if (col < 0) continue;
-                  acc += wb[(u * Kw + v) * wts + j] * xc[rru[u] * rowstride + p.pos(col)];
+                  acc += wb[(u * Kw + v) * wstep + j] * xc[rru[u] * rowstride + p.pos(col)];
                 }
               }
-              ob[c * wbw + j] = acc;
+              orow[c * ostep + j] = acc;
             }
           }
         }
-        for (int64_t c = 0; c < Cg; ++c) {
-          scalar_t* dst = yd + ((b * C + g * Cg + c) * Ho + i) * Wo;
-          const acc_t* src = ob.data() + c * wbw;
-          for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+        if (!direct) {
+          for (int64_t c = 0; c < Cg; ++c) {
+            scalar_t* dst = yg + (c * Ho + i) * Wo;
+            const acc_t* src = ob.data() + c * wbw;
+            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+          }
         }
       }
     }
@@ -442,7 +472,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor part_t = at::empty({sum_space ? ntask * KK : 1}, at::TensorOptions().dtype(at::kDouble));
   double* part = part_t.data_ptr<double>();
   std::fill(part, part + part_t.numel(), 0.0);
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, Cg * wbw, KK * wbw, nacc}, sizeof(acc_t)));
 
@@ -456,12 +486,11 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
-      const int64_t cstride = nrr * rowstride;
       std::fill(accb.begin(), accb.end(), acc_t(0));
       const int64_t b0 = sum_batch ? 0 : bb, b1 = sum_batch ? B : bb + 1;
       for (int64_t b = b0; b < b1; ++b) {
         if (nrr > 0) {
-          fill_rows<scalar_t, acc_t>(ks.data(), kd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+          fill_rows<scalar_t, acc_t>(ks.data(), cstride, kd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
         }
         for (int64_t i = i0; i < i1; ++i) {
           for (int64_t c = 0; c < Cg; ++c) {
@@ -615,6 +644,11 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     if (m_b - m_a < block) m_a = m_b = 0;
   }
   const int64_t obw = round_up(std::max(mw, m_b), block);
+  // direct: stride 1, one dtype and rows at least a block wide: the blocks store straight into
+  // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
+  // block shifted left to end there), with no phase row, scatter or row copy
+  const bool direct = std::is_same<scalar_t, acc_t>::value && s == 1 && W >= block;
+  if (direct && pad_ok) m_a = padc, m_b = padc + W;
   const int64_t lp = emax, lpw = lp + std::max(obw, Wo) + 1;
   std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
   for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
@@ -639,23 +673,23 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   };
   int64_t nri_max = 0;
   for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
+  const int64_t cplane = nri_max * lpw, tplane = nri_max * lpw;
   ThreadScratch scratch(
-      bytes_of({Cg * nri_max * lpw, KK * nri_max * lpw, Cg * obw, Cg * W}, sizeof(acc_t)));
+      bytes_of({Cg * cplane, KK * tplane, direct ? 0 : Cg * obw, direct ? 0 : Cg * W}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> ys = cv.take<acc_t>(Cg * nri_max * lpw), wb = cv.take<acc_t>(KK * nri_max * lpw),
-               xo = cv.take<acc_t>(Cg * obw), xrow = cv.take<acc_t>(Cg * W);
+    Buf<acc_t> ys = cv.take<acc_t>(Cg * cplane), wb = cv.take<acc_t>(KK * tplane),
+               xo = cv.take<acc_t>(direct ? 0 : Cg * obw), xrow = cv.take<acc_t>(direct ? 0 : Cg * W);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / (G * nch), g = (task / nch) % G, hc = task % nch;
       const int64_t h0 = hc * ch, h1 = std::min(H, h0 + ch);
       const auto span = out_span(h0, h1);
       const int64_t imin = span.first, nri = span.second;
-      const int64_t cplane = nri * lpw, tplane = nri * lpw;
       if (nri > 0) {
-        std::fill(ys.p, ys.p + Cg * cplane, acc_t(0));
-        std::fill(wb.p, wb.p + KK * tplane, acc_t(0));
+        // rows land at fixed positions (row slot ii, columns [lp, lp + Wo)); everything around
+        // them stays as zeroed once per thread, which is the zero padding the blocks read
         for (int64_t c = 0; c < Cg; ++c)
           for (int64_t ii = 0; ii < nri; ++ii) {
             const scalar_t* src = yd + ((b * C + g * Cg + c) * Ho + imin + ii) * Wo;
@@ -679,9 +713,24 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         }
       }
       for (int64_t h = h0; h < h1; ++h) {
-        std::fill(xrow.begin(), xrow.end(), acc_t(0));
+        // input row h of channel c at xout[c * xstep + col]; in direct mode the blocks write
+        // column m - padc through bout = xout - padc
+        acc_t* xout;
+        int64_t xstep;
+        if (direct) {
+          xout = reinterpret_cast<acc_t*>(xd) + ((b * C + g * Cg) * H + h) * W;
+          xstep = H * W;
+        } else {
+          xout = xrow.data();
+          xstep = W;
+          std::fill(xrow.begin(), xrow.end(), acc_t(0));
+        }
+        acc_t* bout = direct ? xout - padc : xo.data();
+        const int64_t bstep = direct ? xstep : obw;
         const int64_t p0 = rptr[h], p1 = rptr[h + 1];
-        if (p1 > p0) {
+        if (p1 <= p0 && direct) {
+          for (int64_t c = 0; c < Cg; ++c) std::fill(xout + c * xstep, xout + c * xstep + W, acc_t(0));
+        } else if (p1 > p0) {
           for (int64_t f = 0; f < s; ++f) {
             const int64_t* vl = vlist.data() + vptr[f];
             const int64_t nv = vptr[f + 1] - vptr[f];
@@ -691,27 +740,28 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               if (NV == 1)
                 for (; c + 8 <= Cg; c += 8)
                   tr_block<acc_t, 8, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
               for (; c + 4 <= Cg; c += 4) {
                 if (NV == 2)
                   tr_block<acc_t, 4, 2>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
                 else
                   tr_block<acc_t, 4, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
               }
               for (; c < Cg; ++c) {
                 if (NV == 2)
                   tr_block<acc_t, 1, 2>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
                 else
                   tr_block<acc_t, 1, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, xo.data() + c * obw, obw);
+                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
               }
             };
             int64_t m0 = m_a;
             for (; m0 + block <= m_b; m0 += block) run(m0);
             if (m0 < m_b) run(m_b - block);
+            if (direct) continue;
             // scatter the phase row into the input row: col = s*m + f - padc
             const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(padc - f, 0), s));
             for (int64_t c = 0; c < Cg; ++c) {
@@ -726,6 +776,10 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           }
           // scalar path: pairs the affine blocks did not cover (clamp-border edges)
           const int64_t ca_used = m_b > m_a ? m_a - padc : 0, cb_used = m_b > m_a ? m_b - padc : 0;
+          if (direct)  // the blocks wrote columns [ca_used, cb_used); the scalar path adds to the rest
+            for (int64_t c = 0; c < Cg; ++c)
+              for (int64_t col = 0; col < W; ++col)
+                if (col < ca_used || col >= cb_used) xout[c * xstep + col] = 0;
           for (int64_t col = 0; col < W; ++col) {
             const bool fast = pad_ok || (col >= ca_used && col < cb_used);
             for (int64_t a = cptr[col]; a < cptr[col + 1]; ++a) {
@@ -734,16 +788,17 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               for (int64_t pp = p0; pp < p1; ++pp) {
                 const int64_t u = ru[pp], ii = ri[pp] - imin;
                 const acc_t wv = wb[(u * Kw + v) * tplane + ii * lpw + lp + j];
-                for (int64_t c = 0; c < Cg; ++c) xrow[c * W + col] += wv * ys[c * cplane + ii * lpw + lp + j];
+                for (int64_t c = 0; c < Cg; ++c) xout[c * xstep + col] += wv * ys[c * cplane + ii * lpw + lp + j];
               }
             }
           }
         }
-        for (int64_t c = 0; c < Cg; ++c) {
-          scalar_t* dst = xd + ((b * C + g * Cg + c) * H + h) * W;
-          const acc_t* src = xrow.data() + c * W;
-          for (int64_t col = 0; col < W; ++col) dst[col] = static_cast<scalar_t>(src[col]);
-        }
+        if (!direct)
+          for (int64_t c = 0; c < Cg; ++c) {
+            scalar_t* dst = xd + ((b * C + g * Cg + c) * H + h) * W;
+            const acc_t* src = xrow.data() + c * W;
+            for (int64_t col = 0; col < W; ++col) dst[col] = static_cast<scalar_t>(src[col]);
+          }
       }
     }
   });
