@@ -422,31 +422,31 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
 
 // ------------------------------------------------------------------------------ correlate
 template <typename acc_t, int TV>
-__attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t wbw, int64_t Cg,
-                       const int64_t* phoff, int64_t j0, acc_t* rb) {
+__attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
+                       const int64_t* phoff, int64_t j0, acc_t* rb, int64_t rstep) {
   using V = typename VecOf<acc_t>::type;
   V acc[TV];
   for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
   for (int64_t c = 0; c < Cg; ++c) {
-    const V qv = loadu(qs + c * wbw + j0);
+    const V qv = loadu(qs + c * qstep + j0);
     const acc_t* kc = ks + c * cstride + j0;
     for (int tv = 0; tv < TV; ++tv) acc[tv] += qv * loadu(kc + phoff[tv]);
   }
-  for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * wbw + j0, acc[tv]);
+  for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * rstep + j0, acc[tv]);
 }
 
 template <typename acc_t>
-inline void corr_dispatch(int tv, const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t wbw, int64_t Cg,
-                          const int64_t* phoff, int64_t j0, acc_t* rb) {
+inline void corr_dispatch(int tv, const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
+                          const int64_t* phoff, int64_t j0, acc_t* rb, int64_t rstep) {
   switch (tv) {
-    case 1: corr_block<acc_t, 1>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
-    case 2: corr_block<acc_t, 2>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
-    case 3: corr_block<acc_t, 3>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
-    case 4: corr_block<acc_t, 4>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
-    case 5: corr_block<acc_t, 5>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
-    case 6: corr_block<acc_t, 6>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
-    case 7: corr_block<acc_t, 7>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
-    default: corr_block<acc_t, 8>(ks, cstride, qs, wbw, Cg, phoff, j0, rb); break;
+    case 1: corr_block<acc_t, 1>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
+    case 2: corr_block<acc_t, 2>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
+    case 3: corr_block<acc_t, 3>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
+    case 4: corr_block<acc_t, 4>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
+    case 5: corr_block<acc_t, 5>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
+    case 6: corr_block<acc_t, 6>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
+    case 7: corr_block<acc_t, 7>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
+    default: corr_block<acc_t, 8>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
   }
 }
 
@@ -459,7 +459,10 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t KK = Kh * Kw;
-  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L);
+  // direct: q is read and the per-pixel output written in place (no row copies) when no sum is
+  // asked for, the dtype is the accumulation type and rows hold a whole vector
+  const bool direct = std::is_same<scalar_t, acc_t>::value && !sum_batch && !sum_space && Wo >= L;
+  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L, direct);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   const int64_t nb = sum_batch ? 1 : B;
   at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
@@ -474,13 +477,14 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   std::fill(part, part + part_t.numel(), 0.0);
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, Cg * wbw, KK * wbw, nacc}, sizeof(acc_t)));
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : Cg * wbw, direct ? 0 : KK * wbw, nacc},
+                                 sizeof(acc_t)));
 
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(Cg * wbw),
-               rb = cv.take<acc_t>(KK * wbw), accb = cv.take<acc_t>(nacc);
+    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : Cg * wbw),
+               rb = cv.take<acc_t>(direct ? 0 : KK * wbw), accb = cv.take<acc_t>(nacc);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bb = task / (G * nch), g = (task / nch) % G, ic = task % nch;
       const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
@@ -493,25 +497,39 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           fill_rows<scalar_t, acc_t>(ks.data(), cstride, kd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
         }
         for (int64_t i = i0; i < i1; ++i) {
-          for (int64_t c = 0; c < Cg; ++c) {
-            const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
-            acc_t* dst = qs.data() + c * wbw;
-            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
-            std::fill(dst + Wo, dst + wbw, acc_t(0));
+          // q row i of channel c at qrow[c * qstep + j]; tap t of the result at rrow[t * rstep + j]
+          const acc_t* qrow;
+          acc_t* rrow;
+          int64_t qstep, rstep;
+          if (direct) {
+            qrow = reinterpret_cast<const acc_t*>(qd) + ((b * C + g * Cg) * Ho + i) * Wo;
+            qstep = Ho * Wo;
+            rrow = reinterpret_cast<acc_t*>(od) + ((b * G + g) * KK * Ho + i) * Wo;
+            rstep = Ho * Wo;
+          } else {
+            for (int64_t c = 0; c < Cg; ++c) {
+              const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
+              acc_t* dst = qs.data() + c * wbw;
+              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+            }  // columns [Wo, wbw) stay zero
+            qrow = qs.data();
+            qstep = wbw;
+            rrow = rb.data();
+            rstep = wbw;
           }
           for (int64_t u = 0; u < Kh; ++u) {
             const int64_t r = rows[u * Ho + i];
-            acc_t* rbu = rb.data() + u * Kw * wbw;
+            acc_t* rbu = rrow + u * Kw * rstep;
             if (r < 0) {
-              std::fill(rbu, rbu + Kw * wbw, acc_t(0));
+              for (int64_t v = 0; v < Kw; ++v) std::fill(rbu + v * rstep, rbu + v * rstep + Wo, acc_t(0));
               continue;
             }
             const acc_t* kr = ks.data() + (r - rmin) * rowstride;
             for_blocks(p, L, [&](int64_t j0) {
               for (int64_t v0 = 0; v0 < Kw; v0 += 8) {
                 int tv = static_cast<int>(std::min<int64_t>(8, Kw - v0));
-                corr_dispatch<acc_t>(tv, kr, cstride, qs.data(), wbw, Cg, p.phoff.data() + v0, j0,
-                                     rbu + v0 * wbw);
+                corr_dispatch<acc_t>(tv, kr, cstride, qrow, qstep, Cg, p.phoff.data() + v0, j0,
+                                     rbu + v0 * rstep, rstep);
               }
             });
             for (int64_t j = 0; j < Wo; ++j) {
@@ -521,12 +539,13 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
                 acc_t acc = 0;
                 if (col >= 0) {
                   const int64_t pc = p.pos(col);
-                  for (int64_t c = 0; c < Cg; ++c) acc += qs[c * wbw + j] * kr[c * cstride + pc];
+                  for (int64_t c = 0; c < Cg; ++c) acc += qrow[c * qstep + j] * kr[c * cstride + pc];
                 }
-                rbu[v * wbw + j] = acc;
+                rbu[v * rstep + j] = acc;
               }
             }
           }
+          if (direct) continue;
           if (sum_space) {
             double* pt = part + task * KK;
             for (int64_t t = 0; t < KK; ++t) {
