@@ -30,6 +30,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -229,10 +233,45 @@ inline void prefetch_planes(const scalar_t* wg, int64_t KK, int64_t plane, int64
   }
 }
 
-// d[k] = src[S*k] with a compile-time stride, so the compiler vectorises the de-interleave.
-template <int S, typename scalar_t, typename acc_t>
-inline void copy_strided(acc_t* __restrict__ d, const scalar_t* __restrict__ src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<acc_t>(src[S * k]);
+// e[k] = src[2k], o[k] = src[2k+1] for k < n: both stride-2 phases of a row in one pass.
+template <typename scalar_t, typename acc_t>
+inline void deinterleave2(acc_t* __restrict__ e, acc_t* __restrict__ o, const scalar_t* __restrict__ src, int64_t n) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    for (; k + 8 <= n; k += 8) {
+      const __m256 a = _mm256_loadu_ps(src + 2 * k), b = _mm256_loadu_ps(src + 2 * k + 8);
+      // [a0 a2 b0 b2 | a4 a6 b4 b6] -> 64-bit lanes (0, 2, 1, 3) -> [a0 a2 a4 a6 b0 b2 b4 b6]
+      const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
+      _mm256_storeu_ps(e + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+      _mm256_storeu_ps(o + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+    }
+  }
+#endif
+  for (; k < n; ++k) {
+    e[k] = static_cast<acc_t>(src[2 * k]);
+    o[k] = static_cast<acc_t>(src[2 * k + 1]);
+  }
+}
+
+// d[2k] = e[k], d[2k+1] = o[k] for k < n: the inverse of deinterleave2.
+template <typename T>
+inline void interleave2(T* __restrict__ d, const T* __restrict__ e, const T* __restrict__ o, int64_t n) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    for (; k + 8 <= n; k += 8) {
+      const __m256 a = _mm256_loadu_ps(e + k), b = _mm256_loadu_ps(o + k);
+      const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // per 128-bit lane
+      _mm256_storeu_ps(d + 2 * k, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(d + 2 * k + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+#endif
+  for (; k < n; ++k) {
+    d[2 * k] = e[k];
+    d[2 * k + 1] = o[k];
+  }
 }
 
 // Copy rows [rmin, rmin + nrr) of ncg channels (channel stride cstride) into the phase-split
@@ -251,13 +290,18 @@ void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int
         for (int64_t col = 0; col < W; ++col) d[col] = static_cast<acc_t>(row[col]);
       } else {
         // phase f holds columns col = idx*s + f - padc
+        if (s == 2) {
+          // the phase holding the row's first column (f0) interleaves with the other (f1)
+          const int f0 = p.col0[0] < p.col0[1] ? 0 : 1, f1 = 1 - f0;
+          const int64_t npair = std::min(p.cnt[f0], p.cnt[f1]);
+          deinterleave2(dst + p.dst0[f0], dst + p.dst0[f1], row + p.col0[f0], npair);
+          if (p.cnt[f0] > npair) dst[p.dst0[f0] + npair] = static_cast<acc_t>(row[p.col0[f0] + 2 * npair]);
+          continue;
+        }
         for (int64_t f = 0; f < s; ++f) {
           const int64_t col = p.col0[f], n = p.cnt[f];
           acc_t* d = dst + p.dst0[f];
-          if (s == 2)
-            copy_strided<2>(d, row + col, n);
-          else
-            for (int64_t k = 0; k < n; ++k) d[k] = static_cast<acc_t>(row[col + k * s]);
+          for (int64_t k = 0; k < n; ++k) d[k] = static_cast<acc_t>(row[col + k * s]);
         }
       }
     }
@@ -299,7 +343,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  const int NV = Wo > L ? 2 : 1;
+  const int NV = Wo >= 2 * L ? 2 : 1;  // rows of 8..15 floats: one-vector blocks, read in place
   const int64_t block = L * NV;
   // direct: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a whole vector block (the last
@@ -667,6 +711,9 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
   // block shifted left to end there), with no phase row, scatter or row copy
   const bool direct = std::is_same<scalar_t, acc_t>::value && s == 1 && W >= block;
+  // pair: stride 2 (zero border, so every column is covered by the blocks): each phase keeps
+  // its own row and the two are interleaved into x at the end, without the scalar scatter
+  const bool pair = std::is_same<scalar_t, acc_t>::value && s == 2 && pad_ok;
   if (direct && pad_ok) m_a = padc, m_b = padc + W;
   const int64_t lp = emax, lpw = lp + std::max(obw, Wo) + 1;
   std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
@@ -694,13 +741,15 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
   const int64_t cplane = nri_max * lpw, tplane = nri_max * lpw;
   ThreadScratch scratch(
-      bytes_of({Cg * cplane, KK * tplane, direct ? 0 : Cg * obw, direct ? 0 : Cg * W}, sizeof(acc_t)));
+      bytes_of({Cg * cplane, KK * tplane, direct ? 0 : (pair ? 2 : 1) * Cg * obw, direct || pair ? 0 : Cg * W},
+               sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> ys = cv.take<acc_t>(Cg * cplane), wb = cv.take<acc_t>(KK * tplane),
-               xo = cv.take<acc_t>(direct ? 0 : Cg * obw), xrow = cv.take<acc_t>(direct ? 0 : Cg * W);
+               xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 : 1) * Cg * obw),
+               xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / (G * nch), g = (task / nch) % G, hc = task % nch;
       const int64_t h0 = hc * ch, h1 = std::min(H, h0 + ch);
@@ -736,7 +785,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         // column m - padc through bout = xout - padc
         acc_t* xout;
         int64_t xstep;
-        if (direct) {
+        if (direct || pair) {
           xout = reinterpret_cast<acc_t*>(xd) + ((b * C + g * Cg) * H + h) * W;
           xstep = H * W;
         } else {
@@ -747,13 +796,17 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         acc_t* bout = direct ? xout - padc : xo.data();
         const int64_t bstep = direct ? xstep : obw;
         const int64_t p0 = rptr[h], p1 = rptr[h + 1];
-        if (p1 <= p0 && direct) {
+        if (p1 <= p0 && (direct || pair)) {
           for (int64_t c = 0; c < Cg; ++c) std::fill(xout + c * xstep, xout + c * xstep + W, acc_t(0));
         } else if (p1 > p0) {
           for (int64_t f = 0; f < s; ++f) {
             const int64_t* vl = vlist.data() + vptr[f];
             const int64_t nv = vptr[f + 1] - vptr[f];
-            if (nv == 0 || m_b <= m_a) continue;
+            if (pair) bout = xo.data() + f * Cg * obw;  // this phase's own rows
+            if (nv == 0 || m_b <= m_a) {
+              if (pair) std::fill(bout, bout + Cg * obw, acc_t(0));  // a phase no tap reads
+              continue;
+            }
             auto run = [&](int64_t m0) {
               int64_t c = 0;
               if (NV == 1)
@@ -780,7 +833,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             int64_t m0 = m_a;
             for (; m0 + block <= m_b; m0 += block) run(m0);
             if (m0 < m_b) run(m_b - block);
-            if (direct) continue;
+            if (direct || pair) continue;
             // scatter the phase row into the input row: col = s*m + f - padc
             const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(padc - f, 0), s));
             for (int64_t c = 0; c < Cg; ++c) {
@@ -791,6 +844,17 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
                 if (col >= W) break;
                 if (col >= 0) dst[col] = src[m];
               }
+            }
+          }
+          if (pair) {
+            // column col = 2m + f - padc: even columns from the phase of padc, odd from the other
+            const int64_t f0 = padc % 2, m0 = padc / 2, m1 = (padc + 1) / 2;
+            for (int64_t c = 0; c < Cg; ++c) {
+              const acc_t* pe = xo.data() + (f0 * Cg + c) * obw + m0;
+              const acc_t* po = xo.data() + ((1 - f0) * Cg + c) * obw + m1;
+              acc_t* dst = xout + c * xstep;
+              interleave2(dst, pe, po, W / 2);
+              if (W % 2) dst[W - 1] = pe[W / 2];
             }
           }
           // scalar path: pairs the affine blocks did not cover (clamp-border edges)
@@ -812,7 +876,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             }
           }
         }
-        if (!direct)
+        if (!direct && !pair)
           for (int64_t c = 0; c < Cg; ++c) {
             scalar_t* dst = xd + ((b * C + g * Cg + c) * H + h) * W;
             const acc_t* src = xrow.data() + c * W;
