@@ -70,10 +70,10 @@ inline void storeu(T* p, typename VecOf<T>::type v) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Rows per task: at most 8, fewer when that leaves too few tasks for the threads.
-int64_t chunk_rows(int64_t outer, int64_t rows) {
+// Rows per task: at most `most`, fewer when that leaves too few tasks for the threads.
+int64_t chunk_rows(int64_t outer, int64_t rows, int64_t most = 8) {
   int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
-  int64_t ch = std::min<int64_t>(8, rows);
+  int64_t ch = std::min<int64_t>(most, rows);
   while (ch > 1 && outer * ceil_div(rows, ch) < want) ch = ceil_div(ch, 2);
   return std::max<int64_t>(ch, 1);
 }
@@ -355,7 +355,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
-  const int64_t ch = chunk_rows(B * G, Ho), nch = ceil_div(Ho, ch);
+  const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
   const int64_t wbw = p.wbw, rowstride = s * p.pw;
 
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
@@ -730,7 +730,9 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   const scalar_t* yd = y.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* xd = x.data_ptr<scalar_t>();
-  const int64_t ch = chunk_rows(B * G, H), nch = ceil_div(H, ch);
+  // 16 input rows per task: the y and w rows a task copies (its rows plus the window's reach)
+  // are re-read by the next task less often than with 8
+  const int64_t ch = chunk_rows(B * G, H, 16), nch = ceil_div(H, ch);
 
   auto out_span = [&](int64_t h0, int64_t h1) {
     int64_t imin = Ho, imax = -1;
