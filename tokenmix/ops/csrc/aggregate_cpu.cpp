@@ -361,7 +361,12 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   // copied weights of a task: (K*K, ch, wbw), so each tap plane streams ch rows
   // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets)
-  const int64_t wts = ch * wbw + 64 / static_cast<int64_t>(sizeof(acc_t));
+  // Rows narrower than a block are packed (pitch Wo): a tap's rows are then one contiguous copy,
+  // and the lanes past Wo that a block reads (the next rows, or the slack) only reach output
+  // columns that are dropped.
+  const bool packed = !direct && wHW > 1 && Wo < block;
+  const int64_t wpitch = packed ? Wo : wbw;
+  const int64_t wts = ch * wpitch + 64 / static_cast<int64_t>(sizeof(acc_t));
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, direct ? 0 : Cg * wbw},
                                  sizeof(acc_t)));
 
@@ -381,7 +386,13 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
       }
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
-      if (!direct) {
+      if (packed) {
+        for (int64_t t = 0; t < KK; ++t) {
+          const scalar_t* src = wg + t * wHW + i0 * Wo;
+          acc_t* dst = wbig.data() + t * wts;
+          for (int64_t j = 0; j < (i1 - i0) * Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+        }
+      } else if (!direct) {
         for (int64_t t = 0; t < KK; ++t) {
           for (int64_t i = i0; i < i1; ++i) {
             acc_t* dst = wbig.data() + t * wts + (i - i0) * wbw;
@@ -410,7 +421,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
           ostep = Ho * Wo;
         } else {
-          wb = wbig.data() + (i - i0) * wbw;
+          wb = wbig.data() + (i - i0) * wpitch;
           wstep = wts;
           orow = ob.data();
           ostep = wbw;
