@@ -532,14 +532,19 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   std::fill(part, part + part_t.numel(), 0.0);
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : Cg * wbw, direct ? 0 : KK * wbw, nacc},
+  // packed: per-pixel results on rows narrower than a vector go to a per-task buffer of
+  // pitch Wo (a block's lanes past Wo land on the next row, which is computed after it, or
+  // in the slack), so each tap is one contiguous copy out
+  const bool packed = !direct && !sum_batch && !sum_space && Wo < L;
+  const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : Cg * wbw, direct ? 0 : KK * rtp, nacc},
                                  sizeof(acc_t)));
 
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : Cg * wbw),
-               rb = cv.take<acc_t>(direct ? 0 : KK * wbw), accb = cv.take<acc_t>(nacc);
+               rb = cv.take<acc_t>(direct ? 0 : KK * rtp), accb = cv.take<acc_t>(nacc);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bb = task / (G * nch), g = (task / nch) % G, ic = task % nch;
       const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
@@ -569,8 +574,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
             }  // columns [Wo, wbw) stay zero
             qrow = qs.data();
             qstep = wbw;
-            rrow = rb.data();
-            rstep = wbw;
+            rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
+            rstep = rtp;
           }
           for (int64_t u = 0; u < Kh; ++u) {
             const int64_t r = rows[u * Ho + i];
@@ -600,7 +605,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
               }
             }
           }
-          if (direct) continue;
+          if (direct || packed) continue;
           if (sum_space) {
             double* pt = part + task * KK;
             for (int64_t t = 0; t < KK; ++t) {
@@ -623,6 +628,12 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
             }
           }
         }
+        if (packed)
+          for (int64_t t = 0; t < KK; ++t) {
+            scalar_t* dst = od + (((b * G + g) * KK + t) * Ho + i0) * Wo;
+            const acc_t* r = rb.data() + t * rtp;
+            for (int64_t j = 0; j < (i1 - i0) * Wo; ++j) dst[j] = static_cast<scalar_t>(r[j]);
+          }
       }
       if (sum_batch && !sum_space) {
         for (int64_t t = 0; t < KK; ++t)
