@@ -516,7 +516,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t KK = Kh * Kw;
   // direct: q is read and the per-pixel output written in place (no row copies) when no sum is
   // asked for, the dtype is the accumulation type and rows hold a whole vector
-  const bool direct = std::is_same<scalar_t, acc_t>::value && !sum_batch && !sum_space && Wo >= L;
+  const bool direct = std::is_same<scalar_t, acc_t>::value && !sum_batch && !sum_space && Wo >= 2 * L;
   ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L, direct);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   const int64_t nb = sum_batch ? 1 : B;
@@ -532,10 +532,10 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   std::fill(part, part + part_t.numel(), 0.0);
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
-  // packed: per-pixel results on rows narrower than a vector go to a per-task buffer of
+  // packed: per-pixel results on rows narrower than two vectors go to a per-task buffer of
   // pitch Wo (a block's lanes past Wo land on the next row, which is computed after it, or
   // in the slack), so each tap is one contiguous copy out
-  const bool packed = !direct && !sum_batch && !sum_space && Wo < L;
+  const bool packed = !direct && !sum_batch && !sum_space && Wo < 2 * L;
   const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : Cg * wbw, direct ? 0 : KK * rtp, nacc},
                                  sizeof(acc_t)));
