@@ -719,7 +719,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     emax = std::max(emax, e[v]);
   }
   const int64_t mw = (W - 1 + padc) / s + 1;  // phase-row length covering every input column
-  const int NV = mw > L ? 2 : 1;
+  const int NV = (s == 1 ? W : mw) >= 2 * L ? 2 : 1;  // stride-1 rows of 8..15 floats: direct one-vector blocks
   const int64_t block = L * NV;
   // fast m range per phase: all of [0, mw) (zero border) or the clamp interior
   int64_t m_a = 0, m_b = round_up(mw, block);
