@@ -3,15 +3,17 @@
 For the four RedNet-50 stage shapes (K=7, stride 1 and 2) it measures, in one run:
 
 * the machine: memory bandwidth (best copy of a 256 MiB float32 tensor, read + write bytes)
-  and float32 matmul rate (best ``torch.matmul`` of two 2048 x 2048 matrices), each at the
-  start and at the end of the run; the best of the two is used (so the ceiling is the
-  fastest the machine showed, which makes the ratios conservative);
+  and float32 matmul rate (best ``torch.matmul`` of two 2048 x 2048 matrices), at the start,
+  between the timing rounds and at the end of the run; the best is used (so the ceiling is
+  the fastest the machine showed, which makes the ratios conservative);
 * per shape, the ceiling time = max(bytes / bandwidth, 2 * MACs / matmul rate), where
   forward ``aggregate`` must read x and w and write y, and forward + backward also runs
   ``aggregate_transpose`` (read gy, w; write gx) and ``correlate`` (read gy, x; write gw):
   3x the bytes and MACs of the forward;
 * the best wall time of the ``cpu`` backend, the ``reference`` backend and a plain
-  ``F.unfold`` implementation (forward, and forward + backward through autograd);
+  ``F.unfold`` implementation (forward, and forward + backward through autograd); the
+  ``cpu`` backend is timed in ``--rounds`` rounds spread over the run (a shared machine has
+  slow spells lasting seconds) and its best time is kept;
 * the peak extra memory of each: the rise of the process' peak resident set (VmHWM,
   reset through /proc/self/clear_refs) above the resident set at the start of the call,
   with glibc told (mallopt) to mmap every allocation >= 64 KiB and to trim freed memory, so
@@ -172,10 +174,11 @@ def _cases(batch, kernel, strides):
 
 
 def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slow_repeats: int,
-                  impls: List[str], unfold_backward: bool) -> Dict[str, object]:
+                  impls: List[str], unfold_backward: bool, rounds: int = 3) -> Dict[str, object]:
     rates0 = machine_rates()
     rows = []
-    for (C, H, G, s, window, x, w, gy) in _cases(batch, kernel, strides):
+    cases = list(_cases(batch, kernel, strides))
+    for (C, H, G, s, window, x, w, gy) in cases:
         if True:
             Ho, Wo = window.output_size(H, H)
             KK = window.taps
@@ -194,6 +197,18 @@ def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slo
                     row[f"{name}_fwdbwd_s"] = best_time(_fwdbwd(f, x, w, gy, window), n, warm)
             rows.append(row)
             print(f"  timed C={C} H={H} stride={s}", file=sys.stderr, flush=True)
+    # a shared machine has slow spells lasting seconds: the cpu backend is timed again in
+    # further rounds spread over the run, with the machine's rates measured between them, and
+    # the best of every round is kept (for the kernels and for the ceiling alike)
+    rates_mid = []
+    if "cpu" in impls:
+        f = _impl("cpu")
+        for _ in range(rounds - 1):
+            rates_mid.append(machine_rates())
+            for row, (C, H, G, s, window, x, w, gy) in zip(rows, cases):
+                row["cpu_fwd_s"] = min(row["cpu_fwd_s"], best_time(_fwd(f, x, w, window), repeats, 1))
+                row["cpu_fwdbwd_s"] = min(row["cpu_fwdbwd_s"], best_time(_fwdbwd(f, x, w, gy, window), repeats, 1))
+            print("  timed cpu again", file=sys.stderr, flush=True)
     rates1 = machine_rates()
     # memory pass in a fresh process whose glibc mmaps every allocation >= 64 KiB (timings
     # above use glibc's defaults, which recycle freed memory as a long-running job would)
@@ -206,8 +221,8 @@ def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slo
     malloc_ok = peaks.pop("malloc_no_reuse")
     for row, p in zip(rows, peaks["rows"]):
         row.update(p)
-    bw = max(rates0["bandwidth"], rates1["bandwidth"])
-    fl = max(rates0["flops"], rates1["flops"])
+    bw = max(r["bandwidth"] for r in [rates0, rates1] + rates_mid)
+    fl = max(r["flops"] for r in [rates0, rates1] + rates_mid)
     for row in rows:
         for mode, k in (("fwd", 1), ("fwdbwd", 3)):
             ceil = max(row[f"{mode}_bytes"] / bw, 2 * k * row["macs"] / fl)
@@ -219,7 +234,7 @@ def run_benchmark(batch: int, kernel: int, strides: List[int], repeats: int, slo
                 for other in ("reference", "unfold"):
                     if f"{other}_{mode}_s" in row:
                         row[f"{mode}_{other}_over_cpu"] = row[f"{other}_{mode}_s"] / row[f"cpu_{mode}_s"]
-    return {"rows": rows, "rates_start": rates0, "rates_end": rates1, "bandwidth": bw, "flops": fl,
+    return {"rows": rows, "rates_start": rates0, "rates_between": rates_mid, "rates_end": rates1, "bandwidth": bw, "flops": fl,
             "malloc_no_reuse": malloc_ok}
 
 
@@ -289,6 +304,8 @@ def main(argv=None) -> int:
     ap.add_argument("--strides", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=7, help="timed calls of the cpu backend (best is kept)")
     ap.add_argument("--slow-repeats", type=int, default=2, help="timed calls of reference and unfold")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of cpu timings spread over the run, machine rates measured between them")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
                     help="wall time, or the calling thread's CPU time (needs --threads 1; robust on a shared machine)")
@@ -299,7 +316,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.batch, args.repeats, args.slow_repeats, args.no_unfold_backward = 2, 3, 1, True
+        args.batch, args.repeats, args.slow_repeats, args.no_unfold_backward, args.rounds = 2, 3, 1, True, 1
     if args.clock == "thread":
         if args.threads != 1:
             ap.error("--clock thread needs --threads 1")
@@ -315,7 +332,7 @@ def main(argv=None) -> int:
         print(f"cpu backend unavailable: {reason}", file=sys.stderr)
         return 1
     result = run_benchmark(args.batch, args.kernel, args.strides, args.repeats, args.slow_repeats, args.impls,
-                           not args.no_unfold_backward)
+                           not args.no_unfold_backward, max(1, args.rounds))
     result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                       "processor": platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "cpu_backend_load_s": load_s, "clock": args.clock, "argv": sys.argv[1:],
