@@ -728,6 +728,9 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     m_b = cb + padc;
     if (m_b - m_a < block) m_a = m_b = 0;
   }
+  // stride 1, zero border: only m = col + padc of image columns is needed; a row narrower
+  // than a block takes one block from padc (writing a few phase-row entries past the row)
+  if (s == 1 && pad_ok) m_a = padc, m_b = padc + std::max(W, block);
   const int64_t obw = round_up(std::max(mw, m_b), block);
   // direct: stride 1, one dtype and rows at least a block wide: the blocks store straight into
   // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
@@ -736,7 +739,6 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // pair: stride 2 (zero border, so every column is covered by the blocks): each phase keeps
   // its own row and the two are interleaved into x at the end, without the scalar scatter
   const bool pair = std::is_same<scalar_t, acc_t>::value && s == 2 && pad_ok;
-  if (direct && pad_ok) m_a = padc, m_b = padc + W;
   const int64_t lp = emax, lpw = lp + std::max(obw, Wo) + 1;
   std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
   for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
