@@ -343,12 +343,13 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  const int NV = Wo >= 2 * L ? 2 : 1;  // rows of 8..15 floats: one-vector blocks, read in place
+  const int NV = Wo >= 2 * L ? 2 : 1;  // rows under two vectors: one-vector blocks
   const int64_t block = L * NV;
   // direct: weights are read and outputs written in place (no scratch copies) when they are
-  // already in the accumulation type and every output row holds a whole vector block (the last
-  // block of a row is shifted left to end at Wo, so no read or write leaves the row).
-  const bool direct = std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= block;
+  // already in the accumulation type and every output row holds two vectors (the last block of
+  // a row is shifted left to end at Wo, so no read or write leaves the row). Narrower rows are
+  // packed (below): in-place stores to many short rows measured slower than one copy.
+  const bool direct = std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= 2 * L;
   ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, block, direct);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
@@ -360,11 +361,11 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
 
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   // copied weights of a task: (K*K, ch, wbw), so each tap plane streams ch rows
-  // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets)
-  // Rows narrower than a block are packed (pitch Wo): a tap's rows are then one contiguous copy,
-  // and the lanes past Wo that a block reads (the next rows, or the slack) only reach output
-  // columns that are dropped.
-  const bool packed = !direct && wHW > 1 && Wo < block;
+  // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets). Rows under
+  // two vectors are packed (pitch Wo): a tap's rows are then one contiguous copy, and the lanes
+  // past Wo that a block reads (the next rows, or the slack) only reach output columns that
+  // are dropped.
+  const bool packed = !direct && wHW > 1 && Wo < 2 * L;
   const int64_t wpitch = packed ? Wo : wbw;
   const int64_t wts = ch * wpitch + 64 / static_cast<int64_t>(sizeof(acc_t));
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, direct ? 0 : Cg * wbw},
