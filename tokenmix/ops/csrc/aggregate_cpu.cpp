@@ -18,10 +18,10 @@
 // rows it reads into a zero-padded, stride-phase-split float scratch (a few tens of KiB),
 // so the inner loops are unit-stride over output columns for any stride/dilation, and the
 // 16-bit types are converted once. The inner loops use GCC/Clang vector extensions (one
-// 256-bit vector = 8 floats / 4 doubles) with register blocking: aggregate keeps 4
-// channels x 2 vectors of outputs in registers over all K*K taps and reuses each weight
-// vector across the 4 channels; correlate keeps up to 8 taps in registers and reuses each
-// query vector across them.
+// 256-bit vector = 8 floats / 4 doubles) with register blocking: aggregate keeps one vector
+// of outputs for up to 12 channels in registers over all K*K taps and reuses each weight
+// vector across them; correlate keeps up to 8 taps in registers and reuses each query
+// vector across them; aggregate_transpose keeps 4 channels x 2 vectors (or 8 x 1).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -343,8 +343,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  const int NV = Wo >= 2 * L ? 2 : 1;  // rows under two vectors: one-vector blocks
-  const int64_t block = L * NV;
+  const int64_t block = L;  // one vector of columns per block (measured faster than two)
   // direct: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds two vectors (the last block of
   // a row is shifted left to end at Wo, so no read or write leaves the row). Narrower rows are
@@ -439,12 +438,13 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
             });
             return c + cb;
           };
-          // 8 accumulator vectors: 4 channels x 2 vectors, or 8 channels x 1 vector
+          // one vector of columns x up to 12 channels in registers, the weight vector reused
+          // across the channels
           int64_t c = 0;
-          if (NV == 1)
-            while (c + 8 <= Cg) c = run(agg_block<acc_t, 8, 1>, c, 8);
-          while (c + 4 <= Cg) c = NV == 2 ? run(agg_block<acc_t, 4, 2>, c, 4) : run(agg_block<acc_t, 4, 1>, c, 4);
-          while (c < Cg) c = NV == 2 ? run(agg_block<acc_t, 1, 2>, c, 1) : run(agg_block<acc_t, 1, 1>, c, 1);
+          while (c + 12 <= Cg) c = run(agg_block<acc_t, 12, 1>, c, 12);
+          while (c + 8 <= Cg) c = run(agg_block<acc_t, 8, 1>, c, 8);
+          while (c + 4 <= Cg) c = run(agg_block<acc_t, 4, 1>, c, 4);
+          while (c < Cg) c = run(agg_block<acc_t, 1, 1>, c, 1);
           // scalar path: columns outside the affine range (clamp-border edges)
           for (int64_t j = 0; j < Wo; ++j) {
             if (in_fast(p, j)) continue;
