@@ -21,7 +21,7 @@
 // 256-bit vector = 8 floats / 4 doubles) with register blocking: aggregate keeps one vector
 // of outputs for up to 12 channels in registers over all K*K taps and reuses each weight
 // vector across them; correlate keeps up to 8 taps in registers and reuses each query
-// vector across them; aggregate_transpose keeps 4 channels x 2 vectors (or 8 x 1).
+// vector across them; aggregate_transpose blocks the same way as aggregate.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -720,8 +720,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     emax = std::max(emax, e[v]);
   }
   const int64_t mw = (W - 1 + padc) / s + 1;  // phase-row length covering every input column
-  const int NV = (s == 1 ? W : mw) >= 2 * L ? 2 : 1;  // stride-1 rows of 8..15 floats: direct one-vector blocks
-  const int64_t block = L * NV;
+  const int64_t block = L;  // one vector of columns per block
   // fast m range per phase: all of [0, mw) (zero border) or the clamp interior
   int64_t m_a = 0, m_b = round_up(mw, block);
   if (!pad_ok) {
@@ -835,27 +834,18 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               continue;
             }
             auto run = [&](int64_t m0) {
+              // one vector of columns x up to 12 channels in registers, the weight vector
+              // reused across the channels
+              auto blk = [&](auto kern, int64_t c, int64_t cb) {
+                kern(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(), p0, p1, imin, vl,
+                     nv, Kw, base.data(), m0, bout + c * bstep, bstep);
+                return c + cb;
+              };
               int64_t c = 0;
-              if (NV == 1)
-                for (; c + 8 <= Cg; c += 8)
-                  tr_block<acc_t, 8, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
-              for (; c + 4 <= Cg; c += 4) {
-                if (NV == 2)
-                  tr_block<acc_t, 4, 2>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
-                else
-                  tr_block<acc_t, 4, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
-              }
-              for (; c < Cg; ++c) {
-                if (NV == 2)
-                  tr_block<acc_t, 1, 2>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
-                else
-                  tr_block<acc_t, 1, 1>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(),
-                                        p0, p1, imin, vl, nv, Kw, base.data(), m0, bout + c * bstep, bstep);
-              }
+              while (c + 12 <= Cg) c = blk(tr_block<acc_t, 12, 1>, c, 12);
+              while (c + 8 <= Cg) c = blk(tr_block<acc_t, 8, 1>, c, 8);
+              while (c + 4 <= Cg) c = blk(tr_block<acc_t, 4, 1>, c, 4);
+              while (c < Cg) c = blk(tr_block<acc_t, 1, 1>, c, 1);
             };
             int64_t m0 = m_a;
             for (; m0 + block <= m_b; m0 += block) run(m0);
