@@ -240,6 +240,19 @@ def test_wide_rows_all_vector_paths(case, seed):
                                atol=tol[0] * C ** 0.5, rtol=tol[1])
 
 
+def test_correlate_large_float32_result():
+    """A per-pixel correlate result over 8 MB in float32 is written with streaming stores
+    (odd row width: unaligned chunk starts and tails) and must equal the reference."""
+    b = _cpu()
+    g = torch.Generator().manual_seed(5)
+    window = Window(7)
+    q = torch.randn(1, 12, 109, 111, generator=g)
+    k = torch.randn(1, 12, 109, 111, generator=g)
+    out = b.correlate(q, k, window, 4)
+    assert out.numel() * 4 > 8 << 20
+    torch.testing.assert_close(out.double(), _ref("correlate", q, k, window, 4), atol=1e-5, rtol=1e-5)
+
+
 def test_results_do_not_depend_on_thread_count():
     """No atomics, fixed reduction order: bitwise the same result on 1 and 2 threads."""
     b = _cpu()

@@ -515,10 +515,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t KK = Kh * Kw;
-  // direct: q is read and the per-pixel output written in place (no row copies) when no sum is
-  // asked for, the dtype is the accumulation type and rows hold a whole vector
-  const bool direct = std::is_same<scalar_t, acc_t>::value && !sum_batch && !sum_space && Wo >= 2 * L;
-  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L, direct);
+  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   const int64_t nb = sum_batch ? 1 : B;
   at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
@@ -533,19 +530,21 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   std::fill(part, part + part_t.numel(), 0.0);
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
-  // packed: per-pixel results on rows narrower than two vectors go to a per-task buffer of
-  // pitch Wo (a block's lanes past Wo land on the next row, which is computed after it, or
-  // in the slack), so each tap is one contiguous copy out
-  const bool packed = !direct && !sum_batch && !sum_space && Wo < 2 * L;
+  // packed: per-pixel results go to a per-task buffer of pitch Wo (a block's lanes past Wo land
+  // on the next row, which is computed after it, or in the slack), so each tap's rows are one
+  // contiguous copy out; measured faster than storing rows in place into the K*K planes. A
+  // large float32 result is written with streaming stores (no read of the lines it replaces).
+  const bool packed = !sum_batch && !sum_space;
+  const bool stream = std::is_same<scalar_t, float>::value && out.numel() * 4 > (8 << 20);
   const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : Cg * wbw, direct ? 0 : KK * rtp, nacc},
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, Cg * wbw, KK * rtp, nacc},
                                  sizeof(acc_t)));
 
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : Cg * wbw),
-               rb = cv.take<acc_t>(direct ? 0 : KK * rtp), accb = cv.take<acc_t>(nacc);
+    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(Cg * wbw),
+               rb = cv.take<acc_t>(KK * rtp), accb = cv.take<acc_t>(nacc);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t bb = task / (G * nch), g = (task / nch) % G, ic = task % nch;
       const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
@@ -559,25 +558,14 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
         }
         for (int64_t i = i0; i < i1; ++i) {
           // q row i of channel c at qrow[c * qstep + j]; tap t of the result at rrow[t * rstep + j]
-          const acc_t* qrow;
-          acc_t* rrow;
-          int64_t qstep, rstep;
-          if (direct) {
-            qrow = reinterpret_cast<const acc_t*>(qd) + ((b * C + g * Cg) * Ho + i) * Wo;
-            qstep = Ho * Wo;
-            rrow = reinterpret_cast<acc_t*>(od) + ((b * G + g) * KK * Ho + i) * Wo;
-            rstep = Ho * Wo;
-          } else {
-            for (int64_t c = 0; c < Cg; ++c) {
-              const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
-              acc_t* dst = qs.data() + c * wbw;
-              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
-            }  // columns [Wo, wbw) stay zero
-            qrow = qs.data();
-            qstep = wbw;
-            rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
-            rstep = rtp;
-          }
+          for (int64_t c = 0; c < Cg; ++c) {
+            const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
+            acc_t* dst = qs.data() + c * wbw;
+            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+          }  // columns [Wo, wbw) stay zero
+          const acc_t* qrow = qs.data();
+          acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
+          const int64_t qstep = wbw, rstep = rtp;
           for (int64_t u = 0; u < Kh; ++u) {
             const int64_t r = rows[u * Ho + i];
             acc_t* rbu = rrow + u * Kw * rstep;
@@ -606,7 +594,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
               }
             }
           }
-          if (direct || packed) continue;
+          if (packed) continue;
           if (sum_space) {
             double* pt = part + task * KK;
             for (int64_t t = 0; t < KK; ++t) {
@@ -633,8 +621,22 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           for (int64_t t = 0; t < KK; ++t) {
             scalar_t* dst = od + (((b * G + g) * KK + t) * Ho + i0) * Wo;
             const acc_t* r = rb.data() + t * rtp;
-            for (int64_t j = 0; j < (i1 - i0) * Wo; ++j) dst[j] = static_cast<scalar_t>(r[j]);
+            const int64_t n = (i1 - i0) * Wo;
+            int64_t j = 0;
+#if defined(__AVX2__)
+            if constexpr (std::is_same<scalar_t, float>::value) {
+              if (stream) {
+                float* d = reinterpret_cast<float*>(dst);
+                for (; j < n && (reinterpret_cast<uintptr_t>(d + j) & 31); ++j) d[j] = r[j];
+                for (; j + 8 <= n; j += 8) _mm256_stream_ps(d + j, _mm256_loadu_ps(r + j));
+              }
+            }
+#endif
+            for (; j < n; ++j) dst[j] = static_cast<scalar_t>(r[j]);
           }
+#if defined(__AVX2__)
+        if (stream) _mm_sfence();  // streaming stores are weakly ordered: drain them in this task
+#endif
       }
       if (sum_batch && !sum_space) {
         for (int64_t t = 0; t < KK; ++t)
