@@ -17,11 +17,17 @@
 // atomics and results do not depend on the number of threads. Each task copies the input
 // rows it reads into a zero-padded, stride-phase-split float scratch (a few tens of KiB),
 // so the inner loops are unit-stride over output columns for any stride/dilation, and the
-// 16-bit types are converted once. The inner loops use GCC/Clang vector extensions (one
-// 256-bit vector = 8 floats / 4 doubles) with register blocking: aggregate keeps one vector
-// of outputs for up to 12 channels in registers over all K*K taps and reuses each weight
-// vector across them; correlate keeps up to 8 taps in registers and reuses each query
-// vector across them; aggregate_transpose blocks the same way as aggregate.
+// 16-bit types are converted once. The scratch is zeroed once per thread and every task
+// writes the same positions, so its padding stays zero without per-task clearing. Weights are
+// read and outputs written in place when rows hold two vectors and the dtype is the
+// accumulation type; narrower rows are copied packed (one copy per tap), and correlate's
+// per-pixel result always goes through a packed per-task buffer. The inner loops use GCC/Clang
+// vector extensions (one 256-bit vector = 8 floats / 4 doubles; AVX2 intrinsics only for the
+// stride-2 (de)interleave and streaming stores, with plain fallbacks) with register blocking:
+// aggregate keeps one vector of outputs for up to 12 channels in registers over all K*K taps
+// and reuses each weight vector across them; correlate keeps up to 8 taps in registers and
+// reuses each query vector across them; aggregate_transpose blocks like aggregate.
+// benchmarks/README.md has the measurements behind these choices.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
