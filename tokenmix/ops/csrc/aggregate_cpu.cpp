@@ -314,29 +314,37 @@ void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int
   }
 }
 
+// Channel blocks covering [0, Cg): f(integral_constant<CB>, c0) for blocks of 12, 8, 4, 1
+// channels, the register-block sizes of the aggregate and transpose kernels (one vector of
+// columns x CB channels in registers, the weight vector reused across the channels).
+template <typename F>
+inline void channel_blocks(int64_t Cg, F&& f) {
+  int64_t c = 0;
+  for (; c + 12 <= Cg; c += 12) f(std::integral_constant<int, 12>{}, c);
+  for (; c + 8 <= Cg; c += 8) f(std::integral_constant<int, 8>{}, c);
+  for (; c + 4 <= Cg; c += 4) f(std::integral_constant<int, 4>{}, c);
+  for (; c < Cg; ++c) f(std::integral_constant<int, 1>{}, c);
+}
+
 // ------------------------------------------------------------------------------ aggregate
-template <typename acc_t, int CB, int NV>
+// One vector of output columns [j0, j0 + L) for CB channels over all taps.
+template <typename acc_t, int CB>
 __attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
                       const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob) {
   using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
-  V acc[CB][NV];
-  for (int c = 0; c < CB; ++c)
-    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
+  V acc[CB];
+  for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t u = 0; u < Kh; ++u) {
     if (rru[u] < 0) continue;
     const acc_t* xr = xs + rru[u] * rowstride + j0;
     const acc_t* wr = wb + u * Kw * wts + j0;
     for (int64_t v = 0; v < Kw; ++v) {
-      V wv[NV];
-      for (int n = 0; n < NV; ++n) wv[n] = loadu(wr + v * wts + n * L);
+      const V wv = loadu(wr + v * wts);
       const acc_t* xp = xr + phoff[v];
-      for (int c = 0; c < CB; ++c)
-        for (int n = 0; n < NV; ++n) acc[c][n] += wv[n] * loadu(xp + c * cstride + n * L);
+      for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(xp + c * cstride);
     }
   }
-  for (int c = 0; c < CB; ++c)
-    for (int n = 0; n < NV; ++n) storeu(ob + c * wbw + j0 + n * L, acc[c][n]);
+  for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, acc[c]);
 }
 
 template <typename scalar_t>
@@ -437,20 +445,12 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
         } else {
           // channel blocks outer, column blocks inner: the x rows of one channel block (a few
           // KiB) and the weights of the row stay in L1 while the blocks sweep the row
-          auto run = [&](auto kern, int64_t c, int cb) {
+          channel_blocks(Cg, [&](auto cb, int64_t c) {
             for_blocks(p, block, [&](int64_t j0) {
-              kern(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep, rru.data(), Kh, Kw,
-                   p.phoff.data(), j0, orow + c * ostep);
+              agg_block<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
+                                                        rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep);
             });
-            return c + cb;
-          };
-          // one vector of columns x up to 12 channels in registers, the weight vector reused
-          // across the channels
-          int64_t c = 0;
-          while (c + 12 <= Cg) c = run(agg_block<acc_t, 12, 1>, c, 12);
-          while (c + 8 <= Cg) c = run(agg_block<acc_t, 8, 1>, c, 8);
-          while (c + 4 <= Cg) c = run(agg_block<acc_t, 4, 1>, c, 4);
-          while (c < Cg) c = run(agg_block<acc_t, 1, 1>, c, 1);
+          });
           // scalar path: columns outside the affine range (clamp-border edges)
           for (int64_t j = 0; j < Wo; ++j) {
             if (in_fast(p, j)) continue;
@@ -671,15 +671,14 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
 // w[t, i, j] * y[c, i, j]. Affine columns: col + padc = s*m + phase_v with j = m - e_v, so for
 // a fixed phase the sum over taps is unit-stride in m. Output-side scratch (y and w rows of
 // the task) is zero-padded by lp on the left so that j = m - e_v outside [0, Wo) reads 0.
-template <typename acc_t, int CB, int NV>
+// One vector of phase-row entries [m0, m0 + L) for CB channels over the (tap, output) pairs.
+template <typename acc_t, int CB>
 __attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
                      const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
                      int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t obw) {
   using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
-  V acc[CB][NV];
-  for (int c = 0; c < CB; ++c)
-    for (int n = 0; n < NV; ++n) acc[c][n] = V{};
+  V acc[CB];
+  for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t pp = p0; pp < p1; ++pp) {
     const int64_t u = ru[pp], ii = ri[pp] - imin;
     for (int64_t a = 0; a < nv; ++a) {
@@ -687,14 +686,11 @@ __attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_
       const int64_t off = ii * lpw + base[v] + m0;
       const acc_t* wp = wb + (u * Kw + v) * tplane + off;
       const acc_t* yp = ys + off;
-      V wv[NV];
-      for (int n = 0; n < NV; ++n) wv[n] = loadu(wp + n * L);
-      for (int c = 0; c < CB; ++c)
-        for (int n = 0; n < NV; ++n) acc[c][n] += wv[n] * loadu(yp + c * cplane + n * L);
+      const V wv = loadu(wp);
+      for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * cplane);
     }
   }
-  for (int c = 0; c < CB; ++c)
-    for (int n = 0; n < NV; ++n) storeu(xo + c * obw + m0 + n * L, acc[c][n]);
+  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
 }
 
 template <typename scalar_t>
@@ -842,18 +838,11 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               continue;
             }
             auto run = [&](int64_t m0) {
-              // one vector of columns x up to 12 channels in registers, the weight vector
-              // reused across the channels
-              auto blk = [&](auto kern, int64_t c, int64_t cb) {
-                kern(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw, ru.data(), ri.data(), p0, p1, imin, vl,
-                     nv, Kw, base.data(), m0, bout + c * bstep, bstep);
-                return c + cb;
-              };
-              int64_t c = 0;
-              while (c + 12 <= Cg) c = blk(tr_block<acc_t, 12, 1>, c, 12);
-              while (c + 8 <= Cg) c = blk(tr_block<acc_t, 8, 1>, c, 8);
-              while (c + 4 <= Cg) c = blk(tr_block<acc_t, 4, 1>, c, 4);
-              while (c < Cg) c = blk(tr_block<acc_t, 1, 1>, c, 1);
+              channel_blocks(Cg, [&](auto cb, int64_t c) {
+                tr_block<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                                                         ru.data(), ri.data(), p0, p1, imin, vl, nv, Kw, base.data(),
+                                                         m0, bout + c * bstep, bstep);
+              });
             };
             int64_t m0 = m_a;
             for (; m0 + block <= m_b; m0 += block) run(m0);
