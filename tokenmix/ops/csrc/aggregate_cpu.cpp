@@ -99,7 +99,9 @@ struct ColPlan {
   }
 };
 
-// fast columns [f0, f1) and whether the block tail may overrun (pad_ok)
+// Fast output columns [fa, fb). Zero border (pad_ok): all of [0, Wo), rounded up to whole
+// blocks whose tail lanes land in scratch, or ending exactly at Wo (exact_end, for kernels that
+// write output rows in place; their last block is shifted left, see for_blocks).
 ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, int64_t s, int64_t fa,
                      int64_t fb, bool pad_ok, int64_t block, bool exact_end = false) {
   ColPlan p;
