@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .triton_backend import acc_dtype, channel_pixel_grid, check_plane, weight_strides
-from .triton_window import clamp_start, split_program
+from .triton_window import clamp_start, split_program, tile_channels, tile_pixels
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
@@ -54,13 +54,8 @@ def aggregate_kernel(
     """
     pblk, cblk, g, b = split_program(tl.program_id(0), n_pblk, n_cblk, G)
 
-    offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < Ho * Wo
-    i = offs_p // Wo
-    j = offs_p % Wo
-    cl = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = cl < Cg
-    bc = b * C + g * Cg + cl                      # (BLOCK_C,) int64 image-channel index
+    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
+    mask_c, bc = tile_channels(cblk, BLOCK_C, b, g, C, Cg)  # bc: (BLOCK_C,) int64 image-channel index
     x_rows = x_ptr + bc * H * W                   # (BLOCK_C,) plane pointers
     w_tap = w_ptr + (b * w_sb + g.to(tl.int64) * w_sg)
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .triton_backend import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
-from .triton_window import clamp_start
+from .triton_window import clamp_start, tile_pixels
 
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
 
@@ -61,10 +61,7 @@ def correlate_kernel(
     g = rest % G
     bo = rest // G
 
-    offs_p = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < Ho * Wo
-    i = offs_p // Wo
-    j = offs_p % Wo
+    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
     t = tl.arange(0, BLOCK_T)
     mask_t = t < KH * KW
     u = t // KW

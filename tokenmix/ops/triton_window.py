@@ -26,3 +26,19 @@ def split_program(pid, n_pblk, n_cblk, G):
     cblk = rest % n_cblk
     rest = rest // n_cblk
     return pblk, cblk, rest % G, (rest // G).to(tl.int64)
+
+
+@triton.jit
+def tile_pixels(pblk, BLOCK_P: tl.constexpr, rows, cols):
+    """Pixel block ``pblk`` of a ``rows x cols`` plane: (flat offsets, in-plane mask, row,
+    column), each of shape (BLOCK_P,)."""
+    offs = pblk * BLOCK_P + tl.arange(0, BLOCK_P)
+    return offs, offs < rows * cols, offs // cols, offs % cols
+
+
+@triton.jit
+def tile_channels(cblk, BLOCK_C: tl.constexpr, b, g, C, Cg):
+    """Channel block ``cblk`` of group ``g`` of image ``b`` (int64): (in-group mask, image-channel
+    index ``b*C + g*Cg + c``), each of shape (BLOCK_C,)."""
+    cl = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
+    return cl < Cg, b * C + g * Cg + cl
