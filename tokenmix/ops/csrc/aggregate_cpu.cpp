@@ -48,7 +48,6 @@
 #include <utility>
 #include <cstring>
 #include <vector>
-#include <cstdlib>
 
 namespace {
 
@@ -88,7 +87,6 @@ int64_t chunk_rows(int64_t outer, int64_t rows, int64_t most = 8) {
 // (col + padc) % s, index (col + padc) / s of a row of s phases of pw entries each.
 struct ColPlan {
   int64_t Kw, Wo, W, s, padc, pw, fa, fb, wbw;
-  bool pad_ok;
   std::vector<int64_t> phoff;  // per v: phase * pw + e_v (scratch offset of output column 0)
   // per phase f (s > 1): input columns col0[f] + k*s, k < cnt[f], go to scratch dst0[f] + k
   std::vector<int64_t> col0, cnt, dst0;
@@ -110,7 +108,6 @@ ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, 
   p.W = W;
   p.s = s;
   p.cols = cols.data_ptr<int64_t>();
-  p.pad_ok = pad_ok;
   const int64_t* off = coff.data_ptr<int64_t>();
   int64_t mn = 0;
   for (int64_t v = 0; v < p.Kw; ++v) mn = std::min(mn, off[v]);
@@ -241,6 +238,12 @@ inline void prefetch_planes(const scalar_t* wg, int64_t KK, int64_t plane, int64
   }
 }
 
+// d[k] = src[k] for k < n, converted (the 16-bit types to and from the float accumulators).
+template <typename From, typename To>
+inline void convert(To* __restrict__ d, const From* __restrict__ src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<To>(src[k]);
+}
+
 // e[k] = src[2k], o[k] = src[2k+1] for k < n: both stride-2 phases of a row in one pass.
 template <typename scalar_t, typename acc_t>
 inline void deinterleave2(acc_t* __restrict__ e, acc_t* __restrict__ o, const scalar_t* __restrict__ src, int64_t n) {
@@ -295,7 +298,7 @@ void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int
       const scalar_t* row = src + (c * H + rmin + rr) * W;
       if (s == 1) {
         acc_t* d = dst + p.padc;
-        for (int64_t col = 0; col < W; ++col) d[col] = static_cast<acc_t>(row[col]);
+        convert(d, row, W);
       } else {
         // phase f holds columns col = idx*s + f - padc
         if (s == 2) {
@@ -406,7 +409,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
         for (int64_t t = 0; t < KK; ++t) {
           const scalar_t* src = wg + t * wHW + i0 * Wo;
           acc_t* dst = wbig.data() + t * wts;
-          for (int64_t j = 0; j < (i1 - i0) * Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+          convert(dst, src, (i1 - i0) * Wo);
         }
       } else if (!direct) {
         for (int64_t t = 0; t < KK; ++t) {
@@ -416,7 +419,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
               std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
             } else {
               const scalar_t* src = wg + t * wHW + i * Wo;
-              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+              convert(dst, src, Wo);
             }  // columns [Wo, wbw) stay zero
           }
         }
@@ -475,7 +478,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           for (int64_t c = 0; c < Cg; ++c) {
             scalar_t* dst = yg + (c * Ho + i) * Wo;
             const acc_t* src = ob.data() + c * wbw;
-            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+            convert(dst, src, Wo);
           }
         }
       }
@@ -569,7 +572,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           for (int64_t c = 0; c < Cg; ++c) {
             const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
             acc_t* dst = qs.data() + c * wbw;
-            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+            convert(dst, src, Wo);
           }  // columns [Wo, wbw) stay zero
           const acc_t* qrow = qs.data();
           acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
@@ -602,26 +605,20 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
               }
             }
           }
-          if (packed) continue;
+          // per-pixel results stay in the packed buffer until the task's rows are done (below)
           if (sum_space) {
             double* pt = part + task * KK;
             for (int64_t t = 0; t < KK; ++t) {
               double sacc = 0;
-              const acc_t* r = rb.data() + t * wbw;
+              const acc_t* r = rrow + t * rstep;
               for (int64_t j = 0; j < Wo; ++j) sacc += static_cast<double>(r[j]);
               pt[t] += sacc;
             }
           } else if (sum_batch) {
             for (int64_t t = 0; t < KK; ++t) {
               acc_t* dst = accb.data() + (t * ch + (i - i0)) * Wo;
-              const acc_t* r = rb.data() + t * wbw;
+              const acc_t* r = rrow + t * rstep;
               for (int64_t j = 0; j < Wo; ++j) dst[j] += r[j];
-            }
-          } else {
-            for (int64_t t = 0; t < KK; ++t) {
-              scalar_t* dst = od + (((b * G + g) * KK + t) * Ho + i) * Wo;
-              const acc_t* r = rb.data() + t * wbw;
-              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(r[j]);
             }
           }
         }
@@ -640,7 +637,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
               }
             }
 #endif
-            for (; j < n; ++j) dst[j] = static_cast<scalar_t>(r[j]);
+            convert(dst + j, r + j, n - j);
           }
 #if defined(__AVX2__)
         if (stream) _mm_sfence();  // streaming stores are weakly ordered: drain them in this task
@@ -651,7 +648,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           for (int64_t i = i0; i < i1; ++i) {
             scalar_t* dst = od + ((g * KK + t) * Ho + i) * Wo;
             const acc_t* src = accb.data() + (t * ch + (i - i0)) * Wo;
-            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+            convert(dst, src, Wo);
           }
       }
     }
@@ -794,7 +791,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           for (int64_t ii = 0; ii < nri; ++ii) {
             const scalar_t* src = yd + ((b * C + g * Cg + c) * Ho + imin + ii) * Wo;
             acc_t* dst = ys.data() + c * cplane + ii * lpw + lp;
-            for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+            convert(dst, src, Wo);
           }
         const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
         for (int64_t t = 0; t < KK; ++t)
@@ -804,7 +801,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
             } else {
               const scalar_t* src = wg + t * wHW + (imin + ii) * Wo;
-              for (int64_t j = 0; j < Wo; ++j) dst[j] = static_cast<acc_t>(src[j]);
+              convert(dst, src, Wo);
             }
           }
         if (wHW > 1 && hc + 1 < nch) {
@@ -896,7 +893,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           for (int64_t c = 0; c < Cg; ++c) {
             scalar_t* dst = xd + ((b * C + g * Cg + c) * H + h) * W;
             const acc_t* src = xrow.data() + c * W;
-            for (int64_t col = 0; col < W; ++col) dst[col] = static_cast<scalar_t>(src[col]);
+            convert(dst, src, W);
           }
       }
     }
