@@ -225,18 +225,29 @@ inline int64_t max_row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t
   return m;
 }
 
-// Ask for rows [r0, r1) of every tap plane of a weight block to be brought towards L2, so the
-// next task's weights (the bulk of the bytes, read as K*K short streams that the hardware
-// prefetcher does not pick up in time) arrive while this task computes.
-template <typename scalar_t>
-inline void prefetch_planes(const scalar_t* wg, int64_t KK, int64_t plane, int64_t rowlen, int64_t r0, int64_t r1) {
-  if (r1 <= r0) return;
-  const int64_t bytes = (r1 - r0) * rowlen * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t t = 0; t < KK; ++t) {
-    const char* base = reinterpret_cast<const char*>(wg + t * plane + r0 * rowlen);
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(base + off, 0, 2);
+// Software prefetch of a region a later task reads: `n` planes, `stride` elements apart, of
+// `len` contiguous elements each, issued in slices (slice(k, parts)) spread over the current
+// task, so the fetch overlaps its compute. The hardware prefetchers do not cover these reads in
+// time: they are K*K (weights) or Cg (inputs) short streams, each started anew by every task.
+struct Prefetch {
+  const char* base = nullptr;
+  int64_t pstride = 0, pbytes = 0, lpp = 0, total = 0;  // bytes between / in planes, lines
+  Prefetch() = default;
+  template <typename T>
+  Prefetch(const T* p, int64_t n, int64_t stride, int64_t len)
+      : base(reinterpret_cast<const char*>(p)),
+        pstride(stride * static_cast<int64_t>(sizeof(T))),
+        pbytes(len * static_cast<int64_t>(sizeof(T))) {
+    lpp = pbytes > 0 ? (pbytes + 63) / 64 + 1 : 0;  // one more: a plane need not start a line
+    total = n * lpp;
   }
-}
+  void slice(int64_t k, int64_t parts) const {
+    for (int64_t a = k * total / parts, e = (k + 1) * total / parts; a < e; ++a) {
+      const int64_t plane = a / lpp, off = std::min((a % lpp) * 64, pbytes - 1);
+      __builtin_prefetch(base + plane * pstride + off, 0, 3);
+    }
+  }
+};
 
 // d[k] = src[k] for k < n, converted (the 16-bit types to and from the float accumulators).
 template <typename From, typename To>
@@ -332,10 +343,13 @@ inline void channel_blocks(int64_t Cg, F&& f) {
 }
 
 // ------------------------------------------------------------------------------ aggregate
-// One vector of output columns [j0, j0 + L) for CB channels over all taps.
+// One vector of output columns [j0, j0 + L) for CB channels over all taps. wpf / opf > 0:
+// also prefetch the weights / outputs that many elements ahead (the next row, when they are
+// read / written in place).
 template <typename acc_t, int CB>
 __attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
-                      const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob) {
+                      const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob,
+                      int64_t wpf, int64_t opf) {
   using V = typename VecOf<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
@@ -345,10 +359,13 @@ __attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64
     const acc_t* wr = wb + u * Kw * wts + j0;
     for (int64_t v = 0; v < Kw; ++v) {
       const V wv = loadu(wr + v * wts);
+      if (wpf) __builtin_prefetch(wr + v * wts + wpf, 0, 3);
       const acc_t* xp = xr + phoff[v];
       for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(xp + c * cstride);
     }
   }
+  if (opf)
+    for (int c = 0; c < CB; ++c) __builtin_prefetch(ob + c * wbw + j0 + opf, 1, 3);
   for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, acc[c]);
 }
 
@@ -403,6 +420,16 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
       if (nrr > 0) {
         fill_rows<scalar_t, acc_t>(xs.data(), cstride, xd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
       }
+      // the next task's input rows and (when copied) weights, fetched a slice per row below
+      Prefetch pfx, pfw;
+      if (task + 1 < t1) {
+        const int64_t nb = (task + 1) / (G * nch), ng = ((task + 1) / nch) % G, ni0 = ((task + 1) % nch) * ch;
+        const int64_t ni1 = std::min(Ho, ni0 + ch);
+        const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
+        pfx = Prefetch(xd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
+        if (!direct && wHW > 1)
+          pfw = Prefetch(wd + ((wB == 1 ? 0 : nb) * G + ng) * KK * wHW + ni0 * Wo, KK, wHW, (ni1 - ni0) * Wo);
+      }
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
       if (packed) {
@@ -423,9 +450,10 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
             }  // columns [Wo, wbw) stay zero
           }
         }
-        if (wHW > 1 && ic + 1 < nch) prefetch_planes(wg, KK, wHW, Wo, i1, std::min(Ho, i1 + ch));
       }
       for (int64_t i = i0; i < i1; ++i) {
+        pfx.slice(i - i0, i1 - i0);
+        pfw.slice(i - i0, i1 - i0);
         for (int64_t u = 0; u < Kh; ++u) {
           int64_t r = rows[u * Ho + i];
           rru[u] = r >= 0 ? r - rmin : -1;
@@ -450,10 +478,14 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
         } else {
           // channel blocks outer, column blocks inner: the x rows of one channel block (a few
           // KiB) and the weights of the row stay in L1 while the blocks sweep the row
+          // in place: the first channel block prefetches the next row's weights, every block
+          // its outputs' next row
+          const int64_t ahead = direct && i + 1 < Ho ? Wo : 0;
           channel_blocks(Cg, [&](auto cb, int64_t c) {
             for_blocks(p, block, [&](int64_t j0) {
               agg_block<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
-                                                        rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep);
+                                                        rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep,
+                                                        c == 0 ? ahead : 0, ahead);
             });
           });
           // scalar path: columns outside the affine range (clamp-border edges)
@@ -766,6 +798,16 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     for (int64_t a = rptr[h0]; a < rptr[h1]; ++a) imin = std::min(imin, ri[a]), imax = std::max(imax, ri[a]);
     return imax >= imin ? std::make_pair(imin, imax - imin + 1) : std::make_pair<int64_t, int64_t>(0, 0);
   };
+  // per tap row u: the output rows [first, second) its pairs with input rows [h0, h1) read
+  // (empty: first == second)
+  auto tap_rows = [&](int64_t h0, int64_t h1, std::vector<std::pair<int64_t, int64_t>>& r) {
+    for (auto& q : r) q = {Ho, 0};
+    for (int64_t a = rptr[h0]; a < rptr[h1]; ++a) {
+      auto& q = r[ru[a]];
+      q.first = std::min(q.first, ri[a]), q.second = std::max(q.second, ri[a] + 1);
+    }
+    for (auto& q : r) q.second = std::max(q.first, q.second);
+  };
   int64_t nri_max = 0;
   for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
   const int64_t cplane = nri_max * lpw, tplane = nri_max * lpw;
@@ -779,6 +821,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     Buf<acc_t> ys = cv.take<acc_t>(Cg * cplane), wb = cv.take<acc_t>(KK * tplane),
                xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 : 1) * Cg * obw),
                xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
+    std::vector<std::pair<int64_t, int64_t>> urows(Kh), nrows(Kh);
+    std::vector<Prefetch> pfw(Kh);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / (G * nch), g = (task / nch) % G, hc = task % nch;
       const int64_t h0 = hc * ch, h1 = std::min(H, h0 + ch);
@@ -793,23 +837,40 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             acc_t* dst = ys.data() + c * cplane + ii * lpw + lp;
             convert(dst, src, Wo);
           }
+        // weights: only the rows the task's (u, i) pairs read, [urows[u].first, urows[u].second)
+        // of the tap row u planes (each weight is read by exactly one input row, so tasks do not
+        // copy the same weight twice)
+        tap_rows(h0, h1, urows);
         const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
         for (int64_t t = 0; t < KK; ++t)
-          for (int64_t ii = 0; ii < nri; ++ii) {
-            acc_t* dst = wb.data() + t * tplane + ii * lpw + lp;
+          for (int64_t i = urows[t / Kw].first; i < urows[t / Kw].second; ++i) {
+            acc_t* dst = wb.data() + t * tplane + (i - imin) * lpw + lp;
             if (wHW == 1) {
               std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
             } else {
-              const scalar_t* src = wg + t * wHW + (imin + ii) * Wo;
+              const scalar_t* src = wg + t * wHW + i * Wo;
               convert(dst, src, Wo);
             }
           }
-        if (wHW > 1 && hc + 1 < nch) {
-          const auto next = out_span(h1, std::min(H, h1 + ch));
-          prefetch_planes(wg, KK, wHW, Wo, std::max(next.first, imin + nri), next.first + next.second);
-        }
+      }
+      // the next task's y and w rows, fetched a slice per input row below
+      Prefetch pfy;
+      if (task + 1 < t1) {
+        const int64_t nb = (task + 1) / (G * nch), ng = ((task + 1) / nch) % G, nh0 = ((task + 1) % nch) * ch;
+        const int64_t nh1 = std::min(H, nh0 + ch);
+        const auto next = out_span(nh0, nh1);
+        pfy = Prefetch(yd + ((nb * C + ng * Cg) * Ho + next.first) * Wo, Cg, Ho * Wo, next.second * Wo);
+        tap_rows(nh0, nh1, nrows);
+        for (int64_t u = 0; u < Kh; ++u)
+          pfw[u] = wHW > 1 ? Prefetch(wd + (((wB == 1 ? 0 : nb) * G + ng) * KK + u * Kw) * wHW + nrows[u].first * Wo, Kw,
+                                      wHW, (nrows[u].second - nrows[u].first) * Wo)
+                           : Prefetch();
+      } else {
+        for (auto& f : pfw) f = Prefetch();
       }
       for (int64_t h = h0; h < h1; ++h) {
+        pfy.slice(h - h0, h1 - h0);
+        for (const auto& f : pfw) f.slice(h - h0, h1 - h0);
         // input row h of channel c at xout[c * xstep + col]; in direct mode the blocks write
         // column m - padc through bout = xout - padc
         acc_t* xout;
