@@ -90,6 +90,7 @@ struct ColPlan {
   std::vector<int64_t> phoff;  // per v: phase * pw + e_v (scratch offset of output column 0)
   // per phase f (s > 1): input columns col0[f] + k*s, k < cnt[f], go to scratch dst0[f] + k
   std::vector<int64_t> col0, cnt, dst0;
+  std::vector<int64_t> cpos;  // per input column (s > 1): pos(col)
   const int64_t* cols;
   int64_t pos(int64_t col) const {
     int64_t q = col + padc;
@@ -132,6 +133,8 @@ ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, 
     p.cnt.push_back(col < W ? (W - 1 - col) / s + 1 : 0);
     p.dst0.push_back(f * p.pw + idx);
   }
+  if (s > 1)
+    for (int64_t col = 0; col < W; ++col) p.cpos.push_back(p.pos(col));
   p.phoff.resize(p.Kw);
   for (int64_t v = 0; v < p.Kw; ++v) {
     int64_t q = off[v] + p.padc;
@@ -310,21 +313,17 @@ void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int
       if (s == 1) {
         acc_t* d = dst + p.padc;
         convert(d, row, W);
+      } else if (s == 2 && W >= 12) {
+        // the phase holding the row's first column (f0) interleaves with the other (f1)
+        const int f0 = p.col0[0] < p.col0[1] ? 0 : 1, f1 = 1 - f0;
+        const int64_t npair = std::min(p.cnt[f0], p.cnt[f1]);
+        deinterleave2(dst + p.dst0[f0], dst + p.dst0[f1], row + p.col0[f0], npair);
+        if (p.cnt[f0] > npair) dst[p.dst0[f0] + npair] = static_cast<acc_t>(row[p.col0[f0] + 2 * npair]);
       } else {
-        // phase f holds columns col = idx*s + f - padc
-        if (s == 2) {
-          // the phase holding the row's first column (f0) interleaves with the other (f1)
-          const int f0 = p.col0[0] < p.col0[1] ? 0 : 1, f1 = 1 - f0;
-          const int64_t npair = std::min(p.cnt[f0], p.cnt[f1]);
-          deinterleave2(dst + p.dst0[f0], dst + p.dst0[f1], row + p.col0[f0], npair);
-          if (p.cnt[f0] > npair) dst[p.dst0[f0] + npair] = static_cast<acc_t>(row[p.col0[f0] + 2 * npair]);
-          continue;
-        }
-        for (int64_t f = 0; f < s; ++f) {
-          const int64_t col = p.col0[f], n = p.cnt[f];
-          acc_t* d = dst + p.dst0[f];
-          for (int64_t k = 0; k < n; ++k) d[k] = static_cast<acc_t>(row[col + k * s]);
-        }
+        // other strides and narrow rows: one scattered store per column (per-phase loops cost
+        // more in bookkeeping than in copying on rows of a few columns)
+        const int64_t* cp = p.cpos.data();
+        for (int64_t col = 0; col < W; ++col) dst[cp[col]] = static_cast<acc_t>(row[col]);
       }
     }
   }
