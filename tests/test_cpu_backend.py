@@ -240,6 +240,28 @@ def test_wide_rows_all_vector_paths(case, seed):
                                atol=tol[0] * C ** 0.5, rtol=tol[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transpose_in_place_edges_read_only_the_row(dtype):
+    """aggregate_transpose reads y and w in place at stride 1 (zero border, rows of two vectors
+    or more), with masked loads in the blocks at the row ends. An infinity at the first and last
+    column of y and w rows must reach exactly the input pixels the reference gives it: a lane
+    read past a row end would carry it into the neighbouring row's pixels."""
+    b = _cpu()
+    g = torch.Generator().manual_seed(11)
+    window = Window(5, dilation=2)
+    H, W = 9, 19
+    y = torch.randn(2, 8, H, W, generator=g).to(dtype)
+    w = torch.randn(2, 2, 25, H, W, generator=g).to(dtype)
+    y[0, 1, 3, 0] = float("inf")
+    y[1, 5, 4, W - 1] = float("-inf")
+    w[0, 1, 7, 5, 0] = float("inf")
+    w[1, 0, 12, 2, W - 1] = float("inf")
+    out = b.aggregate_transpose(y, w, window, (H, W)).double()
+    ref = _ref("aggregate_transpose", y, w, window, (H, W))
+    assert torch.isinf(out).any() and torch.isfinite(out).any()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_correlate_large_float32_result():
     """A per-pixel correlate result over 8 MB in float32 is written with streaming stores
     (odd row width: unaligned chunk starts and tails) and must equal the reference."""

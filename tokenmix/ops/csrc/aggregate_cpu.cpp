@@ -20,8 +20,12 @@
 // 16-bit types are converted once. The scratch is zeroed once per thread and every task
 // writes the same positions, so its padding stays zero without per-task clearing. Weights are
 // read and outputs written in place when rows hold two vectors and the dtype is the
-// accumulation type; narrower rows are copied packed (one copy per tap), and correlate's
-// per-pixel result always goes through a packed per-task buffer. The inner loops use GCC/Clang
+// accumulation type (aggregate_transpose at stride 1 with a zero border also reads y in place,
+// masking the lanes past a row's ends); narrower rows are copied packed (one copy per tap),
+// and correlate's per-pixel result always goes through a packed per-task buffer. What is read
+// in place is software-prefetched a row ahead from inside the blocks, and what the next task
+// copies a slice per row (Prefetch): the K*K short weight streams are not prefetched in time by
+// the hardware. The inner loops use GCC/Clang
 // vector extensions (one 256-bit vector = 8 floats / 4 doubles; AVX2 intrinsics only for the
 // stride-2 (de)interleave and streaming stores, with plain fallbacks) with register blocking:
 // aggregate keeps one vector of outputs for up to 12 channels in registers over all K*K taps
@@ -70,6 +74,30 @@ inline typename VecOf<T>::type loadu(const T* p) {
 template <typename T>
 inline void storeu(T* p, typename VecOf<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// v[k] = p[k] for the lanes lo <= k < hi, 0 for the others, whose elements are not read (they
+// may lie outside the tensor): AVX2 masked loads, which do not fault on masked-off lanes.
+template <typename T>
+inline typename VecOf<T>::type load_lanes(const T* p, int64_t lo, int64_t hi) {
+  using V = typename VecOf<T>::type;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256i k = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), k));
+    return (V)_mm256_maskload_ps(p, m);
+  } else {
+    const __m256i k = _mm256_setr_epi64x(0, 1, 2, 3);
+    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi64(k, _mm256_set1_epi64x(lo - 1)),
+                                       _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), k));
+    return (V)_mm256_maskload_pd(p, m);
+  }
+#else
+  V v{};
+  for (int64_t k = std::max<int64_t>(lo, 0); k < std::min<int64_t>(hi, VecOf<T>::N); ++k) v[k] = p[k];
+  return v;
+#endif
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -723,6 +751,44 @@ __attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
 }
 
+// In-place variant (stride 1, zero border): y and w are read straight from their tensors, output
+// row i of tap (u, v) at column j = m - e_v. yb: the block's first channel's y plane (channel
+// stride ystep); wg: the group's weights (tap plane stride wHW). A block whose columns all fall
+// inside [0, Wo) for every tap (interior) uses plain loads; an edge block (MASKED) loads only
+// the lanes inside the row. wpf: also prefetch the weights and y of the next input row.
+template <typename acc_t, int CB, bool MASKED>
+__attribute__((noinline)) void tr_inplace(const acc_t* yb, int64_t ystep, const acc_t* wg, int64_t wHW,
+                                          const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t Kw,
+                                          int64_t Wo, const int64_t* e, int64_t m0, acc_t* xo, int64_t obw,
+                                          bool wpf) {
+  using V = typename VecOf<acc_t>::type;
+  V acc[CB];
+  for (int c = 0; c < CB; ++c) acc[c] = V{};
+  for (int64_t pp = p0; pp < p1; ++pp) {
+    const int64_t u = ru[pp], i = ri[pp];
+    const acc_t* wr = wg + u * Kw * wHW + i * Wo + m0;
+    const acc_t* yr = yb + i * Wo + m0;
+    if (wpf) {
+      for (int c = 0; c < CB; ++c) __builtin_prefetch(yr + c * ystep + Wo, 0, 3);
+    }
+    for (int64_t v = 0; v < Kw; ++v) {
+      const int64_t j0 = m0 - e[v];  // first column of the block in output row i
+      const acc_t* wp = wr + v * wHW - e[v];
+      const acc_t* yp = yr - e[v];
+      if (wpf) __builtin_prefetch(wp + Wo, 0, 3);
+      if (MASKED) {
+        const int64_t lo = -j0, hi = Wo - j0;
+        const V wv = load_lanes(wp, lo, hi);
+        for (int c = 0; c < CB; ++c) acc[c] += wv * load_lanes(yp + c * ystep, lo, hi);
+      } else {
+        const V wv = loadu(wp);
+        for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * ystep);
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
+}
+
 template <typename scalar_t>
 at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows_t,
                                     const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, bool pad_ok,
@@ -770,6 +836,10 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
   // block shifted left to end there), with no phase row, scatter or row copy
   const bool direct = std::is_same<scalar_t, acc_t>::value && s == 1 && W >= block;
+  // inplace: direct, zero border, per-pixel weights and rows of two vectors: the blocks also read
+  // y and w in place (tr_inplace), so the task copies nothing; the weights of the next input row
+  // are prefetched inside the blocks, as aggregate does
+  const bool inplace = direct && pad_ok && wHW > 1 && Wo >= 2 * L;
   // pair: stride 2 (zero border, so every column is covered by the blocks): each phase keeps
   // its own row and the two are interleaved into x at the end, without the scalar scatter
   const bool pair = std::is_same<scalar_t, acc_t>::value && s == 2 && pad_ok;
@@ -827,7 +897,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       const int64_t h0 = hc * ch, h1 = std::min(H, h0 + ch);
       const auto span = out_span(h0, h1);
       const int64_t imin = span.first, nri = span.second;
-      if (nri > 0) {
+      const scalar_t* wgt = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      if (nri > 0 && !inplace) {
         // rows land at fixed positions (row slot ii, columns [lp, lp + Wo)); everything around
         // them stays as zeroed once per thread, which is the zero padding the blocks read
         for (int64_t c = 0; c < Cg; ++c)
@@ -854,7 +925,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       }
       // the next task's y and w rows, fetched a slice per input row below
       Prefetch pfy;
-      if (task + 1 < t1) {
+      if (task + 1 < t1 && !inplace) {
         const int64_t nb = (task + 1) / (G * nch), ng = ((task + 1) / nch) % G, nh0 = ((task + 1) % nch) * ch;
         const int64_t nh1 = std::min(H, nh0 + ch);
         const auto next = out_span(nh0, nh1);
@@ -897,6 +968,24 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               continue;
             }
             auto run = [&](int64_t m0) {
+              if (inplace) {
+                // j = m - e_v inside [0, Wo) for every lane and tap: plain loads
+                const bool interior = m0 - emax >= 0 && m0 + block <= Wo;
+                const acc_t* yg = reinterpret_cast<const acc_t*>(yd) + (b * C + g * Cg) * Ho * Wo;
+                const acc_t* wga = reinterpret_cast<const acc_t*>(wgt);
+                const bool wpf = h + 1 < H;
+                channel_blocks(Cg, [&](auto cb, int64_t c) {
+                  constexpr int CB = decltype(cb)::value;
+                  const acc_t* yb = yg + c * Ho * Wo;
+                  if (interior)
+                    tr_inplace<acc_t, CB, false>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), p0, p1, Kw, Wo, e.data(),
+                                                 m0, bout + c * bstep, bstep, wpf && c == 0);
+                  else
+                    tr_inplace<acc_t, CB, true>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), p0, p1, Kw, Wo, e.data(),
+                                                m0, bout + c * bstep, bstep, wpf && c == 0);
+                });
+                return;
+              }
               channel_blocks(Cg, [&](auto cb, int64_t c) {
                 tr_block<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
                                                          ru.data(), ri.data(), p0, p1, imin, vl, nv, Kw, base.data(),
