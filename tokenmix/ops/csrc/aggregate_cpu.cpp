@@ -585,7 +585,10 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t KK = Kh * Kw;
-  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L);
+  // direct: q rows are read in place (one dtype, rows of two vectors; the last block of a row
+  // is shifted left to end at Wo, so no read leaves the row)
+  const bool direct = std::is_same<scalar_t, acc_t>::value && Wo >= 2 * L;
+  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L, direct);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   const int64_t nb = sum_batch ? 1 : B;
   at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
@@ -626,16 +629,41 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
         if (nrr > 0) {
           fill_rows<scalar_t, acc_t>(ks.data(), cstride, kd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
         }
+        // what comes next (the next batch element of a batch sum, else the next task): its k and
+        // q rows, fetched a slice per row below
+        Prefetch pfk, pfq;
+        {
+          int64_t nb = -1, ng = g, ni0 = i0, ni1 = i1;
+          if (b + 1 < b1) {
+            nb = b + 1;
+          } else if (task + 1 < t1) {
+            nb = sum_batch ? 0 : (task + 1) / (G * nch), ng = ((task + 1) / nch) % G;
+            ni0 = ((task + 1) % nch) * ch, ni1 = std::min(Ho, ni0 + ch);
+          }
+          if (nb >= 0) {
+            const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
+            pfk = Prefetch(kd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
+            pfq = Prefetch(qd + ((nb * C + ng * Cg) * Ho + ni0) * Wo, Cg, Ho * Wo, (ni1 - ni0) * Wo);
+          }
+        }
         for (int64_t i = i0; i < i1; ++i) {
+          pfk.slice(i - i0, i1 - i0);
+          pfq.slice(i - i0, i1 - i0);
           // q row i of channel c at qrow[c * qstep + j]; tap t of the result at rrow[t * rstep + j]
-          for (int64_t c = 0; c < Cg; ++c) {
-            const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
-            acc_t* dst = qs.data() + c * wbw;
-            convert(dst, src, Wo);
-          }  // columns [Wo, wbw) stay zero
           const acc_t* qrow = qs.data();
+          int64_t qstep = wbw;
+          if (direct) {
+            qrow = reinterpret_cast<const acc_t*>(qd) + ((b * C + g * Cg) * Ho + i) * Wo;
+            qstep = Ho * Wo;
+          } else {
+            for (int64_t c = 0; c < Cg; ++c) {
+              const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
+              acc_t* dst = qs.data() + c * wbw;
+              convert(dst, src, Wo);
+            }  // columns [Wo, wbw) stay zero
+          }
           acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
-          const int64_t qstep = wbw, rstep = rtp;
+          const int64_t rstep = rtp;
           for (int64_t u = 0; u < Kh; ++u) {
             const int64_t r = rows[u * Ho + i];
             acc_t* rbu = rrow + u * Kw * rstep;
