@@ -859,7 +859,17 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // stride 1, zero border: only m = col + padc of image columns is needed; a row narrower
   // than a block takes one block from padc (writing a few phase-row entries past the row)
   if (s == 1 && pad_ok) m_a = padc, m_b = padc + std::max(W, block);
-  const int64_t obw = round_up(std::max(mw, m_b), block);
+  // the entries of phase f that are image columns: m in [plo[f], plo[f] + pcnt[f]) (pair mode
+  // computes only these: at W=14, s=2 one block per phase instead of two)
+  std::vector<int64_t> plo(s), pcnt(s);
+  int64_t pend = 0;
+  for (int64_t f = 0; f < s; ++f) {
+    plo[f] = ceil_div(std::max<int64_t>(padc - f, 0), s);
+    const int64_t col = plo[f] * s + f - padc;
+    pcnt[f] = col < W ? (W - 1 - col) / s + 1 : 0;
+    pend = std::max(pend, plo[f] + round_up(pcnt[f], block));
+  }
+  const int64_t obw = round_up(std::max({mw, m_b, pend}), block);
   // direct: stride 1, one dtype and rows at least a block wide: the blocks store straight into
   // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
   // block shifted left to end there), with no phase row, scatter or row copy
@@ -1020,10 +1030,14 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
                                                          m0, bout + c * bstep, bstep);
               });
             };
+            if (pair) {
+              for (int64_t m0 = plo[f]; m0 < plo[f] + pcnt[f]; m0 += block) run(m0);
+              continue;
+            }
             int64_t m0 = m_a;
             for (; m0 + block <= m_b; m0 += block) run(m0);
             if (m0 < m_b) run(m_b - block);
-            if (direct || pair) continue;
+            if (direct) continue;
             // scatter the phase row into the input row: col = s*m + f - padc
             const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(padc - f, 0), s));
             for (int64_t c = 0; c < Cg; ++c) {
