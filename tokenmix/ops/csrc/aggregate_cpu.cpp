@@ -950,16 +950,17 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         // copy the same weight twice)
         tap_rows(h0, h1, urows);
         const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
-        for (int64_t t = 0; t < KK; ++t)
-          for (int64_t i = urows[t / Kw].first; i < urows[t / Kw].second; ++i) {
-            acc_t* dst = wb.data() + t * tplane + (i - imin) * lpw + lp;
-            if (wHW == 1) {
-              std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
-            } else {
-              const scalar_t* src = wg + t * wHW + i * Wo;
-              convert(dst, src, Wo);
+        for (int64_t u = 0; u < Kh; ++u)
+          for (int64_t t = u * Kw; t < (u + 1) * Kw; ++t)
+            for (int64_t i = urows[u].first; i < urows[u].second; ++i) {
+              acc_t* dst = wb.data() + t * tplane + (i - imin) * lpw + lp;
+              if (wHW == 1) {
+                std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
+              } else {
+                const scalar_t* src = wg + t * wHW + i * Wo;
+                convert(dst, src, Wo);
+              }
             }
-          }
       }
       // the next task's y and w rows, fetched a slice per input row below
       Prefetch pfy;
