@@ -148,8 +148,12 @@ def select_backend(op: str, tensors: Sequence[torch.Tensor], window: Window,
             raise ValueError(f"backend={backend!r} cannot run {op} on these inputs: " + "; ".join(reasons))
         return b
     refused = []
+    device = tensors[0].device.type
     for name in list_backends():
         b = get_backend(name)
+        if device not in b.devices:  # the common refusal: its message is built only if none runs
+            refused.append((name, b))
+            continue
         reasons = b.not_supported_reasons(op, tensors, window)
         if not reasons:
             why = b.unavailable_reason()
@@ -161,4 +165,6 @@ def select_backend(op: str, tensors: Sequence[torch.Tensor], window: Window,
                               RuntimeWarning, stacklevel=3)
             reasons = [f"unavailable: {why}"]
         refused.append(f"{name}: " + "; ".join(reasons))
+    refused = [r if isinstance(r, str) else f"{r[0]}: " + "; ".join(r[1].not_supported_reasons(op, tensors, window))
+               for r in refused]
     raise ValueError(f"no tokenmix backend can run {op} on these inputs: " + " | ".join(refused))
