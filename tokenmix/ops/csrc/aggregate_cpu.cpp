@@ -119,7 +119,17 @@ struct ColPlan {
   // per phase f (s > 1): input columns col0[f] + k*s, k < cnt[f], go to scratch dst0[f] + k
   std::vector<int64_t> col0, cnt, dst0;
   std::vector<int64_t> cpos;  // per input column (s > 1): pos(col)
+  std::vector<int64_t> fpos;  // scatter fill: scratch offset of element k of a channel's rows
   const int64_t* cols;
+  // fill_rows scatters (stride > 2, or 2 on rows under 12 columns) rather than copying rows
+  bool scatter() const { return s > 2 || (s == 2 && W < 12); }
+  // fpos for up to nrr rows of rowstride s * pw: a channel's nrr*W contiguous source elements
+  // go to fpos[k] in one loop (per-row loops cost more than the copy on 7-column rows)
+  void plan_fill(int64_t nrr) {
+    if (!scatter()) return;
+    fpos.resize(nrr * W);
+    for (int64_t k = 0; k < nrr * W; ++k) fpos[k] = (k / W) * s * pw + cpos[k % W];
+  }
   int64_t pos(int64_t col) const {
     int64_t q = col + padc;
     return (q % s) * pw + q / s;
@@ -335,23 +345,25 @@ void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int
                const ColPlan& p) {
   const int64_t W = p.W, s = p.s, rs = s * p.pw;
   for (int64_t c = 0; c < ncg; ++c) {
+    const scalar_t* rows = src + (c * H + rmin) * W;
+    if (p.scatter()) {
+      // other strides and narrow rows: one scattered store per element, positions from plan_fill
+      acc_t* dst = xs + c * cstride;
+      const int64_t* fp = p.fpos.data();
+      for (int64_t k = 0; k < nrr * W; ++k) dst[fp[k]] = static_cast<acc_t>(rows[k]);
+      continue;
+    }
     for (int64_t rr = 0; rr < nrr; ++rr) {
       acc_t* dst = xs + c * cstride + rr * rs;
-      const scalar_t* row = src + (c * H + rmin + rr) * W;
+      const scalar_t* row = rows + rr * W;
       if (s == 1) {
-        acc_t* d = dst + p.padc;
-        convert(d, row, W);
-      } else if (s == 2 && W >= 12) {
-        // the phase holding the row's first column (f0) interleaves with the other (f1)
+        convert(dst + p.padc, row, W);
+      } else {
+        // s == 2: the phase holding the row's first column (f0) interleaves with the other (f1)
         const int f0 = p.col0[0] < p.col0[1] ? 0 : 1, f1 = 1 - f0;
         const int64_t npair = std::min(p.cnt[f0], p.cnt[f1]);
         deinterleave2(dst + p.dst0[f0], dst + p.dst0[f1], row + p.col0[f0], npair);
         if (p.cnt[f0] > npair) dst[p.dst0[f0] + npair] = static_cast<acc_t>(row[p.col0[f0] + 2 * npair]);
-      } else {
-        // other strides and narrow rows: one scattered store per column (per-phase loops cost
-        // more in bookkeeping than in copying on rows of a few columns)
-        const int64_t* cp = p.cpos.data();
-        for (int64_t col = 0; col < W; ++col) dst[cp[col]] = static_cast<acc_t>(row[col]);
       }
     }
   }
@@ -423,6 +435,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t wbw = p.wbw, rowstride = s * p.pw;
 
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
+  p.plan_fill(nrr_max);
   // copied weights of a task: (K*K, ch, wbw), so each tap plane streams ch rows
   // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets). Rows under
   // a vector are packed (pitch Wo): a tap's rows are then one contiguous copy, and the lanes
@@ -603,6 +616,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   double* part = part_t.data_ptr<double>();
   std::fill(part, part + part_t.numel(), 0.0);
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
+  p.plan_fill(nrr_max);
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
   // packed: per-pixel results go to a per-task buffer of pitch Wo (a block's lanes past Wo land
   // on the next row, which is computed after it, or in the slack), so each tap's rows are one
