@@ -5,11 +5,6 @@ ops (DESIGN.md 2.2) and a FLOP formula, so ``torch.compile(fullgraph=True)``,
 ``torch.export`` and fvcore tracing see one named node. The device implementation picks a
 backend with :func:`tokenmix.ops.registry.select_backend`.
 
-The ops are defined with ``torch.library.Library`` (schema, one CompositeExplicitAutograd
-kernel, ``register_fake``, ``register_autograd``) rather than the ``custom_op`` decorator: the
-same dispatcher entries, without the decorator's per-call wrapper layers, which cost about
-15 us per call and dominate the op's time on small inputs.
-
 Geometry travels as flat int lists: ``kernel_size, stride, dilation, padding`` (each
 [h, w]) and ``border`` ("zero" | "clamp").
 """
@@ -27,17 +22,10 @@ from .flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
 from .registry import select_backend
 from .window import Window
 
-_LIB = torch.library.Library("tokenmix", "DEF")
-_LIB.define("aggregate(Tensor x, Tensor w, int[] kernel_size, int[] stride, int[] dilation, int[] padding, "
-            "str border, str? backend) -> Tensor")
-_LIB.define("correlate(Tensor q, Tensor k, int[] kernel_size, int[] stride, int[] dilation, int[] padding, "
-            "str border, int groups, bool sum_batch, bool sum_space, str? backend) -> Tensor")
-_LIB.define("aggregate_transpose(Tensor y, Tensor w, int[] kernel_size, int[] stride, int[] dilation, "
-            "int[] padding, str border, int[] input_size, str? backend) -> Tensor")
-
 # ----------------------------------------------------------------------------- aggregate
 
 
+@torch.library.custom_op("tokenmix::aggregate", mutates_args=())
 def aggregate_op(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
                  padding: List[int], border: str, backend: Optional[str]) -> Tensor:
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
@@ -46,7 +34,7 @@ def aggregate_op(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int]
     return select_backend("aggregate", (x, w), window, backend).aggregate(x, w, window)
 
 
-@torch.library.register_fake("tokenmix::aggregate")
+@aggregate_op.register_fake
 def _(x, w, kernel_size, stride, dilation, padding, border, backend):
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
     Ho, Wo = window.output_size(x.shape[2], x.shape[3])
@@ -56,6 +44,7 @@ def _(x, w, kernel_size, stride, dilation, padding, border, backend):
 # ----------------------------------------------------------------------------- correlate
 
 
+@torch.library.custom_op("tokenmix::correlate", mutates_args=())
 def correlate_op(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
                  padding: List[int], border: str, groups: int, sum_batch: bool, sum_space: bool,
                  backend: Optional[str]) -> Tensor:
@@ -66,7 +55,7 @@ def correlate_op(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[int]
     return b.correlate(q, k, window, groups, sum_batch, sum_space)
 
 
-@torch.library.register_fake("tokenmix::correlate")
+@correlate_op.register_fake
 def _(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, sum_space, backend):
     B, _, Ho, Wo = q.shape
     kk = kernel_size[0] * kernel_size[1]
@@ -76,6 +65,7 @@ def _(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, s
 # ------------------------------------------------------------------- aggregate_transpose
 
 
+@torch.library.custom_op("tokenmix::aggregate_transpose", mutates_args=())
 def aggregate_transpose_op(y: Tensor, w: Tensor, kernel_size: List[int], stride: List[int],
                            dilation: List[int], padding: List[int], border: str, input_size: List[int],
                            backend: Optional[str]) -> Tensor:
@@ -86,7 +76,7 @@ def aggregate_transpose_op(y: Tensor, w: Tensor, kernel_size: List[int], stride:
     return b.aggregate_transpose(y, w, window, (H, W))
 
 
-@torch.library.register_fake("tokenmix::aggregate_transpose")
+@aggregate_transpose_op.register_fake
 def _(y, w, kernel_size, stride, dilation, padding, border, input_size, backend):
     return y.new_empty(y.shape[0], y.shape[1], input_size[0], input_size[1])
 
@@ -161,13 +151,9 @@ def _backward_transpose(ctx, gz):
     return (gy, gw) + (None,) * 7
 
 
-for _name, _impl in (("aggregate", aggregate_op), ("correlate", correlate_op),
-                     ("aggregate_transpose", aggregate_transpose_op)):
-    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
-torch.library.register_autograd("tokenmix::aggregate", _backward_aggregate, setup_context=_setup_aggregate)
-torch.library.register_autograd("tokenmix::correlate", _backward_correlate, setup_context=_setup_correlate)
-torch.library.register_autograd("tokenmix::aggregate_transpose", _backward_transpose,
-                                setup_context=_setup_transpose)
+aggregate_op.register_autograd(_backward_aggregate, setup_context=_setup_aggregate)
+correlate_op.register_autograd(_backward_correlate, setup_context=_setup_correlate)
+aggregate_transpose_op.register_autograd(_backward_transpose, setup_context=_setup_transpose)
 
 # --------------------------------------------------------------------------------- flops
 # torch's FlopCounterMode counts 2 flops per multiply-add.
