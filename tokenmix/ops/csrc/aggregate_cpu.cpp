@@ -819,7 +819,7 @@ __attribute__((noinline)) void tr_inplace(const acc_t* yb, int64_t ystep, const 
       const acc_t* wp = wr + v * wHW - e[v];
       const acc_t* yp = yr - e[v];
       if (wpf) __builtin_prefetch(wp + Wo, 0, 3);
-      if (MASKED) {
+      if (MASKED && (j0 < 0 || j0 + VecOf<acc_t>::N > Wo)) {  // this tap's lanes leave the row
         const int64_t lo = -j0, hi = Wo - j0;
         const V wv = load_lanes(wp, lo, hi);
         for (int c = 0; c < CB; ++c) acc[c] += wv * load_lanes(yp + c * ystep, lo, hi);
