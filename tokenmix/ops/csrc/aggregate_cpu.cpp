@@ -130,6 +130,7 @@ struct ColPlan {
     fpos.resize(nrr * W);
     for (int64_t k = 0; k < nrr * W; ++k) fpos[k] = (k / W) * s * pw + cpos[k % W];
   }
+  bool all_fast() const { return fa == 0 && fb >= Wo; }  // no column for the scalar path
   int64_t pos(int64_t col) const {
     int64_t q = col + padc;
     return (q % s) * pw + q / s;
@@ -530,7 +531,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
             });
           });
           // scalar path: columns outside the affine range (clamp-border edges)
-          for (int64_t j = 0; j < Wo; ++j) {
+          for (int64_t j = 0; j < Wo && !p.all_fast(); ++j) {
             if (in_fast(p, j)) continue;
             for (int64_t c = 0; c < Cg; ++c) {
               const acc_t* xc = xs.data() + c * cstride;
@@ -694,7 +695,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
                                      rbu + v0 * rstep, rstep);
               }
             });
-            for (int64_t j = 0; j < Wo; ++j) {
+            for (int64_t j = 0; j < Wo && !p.all_fast(); ++j) {
               if (in_fast(p, j)) continue;
               for (int64_t v = 0; v < Kw; ++v) {
                 const int64_t col = p.cols[v * Wo + j];
