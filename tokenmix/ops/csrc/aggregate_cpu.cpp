@@ -250,6 +250,12 @@ inline int64_t bytes_of(std::initializer_list<int64_t> ns, int64_t elem) {
   return t;
 }
 
+// Task t of the (batch, group, row chunk) grid with nch chunks per (batch, group).
+struct TaskAt {
+  int64_t b, g, c;
+  TaskAt(int64_t t, int64_t G, int64_t nch) : b(t / (G * nch)), g((t / nch) % G), c(t % nch) {}
+};
+
 // Range of valid source rows read by output rows [i0, i1): (rmin, count).
 inline std::pair<int64_t, int64_t> row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t i0, int64_t i1) {
   int64_t rmin = INT64_MAX, rmax = -1;
@@ -455,8 +461,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
                ob = cv.take<acc_t>(direct ? 0 : Cg * wbw);
     std::vector<int64_t> rru(Kh);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / (G * nch), g = (task / nch) % G, ic = task % nch;
-      const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
       if (nrr > 0) {
@@ -465,8 +471,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
       // the next task's input rows and (when copied) weights, fetched a slice per row below
       Prefetch pfx, pfw;
       if (task + 1 < t1) {
-        const int64_t nb = (task + 1) / (G * nch), ng = ((task + 1) / nch) % G, ni0 = ((task + 1) % nch) * ch;
-        const int64_t ni1 = std::min(Ho, ni0 + ch);
+        const TaskAt nt(task + 1, G, nch);
+        const int64_t nb = nt.b, ng = nt.g, ni0 = nt.c * ch, ni1 = std::min(Ho, ni0 + ch);
         const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
         pfx = Prefetch(xd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
         if (!direct && wHW > 1)
@@ -626,17 +632,17 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const bool packed = !sum_batch && !sum_space;
   const bool stream = std::is_same<scalar_t, float>::value && out.numel() * 4 > (8 << 20);
   const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, Cg * wbw, KK * rtp, nacc},
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : Cg * wbw, KK * rtp, nacc},
                                  sizeof(acc_t)));
 
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(Cg * wbw),
+    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : Cg * wbw),
                rb = cv.take<acc_t>(KK * rtp), accb = cv.take<acc_t>(nacc);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t bb = task / (G * nch), g = (task / nch) % G, ic = task % nch;
-      const int64_t i0 = ic * ch, i1 = std::min(Ho, i0 + ch);
+      const TaskAt at(task, G, nch);
+      const int64_t bb = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
       std::fill(accb.begin(), accb.end(), acc_t(0));
@@ -653,8 +659,9 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           if (b + 1 < b1) {
             nb = b + 1;
           } else if (task + 1 < t1) {
-            nb = sum_batch ? 0 : (task + 1) / (G * nch), ng = ((task + 1) / nch) % G;
-            ni0 = ((task + 1) % nch) * ch, ni1 = std::min(Ho, ni0 + ch);
+            const TaskAt nt(task + 1, G, nch);
+            nb = sum_batch ? 0 : nt.b, ng = nt.g;
+            ni0 = nt.c * ch, ni1 = std::min(Ho, ni0 + ch);
           }
           if (nb >= 0) {
             const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
@@ -934,24 +941,25 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   int64_t nri_max = 0;
   for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
   const int64_t cplane = nri_max * lpw, tplane = nri_max * lpw;
+  // y and w rows copied per task (none in place)
+  const int64_t ysize = inplace ? 0 : Cg * cplane, wsize = inplace ? 0 : KK * tplane;
   ThreadScratch scratch(
-      bytes_of({Cg * cplane, KK * tplane, direct ? 0 : (pair ? 2 : 1) * Cg * obw, direct || pair ? 0 : Cg * W},
-               sizeof(acc_t)));
+      bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> ys = cv.take<acc_t>(Cg * cplane), wb = cv.take<acc_t>(KK * tplane),
+    Buf<acc_t> ys = cv.take<acc_t>(ysize), wb = cv.take<acc_t>(wsize),
                xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 : 1) * Cg * obw),
                xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
     std::vector<std::pair<int64_t, int64_t>> urows(Kh), nrows(Kh);
     std::vector<Prefetch> pfw(Kh);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / (G * nch), g = (task / nch) % G, hc = task % nch;
-      const int64_t h0 = hc * ch, h1 = std::min(H, h0 + ch);
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, h0 = at.c * ch, h1 = std::min(H, h0 + ch);
       const auto span = out_span(h0, h1);
       const int64_t imin = span.first, nri = span.second;
-      const scalar_t* wgt = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       if (nri > 0 && !inplace) {
         // rows land at fixed positions (row slot ii, columns [lp, lp + Wo)); everything around
         // them stays as zeroed once per thread, which is the zero padding the blocks read
@@ -965,7 +973,6 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         // of the tap row u planes (each weight is read by exactly one input row, so tasks do not
         // copy the same weight twice)
         tap_rows(h0, h1, urows);
-        const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
         for (int64_t u = 0; u < Kh; ++u)
           for (int64_t t = u * Kw; t < (u + 1) * Kw; ++t)
             for (int64_t i = urows[u].first; i < urows[u].second; ++i) {
@@ -981,8 +988,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       // the next task's y and w rows, fetched a slice per input row below
       Prefetch pfy;
       if (task + 1 < t1 && !inplace) {
-        const int64_t nb = (task + 1) / (G * nch), ng = ((task + 1) / nch) % G, nh0 = ((task + 1) % nch) * ch;
-        const int64_t nh1 = std::min(H, nh0 + ch);
+        const TaskAt nt(task + 1, G, nch);
+        const int64_t nb = nt.b, ng = nt.g, nh0 = nt.c * ch, nh1 = std::min(H, nh0 + ch);
         const auto next = out_span(nh0, nh1);
         pfy = Prefetch(yd + ((nb * C + ng * Cg) * Ho + next.first) * Wo, Cg, Ho * Wo, next.second * Wo);
         tap_rows(nh0, nh1, nrows);
@@ -1027,7 +1034,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
                 // j = m - e_v inside [0, Wo) for every lane and tap: plain loads
                 const bool interior = m0 - emax >= 0 && m0 + block <= Wo;
                 const acc_t* yg = reinterpret_cast<const acc_t*>(yd) + (b * C + g * Cg) * Ho * Wo;
-                const acc_t* wga = reinterpret_cast<const acc_t*>(wgt);
+                const acc_t* wga = reinterpret_cast<const acc_t*>(wg);
                 const bool wpf = h + 1 < H;
                 channel_blocks(Cg, [&](auto cb, int64_t c) {
                   constexpr int CB = decltype(cb)::value;
