@@ -125,6 +125,20 @@ def test_unavailable_backend_falls_back_with_one_warning():
         registry._REGISTRY.pop("broken_for_test")
 
 
+def test_dispatch_failure_names_every_backend_and_reason():
+    """When no backend supports the inputs, the error lists each registered backend with its
+    reasons (the device refusal included, though dispatch decides it without the message)."""
+    from tokenmix.ops.registry import select_backend
+    x = torch.zeros(1, 1, 3, 3, dtype=torch.int32)
+    with pytest.raises(ValueError) as e:
+        select_backend("aggregate", (x,), Window(3))
+    msg = str(e.value)
+    assert msg.startswith("no tokenmix backend can run aggregate on these inputs: ")
+    for name in list_backends():
+        assert f"{name}: " in msg
+    assert "device 'cpu' not in ['cuda']" in msg and msg.count("dtype torch.int32 not in") == len(list_backends())
+
+
 def test_register_backend_type_check():
     with pytest.raises(TypeError, match="must be a tokenmix.ops.Backend instance"):
         register_backend("reference")

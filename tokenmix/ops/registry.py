@@ -147,24 +147,18 @@ def select_backend(op: str, tensors: Sequence[torch.Tensor], window: Window,
         if reasons:
             raise ValueError(f"backend={backend!r} cannot run {op} on these inputs: " + "; ".join(reasons))
         return b
-    refused = []
     device = tensors[0].device.type
     for name in list_backends():
         b = get_backend(name)
-        if device not in b.devices:  # the common refusal: its message is built only if none runs
-            refused.append((name, b))
+        # the device test first: the common refusal, decided without formatting its reasons
+        if device not in b.devices or b.not_supported_reasons(op, tensors, window):
             continue
-        reasons = b.not_supported_reasons(op, tensors, window)
-        if not reasons:
-            why = b.unavailable_reason()
-            if why is None:
-                return b
-            if name not in _WARNED:
-                _WARNED.add(name)
-                warnings.warn(f"tokenmix: backend {name!r} is unavailable ({why}); falling back to the next backend",
-                              RuntimeWarning, stacklevel=3)
-            reasons = [f"unavailable: {why}"]
-        refused.append(f"{name}: " + "; ".join(reasons))
-    refused = [r if isinstance(r, str) else f"{r[0]}: " + "; ".join(r[1].not_supported_reasons(op, tensors, window))
-               for r in refused]
+        why = b.unavailable_reason()
+        if why is None:
+            return b
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"tokenmix: backend {name!r} is unavailable ({why}); falling back to the next backend",
+                          RuntimeWarning, stacklevel=3)
+    refused = [f"{name}: " + "; ".join(_reasons(get_backend(name), op, tensors, window)) for name in list_backends()]
     raise ValueError(f"no tokenmix backend can run {op} on these inputs: " + " | ".join(refused))
