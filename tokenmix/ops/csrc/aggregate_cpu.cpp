@@ -118,7 +118,6 @@ struct ColPlan {
   std::vector<int64_t> phoff;  // per v: phase * pw + e_v (scratch offset of output column 0)
   // per phase f (s > 1): input columns col0[f] + k*s, k < cnt[f], go to scratch dst0[f] + k
   std::vector<int64_t> col0, cnt, dst0;
-  std::vector<int64_t> cpos;  // per input column (s > 1): pos(col)
   std::vector<int64_t> fpos;  // scatter fill: scratch offset of element k of a channel's rows
   const int64_t* cols;
   // fill_rows scatters (stride > 2, or 2 on rows under 12 columns) rather than copying rows
@@ -128,7 +127,7 @@ struct ColPlan {
   void plan_fill(int64_t nrr) {
     if (!scatter()) return;
     fpos.resize(nrr * W);
-    for (int64_t k = 0; k < nrr * W; ++k) fpos[k] = (k / W) * s * pw + cpos[k % W];
+    for (int64_t k = 0; k < nrr * W; ++k) fpos[k] = (k / W) * s * pw + pos(k % W);
   }
   bool all_fast() const { return fa == 0 && fb >= Wo; }  // no column for the scalar path
   int64_t pos(int64_t col) const {
@@ -172,8 +171,6 @@ ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, 
     p.cnt.push_back(col < W ? (W - 1 - col) / s + 1 : 0);
     p.dst0.push_back(f * p.pw + idx);
   }
-  if (s > 1)
-    for (int64_t col = 0; col < W; ++col) p.cpos.push_back(p.pos(col));
   p.phoff.resize(p.Kw);
   for (int64_t v = 0; v < p.Kw; ++v) {
     int64_t q = off[v] + p.padc;
