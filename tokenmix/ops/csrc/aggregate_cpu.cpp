@@ -28,8 +28,11 @@
 // the hardware. The inner loops use GCC/Clang
 // vector extensions (one 256-bit vector = 8 floats / 4 doubles; AVX2 intrinsics only for the
 // stride-2 (de)interleave and streaming stores, with plain fallbacks) with register blocking:
-// aggregate keeps one vector of outputs for up to 12 channels in registers over all K*K taps
-// and reuses each weight vector across them; correlate keeps up to 8 taps in registers and
+// aggregate computes two output rows at once where it can (agg_block2: one vector of outputs
+// for up to 6 channels x 2 rows in registers; both rows read most input rows, so each input
+// vector loaded feeds two FMAs, which matters because the loads, not the FMAs, bound these
+// loops), else one row (up to 12 channels), and reuses each weight vector across the channels;
+// correlate keeps up to 8 taps in registers and
 // reuses each query vector across them; aggregate_transpose blocks like aggregate.
 // benchmarks/README.md has the measurements behind these choices.
 
@@ -385,6 +388,47 @@ inline void channel_blocks(int64_t Cg, F&& f) {
   for (; c < Cg; ++c) f(std::integral_constant<int, 1>{}, c);
 }
 
+// Keeps a loaded vector in a register: GCC otherwise folds each use of a load into its own
+// FMA memory operand, loading a vector that feeds two FMAs twice (the loads, not the FMAs,
+// bound these loops).
+template <typename V>
+inline V in_register(V v) {
+#if defined(__AVX__)
+  asm("" : "+x"(v));
+#endif
+  return v;
+}
+
+// Channel blocks for the two-row kernels: 6 channels x 2 rows = 12 accumulators (+ 2 weight
+// vectors + 1 input vector = 15 of the 16 AVX registers), then 4, 2, 1.
+template <typename F>
+inline void channel_blocks2(int64_t Cg, F&& f) {
+  int64_t c = 0;
+  for (; c + 6 <= Cg; c += 6) f(std::integral_constant<int, 6>{}, c);
+  for (; c + 4 <= Cg; c += 4) f(std::integral_constant<int, 4>{}, c);
+  for (; c + 2 <= Cg; c += 2) f(std::integral_constant<int, 2>{}, c);
+  for (; c < Cg; ++c) f(std::integral_constant<int, 1>{}, c);
+}
+
+// Pairs the tap rows of two output rows that read the same scratch row: steps of (scratch
+// row, tap row of the first output row or -1, tap row of the second or -1), each (row, tap)
+// exactly once, so an input vector loaded once feeds both rows' FMAs. Returns the step count;
+// r1 (the second row's scratch rows) is consumed.
+inline int64_t pair_steps(const int64_t* r0, int64_t* r1, int64_t Kh, int64_t* steps) {
+  int64_t n = 0;
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (r0[u] < 0) continue;
+    int64_t m = -1;
+    for (int64_t t = 0; t < Kh && m < 0; ++t)
+      if (r1[t] == r0[u]) m = t;
+    if (m >= 0) r1[m] = -1;  // paired: r1 is consumed
+    steps[3 * n] = r0[u], steps[3 * n + 1] = u, steps[3 * n + 2] = m, ++n;
+  }
+  for (int64_t t = 0; t < Kh; ++t)
+    if (r1[t] >= 0) steps[3 * n] = r1[t], steps[3 * n + 1] = -1, steps[3 * n + 2] = t, ++n;
+  return n;
+}
+
 // ------------------------------------------------------------------------------ aggregate
 // One vector of output columns [j0, j0 + L) for CB channels over all taps. wpf / opf > 0:
 // also prefetch the weights / outputs that many elements ahead (the next row, when they are
@@ -410,6 +454,55 @@ __attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64
   if (opf)
     for (int c = 0; c < CB; ++c) __builtin_prefetch(ob + c * wbw + j0 + opf, 1, 3);
   for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, acc[c]);
+}
+
+// Two output rows at once (their weights wrow apart, outputs orow2 apart), over the steps of
+// pair_steps: where both rows read a scratch row, each input vector is loaded once for two
+// FMAs (12 accumulators, 2 weight vectors, 1 input vector in registers for CB = 6).
+template <typename acc_t, int CB>
+__attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts,
+                                          int64_t wrow, int64_t wbw, int64_t orow2, const int64_t* steps, int64_t nsteps,
+                                          int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob, int64_t wpf,
+                                          int64_t opf) {
+  using V = typename VecOf<acc_t>::type;
+  V a0[CB], a1[CB];
+  for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
+  for (int64_t k = 0; k < nsteps; ++k) {
+    const int64_t u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
+    const acc_t* xr = xs + steps[3 * k] * rowstride + j0;
+    const acc_t* w0r = wb + std::max<int64_t>(u0, 0) * Kw * wts + j0;  // read only if u0 >= 0
+    const acc_t* w1r = wb + wrow + std::max<int64_t>(u1, 0) * Kw * wts + j0;
+    if (u0 >= 0 && u1 >= 0) {
+      for (int64_t v = 0; v < Kw; ++v) {
+        const V w0 = loadu(w0r + v * wts), w1 = loadu(w1r + v * wts);
+        if (wpf) __builtin_prefetch(w0r + v * wts + wpf, 0, 3), __builtin_prefetch(w1r + v * wts + wpf, 0, 3);
+        const acc_t* xp = xr + phoff[v];
+        for (int c = 0; c < CB; ++c) {
+          const V xv = in_register(loadu(xp + c * cstride));
+          a0[c] += w0 * xv;
+          a1[c] += w1 * xv;
+        }
+      }
+    } else if (u0 >= 0) {
+      for (int64_t v = 0; v < Kw; ++v) {
+        const V wv = loadu(w0r + v * wts);
+        if (wpf) __builtin_prefetch(w0r + v * wts + wpf, 0, 3);
+        const acc_t* xp = xr + phoff[v];
+        for (int c = 0; c < CB; ++c) a0[c] += wv * loadu(xp + c * cstride);
+      }
+    } else {
+      for (int64_t v = 0; v < Kw; ++v) {
+        const V wv = loadu(w1r + v * wts);
+        if (wpf) __builtin_prefetch(w1r + v * wts + wpf, 0, 3);
+        const acc_t* xp = xr + phoff[v];
+        for (int c = 0; c < CB; ++c) a1[c] += wv * loadu(xp + c * cstride);
+      }
+    }
+  }
+  if (opf)
+    for (int c = 0; c < CB; ++c)
+      __builtin_prefetch(ob + c * wbw + j0 + opf, 1, 3), __builtin_prefetch(ob + orow2 + c * wbw + j0 + opf, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, a0[c]), storeu(ob + orow2 + c * wbw + j0, a1[c]);
 }
 
 template <typename scalar_t>
@@ -448,15 +541,15 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const bool packed = !direct && wHW > 1 && Wo < L;
   const int64_t wpitch = packed ? Wo : wbw;
   const int64_t wts = ch * wpitch + 64 / static_cast<int64_t>(sizeof(acc_t));
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, direct ? 0 : Cg * wbw},
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, direct ? 0 : 2 * Cg * wbw},
                                  sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(direct ? 0 : KK * wts),
-               ob = cv.take<acc_t>(direct ? 0 : Cg * wbw);
-    std::vector<int64_t> rru(Kh);
+               ob = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw);
+    std::vector<int64_t> rru(2 * Kh), r1(Kh), steps(6 * Kh);
     for (int64_t task = t0; task < t1; ++task) {
       const TaskAt at(task, G, nch);
       const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
@@ -496,68 +589,98 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           }
         }
       }
-      for (int64_t i = i0; i < i1; ++i) {
-        pfx.slice(i - i0, i1 - i0);
-        pfw.slice(i - i0, i1 - i0);
-        for (int64_t u = 0; u < Kh; ++u) {
-          int64_t r = rows[u * Ho + i];
-          rru[u] = r >= 0 ? r - rmin : -1;
+      for (int64_t i = i0; i < i1;) {
+        const int64_t n = i + 1 < i1 ? 2 : 1;  // output rows computed together
+        for (int64_t k = 0; k < n; ++k) {
+          pfx.slice(i + k - i0, i1 - i0);
+          pfw.slice(i + k - i0, i1 - i0);
         }
-        // weights of row i: tap t at wb[t * wstep + j]; outputs of channel c at orow[c * ostep + j]
+        for (int64_t k = 0; k < n; ++k)
+          for (int64_t u = 0; u < Kh; ++u) {
+            int64_t r = rows[u * Ho + i + k];
+            rru[k * Kh + u] = r >= 0 ? r - rmin : -1;
+          }
+        // weights of row i + k: tap t at wb + k * wrow + t * wstep + j; outputs of channel c at
+        // orow + k * orow2 + c * ostep + j
         const acc_t* wb;
-        int64_t wstep, ostep;
+        int64_t wstep, ostep, wrow, orow2;
         acc_t* orow;
         if (direct) {
           wb = reinterpret_cast<const acc_t*>(wg) + i * Wo;
           wstep = wHW;
+          wrow = Wo;
           orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
           ostep = Ho * Wo;
+          orow2 = Wo;
         } else {
           wb = wbig.data() + (i - i0) * wpitch;
           wstep = wts;
+          wrow = wpitch;
           orow = ob.data();
           ostep = wbw;
+          orow2 = Cg * wbw;
         }
         if (nrr == 0) {
-          for (int64_t c = 0; c < Cg; ++c) std::fill(orow + c * ostep, orow + c * ostep + Wo, acc_t(0));
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t c = 0; c < Cg; ++c)
+              std::fill(orow + k * orow2 + c * ostep, orow + k * orow2 + c * ostep + Wo, acc_t(0));
         } else {
           // channel blocks outer, column blocks inner: the x rows of one channel block (a few
-          // KiB) and the weights of the row stay in L1 while the blocks sweep the row
-          // in place: the first channel block prefetches the next row's weights, every block
-          // its outputs' next row
-          const int64_t ahead = direct && i + 1 < Ho ? Wo : 0;
-          channel_blocks(Cg, [&](auto cb, int64_t c) {
-            for_blocks(p, block, [&](int64_t j0) {
-              agg_block<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
-                                                        rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep,
-                                                        c == 0 ? ahead : 0, ahead);
+          // KiB) and the weights of the rows stay in L1 while the blocks sweep the rows
+          // in place: the first channel block prefetches the next rows' weights, every block
+          // its outputs' next rows
+          const int64_t ahead = direct && i + n < Ho ? n * Wo : 0;
+          if (n == 2) {
+            std::copy(rru.begin() + Kh, rru.begin() + 2 * Kh, r1.begin());
+            const int64_t nsteps = pair_steps(rru.data(), r1.data(), Kh, steps.data());
+            channel_blocks2(Cg, [&](auto cb, int64_t c) {
+              for_blocks(p, block, [&](int64_t j0) {
+                agg_block2<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
+                                                       orow2, steps.data(), nsteps, Kw, p.phoff.data(), j0,
+                                                       orow + c * ostep, c == 0 ? ahead : 0, ahead);
+              });
             });
-          });
+          } else {
+            channel_blocks(Cg, [&](auto cb, int64_t c) {
+              for_blocks(p, block, [&](int64_t j0) {
+                agg_block<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
+                                                      rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep,
+                                                      c == 0 ? ahead : 0, ahead);
+              });
+            });
+          }
           // scalar path: columns outside the affine range (clamp-border edges)
-          for (int64_t j = 0; j < Wo && !p.all_fast(); ++j) {
-            if (in_fast(p, j)) continue;
-            for (int64_t c = 0; c < Cg; ++c) {
-              const acc_t* xc = xs.data() + c * cstride;
-              acc_t acc = 0;
-              for (int64_t u = 0; u < Kh; ++u) {
-                if (rru[u] < 0) continue;
-                for (int64_t v = 0; v < Kw; ++v) {
-                  int64_t col = p.cols[v * Wo + j];
-                  if (col < 0) continue;
-                  acc += wb[(u * Kw + v) * wstep + j] * xc[rru[u] * rowstride + p.pos(col)];
+          for (int64_t k = 0; k < n && !p.all_fast(); ++k) {
+            const int64_t* rk = rru.data() + k * Kh;
+            const acc_t* wk = wb + k * wrow;
+            acc_t* ok = orow + k * orow2;
+            for (int64_t j = 0; j < Wo; ++j) {
+              if (in_fast(p, j)) continue;
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t* xc = xs.data() + c * cstride;
+                acc_t acc = 0;
+                for (int64_t u = 0; u < Kh; ++u) {
+                  if (rk[u] < 0) continue;
+                  for (int64_t v = 0; v < Kw; ++v) {
+                    int64_t col = p.cols[v * Wo + j];
+                    if (col < 0) continue;
+                    acc += wk[(u * Kw + v) * wstep + j] * xc[rk[u] * rowstride + p.pos(col)];
+                  }
                 }
+                ok[c * ostep + j] = acc;
               }
-              orow[c * ostep + j] = acc;
             }
           }
         }
         if (!direct) {
-          for (int64_t c = 0; c < Cg; ++c) {
-            scalar_t* dst = yg + (c * Ho + i) * Wo;
-            const acc_t* src = ob.data() + c * wbw;
-            convert(dst, src, Wo);
-          }
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t c = 0; c < Cg; ++c) {
+              scalar_t* dst = yg + (c * Ho + i + k) * Wo;
+              const acc_t* src = ob.data() + k * orow2 + c * wbw;
+              convert(dst, src, Wo);
+            }
         }
+        i += n;
       }
     }
   });
