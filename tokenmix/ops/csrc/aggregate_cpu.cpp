@@ -33,7 +33,9 @@
 // vector loaded feeds two FMAs, which matters because the loads, not the FMAs, bound these
 // loops), else one row (up to 12 channels), and reuses each weight vector across the channels;
 // correlate keeps up to 8 taps in registers and
-// reuses each query vector across them; aggregate_transpose blocks like aggregate.
+// reuses each query vector across them, or, for two output rows reading the same input row
+// (corr_block2), up to 6 taps x 2 rows with each input vector loaded once; aggregate_transpose
+// blocks like aggregate.
 // benchmarks/README.md has the measurements behind these choices.
 
 #include <ATen/Dispatch.h>
@@ -429,6 +431,18 @@ inline int64_t pair_steps(const int64_t* r0, int64_t* r1, int64_t Kh, int64_t* s
   return n;
 }
 
+// Whether, in the step order, every tap row t of the first output row is computed no later than
+// tap row t of the second (pos: scratch of 2 * Kh).
+inline bool later_rows_later(const int64_t* steps, int64_t nsteps, int64_t Kh, int64_t* pos) {
+  std::fill(pos, pos + 2 * Kh, int64_t(-1));
+  for (int64_t a = 0; a < nsteps; ++a)
+    for (int k = 0; k < 2; ++k)
+      if (steps[3 * a + 1 + k] >= 0) pos[k * Kh + steps[3 * a + 1 + k]] = a;
+  for (int64_t t = 0; t < Kh; ++t)
+    if (pos[t] >= 0 && pos[Kh + t] >= 0 && pos[t] > pos[Kh + t]) return false;
+  return true;
+}
+
 // ------------------------------------------------------------------------------ aggregate
 // One vector of output columns [j0, j0 + L) for CB channels over all taps. wpf / opf > 0:
 // also prefetch the weights / outputs that many elements ahead (the next row, when they are
@@ -717,6 +731,41 @@ inline void corr_dispatch(int tv, const acc_t* ks, int64_t cstride, const acc_t*
   }
 }
 
+// Two output rows i and i + 1 that read input row ks with tap rows u0 and u1: a0 / a1 hold TV
+// taps of each row, and each input vector loaded feeds both (8 accumulators, 2 query vectors, 1
+// input vector in registers for TV = 4). r0 / r1: the two rows' results of the first tap.
+template <typename acc_t, int TV>
+__attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t q2,
+                                           int64_t Cg, const int64_t* phoff, int64_t j0, acc_t* r0, acc_t* r1,
+                                           int64_t rstep) {
+  using V = typename VecOf<acc_t>::type;
+  V a0[TV], a1[TV];
+  for (int tv = 0; tv < TV; ++tv) a0[tv] = a1[tv] = V{};
+  for (int64_t c = 0; c < Cg; ++c) {
+    const V q0 = in_register(loadu(qs + c * qstep + j0)), q1 = in_register(loadu(qs + q2 + c * qstep + j0));
+    const acc_t* kc = ks + c * cstride + j0;
+    for (int tv = 0; tv < TV; ++tv) {
+      const V kv = in_register(loadu(kc + phoff[tv]));
+      a0[tv] += q0 * kv;
+      a1[tv] += q1 * kv;
+    }
+  }
+  for (int tv = 0; tv < TV; ++tv) storeu(r0 + tv * rstep + j0, a0[tv]), storeu(r1 + tv * rstep + j0, a1[tv]);
+}
+
+template <typename acc_t>
+inline void corr_dispatch2(int tv, const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t q2,
+                           int64_t Cg, const int64_t* phoff, int64_t j0, acc_t* r0, acc_t* r1, int64_t rstep) {
+  switch (tv) {
+    case 1: corr_block2<acc_t, 1>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
+    case 2: corr_block2<acc_t, 2>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
+    case 3: corr_block2<acc_t, 3>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
+    case 4: corr_block2<acc_t, 4>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
+    case 5: corr_block2<acc_t, 5>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
+    default: corr_block2<acc_t, 6>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
+  }
+}
+
 template <typename scalar_t>
 at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows_t,
                           const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
@@ -752,14 +801,16 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const bool packed = !sum_batch && !sum_space;
   const bool stream = std::is_same<scalar_t, float>::value && out.numel() * 4 > (8 << 20);
   const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : Cg * wbw, KK * rtp, nacc},
+  // two rows of q (when copied) and of results (when not packed), for the two-row blocks
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : 2 * Cg * wbw, KK * rtp * (packed ? 1 : 2), nacc},
                                  sizeof(acc_t)));
 
   at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : Cg * wbw),
-               rb = cv.take<acc_t>(KK * rtp), accb = cv.take<acc_t>(nacc);
+    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw),
+               rb = cv.take<acc_t>(KK * rtp * (packed ? 1 : 2)), accb = cv.take<acc_t>(nacc);
+    std::vector<int64_t> rru(2 * Kh), r1(Kh), steps(6 * Kh), order(2 * Kh);
     for (int64_t task = t0; task < t1; ++task) {
       const TaskAt at(task, G, nch);
       const int64_t bb = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
@@ -789,68 +840,123 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
             pfq = Prefetch(qd + ((nb * C + ng * Cg) * Ho + ni0) * Wo, Cg, Ho * Wo, (ni1 - ni0) * Wo);
           }
         }
-        for (int64_t i = i0; i < i1; ++i) {
-          pfk.slice(i - i0, i1 - i0);
-          pfq.slice(i - i0, i1 - i0);
-          // q row i of channel c at qrow[c * qstep + j]; tap t of the result at rrow[t * rstep + j]
+        for (int64_t i = i0; i < i1;) {
+          const int64_t n = i + 1 < i1 ? 2 : 1;  // output rows computed together
+          for (int64_t k = 0; k < n; ++k) {
+            pfk.slice(i + k - i0, i1 - i0);
+            pfq.slice(i + k - i0, i1 - i0);
+          }
+          // q row i + k of channel c at qrow[k * q2 + c * qstep + j]; tap t of row i + k of the
+          // result at rrow[k * rrow2 + t * rstep + j]
           const acc_t* qrow = qs.data();
-          int64_t qstep = wbw;
+          int64_t qstep = wbw, q2 = Cg * wbw;
           if (direct) {
             qrow = reinterpret_cast<const acc_t*>(qd) + ((b * C + g * Cg) * Ho + i) * Wo;
             qstep = Ho * Wo;
+            q2 = Wo;
           } else {
-            for (int64_t c = 0; c < Cg; ++c) {
-              const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i) * Wo;
-              acc_t* dst = qs.data() + c * wbw;
-              convert(dst, src, Wo);
-            }  // columns [Wo, wbw) stay zero
+            for (int64_t k = 0; k < n; ++k)
+              for (int64_t c = 0; c < Cg; ++c) {
+                const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i + k) * Wo;
+                acc_t* dst = qs.data() + k * q2 + c * wbw;
+                convert(dst, src, Wo);
+              }  // columns [Wo, wbw) stay zero
           }
           acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
-          const int64_t rstep = rtp;
-          for (int64_t u = 0; u < Kh; ++u) {
-            const int64_t r = rows[u * Ho + i];
-            acc_t* rbu = rrow + u * Kw * rstep;
-            if (r < 0) {
-              for (int64_t v = 0; v < Kw; ++v) std::fill(rbu + v * rstep, rbu + v * rstep + Wo, acc_t(0));
-              continue;
+          const int64_t rstep = rtp, rrow2 = packed ? Wo : KK * rtp;
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t u = 0; u < Kh; ++u) {
+              const int64_t r = rows[u * Ho + i + k];
+              rru[k * Kh + u] = r >= 0 ? r - rmin : -1;
             }
-            const acc_t* kr = ks.data() + (r - rmin) * rowstride;
+          // (input row, tap row of row i, of row i + 1): paired where both rows read the row
+          int64_t nsteps = 0;
+          if (n == 2) {
+            std::copy(rru.begin() + Kh, rru.begin() + 2 * Kh, r1.begin());
+            nsteps = pair_steps(rru.data(), r1.data(), Kh, steps.data());
+            // blocks that overrun a packed row write into the next row's start, which must then
+            // be computed later: (i, t) no later than (i + 1, t). That holds for both borders of
+            // Window (rows non-decreasing in i); a geometry where it did not would go one row at a time
+            if (p.fb > Wo && packed && !later_rows_later(steps.data(), nsteps, Kh, order.data())) {
+              nsteps = 0;
+              for (int64_t u = 0; u < Kh; ++u)
+                if (rru[u] >= 0) steps[3 * nsteps] = rru[u], steps[3 * nsteps + 1] = u, steps[3 * nsteps + 2] = -1, ++nsteps;
+              for (int64_t u = 0; u < Kh; ++u)
+                if (rru[Kh + u] >= 0)
+                  steps[3 * nsteps] = rru[Kh + u], steps[3 * nsteps + 1] = -1, steps[3 * nsteps + 2] = u, ++nsteps;
+            }
+          } else {
+            for (int64_t u = 0; u < Kh; ++u)
+              if (rru[u] >= 0) steps[3 * nsteps] = rru[u], steps[3 * nsteps + 1] = u, steps[3 * nsteps + 2] = -1, ++nsteps;
+          }
+          for (int64_t a = 0; a < nsteps; ++a) {
+            const int64_t u0 = steps[3 * a + 1], u1 = steps[3 * a + 2];
+            const acc_t* kr = ks.data() + steps[3 * a] * rowstride;
+            acc_t* rb0 = rrow + u0 * Kw * rstep;
+            acc_t* rb1 = rrow + rrow2 + u1 * Kw * rstep;
             for_blocks(p, L, [&](int64_t j0) {
+              if (u0 >= 0 && u1 >= 0) {
+                // taps in near-equal chunks of at most 6 (7 = 4 + 3)
+                const int64_t nchunk = ceil_div(Kw, 6);
+                for (int64_t q = 0, v0 = 0; q < nchunk; ++q) {
+                  const int64_t v1 = (q + 1) * Kw / nchunk;
+                  corr_dispatch2<acc_t>(static_cast<int>(v1 - v0), kr, cstride, qrow, qstep, q2, Cg,
+                                        p.phoff.data() + v0, j0, rb0 + v0 * rstep, rb1 + v0 * rstep, rstep);
+                  v0 = v1;
+                }
+                return;
+              }
+              const acc_t* qk = u0 >= 0 ? qrow : qrow + q2;
+              acc_t* rk = u0 >= 0 ? rb0 : rb1;
               for (int64_t v0 = 0; v0 < Kw; v0 += 8) {
                 int tv = static_cast<int>(std::min<int64_t>(8, Kw - v0));
-                corr_dispatch<acc_t>(tv, kr, cstride, qrow, qstep, Cg, p.phoff.data() + v0, j0,
-                                     rbu + v0 * rstep, rstep);
+                corr_dispatch<acc_t>(tv, kr, cstride, qk, qstep, Cg, p.phoff.data() + v0, j0, rk + v0 * rstep, rstep);
               }
             });
-            for (int64_t j = 0; j < Wo && !p.all_fast(); ++j) {
-              if (in_fast(p, j)) continue;
-              for (int64_t v = 0; v < Kw; ++v) {
-                const int64_t col = p.cols[v * Wo + j];
-                acc_t acc = 0;
-                if (col >= 0) {
-                  const int64_t pc = p.pos(col);
-                  for (int64_t c = 0; c < Cg; ++c) acc += qrow[c * qstep + j] * kr[c * cstride + pc];
+          }
+          for (int64_t k = 0; k < n; ++k) {
+            const acc_t* qk = qrow + k * q2;
+            acc_t* rk = rrow + k * rrow2;
+            for (int64_t u = 0; u < Kh; ++u) {
+              const int64_t r = rru[k * Kh + u];
+              acc_t* rbu = rk + u * Kw * rstep;
+              if (r < 0) {
+                for (int64_t v = 0; v < Kw; ++v) std::fill(rbu + v * rstep, rbu + v * rstep + Wo, acc_t(0));
+                continue;
+              }
+              // scalar path: columns outside the affine range (clamp-border edges)
+              const acc_t* kr = ks.data() + r * rowstride;
+              for (int64_t j = 0; j < Wo && !p.all_fast(); ++j) {
+                if (in_fast(p, j)) continue;
+                for (int64_t v = 0; v < Kw; ++v) {
+                  const int64_t col = p.cols[v * Wo + j];
+                  acc_t acc = 0;
+                  if (col >= 0) {
+                    const int64_t pc = p.pos(col);
+                    for (int64_t c = 0; c < Cg; ++c) acc += qk[c * qstep + j] * kr[c * cstride + pc];
+                  }
+                  rbu[v * rstep + j] = acc;
                 }
-                rbu[v * rstep + j] = acc;
+              }
+            }
+            // per-pixel results stay in the packed buffer until the task's rows are done (below)
+            if (sum_space) {
+              double* pt = part + task * KK;
+              for (int64_t t = 0; t < KK; ++t) {
+                double sacc = 0;
+                const acc_t* r = rk + t * rstep;
+                for (int64_t j = 0; j < Wo; ++j) sacc += static_cast<double>(r[j]);
+                pt[t] += sacc;
+              }
+            } else if (sum_batch) {
+              for (int64_t t = 0; t < KK; ++t) {
+                acc_t* dst = accb.data() + (t * ch + (i + k - i0)) * Wo;
+                const acc_t* r = rk + t * rstep;
+                for (int64_t j = 0; j < Wo; ++j) dst[j] += r[j];
               }
             }
           }
-          // per-pixel results stay in the packed buffer until the task's rows are done (below)
-          if (sum_space) {
-            double* pt = part + task * KK;
-            for (int64_t t = 0; t < KK; ++t) {
-              double sacc = 0;
-              const acc_t* r = rrow + t * rstep;
-              for (int64_t j = 0; j < Wo; ++j) sacc += static_cast<double>(r[j]);
-              pt[t] += sacc;
-            }
-          } else if (sum_batch) {
-            for (int64_t t = 0; t < KK; ++t) {
-              acc_t* dst = accb.data() + (t * ch + (i - i0)) * Wo;
-              const acc_t* r = rrow + t * rstep;
-              for (int64_t j = 0; j < Wo; ++j) dst[j] += r[j];
-            }
-          }
+          i += n;
         }
         if (packed)
           for (int64_t t = 0; t < KK; ++t) {
