@@ -35,7 +35,8 @@
 // correlate keeps up to 8 taps in registers and
 // reuses each query vector across them, or, for two output rows reading the same input row
 // (corr_block2), up to 6 taps x 2 rows with each input vector loaded once; aggregate_transpose
-// blocks like aggregate.
+// blocks like aggregate, two input rows at once where its rows are written in place or per
+// phase (tr_block2, tr_inplace2: both rows read most of the same output rows).
 // benchmarks/README.md has the measurements behind these choices.
 
 #include <ATen/Dispatch.h>
@@ -1066,6 +1067,117 @@ __attribute__((noinline)) void tr_inplace(const acc_t* yb, int64_t ystep, const 
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
 }
 
+// Pairs the (tap row, output row) pairs of two input rows that read the same output row:
+// steps of (output row, tap row of the first input row or -1, of the second or -1), each pair
+// exactly once, so a y vector loaded once feeds both rows' FMAs. pairs [p0, p1) belong to the
+// first input row, [p1, p2) to the second; used: scratch of p2 - p1. Returns the step count.
+inline int64_t tr_pair_steps(const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t p2, char* used,
+                             int64_t* steps) {
+  int64_t n = 0;
+  std::fill(used, used + (p2 - p1), char(0));
+  for (int64_t a = p0; a < p1; ++a) {
+    int64_t m = -1;
+    for (int64_t b = p1; b < p2 && m < 0; ++b)
+      if (ri[b] == ri[a] && !used[b - p1]) m = b;
+    if (m >= 0) used[m - p1] = 1;
+    steps[3 * n] = ri[a], steps[3 * n + 1] = ru[a], steps[3 * n + 2] = m >= 0 ? ru[m] : -1, ++n;
+  }
+  for (int64_t b = p1; b < p2; ++b)
+    if (!used[b - p1]) steps[3 * n] = ri[b], steps[3 * n + 1] = -1, steps[3 * n + 2] = ru[b], ++n;
+  return n;
+}
+
+// tr_block for two input rows (outputs x2 apart) over the steps of tr_pair_steps.
+template <typename acc_t, int CB>
+__attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
+                                         const int64_t* steps, int64_t nsteps, int64_t imin, const int64_t* vl,
+                                         int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo,
+                                         int64_t obw, int64_t x2) {
+  using V = typename VecOf<acc_t>::type;
+  V a0[CB], a1[CB];
+  for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
+  for (int64_t k = 0; k < nsteps; ++k) {
+    const int64_t ii = steps[3 * k] - imin, u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
+    if (u0 >= 0 && u1 >= 0) {
+      for (int64_t a = 0; a < nv; ++a) {
+        const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+        const V w0 = loadu(wb + (u0 * Kw + v) * tplane + off), w1 = loadu(wb + (u1 * Kw + v) * tplane + off);
+        const acc_t* yp = ys + off;
+        for (int c = 0; c < CB; ++c) {
+          const V yv = in_register(loadu(yp + c * cplane));
+          a0[c] += w0 * yv;
+          a1[c] += w1 * yv;
+        }
+      }
+    } else if (u0 >= 0) {
+      for (int64_t a = 0; a < nv; ++a) {
+        const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+        const V wv = loadu(wb + (u0 * Kw + v) * tplane + off);
+        for (int c = 0; c < CB; ++c) a0[c] += wv * loadu(ys + off + c * cplane);
+      }
+    } else {
+      for (int64_t a = 0; a < nv; ++a) {
+        const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+        const V wv = loadu(wb + (u1 * Kw + v) * tplane + off);
+        for (int c = 0; c < CB; ++c) a1[c] += wv * loadu(ys + off + c * cplane);
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
+}
+
+// tr_inplace for two input rows (outputs x2 apart) over the steps of tr_pair_steps, interior
+// blocks only (every lane and tap inside the row); wpf: the distance to prefetch the weights and
+// y ahead (0: none).
+template <typename acc_t, int CB>
+__attribute__((noinline)) void tr_inplace2(const acc_t* yb, int64_t ystep, const acc_t* wg, int64_t wHW,
+                                           const int64_t* steps, int64_t nsteps, int64_t Kw, int64_t Wo,
+                                           const int64_t* e, int64_t m0, acc_t* xo, int64_t obw, int64_t x2,
+                                           int64_t wpf) {
+  using V = typename VecOf<acc_t>::type;
+  V a0[CB], a1[CB];
+  for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
+  for (int64_t k = 0; k < nsteps; ++k) {
+    const int64_t i = steps[3 * k], u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
+    const acc_t* w0r = wg + std::max<int64_t>(u0, 0) * Kw * wHW + i * Wo + m0;  // read only if u0 >= 0
+    const acc_t* w1r = wg + std::max<int64_t>(u1, 0) * Kw * wHW + i * Wo + m0;
+    const acc_t* yr = yb + i * Wo + m0;
+    if (wpf)
+      for (int c = 0; c < CB; ++c) __builtin_prefetch(yr + c * ystep + wpf, 0, 3);
+    if (u0 >= 0 && u1 >= 0) {
+      for (int64_t v = 0; v < Kw; ++v) {
+        const acc_t* wp0 = w0r + v * wHW - e[v];
+        const acc_t* wp1 = w1r + v * wHW - e[v];
+        const acc_t* yp = yr - e[v];
+        if (wpf) __builtin_prefetch(wp0 + wpf, 0, 3), __builtin_prefetch(wp1 + wpf, 0, 3);
+        const V w0 = loadu(wp0), w1 = loadu(wp1);
+        for (int c = 0; c < CB; ++c) {
+          const V yv = in_register(loadu(yp + c * ystep));
+          a0[c] += w0 * yv;
+          a1[c] += w1 * yv;
+        }
+      }
+    } else if (u0 >= 0) {
+      for (int64_t v = 0; v < Kw; ++v) {
+        const acc_t* wp = w0r + v * wHW - e[v];
+        const acc_t* yp = yr - e[v];
+        if (wpf) __builtin_prefetch(wp + wpf, 0, 3);
+        const V wv = loadu(wp);
+        for (int c = 0; c < CB; ++c) a0[c] += wv * loadu(yp + c * ystep);
+      }
+    } else {
+      for (int64_t v = 0; v < Kw; ++v) {
+        const acc_t* wp = w1r + v * wHW - e[v];
+        const acc_t* yp = yr - e[v];
+        if (wpf) __builtin_prefetch(wp + wpf, 0, 3);
+        const V wv = loadu(wp);
+        for (int c = 0; c < CB; ++c) a1[c] += wv * loadu(yp + c * ystep);
+      }
+    }
+  }
+  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
+}
+
 template <typename scalar_t>
 at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows_t,
                                     const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, bool pad_ok,
@@ -1170,16 +1282,20 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // y and w rows copied per task (none in place)
   const int64_t ysize = inplace ? 0 : Cg * cplane, wsize = inplace ? 0 : KK * tplane;
   ThreadScratch scratch(
-      bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
+      bytes_of({ysize, wsize, direct ? 0 : (pair ? 4 : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> ys = cv.take<acc_t>(ysize), wb = cv.take<acc_t>(wsize),
-               xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 : 1) * Cg * obw),
+               xo = cv.take<acc_t>(direct ? 0 : (pair ? 4 : 1) * Cg * obw),
                xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
     std::vector<std::pair<int64_t, int64_t>> urows(Kh), nrows(Kh);
     std::vector<Prefetch> pfw(Kh);
+    int64_t most = 0;  // the most (tap, output) pairs of an input row
+    for (int64_t h = 0; h < H; ++h) most = std::max(most, rptr[h + 1] - rptr[h]);
+    std::vector<int64_t> steps(6 * most);
+    std::vector<char> used(most);
     for (int64_t task = t0; task < t1; ++task) {
       const TaskAt at(task, G, nch);
       const int64_t b = at.b, g = at.g, h0 = at.c * ch, h1 = std::min(H, h0 + ch);
@@ -1226,11 +1342,16 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       } else {
         for (auto& f : pfw) f = Prefetch();
       }
-      for (int64_t h = h0; h < h1; ++h) {
-        pfy.slice(h - h0, h1 - h0);
-        for (const auto& f : pfw) f.slice(h - h0, h1 - h0);
-        // input row h of channel c at xout[c * xstep + col]; in direct mode the blocks write
-        // column m - padc through bout = xout - padc
+      for (int64_t h = h0; h < h1;) {
+        // two input rows at once where the rows are written in place or per phase (direct,
+        // pair): both read most of the same output rows, so each y vector feeds two FMAs
+        const int64_t n = (direct || pair) && h + 1 < h1 ? 2 : 1;
+        for (int64_t k = 0; k < n; ++k) {
+          pfy.slice(h + k - h0, h1 - h0);
+          for (const auto& f : pfw) f.slice(h + k - h0, h1 - h0);
+        }
+        // input row h of channel c at xout[c * xstep + col], row h + 1 (n = 2) W further; in
+        // direct mode the blocks write column m - padc through bout = xout - padc
         acc_t* xout;
         int64_t xstep;
         if (direct || pair) {
@@ -1243,16 +1364,20 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         }
         acc_t* bout = direct ? xout - padc : xo.data();
         const int64_t bstep = direct ? xstep : obw;
-        const int64_t p0 = rptr[h], p1 = rptr[h + 1];
-        if (p1 <= p0 && (direct || pair)) {
-          for (int64_t c = 0; c < Cg; ++c) std::fill(xout + c * xstep, xout + c * xstep + W, acc_t(0));
-        } else if (p1 > p0) {
+        const int64_t x2 = direct ? W : 2 * Cg * obw;  // the blocks' second row (pair: own phase rows)
+        const int64_t p0 = rptr[h], p2 = rptr[h + n];
+        const int64_t nsteps = n == 2 ? tr_pair_steps(ru.data(), ri.data(), p0, rptr[h + 1], p2, used.data(), steps.data()) : 0;
+        if (p2 <= p0 && (direct || pair)) {
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t c = 0; c < Cg; ++c) std::fill(xout + k * W + c * xstep, xout + k * W + c * xstep + W, acc_t(0));
+        } else if (p2 > p0) {
           for (int64_t f = 0; f < s; ++f) {
             const int64_t* vl = vlist.data() + vptr[f];
             const int64_t nv = vptr[f + 1] - vptr[f];
             if (pair) bout = xo.data() + f * Cg * obw;  // this phase's own rows
             if (nv == 0 || m_b <= m_a) {
-              if (pair) std::fill(bout, bout + Cg * obw, acc_t(0));  // a phase no tap reads
+              if (pair)  // a phase no tap reads
+                for (int64_t k = 0; k < n; ++k) std::fill(bout + k * x2, bout + k * x2 + Cg * obw, acc_t(0));
               continue;
             }
             auto run = [&](int64_t m0) {
@@ -1261,22 +1386,43 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
                 const bool interior = m0 - emax >= 0 && m0 + block <= Wo;
                 const acc_t* yg = reinterpret_cast<const acc_t*>(yd) + (b * C + g * Cg) * Ho * Wo;
                 const acc_t* wga = reinterpret_cast<const acc_t*>(wg);
-                const bool wpf = h + 1 < H;
-                channel_blocks(Cg, [&](auto cb, int64_t c) {
-                  constexpr int CB = decltype(cb)::value;
-                  const acc_t* yb = yg + c * Ho * Wo;
-                  if (interior)
-                    tr_inplace<acc_t, CB, false>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), p0, p1, Kw, Wo, e.data(),
-                                                 m0, bout + c * bstep, bstep, wpf && c == 0);
-                  else
-                    tr_inplace<acc_t, CB, true>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), p0, p1, Kw, Wo, e.data(),
-                                                m0, bout + c * bstep, bstep, wpf && c == 0);
+                const int64_t ahead = h + n < H ? n * Wo : 0;  // the next rows' weights and y
+                if (n == 2 && interior) {
+                  channel_blocks2(Cg, [&](auto cb, int64_t c) {
+                    tr_inplace2<acc_t, decltype(cb)::value>(yg + c * Ho * Wo, Ho * Wo, wga, wHW, steps.data(), nsteps,
+                                                            Kw, Wo, e.data(), m0, bout + c * bstep, bstep, x2,
+                                                            c == 0 ? ahead : 0);
+                  });
+                  return;
+                }
+                // edge blocks one row at a time (with the lane masks, two rows' accumulators do not
+                // fit in registers)
+                for (int64_t k = 0; k < n; ++k)
+                  channel_blocks(Cg, [&](auto cb, int64_t c) {
+                    constexpr int CB = decltype(cb)::value;
+                    const acc_t* yb = yg + c * Ho * Wo;
+                    const int64_t q0 = rptr[h + k], q1 = rptr[h + k + 1];
+                    acc_t* xb = bout + k * x2 + c * bstep;
+                    if (interior)
+                      tr_inplace<acc_t, CB, false>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), q0, q1, Kw, Wo, e.data(),
+                                                   m0, xb, bstep, ahead > 0 && c == 0);
+                    else
+                      tr_inplace<acc_t, CB, true>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), q0, q1, Kw, Wo, e.data(),
+                                                  m0, xb, bstep, ahead > 0 && c == 0);
+                  });
+                return;
+              }
+              if (n == 2) {
+                channel_blocks2(Cg, [&](auto cb, int64_t c) {
+                  tr_block2<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                                                        steps.data(), nsteps, imin, vl, nv, Kw, base.data(), m0,
+                                                        bout + c * bstep, bstep, x2);
                 });
                 return;
               }
               channel_blocks(Cg, [&](auto cb, int64_t c) {
                 tr_block<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
-                                                         ru.data(), ri.data(), p0, p1, imin, vl, nv, Kw, base.data(),
+                                                         ru.data(), ri.data(), p0, p2, imin, vl, nv, Kw, base.data(),
                                                          m0, bout + c * bstep, bstep);
               });
             };
@@ -1284,11 +1430,14 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               for (int64_t m0 = plo[f]; m0 < plo[f] + pcnt[f]; m0 += block) run(m0);
               continue;
             }
-            int64_t m0 = m_a;
-            for (; m0 + block <= m_b; m0 += block) run(m0);
-            if (m0 < m_b) run(m_b - block);
+            auto for_m = [&](auto&& g) {
+              int64_t m0 = m_a;
+              for (; m0 + block <= m_b; m0 += block) g(m0);
+              if (m0 < m_b) g(m_b - block);
+            };
+            for_m(run);
             if (direct) continue;
-            // scatter the phase row into the input row: col = s*m + f - padc
+            // scatter the phase row into the input row: col = s*m + f - padc (n = 1 here)
             const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(padc - f, 0), s));
             for (int64_t c = 0; c < Cg; ++c) {
               const acc_t* src = xo.data() + c * obw;
@@ -1303,29 +1452,33 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           if (pair) {
             // column col = 2m + f - padc: even columns from the phase of padc, odd from the other
             const int64_t f0 = padc % 2, m0 = padc / 2, m1 = (padc + 1) / 2;
-            for (int64_t c = 0; c < Cg; ++c) {
-              const acc_t* pe = xo.data() + (f0 * Cg + c) * obw + m0;
-              const acc_t* po = xo.data() + ((1 - f0) * Cg + c) * obw + m1;
-              acc_t* dst = xout + c * xstep;
-              interleave2(dst, pe, po, W / 2);
-              if (W % 2) dst[W - 1] = pe[W / 2];
-            }
+            for (int64_t k = 0; k < n; ++k)
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t* pe = xo.data() + k * x2 + (f0 * Cg + c) * obw + m0;
+                const acc_t* po = xo.data() + k * x2 + ((1 - f0) * Cg + c) * obw + m1;
+                acc_t* dst = xout + k * W + c * xstep;
+                interleave2(dst, pe, po, W / 2);
+                if (W % 2) dst[W - 1] = pe[W / 2];
+              }
           }
           // scalar path: pairs the affine blocks did not cover (clamp-border edges)
           const int64_t ca_used = m_b > m_a ? m_a - padc : 0, cb_used = m_b > m_a ? m_b - padc : 0;
-          if (direct)  // the blocks wrote columns [ca_used, cb_used); the scalar path adds to the rest
-            for (int64_t c = 0; c < Cg; ++c)
-              for (int64_t col = 0; col < W; ++col)
-                if (col < ca_used || col >= cb_used) xout[c * xstep + col] = 0;
-          for (int64_t col = 0; col < W; ++col) {
-            const bool fast = pad_ok || (col >= ca_used && col < cb_used);
-            for (int64_t a = cptr[col]; a < cptr[col + 1]; ++a) {
-              const int64_t v = cpair[3 * a], j = cpair[3 * a + 1], aff = cpair[3 * a + 2];
-              if (fast && aff) continue;
-              for (int64_t pp = p0; pp < p1; ++pp) {
-                const int64_t u = ru[pp], ii = ri[pp] - imin;
-                const acc_t wv = wb[(u * Kw + v) * tplane + ii * lpw + lp + j];
-                for (int64_t c = 0; c < Cg; ++c) xout[c * xstep + col] += wv * ys[c * cplane + ii * lpw + lp + j];
+          for (int64_t k = 0; k < n; ++k) {
+            acc_t* xk = xout + k * W;
+            if (direct)  // the blocks wrote columns [ca_used, cb_used); the scalar path adds to the rest
+              for (int64_t c = 0; c < Cg; ++c)
+                for (int64_t col = 0; col < W; ++col)
+                  if (col < ca_used || col >= cb_used) xk[c * xstep + col] = 0;
+            for (int64_t col = 0; col < W; ++col) {
+              const bool fast = pad_ok || (col >= ca_used && col < cb_used);
+              for (int64_t a = cptr[col]; a < cptr[col + 1]; ++a) {
+                const int64_t v = cpair[3 * a], j = cpair[3 * a + 1], aff = cpair[3 * a + 2];
+                if (fast && aff) continue;
+                for (int64_t pp = rptr[h + k]; pp < rptr[h + k + 1]; ++pp) {
+                  const int64_t u = ru[pp], ii = ri[pp] - imin;
+                  const acc_t wv = wb[(u * Kw + v) * tplane + ii * lpw + lp + j];
+                  for (int64_t c = 0; c < Cg; ++c) xk[c * xstep + col] += wv * ys[c * cplane + ii * lpw + lp + j];
+                }
               }
             }
           }
@@ -1336,6 +1489,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             const acc_t* src = xrow.data() + c * W;
             convert(dst, src, W);
           }
+        h += n;
       }
     }
   });
