@@ -7,6 +7,11 @@ backend with :func:`tokenmix.ops.registry.select_backend`.
 
 Geometry travels as flat int lists: ``kernel_size, stride, dilation, padding`` (each
 [h, w]) and ``border`` ("zero" | "clamp").
+
+The op bodies are the plain functions ``*_impl`` (checks, backend dispatch, kernel call), and
+the autograd formulas take the ops they call as an argument, so that :mod:`.eager` can run the
+same implementation and the same formulas without the dispatcher round trips when nothing
+observes them.
 """
 
 from __future__ import annotations
@@ -25,13 +30,18 @@ from .window import Window
 # ----------------------------------------------------------------------------- aggregate
 
 
-@torch.library.custom_op("tokenmix::aggregate", mutates_args=())
-def aggregate_op(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
-                 padding: List[int], border: str, backend: Optional[str]) -> Tensor:
+def aggregate_impl(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                   padding: List[int], border: str, backend: Optional[str]) -> Tensor:
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
     checks.check_aggregate(x, w, window)
     x, w = x.contiguous(), w.contiguous()
     return select_backend("aggregate", (x, w), window, backend).aggregate(x, w, window)
+
+
+@torch.library.custom_op("tokenmix::aggregate", mutates_args=())
+def aggregate_op(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                 padding: List[int], border: str, backend: Optional[str]) -> Tensor:
+    return aggregate_impl(x, w, kernel_size, stride, dilation, padding, border, backend)
 
 
 @aggregate_op.register_fake
@@ -44,15 +54,22 @@ def _(x, w, kernel_size, stride, dilation, padding, border, backend):
 # ----------------------------------------------------------------------------- correlate
 
 
-@torch.library.custom_op("tokenmix::correlate", mutates_args=())
-def correlate_op(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
-                 padding: List[int], border: str, groups: int, sum_batch: bool, sum_space: bool,
-                 backend: Optional[str]) -> Tensor:
+def correlate_impl(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                   padding: List[int], border: str, groups: int, sum_batch: bool, sum_space: bool,
+                   backend: Optional[str]) -> Tensor:
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
     checks.check_correlate(q, k, window, groups)
     q, k = q.contiguous(), k.contiguous()
     b = select_backend("correlate", (q, k), window, backend)
     return b.correlate(q, k, window, groups, sum_batch, sum_space)
+
+
+@torch.library.custom_op("tokenmix::correlate", mutates_args=())
+def correlate_op(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                 padding: List[int], border: str, groups: int, sum_batch: bool, sum_space: bool,
+                 backend: Optional[str]) -> Tensor:
+    return correlate_impl(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, sum_space,
+                          backend)
 
 
 @correlate_op.register_fake
@@ -65,15 +82,21 @@ def _(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, s
 # ------------------------------------------------------------------- aggregate_transpose
 
 
-@torch.library.custom_op("tokenmix::aggregate_transpose", mutates_args=())
-def aggregate_transpose_op(y: Tensor, w: Tensor, kernel_size: List[int], stride: List[int],
-                           dilation: List[int], padding: List[int], border: str, input_size: List[int],
-                           backend: Optional[str]) -> Tensor:
+def aggregate_transpose_impl(y: Tensor, w: Tensor, kernel_size: List[int], stride: List[int],
+                             dilation: List[int], padding: List[int], border: str, input_size: List[int],
+                             backend: Optional[str]) -> Tensor:
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
     H, W = checks.check_aggregate_transpose(y, w, window, tuple(input_size))
     y, w = y.contiguous(), w.contiguous()
     b = select_backend("aggregate_transpose", (y, w), window, backend)
     return b.aggregate_transpose(y, w, window, (H, W))
+
+
+@torch.library.custom_op("tokenmix::aggregate_transpose", mutates_args=())
+def aggregate_transpose_op(y: Tensor, w: Tensor, kernel_size: List[int], stride: List[int],
+                           dilation: List[int], padding: List[int], border: str, input_size: List[int],
+                           backend: Optional[str]) -> Tensor:
+    return aggregate_transpose_impl(y, w, kernel_size, stride, dilation, padding, border, input_size, backend)
 
 
 @aggregate_transpose_op.register_fake
@@ -85,6 +108,18 @@ def _(y, w, kernel_size, stride, dilation, padding, border, input_size, backend)
 # d aggregate/dx = aggregate_transpose, d aggregate/dw = correlate (summed over broadcast
 # dims), d correlate/dq = aggregate(k, g), d correlate/dk = aggregate_transpose(q, g),
 # d aggregate_transpose/dy = aggregate(g, w), d aggregate_transpose/dw = correlate(y, g).
+# The backward functions call the three ops through `ops` (default: the custom ops, so a
+# backward is itself differentiable, traceable and counted); :mod:`.eager` passes IMPLS.
+
+
+class _Impls:
+    """The op bodies under the ops' names (what :mod:`.eager` calls instead of the ops)."""
+    aggregate = staticmethod(aggregate_impl)
+    correlate = staticmethod(correlate_impl)
+    aggregate_transpose = staticmethod(aggregate_transpose_impl)
+
+
+IMPLS = _Impls()
 
 
 def _geometry(inputs, n_tensors=2):
@@ -102,15 +137,16 @@ def _setup_aggregate(ctx, inputs, output):
     ctx.backend = inputs[7]
 
 
-def _backward_aggregate(ctx, gy):
+def _backward_aggregate(ctx, gy, ops=None):
+    ops = torch.ops.tokenmix if ops is None else ops
     x, w = ctx.saved_tensors
     g, be = ctx.geometry, ctx.backend
     gx = gw = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.tokenmix.aggregate_transpose(gy, w, *g, list(x.shape[2:]), be)
+        gx = ops.aggregate_transpose(gy, w, *g, list(x.shape[2:]), be)
     if ctx.needs_input_grad[1]:
         sb, ss = _broadcast_flags(w)
-        gw = torch.ops.tokenmix.correlate(gy, x, *g, w.shape[1], sb, ss, be)
+        gw = ops.correlate(gy, x, *g, w.shape[1], sb, ss, be)
     return gx, gw, None, None, None, None, None, None
 
 
@@ -121,14 +157,15 @@ def _setup_correlate(ctx, inputs, output):
     ctx.backend = inputs[10]
 
 
-def _backward_correlate(ctx, go):
+def _backward_correlate(ctx, go, ops=None):
+    ops = torch.ops.tokenmix if ops is None else ops
     q, k = ctx.saved_tensors
     g, be = ctx.geometry, ctx.backend
     gq = gk = None
     if ctx.needs_input_grad[0]:
-        gq = torch.ops.tokenmix.aggregate(k, go, *g, be)
+        gq = ops.aggregate(k, go, *g, be)
     if ctx.needs_input_grad[1]:
-        gk = torch.ops.tokenmix.aggregate_transpose(q, go, *g, list(k.shape[2:]), be)
+        gk = ops.aggregate_transpose(q, go, *g, list(k.shape[2:]), be)
     return (gq, gk) + (None,) * 9
 
 
@@ -139,15 +176,16 @@ def _setup_transpose(ctx, inputs, output):
     ctx.backend = inputs[8]
 
 
-def _backward_transpose(ctx, gz):
+def _backward_transpose(ctx, gz, ops=None):
+    ops = torch.ops.tokenmix if ops is None else ops
     y, w = ctx.saved_tensors
     g, be = ctx.geometry, ctx.backend
     gy = gw = None
     if ctx.needs_input_grad[0]:
-        gy = torch.ops.tokenmix.aggregate(gz, w, *g, be)
+        gy = ops.aggregate(gz, w, *g, be)
     if ctx.needs_input_grad[1]:
         sb, ss = _broadcast_flags(w)
-        gw = torch.ops.tokenmix.correlate(y, gz, *g, w.shape[1], sb, ss, be)
+        gw = ops.correlate(y, gz, *g, w.shape[1], sb, ss, be)
     return (gy, gw) + (None,) * 7
 
 

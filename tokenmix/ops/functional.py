@@ -10,8 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import checks
-from . import custom_ops  # noqa: F401  (defines torch.ops.tokenmix.*)
+from . import checks, custom_ops, eager
 from .window import Window
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -32,6 +31,21 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
         if dt is not None:
             return a.to(dt), b.to(dt)
     return a, b
+
+
+def _call(op: str, tensors, args):
+    """Run ``op`` on ``args``: through ``torch.ops.tokenmix`` when anything may observe the call
+    (tracing, compiling, modes, subclasses), else on the eager fast path (:mod:`.eager`): the op
+    body itself when no gradient is needed, the op's autograd formulas when one is."""
+    if eager.observed(*tensors):
+        return getattr(torch.ops.tokenmix, op)(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _FUNCTIONS[op].apply(*args)
+    return getattr(custom_ops.IMPLS, op)(*args)
+
+
+_FUNCTIONS = {"aggregate": eager.Aggregate, "correlate": eager.Correlate,
+              "aggregate_transpose": eager.AggregateTranspose}
 
 
 def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -57,7 +71,7 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Opti
     """
     x, w = _autocast(x, w)
     checks.check_aggregate(x, w, window)
-    return torch.ops.tokenmix.aggregate(x, w, *window.as_args(), backend)
+    return _call("aggregate", (x, w), (x, w, *window.as_args(), backend))
 
 
 def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
@@ -83,7 +97,7 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
     """
     q, k = _autocast(q, k)
     checks.check_correlate(q, k, window, groups)
-    return torch.ops.tokenmix.correlate(q, k, *window.as_args(), groups, False, False, backend)
+    return _call("correlate", (q, k), (q, k, *window.as_args(), groups, False, False, backend))
 
 
 def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_size: Tuple[int, int], *,
@@ -109,4 +123,4 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
     """
     y, w = _autocast(y, w)
     H, W = checks.check_aggregate_transpose(y, w, window, input_size)
-    return torch.ops.tokenmix.aggregate_transpose(y, w, *window.as_args(), [H, W], backend)
+    return _call("aggregate_transpose", (y, w), (y, w, *window.as_args(), [H, W], backend))
