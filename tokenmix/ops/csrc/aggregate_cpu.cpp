@@ -1239,9 +1239,10 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // y and w in place (tr_inplace), so the task copies nothing; the weights of the next input row
   // are prefetched inside the blocks, as aggregate does
   const bool inplace = direct && pad_ok && wHW > 1 && Wo >= 2 * L;
-  // pair: stride 2 (zero border, so every column is covered by the blocks): each phase keeps
-  // its own row and the two are interleaved into x at the end, without the scalar scatter
-  const bool pair = std::is_same<scalar_t, acc_t>::value && s == 2 && pad_ok;
+  // pair: stride 2, or stride 1 on rows narrower than a block (zero border, so every column is
+  // covered by the blocks): each phase keeps its own row, and the rows are interleaved (stride
+  // 2) or copied (stride 1) into x at the end, without the scalar scatter
+  const bool pair = std::is_same<scalar_t, acc_t>::value && (s == 2 || (s == 1 && !direct)) && pad_ok;
   const int64_t lp = emax, lpw = lp + std::max(obw, Wo) + 1;
   std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
   for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
@@ -1282,13 +1283,13 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // y and w rows copied per task (none in place)
   const int64_t ysize = inplace ? 0 : Cg * cplane, wsize = inplace ? 0 : KK * tplane;
   ThreadScratch scratch(
-      bytes_of({ysize, wsize, direct ? 0 : (pair ? 4 : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
+      bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 * s : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> ys = cv.take<acc_t>(ysize), wb = cv.take<acc_t>(wsize),
-               xo = cv.take<acc_t>(direct ? 0 : (pair ? 4 : 1) * Cg * obw),
+               xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 * s : 1) * Cg * obw),
                xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
     std::vector<std::pair<int64_t, int64_t>> urows(Kh), nrows(Kh);
     std::vector<Prefetch> pfw(Kh);
@@ -1364,7 +1365,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         }
         acc_t* bout = direct ? xout - padc : xo.data();
         const int64_t bstep = direct ? xstep : obw;
-        const int64_t x2 = direct ? W : 2 * Cg * obw;  // the blocks' second row (pair: own phase rows)
+        const int64_t x2 = direct ? W : s * Cg * obw;  // the blocks' second row (pair: own phase rows)
         const int64_t p0 = rptr[h], p2 = rptr[h + n];
         const int64_t nsteps = n == 2 ? tr_pair_steps(ru.data(), ri.data(), p0, rptr[h + 1], p2, used.data(), steps.data()) : 0;
         if (p2 <= p0 && (direct || pair)) {
@@ -1449,7 +1450,10 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               }
             }
           }
-          if (pair) {
+          if (pair && s == 1) {  // column col = m - padc
+            for (int64_t k = 0; k < n; ++k)
+              for (int64_t c = 0; c < Cg; ++c) convert(xout + k * W + c * xstep, xo.data() + k * x2 + c * obw + padc, W);
+          } else if (pair) {
             // column col = 2m + f - padc: even columns from the phase of padc, odd from the other
             const int64_t f0 = padc % 2, m0 = padc / 2, m1 = (padc + 1) / 2;
             for (int64_t k = 0; k < n; ++k)
