@@ -40,15 +40,17 @@ def _weight(w: torch.Tensor, B: int, C: int, window: Window, out_hw: Tuple[int, 
     if G < 1 or C % G != 0:
         raise ValueError(f"channels C={C} of {what} are not divisible by groups G={G} (w.shape[1]); "
                          f"w has shape {tuple(w.shape)}")
-    expected = f"(B|1, G, K*K, Ho|1, Wo|1) = ({B}|1, {G}, {window.taps}, {out_hw[0]}|1, {out_hw[1]}|1)"
+    def expected() -> str:  # formatted only for an error (this check runs on every call)
+        return f"(B|1, G, K*K, Ho|1, Wo|1) = ({B}|1, {G}, {window.taps}, {out_hw[0]}|1, {out_hw[1]}|1)"
+
     if w.shape[0] not in (1, B):
-        raise ValueError(f"w batch {w.shape[0]} must be 1 or {B}; w must be {expected}, got {tuple(w.shape)}")
+        raise ValueError(f"w batch {w.shape[0]} must be 1 or {B}; w must be {expected()}, got {tuple(w.shape)}")
     if w.shape[2] != window.taps:
         raise ValueError(f"w.shape[2] must be K*K = {window.taps} for kernel_size={window.kernel_size}; "
-                         f"w must be {expected}, got {tuple(w.shape)}")
+                         f"w must be {expected()}, got {tuple(w.shape)}")
     if tuple(w.shape[3:]) not in (tuple(out_hw), (1, 1)):
         raise ValueError(f"w spatial size {tuple(w.shape[3:])} must be the output size {tuple(out_hw)} or (1, 1); "
-                         f"w must be {expected}, got {tuple(w.shape)}")
+                         f"w must be {expected()}, got {tuple(w.shape)}")
 
 
 def check_aggregate(x, w, window) -> Tuple[int, int]:

@@ -16,7 +16,7 @@ observes them.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,6 +34,11 @@ def aggregate_impl(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[in
                    padding: List[int], border: str, backend: Optional[str]) -> Tensor:
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
     checks.check_aggregate(x, w, window)
+    return run_aggregate(x, w, window, backend)
+
+
+def run_aggregate(x: Tensor, w: Tensor, window: Window, backend: Optional[str]) -> Tensor:
+    """The op body after the checks."""
     x, w = x.contiguous(), w.contiguous()
     return select_backend("aggregate", (x, w), window, backend).aggregate(x, w, window)
 
@@ -59,6 +64,12 @@ def correlate_impl(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[in
                    backend: Optional[str]) -> Tensor:
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
     checks.check_correlate(q, k, window, groups)
+    return run_correlate(q, k, window, groups, sum_batch, sum_space, backend)
+
+
+def run_correlate(q: Tensor, k: Tensor, window: Window, groups: int, sum_batch: bool, sum_space: bool,
+                  backend: Optional[str]) -> Tensor:
+    """The op body after the checks."""
     q, k = q.contiguous(), k.contiguous()
     b = select_backend("correlate", (q, k), window, backend)
     return b.correlate(q, k, window, groups, sum_batch, sum_space)
@@ -87,9 +98,15 @@ def aggregate_transpose_impl(y: Tensor, w: Tensor, kernel_size: List[int], strid
                              backend: Optional[str]) -> Tensor:
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
     H, W = checks.check_aggregate_transpose(y, w, window, tuple(input_size))
+    return run_aggregate_transpose(y, w, window, (H, W), backend)
+
+
+def run_aggregate_transpose(y: Tensor, w: Tensor, window: Window, input_size: Tuple[int, int],
+                            backend: Optional[str]) -> Tensor:
+    """The op body after the checks."""
     y, w = y.contiguous(), w.contiguous()
     b = select_backend("aggregate_transpose", (y, w), window, backend)
-    return b.aggregate_transpose(y, w, window, (H, W))
+    return b.aggregate_transpose(y, w, window, input_size)
 
 
 @torch.library.custom_op("tokenmix::aggregate_transpose", mutates_args=())

@@ -33,15 +33,16 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
     return a, b
 
 
-def _call(op: str, tensors, args):
-    """Run ``op`` on ``args``: through ``torch.ops.tokenmix`` when anything may observe the call
-    (tracing, compiling, modes, subclasses), else on the eager fast path (:mod:`.eager`): the op
-    body itself when no gradient is needed, the op's autograd formulas when one is."""
+def _call(op: str, tensors, args, run):
+    """Run ``op`` on ``args`` (inputs already checked): through ``torch.ops.tokenmix`` when
+    anything may observe the call (tracing, compiling, modes, subclasses), else on the eager fast
+    path (:mod:`.eager`): the op's autograd formulas when a gradient is needed, else ``run()``,
+    the op body past its checks."""
     if eager.observed(*tensors):
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _FUNCTIONS[op].apply(*args)
-    return getattr(custom_ops.IMPLS, op)(*args)
+    return run()
 
 
 _FUNCTIONS = {"aggregate": eager.Aggregate, "correlate": eager.Correlate,
@@ -71,7 +72,8 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Opti
     """
     x, w = _autocast(x, w)
     checks.check_aggregate(x, w, window)
-    return _call("aggregate", (x, w), (x, w, *window.as_args(), backend))
+    return _call("aggregate", (x, w), (x, w, *window.as_args(), backend),
+                 lambda: custom_ops.run_aggregate(x, w, window, backend))
 
 
 def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
@@ -97,7 +99,8 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
     """
     q, k = _autocast(q, k)
     checks.check_correlate(q, k, window, groups)
-    return _call("correlate", (q, k), (q, k, *window.as_args(), groups, False, False, backend))
+    return _call("correlate", (q, k), (q, k, *window.as_args(), groups, False, False, backend),
+                 lambda: custom_ops.run_correlate(q, k, window, groups, False, False, backend))
 
 
 def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_size: Tuple[int, int], *,
@@ -123,4 +126,5 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
     """
     y, w = _autocast(y, w)
     H, W = checks.check_aggregate_transpose(y, w, window, input_size)
-    return _call("aggregate_transpose", (y, w), (y, w, *window.as_args(), [H, W], backend))
+    return _call("aggregate_transpose", (y, w), (y, w, *window.as_args(), [H, W], backend),
+                 lambda: custom_ops.run_aggregate_transpose(y, w, window, (H, W), backend))
