@@ -159,11 +159,13 @@ def _backward_aggregate(ctx, gy, ops=None):
     x, w = ctx.saved_tensors
     g, be = ctx.geometry, ctx.backend
     gx = gw = None
-    if ctx.needs_input_grad[0]:
-        gx = ops.aggregate_transpose(gy, w, *g, list(x.shape[2:]), be)
+    # gw first: the kernel that runs second, while y, gw and gx are all alive, adds the smaller
+    # scratch (the in-place transpose needs none)
     if ctx.needs_input_grad[1]:
         sb, ss = _broadcast_flags(w)
         gw = ops.correlate(gy, x, *g, w.shape[1], sb, ss, be)
+    if ctx.needs_input_grad[0]:
+        gx = ops.aggregate_transpose(gy, w, *g, list(x.shape[2:]), be)
     return gx, gw, None, None, None, None, None, None
 
 
