@@ -112,3 +112,16 @@ def test_observed():
     seen = []
     torch.func.vmap(lambda a: seen.append(eager.observed(a)) or a)(torch.randn(3, 2))
     assert seen == [True]
+
+
+def test_export_sees_the_op():
+    window = Window(3)
+    x, w, y, G, size = _inputs(window, dtype=torch.float32)
+
+    class M(torch.nn.Module):
+        def forward(self, a, b):
+            return aggregate(a, b, window)
+
+    ep = torch.export.export(M(), (x, w))
+    assert "tokenmix.aggregate" in str(ep.graph)
+    assert torch.equal(ep.module()(x, w), aggregate(x, w, window))
