@@ -391,6 +391,16 @@ inline void channel_blocks(int64_t Cg, F&& f) {
   for (; c < Cg; ++c) f(std::integral_constant<int, 1>{}, c);
 }
 
+// f(integral_constant<int, n>) for a run-time count 1 <= n <= N (N for larger n): the tap
+// counts of the correlate blocks.
+template <int N, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_count<N - 1>(n, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
 // Keeps a loaded vector in a register: GCC otherwise folds each use of a load into its own
 // FMA memory operand, loading a vector that feeds two FMAs twice (the loads, not the FMAs,
 // bound these loops).
@@ -413,23 +423,44 @@ inline void channel_blocks2(int64_t Cg, F&& f) {
   for (; c < Cg; ++c) f(std::integral_constant<int, 1>{}, c);
 }
 
-// Pairs the tap rows of two output rows that read the same scratch row: steps of (scratch
-// row, tap row of the first output row or -1, tap row of the second or -1), each (row, tap)
-// exactly once, so an input vector loaded once feeds both rows' FMAs. Returns the step count;
-// r1 (the second row's scratch rows) is consumed.
-inline int64_t pair_steps(const int64_t* r0, int64_t* r1, int64_t Kh, int64_t* steps) {
+// One row's (key, tap) entries, for the two-row blocks: entry k of [0, n) has key[k] (the row
+// both rows' blocks index: a scratch input row, or an output row for the transpose; < 0 = none)
+// and tap row tap[k] (k itself when tap is null).
+struct TapList {
+  const int64_t* key;
+  const int64_t* tap;
+  int64_t n;
+  int64_t tap_of(int64_t k) const { return tap ? tap[k] : k; }
+};
+
+// Steps (key, tap row of row a or -1, tap row of row b or -1) covering each entry of both lists
+// once: with match, an entry of b joins the first unpaired entry of a with its key, so a vector
+// loaded once feeds both rows' FMAs; without, a's entries come first, then b's. Every step of a
+// comes before the entries of b left unpaired. used: scratch of b.n. Returns the step count.
+inline int64_t row_steps(TapList a, TapList b, bool match, char* used, int64_t* steps) {
   int64_t n = 0;
-  for (int64_t u = 0; u < Kh; ++u) {
-    if (r0[u] < 0) continue;
+  std::fill(used, used + b.n, char(0));
+  for (int64_t k = 0; k < a.n; ++k) {
+    if (a.key[k] < 0) continue;
     int64_t m = -1;
-    for (int64_t t = 0; t < Kh && m < 0; ++t)
-      if (r1[t] == r0[u]) m = t;
-    if (m >= 0) r1[m] = -1;  // paired: r1 is consumed
-    steps[3 * n] = r0[u], steps[3 * n + 1] = u, steps[3 * n + 2] = m, ++n;
+    for (int64_t t = 0; match && t < b.n && m < 0; ++t)
+      if (b.key[t] == a.key[k] && !used[t]) m = t;
+    if (m >= 0) used[m] = 1;
+    steps[3 * n] = a.key[k], steps[3 * n + 1] = a.tap_of(k), steps[3 * n + 2] = m >= 0 ? b.tap_of(m) : -1, ++n;
   }
-  for (int64_t t = 0; t < Kh; ++t)
-    if (r1[t] >= 0) steps[3 * n] = r1[t], steps[3 * n + 1] = -1, steps[3 * n + 2] = t, ++n;
+  for (int64_t t = 0; t < b.n; ++t)
+    if (b.key[t] >= 0 && !used[t]) steps[3 * n] = b.key[t], steps[3 * n + 1] = -1, steps[3 * n + 2] = b.tap_of(t), ++n;
   return n;
+}
+
+// rr[k * Kh + u] = scratch row (source row - rmin, or -1) of tap row u of output row i + k, k < n.
+inline void tap_scratch_rows(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t i, int64_t n, int64_t rmin,
+                             int64_t* rr) {
+  for (int64_t k = 0; k < n; ++k)
+    for (int64_t u = 0; u < Kh; ++u) {
+      const int64_t r = rows[u * Ho + i + k];
+      rr[k * Kh + u] = r >= 0 ? r - rmin : -1;
+    }
 }
 
 // Whether, in the step order, every tap row t of the first output row is computed no later than
@@ -472,7 +503,7 @@ __attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64
 }
 
 // Two output rows at once (their weights wrow apart, outputs orow2 apart), over the steps of
-// pair_steps: where both rows read a scratch row, each input vector is loaded once for two
+// row_steps (key: scratch input row): where both rows read a scratch row, each input vector is loaded once for two
 // FMAs (12 accumulators, 2 weight vectors, 1 input vector in registers for CB = 6).
 template <typename acc_t, int CB>
 __attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts,
@@ -564,7 +595,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
     Carver cv{scratch.base(own)};
     Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(direct ? 0 : KK * wts),
                ob = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw);
-    std::vector<int64_t> rru(2 * Kh), r1(Kh), steps(6 * Kh);
+    std::vector<int64_t> rru(2 * Kh), steps(6 * Kh);
+    std::vector<char> used(Kh);
     for (int64_t task = t0; task < t1; ++task) {
       const TaskAt at(task, G, nch);
       const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
@@ -610,11 +642,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           pfx.slice(i + k - i0, i1 - i0);
           pfw.slice(i + k - i0, i1 - i0);
         }
-        for (int64_t k = 0; k < n; ++k)
-          for (int64_t u = 0; u < Kh; ++u) {
-            int64_t r = rows[u * Ho + i + k];
-            rru[k * Kh + u] = r >= 0 ? r - rmin : -1;
-          }
+        tap_scratch_rows(rows, Kh, Ho, i, n, rmin, rru.data());
         // weights of row i + k: tap t at wb + k * wrow + t * wstep + j; outputs of channel c at
         // orow + k * orow2 + c * ostep + j
         const acc_t* wb;
@@ -646,8 +674,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           // its outputs' next rows
           const int64_t ahead = direct && i + n < Ho ? n * Wo : 0;
           if (n == 2) {
-            std::copy(rru.begin() + Kh, rru.begin() + 2 * Kh, r1.begin());
-            const int64_t nsteps = pair_steps(rru.data(), r1.data(), Kh, steps.data());
+            const int64_t nsteps = row_steps({rru.data(), nullptr, Kh}, {rru.data() + Kh, nullptr, Kh}, true,
+                                             used.data(), steps.data());
             channel_blocks2(Cg, [&](auto cb, int64_t c) {
               for_blocks(p, block, [&](int64_t j0) {
                 agg_block2<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
@@ -717,21 +745,6 @@ __attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, cons
   for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * rstep + j0, acc[tv]);
 }
 
-template <typename acc_t>
-inline void corr_dispatch(int tv, const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
-                          const int64_t* phoff, int64_t j0, acc_t* rb, int64_t rstep) {
-  switch (tv) {
-    case 1: corr_block<acc_t, 1>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-    case 2: corr_block<acc_t, 2>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-    case 3: corr_block<acc_t, 3>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-    case 4: corr_block<acc_t, 4>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-    case 5: corr_block<acc_t, 5>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-    case 6: corr_block<acc_t, 6>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-    case 7: corr_block<acc_t, 7>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-    default: corr_block<acc_t, 8>(ks, cstride, qs, qstep, Cg, phoff, j0, rb, rstep); break;
-  }
-}
-
 // Two output rows i and i + 1 that read input row ks with tap rows u0 and u1: a0 / a1 hold TV
 // taps of each row, and each input vector loaded feeds both (8 accumulators, 2 query vectors, 1
 // input vector in registers for TV = 4). r0 / r1: the two rows' results of the first tap.
@@ -752,19 +765,6 @@ __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, con
     }
   }
   for (int tv = 0; tv < TV; ++tv) storeu(r0 + tv * rstep + j0, a0[tv]), storeu(r1 + tv * rstep + j0, a1[tv]);
-}
-
-template <typename acc_t>
-inline void corr_dispatch2(int tv, const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t q2,
-                           int64_t Cg, const int64_t* phoff, int64_t j0, acc_t* r0, acc_t* r1, int64_t rstep) {
-  switch (tv) {
-    case 1: corr_block2<acc_t, 1>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
-    case 2: corr_block2<acc_t, 2>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
-    case 3: corr_block2<acc_t, 3>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
-    case 4: corr_block2<acc_t, 4>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
-    case 5: corr_block2<acc_t, 5>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
-    default: corr_block2<acc_t, 6>(ks, cstride, qs, qstep, q2, Cg, phoff, j0, r0, r1, rstep); break;
-  }
 }
 
 template <typename scalar_t>
@@ -811,7 +811,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
     Carver cv{scratch.base(own)};
     Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw),
                rb = cv.take<acc_t>(KK * rtp * (packed ? 1 : 2)), accb = cv.take<acc_t>(nacc);
-    std::vector<int64_t> rru(2 * Kh), r1(Kh), steps(6 * Kh), order(2 * Kh);
+    std::vector<int64_t> rru(2 * Kh), steps(6 * Kh), order(2 * Kh);
+    std::vector<char> used(Kh);
     for (int64_t task = t0; task < t1; ++task) {
       const TaskAt at(task, G, nch);
       const int64_t bb = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
@@ -865,31 +866,15 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           }
           acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
           const int64_t rstep = rtp, rrow2 = packed ? Wo : KK * rtp;
-          for (int64_t k = 0; k < n; ++k)
-            for (int64_t u = 0; u < Kh; ++u) {
-              const int64_t r = rows[u * Ho + i + k];
-              rru[k * Kh + u] = r >= 0 ? r - rmin : -1;
-            }
-          // (input row, tap row of row i, of row i + 1): paired where both rows read the row
-          int64_t nsteps = 0;
-          if (n == 2) {
-            std::copy(rru.begin() + Kh, rru.begin() + 2 * Kh, r1.begin());
-            nsteps = pair_steps(rru.data(), r1.data(), Kh, steps.data());
-            // blocks that overrun a packed row write into the next row's start, which must then
-            // be computed later: (i, t) no later than (i + 1, t). That holds for both borders of
-            // Window (rows non-decreasing in i); a geometry where it did not would go one row at a time
-            if (p.fb > Wo && packed && !later_rows_later(steps.data(), nsteps, Kh, order.data())) {
-              nsteps = 0;
-              for (int64_t u = 0; u < Kh; ++u)
-                if (rru[u] >= 0) steps[3 * nsteps] = rru[u], steps[3 * nsteps + 1] = u, steps[3 * nsteps + 2] = -1, ++nsteps;
-              for (int64_t u = 0; u < Kh; ++u)
-                if (rru[Kh + u] >= 0)
-                  steps[3 * nsteps] = rru[Kh + u], steps[3 * nsteps + 1] = -1, steps[3 * nsteps + 2] = u, ++nsteps;
-            }
-          } else {
-            for (int64_t u = 0; u < Kh; ++u)
-              if (rru[u] >= 0) steps[3 * nsteps] = rru[u], steps[3 * nsteps + 1] = u, steps[3 * nsteps + 2] = -1, ++nsteps;
-          }
+          tap_scratch_rows(rows, Kh, Ho, i, n, rmin, rru.data());
+          // (input row, tap row of row i, of row i + 1): paired where both rows read the row.
+          // Blocks that overrun a packed row write into the next row's start, which must then be
+          // computed later: (i, t) no later than (i + 1, t). That holds for both borders of
+          // Window (rows non-decreasing in i); a geometry where it did not goes one row at a time
+          const TapList r0{rru.data(), nullptr, Kh}, r1{rru.data() + Kh, nullptr, n == 2 ? Kh : 0};
+          int64_t nsteps = row_steps(r0, r1, true, used.data(), steps.data());
+          if (n == 2 && p.fb > Wo && packed && !later_rows_later(steps.data(), nsteps, Kh, order.data()))
+            nsteps = row_steps(r0, r1, false, used.data(), steps.data());
           for (int64_t a = 0; a < nsteps; ++a) {
             const int64_t u0 = steps[3 * a + 1], u1 = steps[3 * a + 2];
             const acc_t* kr = ks.data() + steps[3 * a] * rowstride;
@@ -901,18 +886,21 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
                 const int64_t nchunk = ceil_div(Kw, 6);
                 for (int64_t q = 0, v0 = 0; q < nchunk; ++q) {
                   const int64_t v1 = (q + 1) * Kw / nchunk;
-                  corr_dispatch2<acc_t>(static_cast<int>(v1 - v0), kr, cstride, qrow, qstep, q2, Cg,
-                                        p.phoff.data() + v0, j0, rb0 + v0 * rstep, rb1 + v0 * rstep, rstep);
+                  with_count<6>(v1 - v0, [&](auto tv) {
+                    corr_block2<acc_t, decltype(tv)::value>(kr, cstride, qrow, qstep, q2, Cg, p.phoff.data() + v0, j0,
+                                                            rb0 + v0 * rstep, rb1 + v0 * rstep, rstep);
+                  });
                   v0 = v1;
                 }
                 return;
               }
               const acc_t* qk = u0 >= 0 ? qrow : qrow + q2;
               acc_t* rk = u0 >= 0 ? rb0 : rb1;
-              for (int64_t v0 = 0; v0 < Kw; v0 += 8) {
-                int tv = static_cast<int>(std::min<int64_t>(8, Kw - v0));
-                corr_dispatch<acc_t>(tv, kr, cstride, qk, qstep, Cg, p.phoff.data() + v0, j0, rk + v0 * rstep, rstep);
-              }
+              for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+                with_count<8>(Kw - v0, [&](auto tv) {
+                  corr_block<acc_t, decltype(tv)::value>(kr, cstride, qk, qstep, Cg, p.phoff.data() + v0, j0,
+                                                         rk + v0 * rstep, rstep);
+                });
             });
           }
           for (int64_t k = 0; k < n; ++k) {
@@ -1067,27 +1055,7 @@ __attribute__((noinline)) void tr_inplace(const acc_t* yb, int64_t ystep, const 
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
 }
 
-// Pairs the (tap row, output row) pairs of two input rows that read the same output row:
-// steps of (output row, tap row of the first input row or -1, of the second or -1), each pair
-// exactly once, so a y vector loaded once feeds both rows' FMAs. pairs [p0, p1) belong to the
-// first input row, [p1, p2) to the second; used: scratch of p2 - p1. Returns the step count.
-inline int64_t tr_pair_steps(const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t p2, char* used,
-                             int64_t* steps) {
-  int64_t n = 0;
-  std::fill(used, used + (p2 - p1), char(0));
-  for (int64_t a = p0; a < p1; ++a) {
-    int64_t m = -1;
-    for (int64_t b = p1; b < p2 && m < 0; ++b)
-      if (ri[b] == ri[a] && !used[b - p1]) m = b;
-    if (m >= 0) used[m - p1] = 1;
-    steps[3 * n] = ri[a], steps[3 * n + 1] = ru[a], steps[3 * n + 2] = m >= 0 ? ru[m] : -1, ++n;
-  }
-  for (int64_t b = p1; b < p2; ++b)
-    if (!used[b - p1]) steps[3 * n] = ri[b], steps[3 * n + 1] = -1, steps[3 * n + 2] = ru[b], ++n;
-  return n;
-}
-
-// tr_block for two input rows (outputs x2 apart) over the steps of tr_pair_steps.
+// tr_block for two input rows (outputs x2 apart) over the steps of row_steps (key: output row).
 template <typename acc_t, int CB>
 __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
                                          const int64_t* steps, int64_t nsteps, int64_t imin, const int64_t* vl,
@@ -1126,7 +1094,7 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
 }
 
-// tr_inplace for two input rows (outputs x2 apart) over the steps of tr_pair_steps, interior
+// tr_inplace for two input rows (outputs x2 apart) over the steps of row_steps, interior
 // blocks only (every lane and tap inside the row); wpf: the distance to prefetch the weights and
 // y ahead (0: none).
 template <typename acc_t, int CB>
@@ -1367,7 +1335,11 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         const int64_t bstep = direct ? xstep : obw;
         const int64_t x2 = direct ? W : s * Cg * obw;  // the blocks' second row (pair: own phase rows)
         const int64_t p0 = rptr[h], p2 = rptr[h + n];
-        const int64_t nsteps = n == 2 ? tr_pair_steps(ru.data(), ri.data(), p0, rptr[h + 1], p2, used.data(), steps.data()) : 0;
+        const int64_t p1 = rptr[h + 1];
+        const int64_t nsteps =
+            n == 2 ? row_steps({ri.data() + p0, ru.data() + p0, p1 - p0}, {ri.data() + p1, ru.data() + p1, p2 - p1}, true,
+                               used.data(), steps.data())
+                   : 0;
         if (p2 <= p0 && (direct || pair)) {
           for (int64_t k = 0; k < n; ++k)
             for (int64_t c = 0; c < Cg; ++c) std::fill(xout + k * W + c * xstep, xout + k * W + c * xstep + W, acc_t(0));
