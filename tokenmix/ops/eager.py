@@ -38,43 +38,28 @@ def _backward_ops(*tensors: torch.Tensor):
     return torch.ops.tokenmix if torch.is_grad_enabled() or observed(*tensors) else custom_ops.IMPLS
 
 
-class Aggregate(torch.autograd.Function):
-    """``tokenmix::aggregate`` without the dispatcher; arguments as the op's."""
+def _function(name: str, op: str, setup, backward) -> type:
+    """A ``torch.autograd.Function`` running the body of ``tokenmix::<op>`` (arguments as the
+    op's), with the custom op's context set-up and backward formula."""
+    impl = getattr(custom_ops.IMPLS, op)
 
-    @staticmethod
     def forward(ctx, *inputs):
-        out = custom_ops.aggregate_impl(*inputs)
-        custom_ops._setup_aggregate(ctx, inputs, out)
+        out = impl(*inputs)
+        setup(ctx, inputs, out)
         return out
 
-    @staticmethod
-    def backward(ctx, gy):
-        return custom_ops._backward_aggregate(ctx, gy, ops=_backward_ops(gy))
+    def backward_(ctx, grad):
+        return backward(ctx, grad, ops=_backward_ops(grad))
+
+    return type(name, (torch.autograd.Function,),
+                {"__doc__": f"``tokenmix::{op}`` without the dispatcher; arguments as the op's.",
+                 "forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
 
-class Correlate(torch.autograd.Function):
-    """``tokenmix::correlate`` without the dispatcher; arguments as the op's."""
+Aggregate = _function("Aggregate", "aggregate", custom_ops._setup_aggregate, custom_ops._backward_aggregate)
+Correlate = _function("Correlate", "correlate", custom_ops._setup_correlate, custom_ops._backward_correlate)
+AggregateTranspose = _function("AggregateTranspose", "aggregate_transpose", custom_ops._setup_transpose,
+                               custom_ops._backward_transpose)
 
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = custom_ops.correlate_impl(*inputs)
-        custom_ops._setup_correlate(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, go):
-        return custom_ops._backward_correlate(ctx, go, ops=_backward_ops(go))
-
-
-class AggregateTranspose(torch.autograd.Function):
-    """``tokenmix::aggregate_transpose`` without the dispatcher; arguments as the op's."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out = custom_ops.aggregate_transpose_impl(*inputs)
-        custom_ops._setup_transpose(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, gz):
-        return custom_ops._backward_transpose(ctx, gz, ops=_backward_ops(gz))
+# by op name
+FUNCTIONS = {"aggregate": Aggregate, "correlate": Correlate, "aggregate_transpose": AggregateTranspose}

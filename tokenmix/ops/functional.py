@@ -41,12 +41,8 @@ def _call(op: str, tensors, args, run):
     if eager.observed(*tensors):
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FUNCTIONS[op].apply(*args)
+        return eager.FUNCTIONS[op].apply(*args)
     return run()
-
-
-_FUNCTIONS = {"aggregate": eager.Aggregate, "correlate": eager.Correlate,
-              "aggregate_transpose": eager.AggregateTranspose}
 
 
 def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Optional[str] = None) -> torch.Tensor:
