@@ -529,20 +529,19 @@ __attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int6
           a1[c] += w1 * xv;
         }
       }
-    } else if (u0 >= 0) {
-      for (int64_t v = 0; v < Kw; ++v) {
-        const V wv = loadu(w0r + v * wts);
-        if (wpf) __builtin_prefetch(w0r + v * wts + wpf, 0, 3);
-        const acc_t* xp = xr + phoff[v];
-        for (int c = 0; c < CB; ++c) a0[c] += wv * loadu(xp + c * cstride);
-      }
-    } else {
-      for (int64_t v = 0; v < Kw; ++v) {
-        const V wv = loadu(w1r + v * wts);
-        if (wpf) __builtin_prefetch(w1r + v * wts + wpf, 0, 3);
-        const acc_t* xp = xr + phoff[v];
-        for (int c = 0; c < CB; ++c) a1[c] += wv * loadu(xp + c * cstride);
-      }
+    } else {  // a row read by one of the two only
+      auto one = [&](V(&a)[CB], const acc_t* wr) {
+        for (int64_t v = 0; v < Kw; ++v) {
+          const V wv = loadu(wr + v * wts);
+          if (wpf) __builtin_prefetch(wr + v * wts + wpf, 0, 3);
+          const acc_t* xp = xr + phoff[v];
+          for (int c = 0; c < CB; ++c) a[c] += wv * loadu(xp + c * cstride);
+        }
+      };
+      if (u0 >= 0)
+        one(a0, w0r);
+      else
+        one(a1, w1r);
     }
   }
   if (opf)
@@ -1077,18 +1076,18 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
           a1[c] += w1 * yv;
         }
       }
-    } else if (u0 >= 0) {
-      for (int64_t a = 0; a < nv; ++a) {
-        const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
-        const V wv = loadu(wb + (u0 * Kw + v) * tplane + off);
-        for (int c = 0; c < CB; ++c) a0[c] += wv * loadu(ys + off + c * cplane);
-      }
-    } else {
-      for (int64_t a = 0; a < nv; ++a) {
-        const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
-        const V wv = loadu(wb + (u1 * Kw + v) * tplane + off);
-        for (int c = 0; c < CB; ++c) a1[c] += wv * loadu(ys + off + c * cplane);
-      }
+    } else {  // an output row read by one of the two only
+      auto one = [&](V(&acc)[CB], int64_t u) {
+        for (int64_t a = 0; a < nv; ++a) {
+          const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+          const V wv = loadu(wb + (u * Kw + v) * tplane + off);
+          for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(ys + off + c * cplane);
+        }
+      };
+      if (u0 >= 0)
+        one(a0, u0);
+      else
+        one(a1, u1);
     }
   }
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
@@ -1125,22 +1124,20 @@ __attribute__((noinline)) void tr_inplace2(const acc_t* yb, int64_t ystep, const
           a1[c] += w1 * yv;
         }
       }
-    } else if (u0 >= 0) {
-      for (int64_t v = 0; v < Kw; ++v) {
-        const acc_t* wp = w0r + v * wHW - e[v];
-        const acc_t* yp = yr - e[v];
-        if (wpf) __builtin_prefetch(wp + wpf, 0, 3);
-        const V wv = loadu(wp);
-        for (int c = 0; c < CB; ++c) a0[c] += wv * loadu(yp + c * ystep);
-      }
-    } else {
-      for (int64_t v = 0; v < Kw; ++v) {
-        const acc_t* wp = w1r + v * wHW - e[v];
-        const acc_t* yp = yr - e[v];
-        if (wpf) __builtin_prefetch(wp + wpf, 0, 3);
-        const V wv = loadu(wp);
-        for (int c = 0; c < CB; ++c) a1[c] += wv * loadu(yp + c * ystep);
-      }
+    } else {  // an output row read by one of the two only
+      auto one = [&](V(&acc)[CB], const acc_t* wr) {
+        for (int64_t v = 0; v < Kw; ++v) {
+          const acc_t* wp = wr + v * wHW - e[v];
+          const acc_t* yp = yr - e[v];
+          if (wpf) __builtin_prefetch(wp + wpf, 0, 3);
+          const V wv = loadu(wp);
+          for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * ystep);
+        }
+      };
+      if (u0 >= 0)
+        one(a0, w0r);
+      else
+        one(a1, w1r);
     }
   }
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
