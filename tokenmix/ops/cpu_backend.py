@@ -24,7 +24,7 @@ import platform
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -54,8 +54,10 @@ def _host_tag() -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:10]
 
 
-def _source_path() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "aggregate_cpu.cpp")
+def _source_paths() -> List[str]:
+    """The kernels, and the eager path's autograd op built on them."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+    return [os.path.join(here, name) for name in ("aggregate_cpu.cpp", "autograd_cpu.cpp")]
 
 
 def _build():
@@ -65,7 +67,7 @@ def _build():
     ``load(is_python_module=False)`` loads it into the process and returns its path."""
     from torch.utils.cpp_extension import load
 
-    path = load(name=f"{_EXT_NAME}_{_host_tag()}", sources=[_source_path()], extra_cflags=list(_CFLAGS),
+    path = load(name=f"{_EXT_NAME}_{_host_tag()}", sources=_source_paths(), extra_cflags=list(_CFLAGS),
                 extra_ldflags=list(_LDFLAGS), is_python_module=False, verbose=False)
     _state["library"] = path
     return torch.ops.tokenmix_cpu
@@ -203,6 +205,20 @@ class CpuBackend(Backend):
         pl = _plan(window, k.shape[2], k.shape[3])
         return self._ext().correlate(q.contiguous(), k.contiguous(), pl.rows, pl.cols, pl.coff, pl.stride,
                                      pl.fa, pl.fb, pl.pad_ok, int(groups), bool(sum_batch), bool(sum_space))
+
+    def autograd(self, op: str, a: torch.Tensor, b: torch.Tensor, window: Window, groups: int,
+                 input_size: Tuple[int, int], backend: Optional[str]) -> torch.Tensor:
+        """``op`` (a primitive's name) on (a, b) with its backward as one C++ autograd node
+        (``csrc/autograd_cpu.cpp``): the eager path of :mod:`.eager` for inputs that need a
+        gradient. ``groups``: G of correlate (ignored by the others); ``input_size``: (H, W) of
+        the input side (x of aggregate, k of correlate, the output of aggregate_transpose);
+        ``backend``: the caller's choice, passed on to the custom ops that an observed or
+        differentiable backward calls."""
+        H, W = int(input_size[0]), int(input_size[1])
+        pl = _plan(window, H, W)
+        return self._ext().autograd(op, a, b, pl.rows, pl.cols, pl.coff, pl.stride, pl.fa, pl.fb, pl.pad_ok, pl.ca,
+                                    pl.cb, pl.rptr, pl.rpair, pl.cptr, pl.cpair, int(groups), H, W,
+                                    *window.as_args(), backend)
 
     def aggregate_transpose(self, y, w, window, input_size):
         H, W = int(input_size[0]), int(input_size[1])

@@ -10,7 +10,11 @@ functions call the op bodies (``*_impl``) through a plain :class:`torch.autograd
 whose context set-up and ``backward`` are the custom ops' own (set up inside ``forward``: a
 separate ``setup_context`` sends ``apply`` through functorch's slower path); the backward then calls the op
 bodies too, unless it must itself be differentiable (``create_graph=True``) or observed, in
-which case it calls the custom ops. Anything that traces or counts (``torch.compile``,
+which case it calls the custom ops. A backend may instead provide its own autograd node
+(:attr:`Backend.autograd`): the cpu backend's is C++ (``csrc/autograd_cpu.cpp``), the same
+formulas with the same rule for the backward, so a forward + backward on the CPU runs no Python
+between its kernels (the Python Function and backward cost 15-25% of the kernels' time on the
+small RedNet stages). Anything that traces or counts (``torch.compile``,
 ``torch.export``, ``torch.jit.trace``/fvcore, ``FlopCounterMode``, ``make_fx``, fake tensors)
 therefore still sees one ``tokenmix::`` node per call.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import custom_ops
+from .registry import select_backend
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
@@ -63,3 +68,14 @@ AggregateTranspose = _function("AggregateTranspose", "aggregate_transpose", cust
 
 # by op name
 FUNCTIONS = {"aggregate": Aggregate, "correlate": Correlate, "aggregate_transpose": AggregateTranspose}
+
+
+def differentiable(op: str, tensors, args, window, groups: int, input_size, backend):
+    """``op`` on inputs that need a gradient, unobserved: the selected backend's own autograd
+    node when it has one, else :data:`FUNCTIONS` [op] on the op's arguments ``args``.
+    ``groups`` / ``input_size``: G and the input-side (H, W) of the call (as for
+    :attr:`Backend.autograd`)."""
+    chosen = select_backend(op, tensors, window, backend)
+    if chosen.autograd is not None:
+        return chosen.autograd(op, *tensors, window, groups, input_size, backend)
+    return FUNCTIONS[op].apply(*args)

@@ -33,15 +33,16 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
     return a, b
 
 
-def _call(op: str, tensors, args, run):
+def _call(op: str, tensors, args, run, window: Window, groups: int, input_size, backend: Optional[str]):
     """Run ``op`` on ``args`` (inputs already checked): through ``torch.ops.tokenmix`` when
     anything may observe the call (tracing, compiling, modes, subclasses), else on the eager fast
-    path (:mod:`.eager`): the op's autograd formulas when a gradient is needed, else ``run()``,
-    the op body past its checks."""
+    path (:mod:`.eager`): an autograd node of the op's formulas when a gradient is needed, else
+    ``run()``, the op body past its checks. ``groups``, ``input_size``: G and the input-side
+    (H, W) of the call."""
     if eager.observed(*tensors):
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return eager.FUNCTIONS[op].apply(*args)
+        return eager.differentiable(op, tensors, args, window, groups, input_size, backend)
     return run()
 
 
@@ -69,7 +70,7 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Opti
     x, w = _autocast(x, w)
     checks.check_aggregate(x, w, window)
     return _call("aggregate", (x, w), (x, w, *window.as_args(), backend),
-                 lambda: custom_ops.run_aggregate(x, w, window, backend))
+                 lambda: custom_ops.run_aggregate(x, w, window, backend), window, w.shape[1], x.shape[2:], backend)
 
 
 def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
@@ -96,7 +97,8 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
     q, k = _autocast(q, k)
     checks.check_correlate(q, k, window, groups)
     return _call("correlate", (q, k), (q, k, *window.as_args(), groups, False, False, backend),
-                 lambda: custom_ops.run_correlate(q, k, window, groups, False, False, backend))
+                 lambda: custom_ops.run_correlate(q, k, window, groups, False, False, backend), window, groups,
+                 k.shape[2:], backend)
 
 
 def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_size: Tuple[int, int], *,
@@ -123,4 +125,5 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
     y, w = _autocast(y, w)
     H, W = checks.check_aggregate_transpose(y, w, window, input_size)
     return _call("aggregate_transpose", (y, w), (y, w, *window.as_args(), [H, W], backend),
-                 lambda: custom_ops.run_aggregate_transpose(y, w, window, (H, W), backend))
+                 lambda: custom_ops.run_aggregate_transpose(y, w, window, (H, W), backend), window, w.shape[1],
+                 (H, W), backend)

@@ -39,6 +39,8 @@
 // phase (tr_block2, tr_inplace2: both rows read most of the same output rows).
 // benchmarks/README.md has the measurements behind these choices.
 
+#include "aggregate_cpu.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -1477,6 +1479,8 @@ void check_inputs(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
+namespace tokenmix_cpu {
+
 at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
                      const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, bool pad_ok) {
   check_inputs(x, w);
@@ -1511,8 +1515,12 @@ at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const a
   return out;
 }
 
-// Registered as torch.ops.tokenmix_cpu.* (no pybind11: keeps the first-use compile short).
+}  // namespace tokenmix_cpu
+
+// Registered as torch.ops.tokenmix_cpu.* (no pybind11: keeps the first-use compile short);
+// autograd_cpu.cpp adds the eager path's autograd op to the same library.
 TORCH_LIBRARY(tokenmix_cpu, m) {
+  using namespace tokenmix_cpu;
   m.def("aggregate(Tensor x, Tensor w, Tensor rows, Tensor cols, Tensor coff, int s, int fa, int fb, bool pad_ok)"
         " -> Tensor", &aggregate);
   m.def("correlate(Tensor q, Tensor k, Tensor rows, Tensor cols, Tensor coff, int s, int fa, int fb, bool pad_ok,"
