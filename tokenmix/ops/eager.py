@@ -13,8 +13,8 @@ bodies too, unless it must itself be differentiable (``create_graph=True``) or o
 which case it calls the custom ops. A backend may instead provide its own autograd node
 (:attr:`Backend.autograd`): the cpu backend's is C++ (``csrc/autograd_cpu.cpp``), the same
 formulas with the same rule for the backward, so a forward + backward on the CPU runs no Python
-between its kernels (the Python Function and backward cost 15-25% of the kernels' time on the
-small RedNet stages). Anything that traces or counts (``torch.compile``,
+between its kernels (measured: forward + backward 4% faster on average over the RedNet stages,
+11% on the smallest, 30% on a tiny input). Anything that traces or counts (``torch.compile``,
 ``torch.export``, ``torch.jit.trace``/fvcore, ``FlopCounterMode``, ``make_fx``, fake tensors)
 therefore still sees one ``tokenmix::`` node per call.
 """

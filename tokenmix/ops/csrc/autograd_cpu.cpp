@@ -1,7 +1,7 @@
 // The eager path's autograd op for CPU tensors (tokenmix/ops/eager.py): one of the three
 // primitives with its backward as a C++ autograd node, so a forward + backward runs no Python
-// between the kernels (on the small RedNet stages the Python autograd.Function and its
-// backward cost 15-25% of the kernels' time).
+// between the kernels (against the Python autograd.Function: forward + backward 4% faster on
+// average over the RedNet stages, 11% on the smallest, 30% on a tiny input).
 //
 // torch.ops.tokenmix_cpu.autograd(op, a, b, <plan>, groups, H, W, <window>, backend) computes
 // op(a, b) with the kernels of aggregate_cpu.cpp and records a node whose backward applies the
