@@ -381,16 +381,23 @@ void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int
   }
 }
 
-// Channel blocks covering [0, Cg): f(integral_constant<CB>, c0) for blocks of 12, 8, 4, 1
-// channels, the register-block sizes of the aggregate and transpose kernels (one vector of
-// columns x CB channels in registers, the weight vector reused across the channels).
+// Channel blocks covering [0, Cg), largest first: f(integral_constant<CB>, c0) for as many
+// blocks of each size CB in Sizes (descending, ending in 1) as still fit.
+template <int CB, int... Rest, typename F>
+inline void channel_blocks_of(int64_t Cg, F&& f, int64_t c = 0) {
+  for (; c + CB <= Cg; c += CB) f(std::integral_constant<int, CB>{}, c);
+  if constexpr (sizeof...(Rest) > 0)
+    channel_blocks_of<Rest...>(Cg, f, c);
+  else
+    static_assert(CB == 1, "the last block size must be 1 to cover every channel");
+}
+
+// Blocks of 12, 8, 4, 1 channels, the register-block sizes of the aggregate and transpose
+// kernels (one vector of columns x CB channels in registers, the weight vector reused across
+// the channels).
 template <typename F>
 inline void channel_blocks(int64_t Cg, F&& f) {
-  int64_t c = 0;
-  for (; c + 12 <= Cg; c += 12) f(std::integral_constant<int, 12>{}, c);
-  for (; c + 8 <= Cg; c += 8) f(std::integral_constant<int, 8>{}, c);
-  for (; c + 4 <= Cg; c += 4) f(std::integral_constant<int, 4>{}, c);
-  for (; c < Cg; ++c) f(std::integral_constant<int, 1>{}, c);
+  channel_blocks_of<12, 8, 4, 1>(Cg, f);
 }
 
 // f(integral_constant<int, n>) for a run-time count 1 <= n <= N (N for larger n): the tap
@@ -418,11 +425,7 @@ inline V in_register(V v) {
 // vectors + 1 input vector = 15 of the 16 AVX registers), then 4, 2, 1.
 template <typename F>
 inline void channel_blocks2(int64_t Cg, F&& f) {
-  int64_t c = 0;
-  for (; c + 6 <= Cg; c += 6) f(std::integral_constant<int, 6>{}, c);
-  for (; c + 4 <= Cg; c += 4) f(std::integral_constant<int, 4>{}, c);
-  for (; c + 2 <= Cg; c += 2) f(std::integral_constant<int, 2>{}, c);
-  for (; c < Cg; ++c) f(std::integral_constant<int, 1>{}, c);
+  channel_blocks_of<6, 4, 2, 1>(Cg, f);
 }
 
 // One row's (key, tap) entries, for the two-row blocks: entry k of [0, n) has key[k] (the row

@@ -51,8 +51,11 @@ struct Geometry {
     d["ints"] = std::vector<int64_t>{s, fa, fb, ca, cb, groups, H, W, pad_ok};
     d["kernel_size"] = kernel_size, d["stride"] = stride, d["dilation"] = dilation, d["padding"] = padding;
     d["border"] = border;
-    d["backend"] = backend ? c10::IValue(*backend) : c10::IValue();
+    d["backend"] = backend_arg();
   }
+
+  // backend as an op argument: the name, or None
+  c10::IValue backend_arg() const { return backend ? c10::IValue(*backend) : c10::IValue(); }
 
   static Geometry load(AutogradContext* ctx) {
     auto& d = ctx->saved_data;
@@ -76,8 +79,6 @@ struct Ops {
   const Geometry& g;
   bool direct;
 
-  c10::IValue backend() const { return g.backend ? c10::IValue(*g.backend) : c10::IValue(); }
-
   at::Tensor call(const char* name, std::vector<c10::IValue> args) const {
     const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
     torch::jit::Stack stack(std::make_move_iterator(args.begin()), std::make_move_iterator(args.end()));
@@ -90,7 +91,7 @@ struct Ops {
       return tokenmix_cpu::aggregate(x.contiguous(), w.contiguous(), g.rows, g.cols, g.coff, g.s, g.fa, g.fb,
                                      g.pad_ok);
     return call("tokenmix::aggregate",
-                {x, w, g.kernel_size, g.stride, g.dilation, g.padding, g.border, backend()});
+                {x, w, g.kernel_size, g.stride, g.dilation, g.padding, g.border, g.backend_arg()});
   }
 
   at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, int64_t groups, bool sum_batch,
@@ -99,7 +100,7 @@ struct Ops {
       return tokenmix_cpu::correlate(q.contiguous(), k.contiguous(), g.rows, g.cols, g.coff, g.s, g.fa, g.fb,
                                      g.pad_ok, groups, sum_batch, sum_space);
     return call("tokenmix::correlate", {q, k, g.kernel_size, g.stride, g.dilation, g.padding, g.border, groups,
-                                        sum_batch, sum_space, backend()});
+                                        sum_batch, sum_space, g.backend_arg()});
   }
 
   at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w) const {
@@ -107,7 +108,7 @@ struct Ops {
       return tokenmix_cpu::aggregate_transpose(y.contiguous(), w.contiguous(), g.rows, g.cols, g.coff, g.s,
                                                g.pad_ok, g.ca, g.cb, g.rptr, g.rpair, g.cptr, g.cpair, g.H, g.W);
     return call("tokenmix::aggregate_transpose", {y, w, g.kernel_size, g.stride, g.dilation, g.padding, g.border,
-                                                  std::vector<int64_t>{g.H, g.W}, backend()});
+                                                  std::vector<int64_t>{g.H, g.W}, g.backend_arg()});
   }
 };
 
