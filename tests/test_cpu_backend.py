@@ -240,6 +240,50 @@ def test_wide_rows_all_vector_paths(case, seed):
                                atol=tol[0] * C ** 0.5, rtol=tol[1])
 
 
+@st.composite
+def _narrow_cases(draw):
+    """Output rows under one vector (8 float32 / 4 float64 columns) with channel groups of
+    whole vectors: the channels-last kernels (any geometry, both borders, one or several row
+    chunks per plane, broadcast weights, 16-bit types through float32)."""
+    border = draw(st.sampled_from(["zero", "clamp"]))
+    K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
+    D = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    S = (1, 1) if border == "clamp" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    window = Window(K, stride=S, dilation=D, border=border)
+    extra = 1 if border == "clamp" else 0
+    lo = [D[a] * (K[a] - 1) + 1 + extra * (D[a] - 1) for a in (0, 1)]
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    lanes = 4 if dtype == torch.float64 else 8
+    H = draw(st.integers(lo[0], max(lo[0], 23)))
+    W = draw(st.integers(lo[1], max(lo[1], lanes * S[1] + 1)))
+    G = draw(st.sampled_from([1, 2, 3]))
+    Cg = lanes * draw(st.sampled_from([1, 2, 3, 4]))
+    mode = draw(st.sampled_from(["full", "batch1", "space1", "both1"]))
+    return window, draw(st.integers(1, 3)), G * Cg, G, H, W, mode, dtype
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=_narrow_cases(), seed=st.integers(0, 2**16))
+def test_narrow_planes_channels_last(case, seed):
+    """The channels-last kernels of narrow planes (aggregate and aggregate_transpose on rows
+    under a vector, correlate on rows of at most half a vector) against the float64
+    reference; the reduced correlate forms go through the column kernels."""
+    b = _cpu()
+    window, B, C, G, H, W, mode, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, generator=g).to(dtype)
+    w = (_weight(B, G, window, Ho, Wo, mode, torch.float32, g) / 4).to(dtype)
+    y = torch.randn(B, C, Ho, Wo, generator=g).to(dtype)
+    ftol, btol = b.fwd_tol[dtype], b.bwd_tol[dtype]
+    torch.testing.assert_close(b.aggregate(x, w, window).double(), _ref("aggregate", x, w, window),
+                               atol=ftol[0], rtol=ftol[1])
+    torch.testing.assert_close(b.aggregate_transpose(y, w, window, (H, W)).double(),
+                               _ref("aggregate_transpose", y, w, window, (H, W)), atol=btol[0], rtol=btol[1])
+    torch.testing.assert_close(b.correlate(y, x, window, G).double(), _ref("correlate", y, x, window, G),
+                               atol=btol[0] * (C // G) ** 0.5, rtol=btol[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_transpose_in_place_edges_read_only_the_row(dtype):
     """aggregate_transpose reads y and w in place at stride 1 (zero border, rows of two vectors
@@ -286,9 +330,15 @@ def test_results_do_not_depend_on_thread_count():
     y = torch.randn(3, 16, Ho, Wo, generator=g)
     threads = torch.get_num_threads()
 
+    xn = torch.randn(3, 16, 9, 7, generator=g)  # narrow planes: the channels-last kernels
+    wn = torch.randn(3, 2, 25, 5, 4, generator=g)
+    yn = torch.randn(3, 16, 5, 4, generator=g)
+
     def run():
         return (b.aggregate(x, w, window), b.aggregate_transpose(y, w, window, (19, 17)),
-                b.correlate(y, x, window, 4), b.correlate(y, x, window, 4, True, True))
+                b.correlate(y, x, window, 4), b.correlate(y, x, window, 4, True, True),
+                b.aggregate(xn, wn, window), b.aggregate_transpose(yn, wn, window, (9, 7)),
+                b.correlate(yn, xn, window, 2))
 
     try:
         torch.set_num_threads(1)

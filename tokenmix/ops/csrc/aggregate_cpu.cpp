@@ -84,6 +84,22 @@ inline void storeu(T* p, typename VecOf<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Every lane = a (one broadcast instruction; a lane-by-lane fill compiles to insert chains).
+template <typename T>
+inline typename VecOf<T>::type splat(T a) {
+  using V = typename VecOf<T>::type;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value)
+    return (V)_mm256_set1_ps(a);
+  else
+    return (V)_mm256_set1_pd(a);
+#else
+  V v;
+  for (int k = 0; k < VecOf<T>::N; ++k) v[k] = a;
+  return v;
+#endif
+}
+
 // v[k] = p[k] for the lanes lo <= k < hi, 0 for the others, whose elements are not read (they
 // may lie outside the tensor): AVX2 masked loads, which do not fault on masked-off lanes.
 template <typename T>
@@ -555,6 +571,168 @@ __attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int6
   for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, a0[c]), storeu(ob + orow2 + c * wbw + j0, a1[c]);
 }
 
+// Transposes between channel-major (c * cs + k) and channels-last (off[k] + c) layouts, for
+// n positions k of nc channels c: to_last copies src channel-major into dst channels-last,
+// from_last the other way. 8 x 8 register transposes (AVX2, float) where whole blocks fit,
+// element by element (converted) elsewhere.
+#if defined(__AVX2__)
+// Rows r[0..8) -> columns: r[m][k] becomes r[k][m].
+inline void transpose8x8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]), t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44), u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44), u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k)
+    r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20), r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+}
+#endif
+
+template <typename From, typename To>
+void to_last(To* dst, const int64_t* off, const From* src, int64_t cs, int64_t nc, int64_t n) {
+  int64_t c0 = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<From, float>::value && std::is_same<To, float>::value) {
+    for (; c0 + 8 <= nc; c0 += 8) {
+      int64_t k = 0;
+      for (; k + 8 <= n; k += 8) {
+        __m256 r[8];
+        for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(src + (c0 + m) * cs + k);
+        transpose8x8(r);
+        for (int m = 0; m < 8; ++m) _mm256_storeu_ps(dst + off[k + m] + c0, r[m]);
+      }
+      for (; k < n; ++k)
+        for (int64_t c = c0; c < c0 + 8; ++c) dst[off[k] + c] = src[c * cs + k];
+    }
+  }
+#endif
+  for (int64_t c = c0; c < nc; ++c)
+    for (int64_t k = 0; k < n; ++k) dst[off[k] + c] = static_cast<To>(src[c * cs + k]);
+}
+
+template <typename From, typename To>
+void from_last(To* dst, int64_t cs, const From* src, const int64_t* off, int64_t nc, int64_t n) {
+  int64_t c0 = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<From, float>::value && std::is_same<To, float>::value) {
+    for (; c0 + 8 <= nc; c0 += 8) {
+      int64_t k = 0;
+      for (; k + 8 <= n; k += 8) {
+        __m256 r[8];
+        for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(src + off[k + m] + c0);
+        transpose8x8(r);
+        for (int m = 0; m < 8; ++m) _mm256_storeu_ps(dst + (c0 + m) * cs + k, r[m]);
+      }
+      for (; k < n; ++k)
+        for (int64_t c = c0; c < c0 + 8; ++c) dst[c * cs + k] = src[off[k] + c];
+    }
+  }
+#endif
+  for (int64_t c = c0; c < nc; ++c)
+    for (int64_t k = 0; k < n; ++k) dst[c * cs + k] = static_cast<To>(src[off[k] + c]);
+}
+
+// ---------------------------------------------------- aggregate, channels-last narrow planes
+// Output rows under a vector (Wo < L) waste lanes when vectorised over columns (half of them
+// at Wo = 4), and the per-task copies around the FMAs dominate. When a group's channels fill
+// whole vectors (Cg % L == 0), vectorise over channels instead: each task copies its input rows
+// channels-last into scratch, (row, W + 1 columns, Cg), column W left zero for taps outside the
+// image, and every output pixel sums, per tap, the broadcast weight times its input pixel's
+// channel vectors. Indices come straight from the tables (any geometry, both borders).
+// NP consecutive output pixels of one row x NB channel vectors over all taps (NP * NB
+// independent accumulators: one pixel's 2 would wait on the FMA latency). rr[u]: scratch row
+// offset (elements) of tap row u, or -1; cidx[p * Kw + v]: scratch column offset of tap
+// column v of pixel p; w[(u * Kw + v) * wstep + p]: its weight; out + p * ostep: its channels.
+template <typename scalar_t, typename acc_t, int NB, int NP>
+__attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr, const int64_t* cidx, int64_t Kh,
+                                             int64_t Kw, const scalar_t* w, int64_t wstep, int64_t wpix, acc_t* out,
+                                             int64_t ostep) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  V acc[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) acc[p][k] = V{};
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    const acc_t* xr = xs + rr[u];
+    const scalar_t* wr = w + u * Kw * wstep;
+    for (int64_t v = 0; v < Kw; ++v) {
+      for (int p = 0; p < NP; ++p) {
+        const acc_t* xp = xr + cidx[p * Kw + v];
+        const V wv = splat(static_cast<acc_t>(wr[v * wstep + p * wpix]));
+        for (int k = 0; k < NB; ++k) acc[p][k] += wv * loadu(xp + k * L);
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) storeu(out + p * ostep + k * L, acc[p][k]);
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t, const at::Tensor& cols_t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  const int64_t* cols = cols_t.data_ptr<int64_t>();
+  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* yd = y.data_ptr<scalar_t>();
+  const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), pitch = (W + 1) * Cg;
+  // cidx[j * Kw + v]: scratch offset of tap column v of output column j (column W: zeros)
+  std::vector<int64_t> cidx(Wo * Kw);
+  for (int64_t j = 0; j < Wo; ++j)
+    for (int64_t v = 0; v < Kw; ++v) {
+      const int64_t col = cols[v * Wo + j];
+      cidx[j * Kw + v] = (col >= 0 ? col : W) * Cg;
+    }
+  const int64_t wstep = wHW == 1 ? 1 : wHW;
+  // xoff[k]: scratch offset of element k of a channel's nrr * W contiguous input elements
+  std::vector<int64_t> xoff(nrr_max * W);
+  for (int64_t k = 0; k < nrr_max * W; ++k) xoff[k] = (k / W) * pitch + (k % W) * Cg;
+  std::vector<int64_t> pix(ch * Wo);  // offset of output pixel k in the packed result buffer
+  for (int64_t k = 0; k < ch * Wo; ++k) pix[k] = k * Cg;
+  ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg}, sizeof(acc_t)));
+  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> xs = cv.take<acc_t>(nrr_max * pitch), ob = cv.take<acc_t>(ch * Wo * Cg);
+    std::vector<int64_t> rr(Kh);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      const scalar_t* xg = xd + ((b * C + g * Cg) * H + rmin) * W;
+      to_last(xs.data(), xoff.data(), xg, H * W, Cg, nrr * W);
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t u = 0; u < Kh; ++u) {
+          const int64_t r = rows[u * Ho + i];
+          rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
+        }
+        const scalar_t* wi = wg + (wHW == 1 ? 0 : i * Wo);
+        channel_blocks_of<4, 3, 2, 1>(Wo, [&](auto np, int64_t j) {
+          channel_blocks_of<2, 1>(Cg / L, [&](auto nb, int64_t k) {
+            agg_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
+                xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wi + (wHW == 1 ? 0 : j), wstep,
+                wHW == 1 ? 0 : 1, ob.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
+          });
+        });
+      }
+      from_last(yg + i0 * Wo, Ho * Wo, ob.data(), pix.data(), Cg, (i1 - i0) * Wo);
+    }
+  });
+  return y;
+}
+
 template <typename scalar_t>
 at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t,
                           const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
@@ -566,6 +744,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
   const int64_t block = L;  // one vector of columns per block (measured faster than two)
+  if (Wo < L && Cg % L == 0) return aggregate_cl<scalar_t>(x, w, rows_t, cols_t);  // rows under a vector
   // direct: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
@@ -771,6 +950,122 @@ __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, con
   for (int tv = 0; tv < TV; ++tv) storeu(r0 + tv * rstep + j0, a0[tv]), storeu(r1 + tv * rstep + j0, a1[tv]);
 }
 
+// ------------------------------------------------- correlate, channels-last narrow planes
+// out[m] = sum of the lanes of a[m], m < 8 (8 x 8 register transpose + adds for float).
+template <typename V, typename acc_t>
+inline void lane_sums8(V (&a)[8], acc_t* out) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<acc_t, float>::value) {
+    __m256 r[8];
+    for (int m = 0; m < 8; ++m) r[m] = (__m256)a[m];
+    transpose8x8(r);
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(r[0], r[1]), _mm256_add_ps(r[2], r[3])),
+                             _mm256_add_ps(_mm256_add_ps(r[4], r[5]), _mm256_add_ps(r[6], r[7])));
+    _mm256_storeu_ps(out, s);
+    return;
+  }
+#endif
+  for (int m = 0; m < 8; ++m) {
+    acc_t t = 0;
+    for (int l = 0; l < VecOf<acc_t>::N; ++l) t += a[m][l];
+    out[m] = t;
+  }
+}
+
+// The taps of Wo pixels of one output row, 8 at a time: each tap's NV channel vectors of the
+// pixel's q (the gradient) times its input pixel's, summed over lanes. trow[t] + tcol[j * KKp
+// + t]: scratch offset of tap t of pixel j (taps outside the image and the padding taps
+// t >= K*K read a zero pixel); results at out[j * KKp + t].
+// Only the blocks from tap ta on, up to tap tb, are computed (the taps before ta and from the
+// end of the last block on read zeros only): out holds zeros there.
+template <typename acc_t>
+__attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow, const int64_t* tcol, int64_t KKp,
+                                           int64_t ta, int64_t tb, int64_t Wo, const acc_t* q, int64_t NV,
+                                           acc_t* out) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  for (int64_t j = 0; j < Wo; ++j) {
+    const acc_t* qj = q + j * NV * L;
+    const int64_t* tc = tcol + j * KKp;
+    std::fill(out + j * KKp, out + j * KKp + ta, acc_t(0));
+    int64_t t0 = ta;
+    for (; t0 < tb; t0 += 8) {
+      V a[8];
+      for (int m = 0; m < 8; ++m) a[m] = V{};
+      int64_t k = 0;
+      for (; k + 2 <= NV; k += 2) {
+        const V q0 = in_register(loadu(qj + k * L)), q1 = in_register(loadu(qj + (k + 1) * L));
+        for (int m = 0; m < 8; ++m) {
+          const acc_t* xp = xs + trow[t0 + m] + tc[t0 + m] + k * L;
+          a[m] += q0 * loadu(xp) + q1 * loadu(xp + L);
+        }
+      }
+      if (k < NV) {
+        const V q0 = loadu(qj + k * L);
+        for (int m = 0; m < 8; ++m) a[m] += q0 * loadu(xs + trow[t0 + m] + tc[t0 + m] + k * L);
+      }
+      lane_sums8(a, out + j * KKp + t0);
+    }
+    std::fill(out + j * KKp + t0, out + (j + 1) * KKp, acc_t(0));
+  }
+}
+
+template <typename scalar_t>
+at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows_t, const at::Tensor& cols_t,
+                        int64_t G) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
+  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t KK = Kh * Kw, KKp = round_up(KK + 7, 8);  // a block starting at any tap < K*K fits
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  const int64_t* cols = cols_t.data_ptr<int64_t>();
+  at::Tensor out = at::empty({B, G, KK, Ho, Wo}, q.options());
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), pitch = (W + 1) * Cg;
+  const int64_t zero_row = nrr_max * pitch;  // never written: zeros
+  std::vector<int64_t> tcol(Wo * KKp, 0), xoff(nrr_max * W), qoff(ch * Wo), roff(ch * Wo);
+  for (int64_t j = 0; j < Wo; ++j)
+    for (int64_t t = 0; t < KK; ++t) {
+      const int64_t col = cols[(t % Kw) * Wo + j];
+      tcol[j * KKp + t] = (col >= 0 ? col : W) * Cg;
+    }
+  for (int64_t e = 0; e < nrr_max * W; ++e) xoff[e] = (e / W) * pitch + (e % W) * Cg;
+  for (int64_t e = 0; e < ch * Wo; ++e) qoff[e] = e * Cg, roff[e] = e * KKp;
+  ThreadScratch scratch(bytes_of({(nrr_max + 1) * pitch, ch * Wo * Cg, ch * Wo * KKp}, sizeof(acc_t)));
+  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> xs = cv.take<acc_t>((nrr_max + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
+               rb = cv.take<acc_t>(ch * Wo * KKp);
+    std::vector<int64_t> trow(KKp, zero_row);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      to_last(xs.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, nrr * W);
+      to_last(qs.data(), qoff.data(), qd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t ta = KK, tb = 0;  // taps of the first and past the last tap row inside the image
+        for (int64_t t = 0; t < KK; ++t) {
+          const int64_t r = rows[(t / Kw) * Ho + i];
+          trow[t] = r >= 0 ? (r - rmin) * pitch : zero_row;
+          if (r >= 0) ta = std::min(ta, t), tb = t + 1;
+        }
+        ta = std::min(ta, tb);
+        corr_row_cl(xs.data(), trow.data(), tcol.data(), KKp, ta, tb, Wo, qs.data() + (i - i0) * Wo * Cg, Cg / L,
+                    rb.data() + (i - i0) * Wo * KKp);
+      }
+      from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, rb.data(), roff.data(), KK, (i1 - i0) * Wo);
+    }
+  });
+  return out;
+}
+
 template <typename scalar_t>
 at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows_t,
                           const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
@@ -780,6 +1075,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t KK = Kh * Kw;
+  // rows of at most half a vector (the column layout leaves half the lanes idle): channels-last
+  if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space) return correlate_cl<scalar_t>(q, k, rows_t, cols_t, G);
   // direct: q rows are read in place (one dtype, rows of a vector or more; the last block of a row
   // is shifted left to end at Wo, so no read leaves the row)
   const bool direct = std::is_same<scalar_t, acc_t>::value && Wo >= L;
@@ -1148,6 +1445,90 @@ __attribute__((noinline)) void tr_inplace2(const acc_t* yb, int64_t ystep, const
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
 }
 
+// ------------------------------------------ aggregate_transpose, channels-last narrow planes
+// The same layout for the transpose (gradient of x): a task owns a whole (batch, group) input
+// plane, accumulated channels-last in scratch (rows of W + 1 pixels; taps outside the image
+// land in column W, or are skipped by row, and are never read back). Each output pixel's
+// gradient vectors stay in registers while its taps add weight x gradient to their input
+// pixels.
+template <typename scalar_t, typename acc_t, int NB, int NP>
+__attribute__((noinline)) void tr_pixels_cl(acc_t* gs, const int64_t* rr, const int64_t* cidx, int64_t Kh, int64_t Kw,
+                                            const scalar_t* w, int64_t wstep, int64_t wpix, const acc_t* gy,
+                                            int64_t gstep) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  V q[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) q[p][k] = loadu(gy + p * gstep + k * L);
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    acc_t* xr = gs + rr[u];
+    const scalar_t* wr = w + u * Kw * wstep;
+    for (int64_t v = 0; v < Kw; ++v) {
+      for (int p = 0; p < NP; ++p) {
+        acc_t* xp = xr + cidx[p * Kw + v];
+        const V wv = splat(static_cast<acc_t>(wr[v * wstep + p * wpix]));
+        for (int k = 0; k < NB; ++k) storeu(xp + k * L, loadu(xp + k * L) + wv * q[p][k]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& rows_t,
+                                  const at::Tensor& cols_t, int64_t H, int64_t W) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = rows_t.size(0), Kw = cols_t.size(0);
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  const int64_t* cols = cols_t.data_ptr<int64_t>();
+  at::Tensor gx = at::empty({B, C, H, W}, gy.options());
+  const scalar_t* gyd = gy.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* gxd = gx.data_ptr<scalar_t>();
+  const int64_t pitch = (W + 1) * Cg, wstep = wHW == 1 ? 1 : wHW;
+  std::vector<int64_t> cidx(Wo * Kw), xoff(H * W), pix(Ho * Wo);
+  for (int64_t j = 0; j < Wo; ++j)
+    for (int64_t v = 0; v < Kw; ++v) {
+      const int64_t col = cols[v * Wo + j];
+      cidx[j * Kw + v] = (col >= 0 ? col : W) * Cg;
+    }
+  for (int64_t k = 0; k < H * W; ++k) xoff[k] = (k / W) * pitch + (k % W) * Cg;
+  for (int64_t k = 0; k < Ho * Wo; ++k) pix[k] = k * Cg;
+  ThreadScratch scratch(bytes_of({H * pitch, Ho * Wo * Cg}, sizeof(acc_t)));
+  at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> gs = cv.take<acc_t>(H * pitch), gys = cv.take<acc_t>(Ho * Wo * Cg);
+    std::vector<int64_t> rr(Kh);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / G, g = task % G;
+      std::fill(gs.begin(), gs.end(), acc_t(0));
+      to_last(gys.data(), pix.data(), gyd + (b * C + g * Cg) * Ho * Wo, Ho * Wo, Cg, Ho * Wo);
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      for (int64_t i = 0; i < Ho; ++i) {
+        for (int64_t u = 0; u < Kh; ++u) {
+          const int64_t r = rows[u * Ho + i];
+          rr[u] = r >= 0 ? r * pitch : -1;
+        }
+        const scalar_t* wi = wg + (wHW == 1 ? 0 : i * Wo);
+        channel_blocks_of<4, 3, 2, 1>(Wo, [&](auto np, int64_t j) {
+          channel_blocks_of<2, 1>(Cg / L, [&](auto nb, int64_t k) {
+            tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
+                gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wi + (wHW == 1 ? 0 : j), wstep,
+                wHW == 1 ? 0 : 1, gys.data() + (i * Wo + j) * Cg + k * L, Cg);
+          });
+        });
+      }
+      from_last(gxd + (b * C + g * Cg) * H * W, H * W, gs.data(), xoff.data(), Cg, H * W);
+    }
+  });
+  return gx;
+}
+
 template <typename scalar_t>
 at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows_t,
                                     const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, bool pad_ok,
@@ -1159,6 +1540,9 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Kw = cols_t.size(0);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  // rows under a vector: channels-last, a whole input plane per task (while its scratch stays small)
+  if (Wo < L && Cg % L == 0 && H * (W + 1) * Cg * static_cast<int64_t>(sizeof(acc_t)) <= (256 << 10))
+    return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, H, W);
   const int64_t* off = coff.data_ptr<int64_t>();
   const int64_t* rptr = rptr_t.data_ptr<int64_t>();
   const int64_t* rpair = rpair_t.data_ptr<int64_t>();  // (n, 2): u, i
