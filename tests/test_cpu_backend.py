@@ -242,9 +242,10 @@ def test_wide_rows_all_vector_paths(case, seed):
 
 @st.composite
 def _narrow_cases(draw):
-    """Output rows under one vector (8 float32 / 4 float64 columns) with channel groups of
-    whole vectors: the channels-last kernels (any geometry, both borders, one or several row
-    chunks per plane, broadcast weights, 16-bit types through float32)."""
+    """Output rows under four vectors (8 float32 / 4 float64 columns each) with channel groups
+    of whole vectors: the channels-last kernels and the column kernels beside them (any
+    geometry, both borders, one or several row chunks per plane, broadcast weights, 16-bit
+    types through float32)."""
     border = draw(st.sampled_from(["zero", "clamp"]))
     K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     D = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
@@ -255,19 +256,19 @@ def _narrow_cases(draw):
     dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
     lanes = 4 if dtype == torch.float64 else 8
     H = draw(st.integers(lo[0], max(lo[0], 23)))
-    W = draw(st.integers(lo[1], max(lo[1], lanes * S[1] + 1)))
+    W = draw(st.integers(lo[1], max(lo[1], 4 * lanes * S[1] + 1)))
     G = draw(st.sampled_from([1, 2, 3]))
     Cg = lanes * draw(st.sampled_from([1, 2, 3, 4]))
     mode = draw(st.sampled_from(["full", "batch1", "space1", "both1"]))
     return window, draw(st.integers(1, 3)), G * Cg, G, H, W, mode, dtype
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(case=_narrow_cases(), seed=st.integers(0, 2**16))
 def test_narrow_planes_channels_last(case, seed):
-    """The channels-last kernels of narrow planes (aggregate and aggregate_transpose on rows
-    under a vector, correlate on rows of at most half a vector) against the float64
-    reference; the reduced correlate forms go through the column kernels."""
+    """The channels-last kernels of narrow planes (aggregate on rows under a vector,
+    aggregate_transpose on rows under one to four vectors, correlate on rows of at most half a
+    vector) against the float64 reference."""
     b = _cpu()
     window, B, C, G, H, W, mode, dtype = case
     g = torch.Generator().manual_seed(seed)
