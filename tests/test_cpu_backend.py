@@ -266,9 +266,9 @@ def _narrow_cases(draw):
 @settings(max_examples=100, deadline=None)
 @given(case=_narrow_cases(), seed=st.integers(0, 2**16))
 def test_narrow_planes_channels_last(case, seed):
-    """The channels-last kernels of narrow planes (aggregate on rows under a vector,
-    aggregate_transpose on rows under one to four vectors, correlate on rows of at most half a
-    vector) against the float64 reference."""
+    """The channels-last kernels of narrow planes (aggregate and aggregate_transpose on rows
+    under a vector and, at stride > 1 (the transpose also at stride 1 from two vectors), under
+    four; correlate on rows of at most half a vector) against the float64 reference."""
     b = _cpu()
     window, B, C, G, H, W, mode, dtype = case
     g = torch.Generator().manual_seed(seed)

@@ -744,7 +744,10 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
   const int64_t block = L;  // one vector of columns per block (measured faster than two)
-  if (Wo < L && Cg % L == 0) return aggregate_cl<scalar_t>(x, w, rows_t, cols_t);  // rows under a vector
+  // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (A/B, one
+  // thread: 128@28x28 stride 2 -11..-20%, 64@56x56 stride 2 -3..-5%; at stride 1 the column
+  // kernels measured faster on rows of two or more vectors)
+  if ((Wo < L || (s > 1 && Wo < 4 * L)) && Cg % L == 0) return aggregate_cl<scalar_t>(x, w, rows_t, cols_t);
   // direct: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
