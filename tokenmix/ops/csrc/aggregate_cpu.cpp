@@ -1449,11 +1449,13 @@ __attribute__((noinline)) void tr_inplace2(const acc_t* yb, int64_t ystep, const
 }
 
 // ------------------------------------------ aggregate_transpose, channels-last narrow planes
-// The same layout for the transpose (gradient of x): a task owns a whole (batch, group) input
-// plane, accumulated channels-last in scratch (rows of W + 1 pixels; taps outside the image
-// land in column W, or are skipped by row, and are never read back). Each output pixel's
+// The same layout for the transpose (gradient of x): a task owns a band of input rows of one
+// (batch, group), accumulated channels-last in scratch (rows of W + 1 pixels; taps outside the
+// image land in column W, taps on rows outside the band are skipped, and neither is read
+// back). Every output row reading the band adds its taps that land there: each output pixel's
 // gradient vectors stay in registers while its taps add weight x gradient to their input
-// pixels.
+// pixels. Each (pixel, tap) product is computed once, in the band of its input row, and every
+// input pixel sums its terms in the same order (output row, tap, ...) whatever the bands.
 template <typename scalar_t, typename acc_t, int NB, int NP>
 __attribute__((noinline)) void tr_pixels_cl(acc_t* gs, const int64_t* rr, const int64_t* cidx, int64_t Kh, int64_t Kw,
                                             const scalar_t* w, int64_t wstep, int64_t wpix, const acc_t* gy,
@@ -1493,40 +1495,53 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* gxd = gx.data_ptr<scalar_t>();
   const int64_t pitch = (W + 1) * Cg, wstep = wHW == 1 ? 1 : wHW;
-  std::vector<int64_t> cidx(Wo * Kw), xoff(H * W), pix(Ho * Wo);
+  const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
+  // output rows [olo[k], ohi[k]) read input band k (empty: olo = ohi)
+  std::vector<int64_t> olo(nband, Ho), ohi(nband, 0);
+  for (int64_t u = 0; u < Kh; ++u)
+    for (int64_t i = 0; i < Ho; ++i) {
+      const int64_t r = rows[u * Ho + i];
+      if (r < 0) continue;
+      olo[r / band] = std::min(olo[r / band], i), ohi[r / band] = std::max(ohi[r / band], i + 1);
+    }
+  int64_t onmax = 0;
+  for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
+  std::vector<int64_t> cidx(Wo * Kw), xoff(band * W), pix(onmax * Wo);
   for (int64_t j = 0; j < Wo; ++j)
     for (int64_t v = 0; v < Kw; ++v) {
       const int64_t col = cols[v * Wo + j];
       cidx[j * Kw + v] = (col >= 0 ? col : W) * Cg;
     }
-  for (int64_t k = 0; k < H * W; ++k) xoff[k] = (k / W) * pitch + (k % W) * Cg;
-  for (int64_t k = 0; k < Ho * Wo; ++k) pix[k] = k * Cg;
-  ThreadScratch scratch(bytes_of({H * pitch, Ho * Wo * Cg}, sizeof(acc_t)));
-  at::parallel_for(0, B * G, 1, [&](int64_t t0, int64_t t1) {
+  for (int64_t k = 0; k < band * W; ++k) xoff[k] = (k / W) * pitch + (k % W) * Cg;
+  for (int64_t k = 0; k < onmax * Wo; ++k) pix[k] = k * Cg;
+  ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
+  at::parallel_for(0, B * G * nband, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> gs = cv.take<acc_t>(H * pitch), gys = cv.take<acc_t>(Ho * Wo * Cg);
+    Buf<acc_t> gs = cv.take<acc_t>(band * pitch), gys = cv.take<acc_t>(onmax * Wo * Cg);
     std::vector<int64_t> rr(Kh);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / G, g = task % G;
-      std::fill(gs.begin(), gs.end(), acc_t(0));
-      to_last(gys.data(), pix.data(), gyd + (b * C + g * Cg) * Ho * Wo, Ho * Wo, Cg, Ho * Wo);
+      const TaskAt at(task, G, nband);
+      const int64_t b = at.b, g = at.g, r0 = at.c * band, r1 = std::min(H, r0 + band);
+      const int64_t i0 = olo[at.c], i1 = std::max(ohi[at.c], i0);
+      std::fill(gs.begin(), gs.begin() + (r1 - r0) * pitch, acc_t(0));
+      to_last(gys.data(), pix.data(), gyd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
-      for (int64_t i = 0; i < Ho; ++i) {
+      for (int64_t i = i0; i < i1; ++i) {
         for (int64_t u = 0; u < Kh; ++u) {
           const int64_t r = rows[u * Ho + i];
-          rr[u] = r >= 0 ? r * pitch : -1;
+          rr[u] = r >= r0 && r < r1 ? (r - r0) * pitch : -1;
         }
         const scalar_t* wi = wg + (wHW == 1 ? 0 : i * Wo);
         channel_blocks_of<4, 3, 2, 1>(Wo, [&](auto np, int64_t j) {
           channel_blocks_of<2, 1>(Cg / L, [&](auto nb, int64_t k) {
             tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
                 gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wi + (wHW == 1 ? 0 : j), wstep,
-                wHW == 1 ? 0 : 1, gys.data() + (i * Wo + j) * Cg + k * L, Cg);
+                wHW == 1 ? 0 : 1, gys.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
           });
         });
       }
-      from_last(gxd + (b * C + g * Cg) * H * W, H * W, gs.data(), xoff.data(), Cg, H * W);
+      from_last(gxd + ((b * C + g * Cg) * H + r0) * W, H * W, gs.data(), xoff.data(), Cg, (r1 - r0) * W);
     }
   });
   return gx;
@@ -1543,13 +1558,13 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Kw = cols_t.size(0);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  // Channels-last, a whole input plane per task while its scratch stays small: on rows under a
+  // Channels-last, a band of input rows per task: on rows under a
   // vector, and on rows under four vectors except stride-1 rows under two (copied rows, two-row
   // blocks and no masked edges: the column kernels measured 4-16% faster at 256@14x14). Where
   // it applies it measured faster than the column kernels (A/B, one thread: 64@56x56 stride 2
   // -37%, 128@28x28 -17% (stride 1) and -18..-31% (stride 2), 512@7x7 stride 2 -68%).
   const bool cl_rows = Wo < L || (Wo < 4 * L && (s > 1 || Wo >= 2 * L));
-  if (cl_rows && Cg % L == 0 && H * (W + 1) * Cg * static_cast<int64_t>(sizeof(acc_t)) <= (256 << 10))
+  if (cl_rows && Cg % L == 0)
     return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, H, W);
   const int64_t* off = coff.data_ptr<int64_t>();
   const int64_t* rptr = rptr_t.data_ptr<int64_t>();
