@@ -267,8 +267,8 @@ def _narrow_cases(draw):
 @given(case=_narrow_cases(), seed=st.integers(0, 2**16))
 def test_narrow_planes_channels_last(case, seed):
     """The channels-last kernels of narrow planes (aggregate and aggregate_transpose on rows
-    under a vector and, at stride > 1 (the transpose also at stride 1 from two vectors), under
-    four; correlate on rows of at most half a vector) against the float64 reference."""
+    under a vector, aggregate at stride > 1 and aggregate_transpose at any stride also on rows
+    under four; correlate on rows of at most half a vector) against the float64 reference."""
     b = _cpu()
     window, B, C, G, H, W, mode, dtype = case
     g = torch.Generator().manual_seed(seed)

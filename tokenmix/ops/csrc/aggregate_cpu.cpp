@@ -1558,13 +1558,11 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Kw = cols_t.size(0);
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  // Channels-last, a band of input rows per task: on rows under a
-  // vector, and on rows under four vectors except stride-1 rows under two (copied rows, two-row
-  // blocks and no masked edges: the column kernels measured 4-16% faster at 256@14x14). Where
-  // it applies it measured faster than the column kernels (A/B, one thread: 64@56x56 stride 2
-  // -37%, 128@28x28 -17% (stride 1) and -18..-31% (stride 2), 512@7x7 stride 2 -68%).
-  const bool cl_rows = Wo < L || (Wo < 4 * L && (s > 1 || Wo >= 2 * L));
-  if (cl_rows && Cg % L == 0)
+  // Channels-last (bands of input rows) on rows under four vectors: measured faster than the
+  // column kernels there (A/B, one thread: 64@56x56 stride 2 -37%, 128@28x28 -17% (stride 1)
+  // and -18..-31% (stride 2), 512@7x7 stride 2 -68%; 256@14x14 stride 1 equal), with less
+  // scratch than their per-task row copies.
+  if (Wo < 4 * L && Cg % L == 0)
     return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, H, W);
   const int64_t* off = coff.data_ptr<int64_t>();
   const int64_t* rptr = rptr_t.data_ptr<int64_t>();
