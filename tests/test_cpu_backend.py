@@ -253,7 +253,7 @@ def _narrow_cases(draw):
     window = Window(K, stride=S, dilation=D, border=border)
     extra = 1 if border == "clamp" else 0
     lo = [D[a] * (K[a] - 1) + 1 + extra * (D[a] - 1) for a in (0, 1)]
-    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
     lanes = 4 if dtype == torch.float64 else 8
     H = draw(st.integers(lo[0], max(lo[0], 23)))
     W = draw(st.integers(lo[1], max(lo[1], 4 * lanes * S[1] + 1)))

@@ -37,6 +37,10 @@
 // (corr_block2), up to 6 taps x 2 rows with each input vector loaded once; aggregate_transpose
 // blocks like aggregate, two input rows at once where its rows are written in place or per
 // phase (tr_block2, tr_inplace2: both rows read most of the same output rows).
+// Narrow planes, whose rows fill few vectors, go channels-last instead when a group's channels
+// fill whole vectors (aggregate_cl, aggregate_transpose_cl, correlate_cl, below): the rows are
+// copied into scratch as (row, column, channel) by 8 x 8 register transposes and the kernels
+// vectorise over channels, so no lane is idle and no row edge needs a mask.
 // benchmarks/README.md has the measurements behind these choices.
 
 #include "aggregate_cpu.h"
