@@ -13,8 +13,9 @@
 //
 // Work split (at::parallel_for): aggregate and correlate over (batch, group, chunk of
 // output rows); aggregate_transpose over (batch, group, chunk of input rows), computed as a
-// gather (each input pixel sums the (tap, output) pairs that read it), so there are no
-// atomics and results do not depend on the number of threads. Each task copies the input
+// gather (each input pixel sums the (tap, output) pairs that read it; the channels-last
+// kernel scatters into the task's own band of input rows instead), so there are no atomics
+// and results do not depend on the number of threads. Each task copies the input
 // rows it reads into a zero-padded, stride-phase-split float scratch (a few tens of KiB),
 // so the inner loops are unit-stride over output columns for any stride/dilation, and the
 // 16-bit types are converted once. The scratch is zeroed once per thread and every task
