@@ -638,6 +638,47 @@ void from_last(To* dst, int64_t cs, const From* src, const int64_t* off, int64_t
     for (int64_t k = 0; k < n; ++k) dst[c * cs + k] = static_cast<To>(src[off[k] + c]);
 }
 
+// Channels-last scratch of a group's rows: rows of W + 1 pixels of Cg channels (pitch elements
+// apart); column W never holds image data (zeros the kernels read for taps outside the image,
+// or where the transpose drops them).
+struct LastRows {
+  int64_t W, Cg, pitch;
+  LastRows(int64_t W_, int64_t Cg_) : W(W_), Cg(Cg_), pitch((W_ + 1) * Cg_) {}
+  // [j * Kw + v]: offset of tap column v of output column j within a row (column W outside)
+  std::vector<int64_t> tap_columns(const int64_t* cols, int64_t Kw, int64_t Wo) const {
+    std::vector<int64_t> c(Wo * Kw);
+    for (int64_t j = 0; j < Wo; ++j)
+      for (int64_t v = 0; v < Kw; ++v) {
+        const int64_t col = cols[v * Wo + j];
+        c[j * Kw + v] = (col >= 0 ? col : W) * Cg;
+      }
+    return c;
+  }
+  // [k]: offset of element k of a channel's nrows * W contiguous image elements (to_last and
+  // from_last positions)
+  std::vector<int64_t> elements(int64_t nrows) const {
+    std::vector<int64_t> e(nrows * W);
+    for (int64_t k = 0; k < nrows * W; ++k) e[k] = (k / W) * pitch + (k % W) * Cg;
+    return e;
+  }
+};
+
+// [k] = k * step, k < n: offsets of packed positions (to_last and from_last).
+inline std::vector<int64_t> strided(int64_t n, int64_t step) {
+  std::vector<int64_t> o(n);
+  for (int64_t k = 0; k < n; ++k) o[k] = k * step;
+  return o;
+}
+
+// Register blocks of the channels-last pixel kernels covering Wo pixels x NV channel vectors:
+// f(integral_constant NP, integral_constant NB, first pixel, first vector), NP <= 4, NB <= 2.
+template <typename F>
+inline void pixel_blocks(int64_t Wo, int64_t NV, F&& f) {
+  channel_blocks_of<4, 3, 2, 1>(Wo, [&](auto np, int64_t j) {
+    channel_blocks_of<2, 1>(NV, [&](auto nb, int64_t k) { f(np, nb, j, k); });
+  });
+}
+
 // ---------------------------------------------------- aggregate, channels-last narrow planes
 // Output rows under a vector (Wo < L) waste lanes when vectorised over columns (half of them
 // at Wo = 4), and the per-task copies around the FMAs dominate. When a group's channels fill
@@ -648,7 +689,8 @@ void from_last(To* dst, int64_t cs, const From* src, const int64_t* off, int64_t
 // NP consecutive output pixels of one row x NB channel vectors over all taps (NP * NB
 // independent accumulators: one pixel's 2 would wait on the FMA latency). rr[u]: scratch row
 // offset (elements) of tap row u, or -1; cidx[p * Kw + v]: scratch column offset of tap
-// column v of pixel p; w[(u * Kw + v) * wstep + p]: its weight; out + p * ostep: its channels.
+// column v of pixel p; w[(u * Kw + v) * wstep + p * wpix]: its weight; out + p * ostep: its
+// channels.
 template <typename scalar_t, typename acc_t, int NB, int NP>
 __attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr, const int64_t* cidx, int64_t Kh,
                                              int64_t Kw, const scalar_t* w, int64_t wstep, int64_t wpix, acc_t* out,
@@ -689,20 +731,11 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), pitch = (W + 1) * Cg;
-  // cidx[j * Kw + v]: scratch offset of tap column v of output column j (column W: zeros)
-  std::vector<int64_t> cidx(Wo * Kw);
-  for (int64_t j = 0; j < Wo; ++j)
-    for (int64_t v = 0; v < Kw; ++v) {
-      const int64_t col = cols[v * Wo + j];
-      cidx[j * Kw + v] = (col >= 0 ? col : W) * Cg;
-    }
-  const int64_t wstep = wHW == 1 ? 1 : wHW;
-  // xoff[k]: scratch offset of element k of a channel's nrr * W contiguous input elements
-  std::vector<int64_t> xoff(nrr_max * W);
-  for (int64_t k = 0; k < nrr_max * W; ++k) xoff[k] = (k / W) * pitch + (k % W) * Cg;
-  std::vector<int64_t> pix(ch * Wo);  // offset of output pixel k in the packed result buffer
-  for (int64_t k = 0; k < ch * Wo; ++k) pix[k] = k * Cg;
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  const LastRows lr(W, Cg);
+  const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
+                             pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
   ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg}, sizeof(acc_t)));
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
@@ -723,13 +756,10 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
           const int64_t r = rows[u * Ho + i];
           rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
         }
-        const scalar_t* wi = wg + (wHW == 1 ? 0 : i * Wo);
-        channel_blocks_of<4, 3, 2, 1>(Wo, [&](auto np, int64_t j) {
-          channel_blocks_of<2, 1>(Cg / L, [&](auto nb, int64_t k) {
-            agg_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
-                xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wi + (wHW == 1 ? 0 : j), wstep,
-                wHW == 1 ? 0 : 1, ob.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
-          });
+        pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
+          agg_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
+              xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wg + (i * Wo + j) * wpix, wHW, wpix,
+              ob.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
         });
       }
       from_last(yg + i0 * Wo, Ho * Wo, ob.data(), pix.data(), Cg, (i1 - i0) * Wo);
@@ -1033,16 +1063,14 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const scalar_t* kd = k.data_ptr<scalar_t>();
   scalar_t* od = out.data_ptr<scalar_t>();
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), pitch = (W + 1) * Cg;
-  const int64_t zero_row = nrr_max * pitch;  // never written: zeros
-  std::vector<int64_t> tcol(Wo * KKp, 0), xoff(nrr_max * W), qoff(ch * Wo), roff(ch * Wo);
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  const LastRows lr(W, Cg);
+  const int64_t pitch = lr.pitch, zero_row = nrr_max * pitch;  // never written: zeros
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
+                             qoff = strided(ch * Wo, Cg), roff = strided(ch * Wo, KKp);
+  std::vector<int64_t> tcol(Wo * KKp, 0);  // per tap t = u * Kw + v: its column's offset
   for (int64_t j = 0; j < Wo; ++j)
-    for (int64_t t = 0; t < KK; ++t) {
-      const int64_t col = cols[(t % Kw) * Wo + j];
-      tcol[j * KKp + t] = (col >= 0 ? col : W) * Cg;
-    }
-  for (int64_t e = 0; e < nrr_max * W; ++e) xoff[e] = (e / W) * pitch + (e % W) * Cg;
-  for (int64_t e = 0; e < ch * Wo; ++e) qoff[e] = e * Cg, roff[e] = e * KKp;
+    for (int64_t t = 0; t < KK; ++t) tcol[j * KKp + t] = cidx[j * Kw + t % Kw];
   ThreadScratch scratch(bytes_of({(nrr_max + 1) * pitch, ch * Wo * Cg, ch * Wo * KKp}, sizeof(acc_t)));
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
@@ -1499,7 +1527,8 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
   const scalar_t* gyd = gy.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* gxd = gx.data_ptr<scalar_t>();
-  const int64_t pitch = (W + 1) * Cg, wstep = wHW == 1 ? 1 : wHW;
+  const LastRows lr(W, Cg);
+  const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
   // output rows [olo[k], ohi[k]) read input band k (empty: olo = ohi)
   std::vector<int64_t> olo(nband, Ho), ohi(nband, 0);
@@ -1511,14 +1540,8 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
     }
   int64_t onmax = 0;
   for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
-  std::vector<int64_t> cidx(Wo * Kw), xoff(band * W), pix(onmax * Wo);
-  for (int64_t j = 0; j < Wo; ++j)
-    for (int64_t v = 0; v < Kw; ++v) {
-      const int64_t col = cols[v * Wo + j];
-      cidx[j * Kw + v] = (col >= 0 ? col : W) * Cg;
-    }
-  for (int64_t k = 0; k < band * W; ++k) xoff[k] = (k / W) * pitch + (k % W) * Cg;
-  for (int64_t k = 0; k < onmax * Wo; ++k) pix[k] = k * Cg;
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(band),
+                             pix = strided(onmax * Wo, Cg);
   ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
   at::parallel_for(0, B * G * nband, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
@@ -1537,13 +1560,10 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
           const int64_t r = rows[u * Ho + i];
           rr[u] = r >= r0 && r < r1 ? (r - r0) * pitch : -1;
         }
-        const scalar_t* wi = wg + (wHW == 1 ? 0 : i * Wo);
-        channel_blocks_of<4, 3, 2, 1>(Wo, [&](auto np, int64_t j) {
-          channel_blocks_of<2, 1>(Cg / L, [&](auto nb, int64_t k) {
-            tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
-                gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wi + (wHW == 1 ? 0 : j), wstep,
-                wHW == 1 ? 0 : 1, gys.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
-          });
+        pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
+          tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
+              gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wg + (i * Wo + j) * wpix, wHW, wpix,
+              gys.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
         });
       }
       from_last(gxd + ((b * C + g * Cg) * H + r0) * W, H * W, gs.data(), xoff.data(), Cg, (r1 - r0) * W);
