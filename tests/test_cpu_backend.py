@@ -281,21 +281,24 @@ def test_narrow_planes_channels_last(case, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_transpose_in_place_edges_read_only_the_row(dtype):
-    """aggregate_transpose reads y and w in place at stride 1 (zero border, rows of two vectors
-    or more), with masked loads in the blocks at the row ends. An infinity at the first and last
-    column of y and w rows must reach exactly the input pixels the reference gives it: a lane
-    read past a row end would carry it into the neighbouring row's pixels."""
+@pytest.mark.parametrize("C,W", [(8, 19), (16, 13), (16, 19), (16, 6)], ids=["wsrc", "wsrc-Cg8", "last", "last-narrow"])
+def test_transpose_row_ends_carry_infinities_exactly(dtype, C, W):
+    """At stride 1 with a zero border, aggregate_transpose copies each tap row of w shifted by
+    the tap's column offset and zero-filled past the row ends (the mirrored aggregate's weights
+    at their source pixels; 'wsrc'), or scatters channels-last ('last'). Infinities in the first
+    and last column of y and of every tap's weight rows must reach exactly the input pixels the
+    reference gives them: a lane taken past a row end would pair a weight with zero padding
+    (NaN) or carry it into the neighbouring row."""
     b = _cpu()
     g = torch.Generator().manual_seed(11)
     window = Window(5, dilation=2)
-    H, W = 9, 19
-    y = torch.randn(2, 8, H, W, generator=g).to(dtype)
+    H = 9
+    y = torch.randn(2, C, H, W, generator=g).to(dtype)
     w = torch.randn(2, 2, 25, H, W, generator=g).to(dtype)
     y[0, 1, 3, 0] = float("inf")
     y[1, 5, 4, W - 1] = float("-inf")
-    w[0, 1, 7, 5, 0] = float("inf")
-    w[1, 0, 12, 2, W - 1] = float("inf")
+    w[0, 1, :, 5, 0] = float("inf")
+    w[1, 0, :, 2, W - 1] = float("inf")
     out = b.aggregate_transpose(y, w, window, (H, W)).double()
     ref = _ref("aggregate_transpose", y, w, window, (H, W))
     assert torch.isinf(out).any() and torch.isfinite(out).any()

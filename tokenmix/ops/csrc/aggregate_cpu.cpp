@@ -105,22 +105,23 @@ inline typename VecOf<T>::type splat(T a) {
 #endif
 }
 
-// v[k] = p[k] for the lanes lo <= k < hi, 0 for the others, whose elements are not read (they
-// may lie outside the tensor): AVX2 masked loads, which do not fault on masked-off lanes.
+// v[k] = p[k] for the lanes lo <= k < hi, 0 for the others; all L lanes of p must be readable
+// (inside the tensor). A plain load with the other lanes cleared: AVX2's masked loads measured
+// far slower on AMD Zen 3 (they took most of a narrow-row copy's time).
 template <typename T>
-inline typename VecOf<T>::type load_lanes(const T* p, int64_t lo, int64_t hi) {
+inline typename VecOf<T>::type keep_lanes(const T* p, int64_t lo, int64_t hi) {
   using V = typename VecOf<T>::type;
 #if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value) {
     const __m256i k = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
                                        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), k));
-    return (V)_mm256_maskload_ps(p, m);
+    return (V)_mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(m));
   } else {
     const __m256i k = _mm256_setr_epi64x(0, 1, 2, 3);
     const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi64(k, _mm256_set1_epi64x(lo - 1)),
                                        _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), k));
-    return (V)_mm256_maskload_pd(p, m);
+    return (V)_mm256_and_pd(_mm256_loadu_pd(p), _mm256_castsi256_pd(m));
   }
 #else
   V v{};
@@ -679,6 +680,71 @@ inline void pixel_blocks(int64_t Wo, int64_t NV, F&& f) {
   });
 }
 
+// Weights at the source pixel (aggregate's wsrc mode): the weight of output (i, j) and tap
+// (u, v) is the one stored at the pixel that tap reads, w[u * Kw + v][rows[u][i]][cols[v][j]],
+// and 0 where that pixel is outside the image. This is the stride-1 zero-border
+// aggregate_transpose written as an aggregate of y (see aggregate_transpose_impl). Its columns
+// are affine, cols[v][j] = j + shift[v] on [lo[v], hi[v]) and -1 elsewhere, so each tap row of
+// the weights is one shifted copy, zero-filled at the ends.
+struct SourceWeights {
+  int64_t Kw, Wo;
+  std::vector<int64_t> lo, hi, shift;
+  SourceWeights() : Kw(0), Wo(0) {}
+  explicit SourceWeights(const at::Tensor& cols_t) : Kw(cols_t.size(0)), Wo(cols_t.size(1)), lo(Kw), hi(Kw), shift(Kw) {
+    const int64_t* cols = cols_t.data_ptr<int64_t>();
+    for (int64_t v = 0; v < Kw; ++v) {
+      const int64_t* c = cols + v * Wo;
+      int64_t a = 0;
+      while (a < Wo && c[a] < 0) ++a;
+      int64_t e = a;
+      while (e < Wo && c[e] >= 0) ++e;
+      lo[v] = a, hi[v] = e, shift[v] = a < Wo ? c[a] - a : 0;
+      for (int64_t j = 0; j < Wo; ++j)
+        TORCH_CHECK(j >= a && j < e ? c[j] == j + shift[v] : c[j] < 0, "tokenmix: source weights need affine columns");
+    }
+  }
+  // rows [ia, ib) of the KK taps of one (batch, group), wg: its weights (planes wHW apart, rows
+  // wW apart); tap t of row i goes to dst + t * tstride + (i - ia) * rstride: Wo entries, or
+  // Wo rounded up to whole vectors (zeros past Wo) when per-pixel weights are already in the
+  // accumulation type (masked vector loads: one or two per row on narrow planes, where
+  // per-row fills and copies would cost more than the FMAs)
+  template <typename scalar_t, typename acc_t>
+  void copy(acc_t* dst0, int64_t tstride, int64_t rstride, const scalar_t* wg, int64_t KK, int64_t wHW, int64_t wW,
+            const int64_t* rows, int64_t Ho, int64_t ia, int64_t ib) const {
+    constexpr int L = VecOf<acc_t>::N;
+    for (int64_t t = 0; t < KK; ++t) {
+      const int64_t u = t / Kw, v = t % Kw, a = lo[v], e = hi[v];
+      for (int64_t i = ia; i < ib; ++i) {
+        acc_t* dst = dst0 + t * tstride + (i - ia) * rstride;
+        const int64_t r = rows[u * Ho + i];
+        if (r < 0 || e <= a) {
+          std::fill(dst, dst + Wo, acc_t(0));
+          continue;
+        }
+        if constexpr (std::is_same<scalar_t, acc_t>::value) {
+          if (wHW > 1) {
+            const acc_t* src = wg + t * wHW + r * wW + shift[v];
+            for (int64_t j = 0; j < Wo; j += L) {
+              if (src + j >= wg && src + j + L <= wg + KK * wHW) {
+                storeu(dst + j, keep_lanes(src + j, a - j, e - j));
+              } else {
+                for (int64_t k = j; k < j + L; ++k) dst[k] = k >= a && k < e ? src[k] : acc_t(0);
+              }
+            }
+            continue;
+          }
+        }
+        std::fill(dst, dst + a, acc_t(0));
+        if (wHW == 1)
+          std::fill(dst + a, dst + e, static_cast<acc_t>(wg[t]));
+        else
+          convert(dst + a, wg + t * wHW + r * wW + a + shift[v], e - a);
+        std::fill(dst + e, dst + Wo, acc_t(0));
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------- aggregate, channels-last narrow planes
 // Output rows under a vector (Wo < L) waste lanes when vectorised over columns (half of them
 // at Wo = 4), and the per-task copies around the FMAs dominate. When a group's channels fill
@@ -717,7 +783,8 @@ __attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr,
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t, const at::Tensor& cols_t) {
+at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t, const at::Tensor& cols_t,
+                        bool wsrc) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -736,11 +803,15 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
                              pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
-  ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg}, sizeof(acc_t)));
+  // wsrc: the task's weights, copied from the source pixels as (K*K, ch, Wo)
+  const SourceWeights sw = wsrc ? SourceWeights(cols_t) : SourceWeights();
+  const int64_t wpitch = round_up(Wo, L), wts = ch * wpitch;
+  ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg, wsrc ? KK * wts : 0}, sizeof(acc_t)));
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
-    Buf<acc_t> xs = cv.take<acc_t>(nrr_max * pitch), ob = cv.take<acc_t>(ch * Wo * Cg);
+    Buf<acc_t> xs = cv.take<acc_t>(nrr_max * pitch), ob = cv.take<acc_t>(ch * Wo * Cg),
+               ws = cv.take<acc_t>(wsrc ? KK * wts : 0);
     std::vector<int64_t> rr(Kh);
     for (int64_t task = t0; task < t1; ++task) {
       const TaskAt at(task, G, nch);
@@ -751,15 +822,21 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
       to_last(xs.data(), xoff.data(), xg, H * W, Cg, nrr * W);
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
+      if (wsrc) sw.copy(ws.data(), wts, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t u = 0; u < Kh; ++u) {
           const int64_t r = rows[u * Ho + i];
           rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
         }
         pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
-          agg_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
-              xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wg + (i * Wo + j) * wpix, wHW, wpix,
-              ob.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
+          constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
+          acc_t* o = ob.data() + ((i - i0) * Wo + j) * Cg + k * L;
+          if (wsrc)
+            agg_pixels_cl<acc_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
+                                                ws.data() + (i - i0) * wpitch + j, wts, 1, o, Cg);
+          else
+            agg_pixels_cl<scalar_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
+                                                   wg + (i * Wo + j) * wpix, wHW, wpix, o, Cg);
         });
       }
       from_last(yg + i0 * Wo, Ho * Wo, ob.data(), pix.data(), Cg, (i1 - i0) * Wo);
@@ -771,25 +848,27 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
 template <typename scalar_t>
 at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t,
                           const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
-                          bool pad_ok) {
+                          bool pad_ok, bool wsrc = false) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
-  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4), wW = w.size(4);
   const int64_t block = L;  // one vector of columns per block (measured faster than two)
   // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (A/B, one
   // thread: 128@28x28 stride 2 -11..-20%, 64@56x56 stride 2 -3..-5%; at stride 1 the column
   // kernels measured faster on rows of two or more vectors)
-  if ((Wo < L || (s > 1 && Wo < 4 * L)) && Cg % L == 0) return aggregate_cl<scalar_t>(x, w, rows_t, cols_t);
+  if ((Wo < L || (!wsrc && s > 1 && Wo < 4 * L)) && Cg % L == 0)
+    return aggregate_cl<scalar_t>(x, w, rows_t, cols_t, wsrc);
   // direct: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
   // prefetched a row ahead this measured faster than copying (256@14x14: 2.86x -> 2.21x the
   // ceiling). Narrower rows are packed (below).
-  const bool direct = std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
-  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, block, direct);
+  const bool direct = !wsrc && std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
+  const bool odirect = direct || (wsrc && std::is_same<scalar_t, acc_t>::value && Wo >= L);
+  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, block, odirect);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
@@ -797,6 +876,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   scalar_t* yd = y.data_ptr<scalar_t>();
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
   const int64_t wbw = p.wbw, rowstride = s * p.pw;
+  const SourceWeights sw = wsrc ? SourceWeights(cols_t) : SourceWeights();
 
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   p.plan_fill(nrr_max);
@@ -805,17 +885,17 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   // a vector are packed (pitch Wo): a tap's rows are then one contiguous copy, and the lanes
   // past Wo that a block reads (the next rows, or the slack) only reach output columns that
   // are dropped.
-  const bool packed = !direct && wHW > 1 && Wo < L;
+  const bool packed = !wsrc && !direct && wHW > 1 && Wo < L;
   const int64_t wpitch = packed ? Wo : wbw;
   const int64_t wts = ch * wpitch + 64 / static_cast<int64_t>(sizeof(acc_t));
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, direct ? 0 : 2 * Cg * wbw},
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, odirect ? 0 : 2 * Cg * wbw},
                                  sizeof(acc_t)));
 
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(direct ? 0 : KK * wts),
-               ob = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw);
+               ob = cv.take<acc_t>(odirect ? 0 : 2 * Cg * wbw);
     std::vector<int64_t> rru(2 * Kh), steps(6 * Kh);
     std::vector<char> used(Kh);
     for (int64_t task = t0; task < t1; ++task) {
@@ -833,7 +913,9 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
         const int64_t nb = nt.b, ng = nt.g, ni0 = nt.c * ch, ni1 = std::min(Ho, ni0 + ch);
         const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
         pfx = Prefetch(xd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
-        if (!direct && wHW > 1)
+        if (wsrc && wHW > 1)
+          pfw = Prefetch(wd + ((wB == 1 ? 0 : nb) * G + ng) * KK * wHW + nspan.first * wW, KK, wHW, nspan.second * wW);
+        else if (!direct && wHW > 1)
           pfw = Prefetch(wd + ((wB == 1 ? 0 : nb) * G + ng) * KK * wHW + ni0 * Wo, KK, wHW, (ni1 - ni0) * Wo);
       }
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
@@ -844,6 +926,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           acc_t* dst = wbig.data() + t * wts;
           convert(dst, src, (i1 - i0) * Wo);
         }
+      } else if (wsrc) {
+        sw.copy(wbig.data(), wts, wbw, wg, KK, wHW, wW, rows, Ho, i0, i1);
       } else if (!direct) {
         for (int64_t t = 0; t < KK; ++t) {
           for (int64_t i = i0; i < i1; ++i) {
@@ -873,13 +957,16 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           wb = reinterpret_cast<const acc_t*>(wg) + i * Wo;
           wstep = wHW;
           wrow = Wo;
-          orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
-          ostep = Ho * Wo;
-          orow2 = Wo;
         } else {
           wb = wbig.data() + (i - i0) * wpitch;
           wstep = wts;
           wrow = wpitch;
+        }
+        if (odirect) {
+          orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
+          ostep = Ho * Wo;
+          orow2 = Wo;
+        } else {
           orow = ob.data();
           ostep = wbw;
           orow2 = Cg * wbw;
@@ -893,7 +980,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
           // KiB) and the weights of the rows stay in L1 while the blocks sweep the rows
           // in place: the first channel block prefetches the next rows' weights, every block
           // its outputs' next rows
-          const int64_t ahead = direct && i + n < Ho ? n * Wo : 0;
+          const int64_t ahead = odirect && i + n < Ho ? n * Wo : 0, wahead = direct ? ahead : 0;
           if (n == 2) {
             const int64_t nsteps = row_steps({rru.data(), nullptr, Kh}, {rru.data() + Kh, nullptr, Kh}, true,
                                              used.data(), steps.data());
@@ -901,7 +988,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
               for_blocks(p, block, [&](int64_t j0) {
                 agg_block2<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
                                                        orow2, steps.data(), nsteps, Kw, p.phoff.data(), j0,
-                                                       orow + c * ostep, c == 0 ? ahead : 0, ahead);
+                                                       orow + c * ostep, c == 0 ? wahead : 0, ahead);
               });
             });
           } else {
@@ -909,7 +996,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
               for_blocks(p, block, [&](int64_t j0) {
                 agg_block<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
                                                       rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep,
-                                                      c == 0 ? ahead : 0, ahead);
+                                                      c == 0 ? wahead : 0, ahead);
               });
             });
           }
@@ -936,7 +1023,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
             }
           }
         }
-        if (!direct) {
+        if (!odirect) {
           for (int64_t k = 0; k < n; ++k)
             for (int64_t c = 0; c < Cg; ++c) {
               scalar_t* dst = yg + (c * Ho + i + k) * Wo;
@@ -1354,44 +1441,6 @@ __attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
 }
 
-// In-place variant (stride 1, zero border): y and w are read straight from their tensors, output
-// row i of tap (u, v) at column j = m - e_v. yb: the block's first channel's y plane (channel
-// stride ystep); wg: the group's weights (tap plane stride wHW). A block whose columns all fall
-// inside [0, Wo) for every tap (interior) uses plain loads; an edge block (MASKED) loads only
-// the lanes inside the row. wpf: also prefetch the weights and y of the next input row.
-template <typename acc_t, int CB, bool MASKED>
-__attribute__((noinline)) void tr_inplace(const acc_t* yb, int64_t ystep, const acc_t* wg, int64_t wHW,
-                                          const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t Kw,
-                                          int64_t Wo, const int64_t* e, int64_t m0, acc_t* xo, int64_t obw,
-                                          bool wpf) {
-  using V = typename VecOf<acc_t>::type;
-  V acc[CB];
-  for (int c = 0; c < CB; ++c) acc[c] = V{};
-  for (int64_t pp = p0; pp < p1; ++pp) {
-    const int64_t u = ru[pp], i = ri[pp];
-    const acc_t* wr = wg + u * Kw * wHW + i * Wo + m0;
-    const acc_t* yr = yb + i * Wo + m0;
-    if (wpf) {
-      for (int c = 0; c < CB; ++c) __builtin_prefetch(yr + c * ystep + Wo, 0, 3);
-    }
-    for (int64_t v = 0; v < Kw; ++v) {
-      const int64_t j0 = m0 - e[v];  // first column of the block in output row i
-      const acc_t* wp = wr + v * wHW - e[v];
-      const acc_t* yp = yr - e[v];
-      if (wpf) __builtin_prefetch(wp + Wo, 0, 3);
-      if (MASKED && (j0 < 0 || j0 + VecOf<acc_t>::N > Wo)) {  // this tap's lanes leave the row
-        const int64_t lo = -j0, hi = Wo - j0;
-        const V wv = load_lanes(wp, lo, hi);
-        for (int c = 0; c < CB; ++c) acc[c] += wv * load_lanes(yp + c * ystep, lo, hi);
-      } else {
-        const V wv = loadu(wp);
-        for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * ystep);
-      }
-    }
-  }
-  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
-}
-
 // tr_block for two input rows (outputs x2 apart) over the steps of row_steps (key: output row).
 template <typename acc_t, int CB>
 __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
@@ -1426,56 +1475,6 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
         one(a0, u0);
       else
         one(a1, u1);
-    }
-  }
-  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
-}
-
-// tr_inplace for two input rows (outputs x2 apart) over the steps of row_steps, interior
-// blocks only (every lane and tap inside the row); wpf: the distance to prefetch the weights and
-// y ahead (0: none).
-template <typename acc_t, int CB>
-__attribute__((noinline)) void tr_inplace2(const acc_t* yb, int64_t ystep, const acc_t* wg, int64_t wHW,
-                                           const int64_t* steps, int64_t nsteps, int64_t Kw, int64_t Wo,
-                                           const int64_t* e, int64_t m0, acc_t* xo, int64_t obw, int64_t x2,
-                                           int64_t wpf) {
-  using V = typename VecOf<acc_t>::type;
-  V a0[CB], a1[CB];
-  for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
-  for (int64_t k = 0; k < nsteps; ++k) {
-    const int64_t i = steps[3 * k], u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
-    const acc_t* w0r = wg + std::max<int64_t>(u0, 0) * Kw * wHW + i * Wo + m0;  // read only if u0 >= 0
-    const acc_t* w1r = wg + std::max<int64_t>(u1, 0) * Kw * wHW + i * Wo + m0;
-    const acc_t* yr = yb + i * Wo + m0;
-    if (wpf)
-      for (int c = 0; c < CB; ++c) __builtin_prefetch(yr + c * ystep + wpf, 0, 3);
-    if (u0 >= 0 && u1 >= 0) {
-      for (int64_t v = 0; v < Kw; ++v) {
-        const acc_t* wp0 = w0r + v * wHW - e[v];
-        const acc_t* wp1 = w1r + v * wHW - e[v];
-        const acc_t* yp = yr - e[v];
-        if (wpf) __builtin_prefetch(wp0 + wpf, 0, 3), __builtin_prefetch(wp1 + wpf, 0, 3);
-        const V w0 = loadu(wp0), w1 = loadu(wp1);
-        for (int c = 0; c < CB; ++c) {
-          const V yv = in_register(loadu(yp + c * ystep));
-          a0[c] += w0 * yv;
-          a1[c] += w1 * yv;
-        }
-      }
-    } else {  // an output row read by one of the two only
-      auto one = [&](V(&acc)[CB], const acc_t* wr) {
-        for (int64_t v = 0; v < Kw; ++v) {
-          const acc_t* wp = wr + v * wHW - e[v];
-          const acc_t* yp = yr - e[v];
-          if (wpf) __builtin_prefetch(wp + wpf, 0, 3);
-          const V wv = loadu(wp);
-          for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * ystep);
-        }
-      };
-      if (u0 >= 0)
-        one(a0, w0r);
-      else
-        one(a1, w1r);
     }
   }
   for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
@@ -1587,8 +1586,36 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // column kernels there (A/B, one thread: 64@56x56 stride 2 -37%, 128@28x28 -17% (stride 1)
   // and -18..-31% (stride 2), 512@7x7 stride 2 -68%; 256@14x14 stride 1 equal), with less
   // scratch than their per-task row copies.
-  if (Wo < 4 * L && Cg % L == 0)
-    return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, H, W);
+  const bool last = Wo < 4 * L && Cg % L == 0;
+  // Stride 1, zero border: x's gradient is an aggregate of y over the mirrored window, input
+  // pixel (r, q) reading y at each output (i, j) whose tap (u, v) reads (r, q), with that
+  // output's weight (aggregate_impl's wsrc mode: the weights at the source pixel). It runs the
+  // aggregate's two-row kernels on aligned shifted weight copies, with no masked edges (A/B
+  // against the column and channels-last kernels, one thread, paired medians: 64@56x56
+  // -16..-30%, 256@14x14 -43..-59%). Rows of two to four vectors, and rows under a vector,
+  // keep the channels-last scatter where it applies (128@28x28 +0..+20%, 512@7x7 +5..+36% with
+  // wsrc there).
+  if (s == 1 && pad_ok && W >= L && !(last && Wo >= 2 * L)) {
+    const int64_t* rows = rows_t.data_ptr<int64_t>();
+    const int64_t* cols = cols_t.data_ptr<int64_t>();
+    const int64_t* off = coff.data_ptr<int64_t>();
+    at::Tensor rT = at::empty({Kh, H}, rows_t.options()), cT = at::empty({Kw, W}, cols_t.options()),
+               oT = at::empty({Kw}, coff.options());
+    int64_t* rt = rT.data_ptr<int64_t>();
+    int64_t* ct = cT.data_ptr<int64_t>();
+    std::fill(rt, rt + Kh * H, int64_t(-1));
+    std::fill(ct, ct + Kw * W, int64_t(-1));
+    for (int64_t u = 0; u < Kh; ++u)
+      for (int64_t i = 0; i < Ho; ++i)
+        if (rows[u * Ho + i] >= 0) rt[u * H + rows[u * Ho + i]] = i;
+    for (int64_t v = 0; v < Kw; ++v) {
+      for (int64_t j = 0; j < Wo; ++j)
+        if (cols[v * Wo + j] >= 0) ct[v * W + cols[v * Wo + j]] = j;
+      oT.data_ptr<int64_t>()[v] = -off[v];
+    }
+    return aggregate_impl<scalar_t>(y, w, rT, cT, oT, 1, 0, W, true, true);
+  }
+  if (last) return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, H, W);
   const int64_t* off = coff.data_ptr<int64_t>();
   const int64_t* rptr = rptr_t.data_ptr<int64_t>();
   const int64_t* rpair = rpair_t.data_ptr<int64_t>();  // (n, 2): u, i
@@ -1635,10 +1662,6 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
   // block shifted left to end there), with no phase row, scatter or row copy
   const bool direct = std::is_same<scalar_t, acc_t>::value && s == 1 && W >= block;
-  // inplace: direct, zero border, per-pixel weights and rows of two vectors: the blocks also read
-  // y and w in place (tr_inplace), so the task copies nothing; the weights of the next input row
-  // are prefetched inside the blocks, as aggregate does
-  const bool inplace = direct && pad_ok && wHW > 1 && Wo >= 2 * L;
   // pair: stride 2, or stride 1 on rows narrower than a block (zero border, so every column is
   // covered by the blocks): each phase keeps its own row, and the rows are interleaved (stride
   // 2) or copied (stride 1) into x at the end, without the scalar scatter
@@ -1680,8 +1703,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   int64_t nri_max = 0;
   for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
   const int64_t cplane = nri_max * lpw, tplane = nri_max * lpw;
-  // y and w rows copied per task (none in place)
-  const int64_t ysize = inplace ? 0 : Cg * cplane, wsize = inplace ? 0 : KK * tplane;
+  // y and w rows copied per task
+  const int64_t ysize = Cg * cplane, wsize = KK * tplane;
   ThreadScratch scratch(
       bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 * s : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
 
@@ -1703,7 +1726,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       const auto span = out_span(h0, h1);
       const int64_t imin = span.first, nri = span.second;
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
-      if (nri > 0 && !inplace) {
+      if (nri > 0) {
         // rows land at fixed positions (row slot ii, columns [lp, lp + Wo)); everything around
         // them stays as zeroed once per thread, which is the zero padding the blocks read
         for (int64_t c = 0; c < Cg; ++c)
@@ -1730,7 +1753,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       }
       // the next task's y and w rows, fetched a slice per input row below
       Prefetch pfy;
-      if (task + 1 < t1 && !inplace) {
+      if (task + 1 < t1) {
         const TaskAt nt(task + 1, G, nch);
         const int64_t nb = nt.b, ng = nt.g, nh0 = nt.c * ch, nh1 = std::min(H, nh0 + ch);
         const auto next = out_span(nh0, nh1);
@@ -1786,37 +1809,6 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               continue;
             }
             auto run = [&](int64_t m0) {
-              if (inplace) {
-                // j = m - e_v inside [0, Wo) for every lane and tap: plain loads
-                const bool interior = m0 - emax >= 0 && m0 + block <= Wo;
-                const acc_t* yg = reinterpret_cast<const acc_t*>(yd) + (b * C + g * Cg) * Ho * Wo;
-                const acc_t* wga = reinterpret_cast<const acc_t*>(wg);
-                const int64_t ahead = h + n < H ? n * Wo : 0;  // the next rows' weights and y
-                if (n == 2 && interior) {
-                  channel_blocks2(Cg, [&](auto cb, int64_t c) {
-                    tr_inplace2<acc_t, decltype(cb)::value>(yg + c * Ho * Wo, Ho * Wo, wga, wHW, steps.data(), nsteps,
-                                                            Kw, Wo, e.data(), m0, bout + c * bstep, bstep, x2,
-                                                            c == 0 ? ahead : 0);
-                  });
-                  return;
-                }
-                // edge blocks one row at a time (with the lane masks, two rows' accumulators do not
-                // fit in registers)
-                for (int64_t k = 0; k < n; ++k)
-                  channel_blocks(Cg, [&](auto cb, int64_t c) {
-                    constexpr int CB = decltype(cb)::value;
-                    const acc_t* yb = yg + c * Ho * Wo;
-                    const int64_t q0 = rptr[h + k], q1 = rptr[h + k + 1];
-                    acc_t* xb = bout + k * x2 + c * bstep;
-                    if (interior)
-                      tr_inplace<acc_t, CB, false>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), q0, q1, Kw, Wo, e.data(),
-                                                   m0, xb, bstep, ahead > 0 && c == 0);
-                    else
-                      tr_inplace<acc_t, CB, true>(yb, Ho * Wo, wga, wHW, ru.data(), ri.data(), q0, q1, Kw, Wo, e.data(),
-                                                  m0, xb, bstep, ahead > 0 && c == 0);
-                  });
-                return;
-              }
               if (n == 2) {
                 channel_blocks2(Cg, [&](auto cb, int64_t c) {
                   tr_block2<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
