@@ -1225,6 +1225,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   // large float32 result is written with streaming stores (no read of the lines it replaces).
   const bool packed = !sum_batch && !sum_space;
   const bool stream = std::is_same<scalar_t, float>::value && out.numel() * 4 > (8 << 20);
+  const bool narrow_in_place = std::is_same<scalar_t, acc_t>::value && packed && Wo < L;
   const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
   // two rows of q (when copied) and of results (when not packed), for the two-row blocks
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : 2 * Cg * wbw, KK * rtp * (packed ? 1 : 2), nacc},
@@ -1276,7 +1277,11 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           // result at rrow[k * rrow2 + t * rstep + j]
           const acc_t* qrow = qs.data();
           int64_t qstep = wbw, q2 = Cg * wbw;
-          if (direct) {
+          // rows under a vector (packed results) are read in place too, where a block's full
+          // vector stays inside q: the lanes past Wo only reach results that are overwritten
+          const bool over = !direct && narrow_in_place &&
+                            ((b * C + g * Cg + Cg - 1) * Ho + i + n - 1) * Wo + L <= q.numel();
+          if (direct || over) {
             qrow = reinterpret_cast<const acc_t*>(qd) + ((b * C + g * Cg) * Ho + i) * Wo;
             qstep = Ho * Wo;
             q2 = Wo;
