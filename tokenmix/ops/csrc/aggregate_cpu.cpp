@@ -15,29 +15,34 @@
 // output rows); aggregate_transpose over (batch, group, chunk of input rows), computed as a
 // gather (each input pixel sums the (tap, output) pairs that read it; the channels-last
 // kernel scatters into the task's own band of input rows instead), so there are no atomics
-// and results do not depend on the number of threads. Each task copies the input
-// rows it reads into a zero-padded, stride-phase-split float scratch (a few tens of KiB),
-// so the inner loops are unit-stride over output columns for any stride/dilation, and the
-// 16-bit types are converted once. The scratch is zeroed once per thread and every task
-// writes the same positions, so its padding stays zero without per-task clearing. Weights are
-// read and outputs written in place when rows hold a vector and the dtype is the
-// accumulation type (aggregate_transpose at stride 1 with a zero border also reads y in place,
-// masking the lanes past a row's ends); narrower rows are copied packed (one copy per tap),
-// and correlate's per-pixel result always goes through a packed per-task buffer. What is read
-// in place is software-prefetched a row ahead from inside the blocks, and what the next task
-// copies a slice per row (Prefetch): the K*K short weight streams are not prefetched in time by
-// the hardware. The inner loops use GCC/Clang
-// vector extensions (one 256-bit vector = 8 floats / 4 doubles; AVX2 intrinsics only for the
-// stride-2 (de)interleave and streaming stores, with plain fallbacks) with register blocking:
-// aggregate computes two output rows at once where it can (agg_block2: one vector of outputs
-// for up to 6 channels x 2 rows in registers; both rows read most input rows, so each input
-// vector loaded feeds two FMAs, which matters because the loads, not the FMAs, bound these
-// loops), else one row (up to 12 channels), and reuses each weight vector across the channels;
-// correlate keeps up to 8 taps in registers and
-// reuses each query vector across them, or, for two output rows reading the same input row
-// (corr_block2), up to 6 taps x 2 rows with each input vector loaded once; aggregate_transpose
-// blocks like aggregate, two input rows at once where its rows are written in place or per
-// phase (tr_block2, tr_inplace2: both rows read most of the same output rows).
+// and results do not depend on the number of threads. At stride 1 with a zero border the
+// gather is itself an aggregate, of y over the mirrored window with each weight taken at the
+// output pixel its tap reads (aggregate_impl's wsrc mode, SourceWeights): it runs the
+// aggregate's kernels on per-task shifted, zero-filled copies of the weight rows.
+// Each task copies the input rows it reads into a zero-padded, stride-phase-split float
+// scratch (a few tens of KiB), so the inner loops are unit-stride over output columns for any
+// stride/dilation, and the 16-bit types are converted once. The scratch is zeroed once per
+// thread and every task writes the same positions, so its padding stays zero without per-task
+// clearing. Weights are read and outputs written in place when rows hold a vector and the
+// dtype is the accumulation type; narrower rows are copied packed (one copy per tap), and
+// correlate's per-pixel result always goes through a packed per-task buffer (its q rows are
+// read in place even under a vector: the lanes past a row only reach results that are
+// overwritten). What is read in place is software-prefetched a row ahead from inside the
+// blocks, and what the next task copies a slice per row (Prefetch): the K*K short weight
+// streams are not prefetched in time by the hardware. No kernel uses AVX2 masked loads: they
+// measured far slower than a plain load with lanes cleared (keep_lanes) on AMD Zen 3. The
+// inner loops use GCC/Clang vector extensions (one 256-bit vector = 8 floats / 4 doubles; AVX2
+// intrinsics only for the stride-2 (de)interleave, the channels-last transposes and streaming
+// stores, with plain fallbacks) with register blocking: aggregate computes two output rows at
+// once where it can (agg_block2: one vector of outputs for up to 6 channels x 2 rows in
+// registers; both rows read most input rows, so each input vector loaded feeds two FMAs, which
+// matters because the loads, not the FMAs, bound these loops), else one row (up to 12
+// channels), and reuses each weight vector across the channels; correlate keeps up to 8 taps
+// in registers and reuses each query vector across them, or, for two output rows reading the
+// same input row (corr_block2), up to 6 taps x 2 rows with each input vector loaded once;
+// aggregate_transpose's own gather (stride > 1, the clamp border) blocks like aggregate, two
+// input rows at once where its rows are written in place or per phase (tr_block2: both rows
+// read most of the same output rows).
 // Narrow planes, whose rows fill few vectors, go channels-last instead when a group's channels
 // fill whole vectors (aggregate_cl, aggregate_transpose_cl, correlate_cl, below): the rows are
 // copied into scratch as (row, column, channel) by 8 x 8 register transposes and the kernels
@@ -874,7 +879,10 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
-  const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
+  // wsrc: rows per task such that the task's weight copy stays within about 96 KiB (the
+  // transpose's peak memory is output-sized plus this per-thread scratch)
+  const int64_t most = wsrc ? std::min<int64_t>(16, std::max<int64_t>(2, (96 << 10) / (KK * p.wbw * sizeof(acc_t)))) : 16;
+  const int64_t ch = chunk_rows(B * G, Ho, most), nch = ceil_div(Ho, ch);
   const int64_t wbw = p.wbw, rowstride = s * p.pw;
   const SourceWeights sw = wsrc ? SourceWeights(cols_t) : SourceWeights();
 
