@@ -12,7 +12,9 @@ Geometry is not re-derived in C++: the per-axis source tables of
 a description of where the column map is affine (``col = j*s + off[v]``), which is where the
 vectorised loops run; the rest (clamp-border edges) goes through a scalar loop over the
 tables. ``aggregate_transpose`` is a gather over per-axis inverse maps (CSR tables: for every
-input row, the (tap, output row) pairs that read it), so it is deterministic. Planes whose
+input row, the (tap, output row) pairs that read it), so it is deterministic; at stride 1 with
+a zero border it runs as an aggregate of y over the mirrored window (the C++ side inverts the
+tables), with each weight taken at the output pixel its tap reads. Planes whose
 output rows fill few vectors (with a group's channels in whole vectors) run channels-last
 kernels that index the same source tables directly; their transpose scatters into bands of
 input rows that each task owns, in a fixed order, so it is deterministic too.

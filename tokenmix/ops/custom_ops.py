@@ -159,8 +159,9 @@ def _backward_aggregate(ctx, gy, ops=None):
     x, w = ctx.saved_tensors
     g, be = ctx.geometry, ctx.backend
     gx = gw = None
-    # gw first: the kernel that runs second, while y, gw and gx are all alive, adds the smaller
-    # scratch (the in-place transpose needs none)
+    # gw first: the kernel that runs second, while y, gw and gx are all alive, adds its scratch
+    # to the peak (about the same for both on the CPU: the stride-1 transpose copies its weights
+    # per task, correlate buffers its results)
     if ctx.needs_input_grad[1]:
         sb, ss = _broadcast_flags(w)
         gw = ops.correlate(gy, x, *g, w.shape[1], sb, ss, be)

@@ -1218,7 +1218,10 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const scalar_t* qd = q.data_ptr<scalar_t>();
   const scalar_t* kd = k.data_ptr<scalar_t>();
   scalar_t* od = out.data_ptr<scalar_t>();
-  const int64_t ch = chunk_rows(nb * G, Ho), nch = ceil_div(Ho, ch);
+  // rows per task: up to 16 where the packed result buffer stays within about 96 KiB (its size
+  // adds to forward+backward's peak memory), fewer rows re-copy more shared input rows
+  const int64_t most = std::min<int64_t>(16, std::max<int64_t>(8, (96 << 10) / (KK * Wo * sizeof(acc_t))));
+  const int64_t ch = chunk_rows(nb * G, Ho, most), nch = ceil_div(Ho, ch);
   const int64_t wbw = p.wbw, rowstride = s * p.pw, ntask = nb * G * nch;
   // spatial sums: one partial per (task, tap), reduced in a fixed order afterwards
   at::Tensor part_t = at::empty({sum_space ? ntask * KK : 1}, at::TensorOptions().dtype(at::kDouble));
