@@ -350,6 +350,40 @@ def test_results_do_not_depend_on_thread_count():
         assert torch.equal(a, c)
 
 
+@settings(max_examples=60, deadline=None)
+@given(case=st.one_of(_wide_cases(), _narrow_cases()), seed=st.integers(0, 2**16))
+def test_thread_count_independence_drawn(case, seed):
+    """Bitwise the same results on 1, 2 and 3 threads for drawn geometries (both borders,
+    stride, dilation, odd row counts, broadcast weights, every dtype): the rows per task
+    depend on the thread count, the results must not (a row summed by a two-row block and
+    alone differ in rounding, so row pairing must not follow the chunking)."""
+    b = _cpu()
+    window, B, C, G, H, W, mode, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, generator=g).to(dtype)
+    w = _weight(B, G, window, Ho, Wo, mode, torch.float32, g).to(dtype)
+    y = torch.randn(B, C, Ho, Wo, generator=g).to(dtype)
+
+    def run():
+        return (b.aggregate(x, w, window), b.aggregate_transpose(y, w, window, (H, W)),
+                b.correlate(y, x, window, G), b.correlate(y, x, window, G, True, False),
+                b.correlate(y, x, window, G, False, True))
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for n, other in zip((2, 3), results[1:]):
+        for name, a, c in zip(("aggregate", "aggregate_transpose", "correlate", "correlate sum_batch",
+                               "correlate sum_space"), results[0], other):
+            assert torch.equal(a, c), f"{name} differs between 1 and {n} threads"
+
+
 def test_wide_rows_past_2_16():
     """A row longer than 2**16 pixels (index arithmetic and the per-thread scratch)."""
     b = _cpu()

@@ -138,12 +138,18 @@ inline typename VecOf<T>::type keep_lanes(const T* p, int64_t lo, int64_t hi) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Rows per task: at most `most`, fewer when that leaves too few tasks for the threads.
+// Rows per task: at most `most`, fewer when that leaves too few tasks for the threads. The
+// count depends on the thread count, the results must not: the two-row kernels pair rows
+// (i0, i0 + 1), (i0 + 2, i0 + 3), ... from a chunk's first row and sum a paired row's taps in
+// another order than a row computed alone, so the chunk is either the whole plane or an even
+// number of rows. Then every chunk starts on an even row, and a row is paired or alone
+// (the last row of an odd plane) whatever the chunking.
 int64_t chunk_rows(int64_t outer, int64_t rows, int64_t most = 8) {
-  int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
-  int64_t ch = std::min<int64_t>(most, rows);
-  while (ch > 1 && outer * ceil_div(rows, ch) < want) ch = ceil_div(ch, 2);
-  return std::max<int64_t>(ch, 1);
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  int64_t ch = std::min(most, rows);
+  if (ch < rows) ch = std::max<int64_t>(2, ch & ~int64_t(1));
+  while (ch > 2 && outer * ceil_div(rows, ch) < want) ch = std::max<int64_t>(2, (ch / 2) & ~int64_t(1));
+  return std::min(ch, rows);
 }
 
 // Column layout of the input-side scratch: input column col lives at phase
@@ -1223,8 +1229,9 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t most = std::min<int64_t>(16, std::max<int64_t>(8, (96 << 10) / (KK * Wo * sizeof(acc_t))));
   const int64_t ch = chunk_rows(nb * G, Ho, most), nch = ceil_div(Ho, ch);
   const int64_t wbw = p.wbw, rowstride = s * p.pw, ntask = nb * G * nch;
-  // spatial sums: one partial per (task, tap), reduced in a fixed order afterwards
-  at::Tensor part_t = at::empty({sum_space ? ntask * KK : 1}, at::TensorOptions().dtype(at::kDouble));
+  // spatial sums: one partial per (output row, tap), reduced over the rows in a fixed order
+  // afterwards (not per task: the rows per task depend on the thread count, the sums must not)
+  at::Tensor part_t = at::empty({sum_space ? nb * G * Ho * KK : 1}, at::TensorOptions().dtype(at::kDouble));
   double* part = part_t.data_ptr<double>();
   std::fill(part, part + part_t.numel(), 0.0);
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
@@ -1370,7 +1377,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
             }
             // per-pixel results stay in the packed buffer until the task's rows are done (below)
             if (sum_space) {
-              double* pt = part + task * KK;
+              double* pt = part + ((at.b * G + g) * Ho + i + k) * KK;
               for (int64_t t = 0; t < KK; ++t) {
                 double sacc = 0;
                 const acc_t* r = rk + t * rstep;
@@ -1423,7 +1430,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       for (int64_t g = 0; g < G; ++g)
         for (int64_t t = 0; t < KK; ++t) {
           double sacc = 0;
-          for (int64_t ic = 0; ic < nch; ++ic) sacc += part[((bb * G + g) * nch + ic) * KK + t];
+          for (int64_t i = 0; i < Ho; ++i) sacc += part[((bb * G + g) * Ho + i) * KK + t];
           od[(bb * G + g) * KK + t] = static_cast<scalar_t>(sacc);
         }
   }
