@@ -280,6 +280,43 @@ def test_narrow_planes_channels_last(case, seed):
     _three_ops_against_reference(case, seed, corr_terms=case[2] // case[3])
 
 
+@st.composite
+def _affine_cases(draw):
+    """Planes of the affine channels-last kernels (agg_pixels_cl_affine, tr_pixels_cl_affine):
+    float32, 8 or 16 channels per group, per-pixel weights, a zero border (symmetric or other
+    padding, read from the rows' zero columns), K = 3, 5 or 7 columns at unit column dilation
+    and column stride 1 or 2, any rows (kernel height, row stride and dilation), rows from
+    narrower than a 4-pixel block to wider than four vectors; beside them the planes they must
+    leave to the other kernels (column dilation 2, clamp border, bfloat16, static weights)."""
+    border = draw(st.sampled_from(["zero", "clamp"]))
+    Kw = draw(st.sampled_from([3, 5, 7]))
+    Kh = draw(st.integers(1, 7))
+    dh, dw = draw(st.integers(1, 2)), draw(st.sampled_from([1, 1, 2]))
+    S = (1, 1) if border == "clamp" else (draw(st.integers(1, 3)), draw(st.integers(1, 2)))
+    pad = None
+    if border == "zero" and draw(st.booleans()):  # other padding widths
+        pad = (draw(st.integers(0, dh * (Kh - 1))), draw(st.integers(0, dw * (Kw - 1))))
+    window = Window((Kh, Kw), stride=S, dilation=(dh, dw), padding=pad, border=border)
+    hlo = dh * (Kh - 1) + 1 + (dh - 1 if border == "clamp" else 0)
+    wlo = dw * (Kw - 1) + 1 + (dw - 1 if border == "clamp" else 0)
+    H = draw(st.integers(hlo, max(hlo, 15)))
+    W = draw(st.integers(wlo, 75))
+    G = draw(st.sampled_from([1, 2]))
+    Cg = draw(st.sampled_from([8, 16]))
+    mode = draw(st.sampled_from(["full", "full", "batch1", "space1"]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float32, torch.bfloat16]))
+    return window, draw(st.integers(1, 2)), G * Cg, G, H, W, mode, dtype
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=_affine_cases(), seed=st.integers(0, 2**16))
+def test_affine_channels_last_kernels(case, seed):
+    """The affine channels-last kernels (each column's channel vectors loaded, or stored, once
+    for every tap of a 4-pixel block that reads it) on every row width they now take, against
+    the float64 reference."""
+    _three_ops_against_reference(case, seed, corr_terms=case[2] // case[3])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("C,W", [(8, 19), (16, 13), (16, 19), (16, 6)], ids=["wsrc", "wsrc-Cg8", "last", "last-narrow"])
 def test_transpose_row_ends_carry_infinities_exactly(dtype, C, W):

@@ -443,6 +443,16 @@ inline void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, N>{});
 }
 
+// f(integral_constant<int, i>) for i = 0, 1, ..., N - 1, unrolled at compile time.
+template <int N, typename F, int... I>
+inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void static_for(F&& f) {
+  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+
 // Keeps a loaded vector in a register: GCC otherwise folds each use of a load into its own
 // FMA memory operand, loading a vector that feeds two FMAs twice (the loads, not the FMAs,
 // bound these loops).
@@ -650,19 +660,34 @@ void from_last(To* dst, int64_t cs, const From* src, const int64_t* off, int64_t
     for (int64_t k = 0; k < n; ++k) dst[c * cs + k] = static_cast<To>(src[off[k] + c]);
 }
 
-// Channels-last scratch of a group's rows: rows of W + 1 pixels of Cg channels (pitch elements
-// apart); column W never holds image data (zeros the kernels read for taps outside the image,
-// or where the transpose drops them).
+// Channels-last scratch of a group's rows: rows of lp + W + rp pixels of Cg channels (pitch
+// elements apart), image column col at lp + col; the columns outside the image never hold
+// image data (zeros the kernels read for taps outside the image, or where the transpose drops
+// them). Column lp + W is the zero column the tables send those taps to (rp >= 1); a zero
+// border's taps can instead read their own column when lp and rp cover the padding
+// (affine_columns).
 struct LastRows {
-  int64_t W, Cg, pitch;
-  LastRows(int64_t W_, int64_t Cg_) : W(W_), Cg(Cg_), pitch((W_ + 1) * Cg_) {}
-  // [j * Kw + v]: offset of tap column v of output column j within a row (column W outside)
-  std::vector<int64_t> tap_columns(const int64_t* cols, int64_t Kw, int64_t Wo) const {
+  int64_t W, Cg, lp, pitch;
+  bool padded;  // lp and the right padding hold every column a zero border's taps read
+  LastRows(int64_t W_, int64_t Cg_, int64_t lp_ = 0, int64_t rp = 1, bool padded_ = false)
+      : W(W_), Cg(Cg_), lp(lp_), pitch((lp_ + W_ + std::max<int64_t>(rp, 1)) * Cg_), padded(padded_) {}
+  // The rows for the taps of a window whose columns are col = j * s + coff[v] (zero border,
+  // pad_ok: with its padding, so every tap reads a column of its own) or given by the tables
+  // only (clamp border: every tap is inside the image)
+  static LastRows for_taps(int64_t W, int64_t Cg, const int64_t* coff, int64_t s, int64_t Kw, int64_t Wo,
+                           bool pad_ok) {
+    if (!pad_ok) return LastRows(W, Cg);
+    return LastRows(W, Cg, std::max<int64_t>(0, -coff[0]), (Wo - 1) * s + coff[Kw - 1] - (W - 1), true);
+  }
+  // [j * Kw + v]: offset of tap column v of output column j within a row: its own column when
+  // padded, else the table's (the zero column lp + W for taps outside the image)
+  std::vector<int64_t> tap_columns(const int64_t* cols, const int64_t* coff, int64_t s, int64_t Kw,
+                                   int64_t Wo) const {
     std::vector<int64_t> c(Wo * Kw);
     for (int64_t j = 0; j < Wo; ++j)
       for (int64_t v = 0; v < Kw; ++v) {
-        const int64_t col = cols[v * Wo + j];
-        c[j * Kw + v] = (col >= 0 ? col : W) * Cg;
+        const int64_t col = padded ? j * s + coff[v] : cols[v * Wo + j];
+        c[j * Kw + v] = (lp + (col >= 0 || padded ? col : W)) * Cg;
       }
     return c;
   }
@@ -670,7 +695,7 @@ struct LastRows {
   // from_last positions)
   std::vector<int64_t> elements(int64_t nrows) const {
     std::vector<int64_t> e(nrows * W);
-    for (int64_t k = 0; k < nrows * W; ++k) e[k] = (k / W) * pitch + (k % W) * Cg;
+    for (int64_t k = 0; k < nrows * W; ++k) e[k] = (k / W) * pitch + (lp + k % W) * Cg;
     return e;
   }
 };
@@ -793,9 +818,82 @@ __attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr,
     for (int k = 0; k < NB; ++k) storeu(out + p * ostep + k * L, acc[p][k]);
 }
 
+// The same sums for NP pixels whose taps read the columns p * S + v of a row (tap v of pixel
+// p, unit dilation): a zero border's pixels, whose rows keep their zero padding, and a clamp
+// window's middle. With K and S known at compile time the loop runs over the block's
+// S * (NP - 1) + K columns, loading each column's channel vectors once for every (pixel, tap)
+// that reads it (K * NP / (S * (NP - 1) + K) multiply-adds per load: 2.15 at K = 7, S = 2,
+// NP = 4) and reading no column table; with the group's channels in these NB vectors the
+// column pitch NB * L is a constant too. Loads, not multiply-adds, bound the general kernel
+// above (a column offset, a weight and NB input vectors per NB multiply-adds). Each pixel still
+// adds its taps in the order (u, v), so the results are bit-identical to agg_pixels_cl's.
+// xs + rr[u] + c0: the block's first column in tap row u's scratch row; w + (u * K + v) * wstep
+// + p: the weight of tap (u, v) of pixel p.
+template <typename scalar_t, typename acc_t, int NB, int NP, int K, int S>
+__attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64_t* rr, int64_t c0, int64_t Kh,
+                                                    const scalar_t* w, int64_t wstep, acc_t* out, int64_t ostep) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  constexpr int NC = S * (NP - 1) + K;
+  constexpr int CG = NB * L;  // the column pitch: callers pass Cg == NB * L
+  V acc[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) acc[p][k] = V{};
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    const acc_t* xr = xs + rr[u] + c0;
+    const scalar_t* wv[K];
+    for (int v = 0; v < K; ++v) wv[v] = w + (u * K + v) * wstep;
+    static_for<NC>([&](auto c) {
+      V xv[NB];
+      for (int k = 0; k < NB; ++k) xv[k] = in_register(loadu(xr + c * CG + k * L));
+      static_for<NP>([&](auto p) {
+        constexpr int v = decltype(c)::value - decltype(p)::value * S;
+        if constexpr (v >= 0 && v < K) {
+          const V wvv = splat(static_cast<acc_t>(wv[v][decltype(p)::value]));
+          for (int k = 0; k < NB; ++k) acc[decltype(p)::value][k] += wvv * xv[k];
+        }
+      });
+    });
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) storeu(out + p * ostep + k * L, acc[p][k]);
+}
+
+// f(integral_constant K, integral_constant S) for the kernel sizes and strides that
+// agg_pixels_cl_affine is compiled for; false for the others.
+template <typename F>
+inline bool with_affine_shape(int64_t K, int64_t S, F&& f) {
+  using std::integral_constant;
+  if (S == 1) {
+    if (K == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 1>{}), true;
+    if (K == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 1>{}), true;
+    if (K == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 1>{}), true;
+  } else if (S == 2) {
+    if (K == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 2>{}), true;
+    if (K == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 2>{}), true;
+    if (K == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 2>{}), true;
+  }
+  return false;
+}
+
+// Whether the affine channels-last kernels run a plane (every pixel: its rows keep their zero
+// padding, LastRows::for_taps): float, a zero border at unit column dilation (tap v at column
+// j * s + coff[0] + v), a kernel width and column stride they are compiled for, a group's
+// channels in one or two vectors (so pixel_blocks hands them all of them at once) and
+// per-pixel weights.
+template <typename scalar_t>
+bool affine_cl(int64_t Cg, bool per_pixel, int64_t Kw, int64_t s, const int64_t* coff, bool pad_ok) {
+  constexpr int64_t L = VecOf<float>::N;
+  if (!std::is_same<scalar_t, float>::value || !pad_ok || !per_pixel || (Cg != L && Cg != 2 * L)) return false;
+  for (int64_t v = 0; v < Kw; ++v)
+    if (coff[v] != coff[0] + v) return false;
+  return with_affine_shape(Kw, s, [](auto, auto) {});
+}
+
 template <typename scalar_t>
 at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t, const at::Tensor& cols_t,
-                        bool wsrc) {
+                        const at::Tensor& coff_t, int64_t s, bool pad_ok, bool wsrc) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -804,16 +902,18 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
   const int64_t* rows = rows_t.data_ptr<int64_t>();
   const int64_t* cols = cols_t.data_ptr<int64_t>();
+  const int64_t* coff = coff_t.data_ptr<int64_t>();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
-  const LastRows lr(W, Cg);
+  const LastRows lr = LastRows::for_taps(W, Cg, coff, s, Kw, Wo, pad_ok);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, coff, s, Kw, Wo), xoff = lr.elements(nrr_max),
                              pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
+  const bool affine = affine_cl<scalar_t>(Cg, wsrc || wpix == 1, Kw, s, coff, pad_ok);
   // wsrc: the task's weights, copied from the source pixels as (K*K, ch, Wo)
   const SourceWeights sw = wsrc ? SourceWeights(cols_t) : SourceWeights();
   const int64_t wpitch = round_up(Wo, L), wts = ch * wpitch;
@@ -842,6 +942,18 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
         pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
           constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
           acc_t* o = ob.data() + ((i - i0) * Wo + j) * Cg + k * L;
+          if constexpr (std::is_same<scalar_t, float>::value) {
+            if (affine && with_affine_shape(Kw, s, [&](auto kc, auto sc) {
+                  constexpr int KA = decltype(kc)::value, SA = decltype(sc)::value;
+                  if (wsrc)
+                    agg_pixels_cl_affine<acc_t, acc_t, NB, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
+                                                                       ws.data() + (i - i0) * wpitch + j, wts, o, Cg);
+                  else
+                    agg_pixels_cl_affine<scalar_t, acc_t, NB, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
+                                                                          wg + i * Wo + j, wHW, o, Cg);
+                }))
+              return;
+          }
           if (wsrc)
             agg_pixels_cl<acc_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
                                                 ws.data() + (i - i0) * wpitch + j, wts, 1, o, Cg);
@@ -869,9 +981,12 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t block = L;  // one vector of columns per block (measured faster than two)
   // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (A/B, one
   // thread: 128@28x28 stride 2 -11..-20%, 64@56x56 stride 2 -3..-5%; at stride 1 the column
-  // kernels measured faster on rows of two or more vectors)
-  if ((Wo < L || (!wsrc && s > 1 && Wo < 4 * L)) && Cg % L == 0)
-    return aggregate_cl<scalar_t>(x, w, rows_t, cols_t, wsrc);
+  // kernels measured faster on rows of two or more vectors), and on rows under four vectors
+  // whenever the affine kernel covers the plane (against the column kernels, one thread:
+  // 128@28x28 stride 1 -15%, 256@14x14 -10%; 64@56x56 +13%, so wider rows keep them)
+  const bool affine = !wsrc && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, coff.data_ptr<int64_t>(), pad_ok);
+  if ((Wo < L || (!wsrc && s > 1 && Wo < 4 * L) || (affine && Wo < 4 * L)) && Cg % L == 0)
+    return aggregate_cl<scalar_t>(x, w, rows_t, cols_t, coff, s, pad_ok, wsrc);
   // direct: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
@@ -1167,7 +1282,7 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
   const LastRows lr(W, Cg);
   const int64_t pitch = lr.pitch, zero_row = nrr_max * pitch;  // never written: zeros
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, nullptr, 1, Kw, Wo), xoff = lr.elements(nrr_max),
                              qoff = strided(ch * Wo, Cg), roff = strided(ch * Wo, KKp);
   std::vector<int64_t> tcol(Wo * KKp, 0);  // per tap t = u * Kw + v: its column's offset
   for (int64_t j = 0; j < Wo; ++j)
@@ -1534,9 +1649,46 @@ __attribute__((noinline)) void tr_pixels_cl(acc_t* gs, const int64_t* rr, const 
   }
 }
 
+// The same scatter for NP pixels whose taps land on the columns p * S + v of a band row (tap v
+// of pixel p, unit dilation; the layout of agg_pixels_cl_affine): each of the block's
+// S * (NP - 1) + K columns is loaded and stored once per tap row, with the terms of every
+// (pixel, tap) that lands on it added in registers, instead of one load and store per term.
+// Within a column the terms are added in tr_pixels_cl's order (v ascending), so the results
+// are bit-identical. gs + rr[u] + c0: the block's first column in tap row u's band row.
+template <typename scalar_t, typename acc_t, int NB, int NP, int K, int S>
+__attribute__((noinline)) void tr_pixels_cl_affine(acc_t* gs, const int64_t* rr, int64_t c0, int64_t Kh,
+                                                   const scalar_t* w, int64_t wstep, const acc_t* gy, int64_t gstep) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  constexpr int NC = S * (NP - 1) + K;
+  constexpr int CG = NB * L;  // the column pitch: callers pass Cg == NB * L
+  V q[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) q[p][k] = loadu(gy + p * gstep + k * L);
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    acc_t* xr = gs + rr[u] + c0;
+    const scalar_t* wv[K];
+    for (int v = 0; v < K; ++v) wv[v] = w + (u * K + v) * wstep;
+    static_for<NC>([&](auto c) {
+      V a[NB];
+      for (int k = 0; k < NB; ++k) a[k] = loadu(xr + c * CG + k * L);
+      static_for<NP>([&](auto pr) {  // p descending: v = c - p * S ascending
+        constexpr int p = NP - 1 - decltype(pr)::value, v = decltype(c)::value - p * S;
+        if constexpr (v >= 0 && v < K) {
+          const V wvv = splat(static_cast<acc_t>(wv[v][p]));
+          for (int k = 0; k < NB; ++k) a[k] += wvv * q[p][k];
+        }
+      });
+      for (int k = 0; k < NB; ++k) storeu(xr + c * CG + k * L, a[k]);
+    });
+  }
+}
+
 template <typename scalar_t>
 at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& rows_t,
-                                  const at::Tensor& cols_t, int64_t H, int64_t W) {
+                                  const at::Tensor& cols_t, const at::Tensor& coff_t, int64_t s, bool pad_ok, int64_t H,
+                                  int64_t W) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
@@ -1549,7 +1701,7 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
   const scalar_t* gyd = gy.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* gxd = gx.data_ptr<scalar_t>();
-  const LastRows lr(W, Cg);
+  const LastRows lr = LastRows::for_taps(W, Cg, coff_t.data_ptr<int64_t>(), s, Kw, Wo, pad_ok);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
   // output rows [olo[k], ohi[k]) read input band k (empty: olo = ohi)
@@ -1562,8 +1714,9 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
     }
   int64_t onmax = 0;
   for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(band),
-                             pix = strided(onmax * Wo, Cg);
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, coff_t.data_ptr<int64_t>(), s, Kw, Wo),
+                             xoff = lr.elements(band), pix = strided(onmax * Wo, Cg);
+  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, coff_t.data_ptr<int64_t>(), pad_ok);
   ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
   at::parallel_for(0, B * G * nband, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
@@ -1583,9 +1736,17 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
           rr[u] = r >= r0 && r < r1 ? (r - r0) * pitch : -1;
         }
         pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
-          tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
-              gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wg + (i * Wo + j) * wpix, wHW, wpix,
-              gys.data() + ((i - i0) * Wo + j) * Cg + k * L, Cg);
+          constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
+          const acc_t* q = gys.data() + ((i - i0) * Wo + j) * Cg + k * L;
+          if constexpr (std::is_same<scalar_t, float>::value) {
+            if (affine && with_affine_shape(Kw, s, [&](auto kc, auto sc) {
+                  tr_pixels_cl_affine<scalar_t, acc_t, NB, NP, decltype(kc)::value, decltype(sc)::value>(
+                      gs.data(), rr.data(), cidx[j * Kw], Kh, wg + i * Wo + j, wHW, q, Cg);
+                }))
+              return;
+          }
+          tr_pixels_cl<scalar_t, acc_t, NB, NP>(gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
+                                                wg + (i * Wo + j) * wpix, wHW, wpix, q, Cg);
         });
       }
       from_last(gxd + ((b * C + g * Cg) * H + r0) * W, H * W, gs.data(), xoff.data(), Cg, (r1 - r0) * W);
@@ -1609,16 +1770,19 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // column kernels there (A/B, one thread: 64@56x56 stride 2 -37%, 128@28x28 -17% (stride 1)
   // and -18..-31% (stride 2), 512@7x7 stride 2 -68%; 256@14x14 stride 1 equal), with less
   // scratch than their per-task row copies.
-  const bool last = Wo < 4 * L && Cg % L == 0;
+  // Every row when the affine kernel covers the plane (against the wsrc aggregate below, one
+  // thread: 64@56x56 stride 1 -34%, 256@14x14 -50%).
+  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, coff.data_ptr<int64_t>(), pad_ok);
+  const bool last = (Wo < 4 * L || affine) && Cg % L == 0;
   // Stride 1, zero border: x's gradient is an aggregate of y over the mirrored window, input
   // pixel (r, q) reading y at each output (i, j) whose tap (u, v) reads (r, q), with that
   // output's weight (aggregate_impl's wsrc mode: the weights at the source pixel). It runs the
   // aggregate's two-row kernels on aligned shifted weight copies, with no masked edges (A/B
   // against the column and channels-last kernels, one thread, paired medians: 64@56x56
-  // -16..-30%, 256@14x14 -43..-59%). Rows of two to four vectors, and rows under a vector,
-  // keep the channels-last scatter where it applies (128@28x28 +0..+20%, 512@7x7 +5..+36% with
-  // wsrc there).
-  if (s == 1 && pad_ok && W >= L && !(last && Wo >= 2 * L)) {
+  // -16..-30%, 256@14x14 -43..-59%). Rows of two to four vectors, rows under a vector and the
+  // planes of the affine kernel keep the channels-last scatter where it applies (128@28x28
+  // +0..+20%, 512@7x7 +5..+36% with wsrc there).
+  if (s == 1 && pad_ok && W >= L && !(last && (Wo >= 2 * L || affine))) {
     const int64_t* rows = rows_t.data_ptr<int64_t>();
     const int64_t* cols = cols_t.data_ptr<int64_t>();
     const int64_t* off = coff.data_ptr<int64_t>();
@@ -1638,7 +1802,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     }
     return aggregate_impl<scalar_t>(y, w, rT, cT, oT, 1, 0, W, true, true);
   }
-  if (last) return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, H, W);
+  if (last) return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, coff, s, pad_ok, H, W);
   const int64_t* off = coff.data_ptr<int64_t>();
   const int64_t* rptr = rptr_t.data_ptr<int64_t>();
   const int64_t* rpair = rpair_t.data_ptr<int64_t>();  // (n, 2): u, i
