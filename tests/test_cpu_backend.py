@@ -317,6 +317,16 @@ def test_affine_channels_last_kernels(case, seed):
     _three_ops_against_reference(case, seed, corr_terms=case[2] // case[3])
 
 
+@pytest.mark.parametrize("W", range(7, 42))
+def test_stride2_rows_every_width(W):
+    """Every row width from 7 to 41 columns at stride 2 through the column kernels (3 channels
+    per group keeps the channels-last ones out): the phase split of the input rows
+    (deinterleave2's blocks of 8 and 4 pairs and the block ending at the row's last pair, or the
+    scatter fill of the narrowest rows) against the float64 reference, float32."""
+    window = Window((3, 7), stride=2)
+    _three_ops_against_reference((window, 2, 6, 2, 5, W, "full", torch.float32), seed=W, corr_terms=3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("C,W", [(8, 19), (16, 13), (16, 19), (16, 6)], ids=["wsrc", "wsrc-Cg8", "last", "last-narrow"])
 def test_transpose_row_ends_carry_infinities_exactly(dtype, C, W):

@@ -341,18 +341,36 @@ inline void convert(To* __restrict__ d, const From* __restrict__ src, int64_t n)
   for (int64_t k = 0; k < n; ++k) d[k] = static_cast<To>(src[k]);
 }
 
-// e[k] = src[2k], o[k] = src[2k+1] for k < n: both stride-2 phases of a row in one pass.
+// e[k] = src[2k], o[k] = src[2k+1] for k < n: both stride-2 phases of a row in one pass. The
+// pairs past the last whole block of 8 (4) go as one more block ending at n, which writes some
+// entries twice with the same values: rows of 7 to 28 pairs (the 14- to 56-column planes at
+// stride 2) otherwise left most of their pairs to the scalar loop.
 template <typename scalar_t, typename acc_t>
 inline void deinterleave2(acc_t* __restrict__ e, acc_t* __restrict__ o, const scalar_t* __restrict__ src, int64_t n) {
   int64_t k = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
-    for (; k + 8 <= n; k += 8) {
+    auto block8 = [&](int64_t k) {
       const __m256 a = _mm256_loadu_ps(src + 2 * k), b = _mm256_loadu_ps(src + 2 * k + 8);
       // [a0 a2 b0 b2 | a4 a6 b4 b6] -> 64-bit lanes (0, 2, 1, 3) -> [a0 a2 a4 a6 b0 b2 b4 b6]
       const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
       _mm256_storeu_ps(e + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
       _mm256_storeu_ps(o + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+    };
+    auto block4 = [&](int64_t k) {
+      const __m128 a = _mm_loadu_ps(src + 2 * k), b = _mm_loadu_ps(src + 2 * k + 4);
+      _mm_storeu_ps(e + k, _mm_shuffle_ps(a, b, 0x88));
+      _mm_storeu_ps(o + k, _mm_shuffle_ps(a, b, 0xDD));
+    };
+    if (n >= 8) {
+      for (; k + 8 <= n; k += 8) block8(k);
+      if (k < n) block8(n - 8);
+      return;
+    }
+    if (n >= 4) {
+      block4(0);
+      block4(n - 4);
+      return;
     }
   }
 #endif
