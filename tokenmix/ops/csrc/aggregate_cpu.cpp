@@ -476,7 +476,9 @@ inline void static_for(F&& f) {
 // bound these loops).
 template <typename V>
 inline V in_register(V v) {
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif defined(__AVX__)
   asm("" : "+x"(v));
 #endif
   return v;
@@ -836,24 +838,60 @@ __attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr,
     for (int k = 0; k < NB; ++k) storeu(out + p * ostep + k * L, acc[p][k]);
 }
 
+// The vectors of the affine channels-last kernels: a pixel's CG channels in NB vectors of 64
+// bytes where AVX-512 is compiled in and they fill them (one per pixel at 16 floats: half the
+// loads and multiply-adds of two 32-byte vectors; A/B on an AVX-512 AMD EPYC, one thread:
+// aggregate and transpose -19% as geomeans over the RedNet stages),
+// else of VecOf's 32 bytes; NP pixels per block, so that NP * NB = 8 accumulators hide the
+// multiply-add latency.
+template <typename T, int CG>
+struct AffineVec {
+#if defined(__AVX512F__)
+  static constexpr int bytes = (CG * int(sizeof(T))) % 64 == 0 ? 64 : 32;
+#else
+  static constexpr int bytes = 32;
+#endif
+  typedef T type __attribute__((vector_size(bytes)));
+  static constexpr int L = bytes / int(sizeof(T)), NB = CG / L, NP = 8 / NB;
+  static_assert(CG % L == 0 && NB <= 8, "a pixel's channels must fill whole vectors");
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+  static type splat(T a) {
+#if defined(__AVX512F__)
+    if constexpr (bytes == 64) {
+      if constexpr (std::is_same<T, float>::value)
+        return (type)_mm512_set1_ps(a);
+      else
+        return (type)_mm512_set1_pd(a);
+    }
+#endif
+    if constexpr (bytes == 32) return ::splat<T>(a);
+    type v;
+    for (int k = 0; k < L; ++k) v[k] = a;
+    return v;
+  }
+};
+
 // The same sums for NP pixels whose taps read the columns p * S + v of a row (tap v of pixel
-// p, unit dilation): a zero border's pixels, whose rows keep their zero padding, and a clamp
-// window's middle. With K and S known at compile time the loop runs over the block's
-// S * (NP - 1) + K columns, loading each column's channel vectors once for every (pixel, tap)
-// that reads it (K * NP / (S * (NP - 1) + K) multiply-adds per load: 2.15 at K = 7, S = 2,
-// NP = 4) and reading no column table; with the group's channels in these NB vectors the
-// column pitch NB * L is a constant too. Loads, not multiply-adds, bound the general kernel
+// p, unit dilation): a zero border's pixels, whose rows keep their zero padding. With K and S
+// known at compile time the loop runs over the block's S * (NP - 1) + K columns, loading each
+// column's channel vectors once for every (pixel, tap) that reads it (K * NP / (S * (NP - 1) +
+// K) multiply-adds per load: 2.15 at K = 7, S = 2, NP = 4) and reading no column table; the
+// column pitch is CG, the group's channels. Loads, not multiply-adds, bound the general kernel
 // above (a column offset, a weight and NB input vectors per NB multiply-adds). Each pixel still
 // adds its taps in the order (u, v), so the results are bit-identical to agg_pixels_cl's.
 // xs + rr[u] + c0: the block's first column in tap row u's scratch row; w + (u * K + v) * wstep
-// + p: the weight of tap (u, v) of pixel p.
-template <typename scalar_t, typename acc_t, int NB, int NP, int K, int S>
+// + p: the weight of tap (u, v) of pixel p; out + p * CG: pixel p's channels.
+template <typename scalar_t, typename acc_t, int CG, int NP, int K, int S>
 __attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64_t* rr, int64_t c0, int64_t Kh,
-                                                    const scalar_t* w, int64_t wstep, acc_t* out, int64_t ostep) {
-  using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
-  constexpr int NC = S * (NP - 1) + K;
-  constexpr int CG = NB * L;  // the column pitch: callers pass Cg == NB * L
+                                                    const scalar_t* w, int64_t wstep, acc_t* out) {
+  using AV = AffineVec<acc_t, CG>;
+  using V = typename AV::type;
+  constexpr int L = AV::L, NB = AV::NB, NC = S * (NP - 1) + K;
   V acc[NP][NB];
   for (int p = 0; p < NP; ++p)
     for (int k = 0; k < NB; ++k) acc[p][k] = V{};
@@ -864,49 +902,63 @@ __attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64
     for (int v = 0; v < K; ++v) wv[v] = w + (u * K + v) * wstep;
     static_for<NC>([&](auto c) {
       V xv[NB];
-      for (int k = 0; k < NB; ++k) xv[k] = in_register(loadu(xr + c * CG + k * L));
+      for (int k = 0; k < NB; ++k) xv[k] = in_register(AV::load(xr + c * CG + k * L));
       static_for<NP>([&](auto p) {
         constexpr int v = decltype(c)::value - decltype(p)::value * S;
         if constexpr (v >= 0 && v < K) {
-          const V wvv = splat(static_cast<acc_t>(wv[v][decltype(p)::value]));
+          const V wvv = AV::splat(static_cast<acc_t>(wv[v][decltype(p)::value]));
           for (int k = 0; k < NB; ++k) acc[decltype(p)::value][k] += wvv * xv[k];
         }
       });
     });
   }
   for (int p = 0; p < NP; ++p)
-    for (int k = 0; k < NB; ++k) storeu(out + p * ostep + k * L, acc[p][k]);
+    for (int k = 0; k < NB; ++k) AV::store(out + p * CG + k * L, acc[p][k]);
 }
 
-// f(integral_constant K, integral_constant S) for the kernel sizes and strides that
-// agg_pixels_cl_affine is compiled for; false for the others.
+// f(integral_constant CG, integral_constant K, integral_constant S) for the channels per group,
+// kernel widths and column strides the affine kernels are compiled for; false for the others.
 template <typename F>
-inline bool with_affine_shape(int64_t K, int64_t S, F&& f) {
-  using std::integral_constant;
-  if (S == 1) {
-    if (K == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 1>{}), true;
-    if (K == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 1>{}), true;
-    if (K == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 1>{}), true;
-  } else if (S == 2) {
-    if (K == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 2>{}), true;
-    if (K == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 2>{}), true;
-    if (K == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 2>{}), true;
-  }
+inline bool with_affine(int64_t Cg, int64_t K, int64_t S, F&& f) {
+  auto ks = [&](auto cg) {
+    auto k = [&](auto kc) {
+      if (S == 1) return f(cg, kc, std::integral_constant<int, 1>{}), true;
+      if (S == 2) return f(cg, kc, std::integral_constant<int, 2>{}), true;
+      return false;
+    };
+    if (K == 3) return k(std::integral_constant<int, 3>{});
+    if (K == 5) return k(std::integral_constant<int, 5>{});
+    if (K == 7) return k(std::integral_constant<int, 7>{});
+    return false;
+  };
+  if (Cg == 8) return ks(std::integral_constant<int, 8>{});
+  if (Cg == 16) return ks(std::integral_constant<int, 16>{});
   return false;
+}
+
+// Blocks of NP, NP / 2, ..., 1 pixels covering a row of Wo: f(integral_constant np, first pixel).
+template <int NP, typename F>
+inline void affine_blocks(int64_t Wo, F&& f) {
+  if constexpr (NP == 8)
+    channel_blocks_of<8, 4, 2, 1>(Wo, f);
+  else if constexpr (NP == 4)
+    channel_blocks_of<4, 2, 1>(Wo, f);
+  else if constexpr (NP == 2)
+    channel_blocks_of<2, 1>(Wo, f);
+  else
+    channel_blocks_of<1>(Wo, f);
 }
 
 // Whether the affine channels-last kernels run a plane (every pixel: its rows keep their zero
 // padding, LastRows::for_taps): float, a zero border at unit column dilation (tap v at column
-// j * s + coff[0] + v), a kernel width and column stride they are compiled for, a group's
-// channels in one or two vectors (so pixel_blocks hands them all of them at once) and
-// per-pixel weights.
+// j * s + coff[0] + v), per-pixel weights, and channels per group, a kernel width and a column
+// stride they are compiled for (with_affine).
 template <typename scalar_t>
 bool affine_cl(int64_t Cg, bool per_pixel, int64_t Kw, int64_t s, const int64_t* coff, bool pad_ok) {
-  constexpr int64_t L = VecOf<float>::N;
-  if (!std::is_same<scalar_t, float>::value || !pad_ok || !per_pixel || (Cg != L && Cg != 2 * L)) return false;
+  if (!std::is_same<scalar_t, float>::value || !pad_ok || !per_pixel) return false;
   for (int64_t v = 0; v < Kw; ++v)
     if (coff[v] != coff[0] + v) return false;
-  return with_affine_shape(Kw, s, [](auto, auto) {});
+  return with_affine(Cg, Kw, s, [](auto, auto, auto) {});
 }
 
 template <typename scalar_t>
@@ -957,21 +1009,28 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
           const int64_t r = rows[u * Ho + i];
           rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
         }
+        acc_t* orow = ob.data() + (i - i0) * Wo * Cg;
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          if (affine) {
+            with_affine(Cg, Kw, s, [&](auto cg, auto kc, auto sc) {
+              constexpr int CG = decltype(cg)::value, KA = decltype(kc)::value, SA = decltype(sc)::value;
+              affine_blocks<AffineVec<acc_t, CG>::NP>(Wo, [&](auto np, int64_t j) {
+                constexpr int NP = decltype(np)::value;
+                if (wsrc)
+                  agg_pixels_cl_affine<acc_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
+                                                                     ws.data() + (i - i0) * wpitch + j, wts,
+                                                                     orow + j * CG);
+                else
+                  agg_pixels_cl_affine<scalar_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
+                                                                        wg + i * Wo + j, wHW, orow + j * CG);
+              });
+            });
+            continue;
+          }
+        }
         pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
           constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
-          acc_t* o = ob.data() + ((i - i0) * Wo + j) * Cg + k * L;
-          if constexpr (std::is_same<scalar_t, float>::value) {
-            if (affine && with_affine_shape(Kw, s, [&](auto kc, auto sc) {
-                  constexpr int KA = decltype(kc)::value, SA = decltype(sc)::value;
-                  if (wsrc)
-                    agg_pixels_cl_affine<acc_t, acc_t, NB, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
-                                                                       ws.data() + (i - i0) * wpitch + j, wts, o, Cg);
-                  else
-                    agg_pixels_cl_affine<scalar_t, acc_t, NB, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
-                                                                          wg + i * Wo + j, wHW, o, Cg);
-                }))
-              return;
-          }
+          acc_t* o = orow + j * Cg + k * L;
           if (wsrc)
             agg_pixels_cl<acc_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
                                                 ws.data() + (i - i0) * wpitch + j, wts, 1, o, Cg);
@@ -1668,21 +1727,22 @@ __attribute__((noinline)) void tr_pixels_cl(acc_t* gs, const int64_t* rr, const 
 }
 
 // The same scatter for NP pixels whose taps land on the columns p * S + v of a band row (tap v
-// of pixel p, unit dilation; the layout of agg_pixels_cl_affine): each of the block's
-// S * (NP - 1) + K columns is loaded and stored once per tap row, with the terms of every
-// (pixel, tap) that lands on it added in registers, instead of one load and store per term.
-// Within a column the terms are added in tr_pixels_cl's order (v ascending), so the results
-// are bit-identical. gs + rr[u] + c0: the block's first column in tap row u's band row.
-template <typename scalar_t, typename acc_t, int NB, int NP, int K, int S>
+// of pixel p, unit dilation; the layout and vectors of agg_pixels_cl_affine): each of the
+// block's S * (NP - 1) + K columns is loaded and stored once per tap row, with the terms of
+// every (pixel, tap) that lands on it added in registers, instead of one load and store per
+// term. A column adds its terms in a fixed order (tap row, then block, then v ascending within
+// the block): blocks depend on Wo only, so results do not depend on the bands or threads.
+// gs + rr[u] + c0: the block's first column in tap row u's band row; gy + p * CG: pixel p's
+// gradient channels.
+template <typename scalar_t, typename acc_t, int CG, int NP, int K, int S>
 __attribute__((noinline)) void tr_pixels_cl_affine(acc_t* gs, const int64_t* rr, int64_t c0, int64_t Kh,
-                                                   const scalar_t* w, int64_t wstep, const acc_t* gy, int64_t gstep) {
-  using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
-  constexpr int NC = S * (NP - 1) + K;
-  constexpr int CG = NB * L;  // the column pitch: callers pass Cg == NB * L
+                                                   const scalar_t* w, int64_t wstep, const acc_t* gy) {
+  using AV = AffineVec<acc_t, CG>;
+  using V = typename AV::type;
+  constexpr int L = AV::L, NB = AV::NB, NC = S * (NP - 1) + K;
   V q[NP][NB];
   for (int p = 0; p < NP; ++p)
-    for (int k = 0; k < NB; ++k) q[p][k] = loadu(gy + p * gstep + k * L);
+    for (int k = 0; k < NB; ++k) q[p][k] = AV::load(gy + p * CG + k * L);
   for (int64_t u = 0; u < Kh; ++u) {
     if (rr[u] < 0) continue;
     acc_t* xr = gs + rr[u] + c0;
@@ -1690,15 +1750,15 @@ __attribute__((noinline)) void tr_pixels_cl_affine(acc_t* gs, const int64_t* rr,
     for (int v = 0; v < K; ++v) wv[v] = w + (u * K + v) * wstep;
     static_for<NC>([&](auto c) {
       V a[NB];
-      for (int k = 0; k < NB; ++k) a[k] = loadu(xr + c * CG + k * L);
+      for (int k = 0; k < NB; ++k) a[k] = AV::load(xr + c * CG + k * L);
       static_for<NP>([&](auto pr) {  // p descending: v = c - p * S ascending
         constexpr int p = NP - 1 - decltype(pr)::value, v = decltype(c)::value - p * S;
         if constexpr (v >= 0 && v < K) {
-          const V wvv = splat(static_cast<acc_t>(wv[v][p]));
+          const V wvv = AV::splat(static_cast<acc_t>(wv[v][p]));
           for (int k = 0; k < NB; ++k) a[k] += wvv * q[p][k];
         }
       });
-      for (int k = 0; k < NB; ++k) storeu(xr + c * CG + k * L, a[k]);
+      for (int k = 0; k < NB; ++k) AV::store(xr + c * CG + k * L, a[k]);
     });
   }
 }
@@ -1753,18 +1813,23 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
           const int64_t r = rows[u * Ho + i];
           rr[u] = r >= r0 && r < r1 ? (r - r0) * pitch : -1;
         }
-        pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
-          constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
-          const acc_t* q = gys.data() + ((i - i0) * Wo + j) * Cg + k * L;
-          if constexpr (std::is_same<scalar_t, float>::value) {
-            if (affine && with_affine_shape(Kw, s, [&](auto kc, auto sc) {
-                  tr_pixels_cl_affine<scalar_t, acc_t, NB, NP, decltype(kc)::value, decltype(sc)::value>(
-                      gs.data(), rr.data(), cidx[j * Kw], Kh, wg + i * Wo + j, wHW, q, Cg);
-                }))
-              return;
+        const acc_t* qrow = gys.data() + (i - i0) * Wo * Cg;
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          if (affine) {
+            with_affine(Cg, Kw, s, [&](auto cg, auto kc, auto sc) {
+              constexpr int CG = decltype(cg)::value, KA = decltype(kc)::value, SA = decltype(sc)::value;
+              affine_blocks<AffineVec<acc_t, CG>::NP>(Wo, [&](auto np, int64_t j) {
+                tr_pixels_cl_affine<scalar_t, acc_t, CG, decltype(np)::value, KA, SA>(
+                    gs.data(), rr.data(), cidx[j * Kw], Kh, wg + i * Wo + j, wHW, qrow + j * CG);
+              });
+            });
+            continue;
           }
-          tr_pixels_cl<scalar_t, acc_t, NB, NP>(gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
-                                                wg + (i * Wo + j) * wpix, wHW, wpix, q, Cg);
+        }
+        pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
+          tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
+              gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wg + (i * Wo + j) * wpix, wHW, wpix,
+              qrow + j * Cg + k * L, Cg);
         });
       }
       from_last(gxd + ((b * C + g * Cg) * H + r0) * W, H * W, gs.data(), xoff.data(), Cg, (r1 - r0) * W);
