@@ -86,6 +86,10 @@ def _reset_peak() -> Optional[int]:
 # which excludes the time the scheduler gives to other processes; only meaningful with one
 # thread (the kernels then run in the calling thread), and then used for the ceiling too.
 CLOCK = {"fn": time.perf_counter}
+# --cold: a 128 MiB buffer (four times a 32 MiB L3) is read before every timed call, so the
+# call's operands come from memory, not from a cache that still holds them from the call
+# before (back to back, the operands of the smaller stages fit in such an L3).
+COLD = {"buf": None}
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -94,6 +98,8 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         fn()
     best = math.inf
     for _ in range(repeats):
+        if COLD["buf"] is not None:
+            COLD["buf"].sum()
         t0 = CLOCK["fn"]()
         out = fn()
         best = min(best, CLOCK["fn"]() - t0)
@@ -295,7 +301,8 @@ def summarise(result: Dict[str, object]) -> str:
     out.append(f"machine: bandwidth {result['bandwidth'] / 1e9:.1f} GB/s (start {result['rates_start']['bandwidth'] / 1e9:.1f},"
                f" end {result['rates_end']['bandwidth'] / 1e9:.1f}); fp32 matmul {result['flops'] / 1e9:.1f} GFLOP/s"
                f" (start {result['rates_start']['flops'] / 1e9:.1f}, end {result['rates_end']['flops'] / 1e9:.1f});"
-               f" threads {torch.get_num_threads()}; clock {result['meta']['clock']}; batch {rows[0]['B']}")
+               f" threads {torch.get_num_threads()}; clock {result['meta']['clock']}; batch {rows[0]['B']}"
+               + ("; cold caches" if result["meta"]["cold"] else ""))
     hdr = ("| shape (C@HxW, G, stride) | bound | fwd cpu/ceil | fwd ref/cpu | fwd unfold/cpu | fwd peak/limit |"
            " f+b cpu/ceil | f+b ref/cpu | f+b unfold/cpu | f+b peak/limit |")
     out.append(hdr)
@@ -346,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
                     help="wall time, or the calling thread's CPU time (needs --threads 1; robust on a shared machine)")
+    ap.add_argument("--cold", action="store_true",
+                    help="read a 128 MiB buffer before every timed call: operands come from memory, not a warm cache")
     ap.add_argument("--impls", nargs="+", default=["cpu", "reference", "unfold"])
     ap.add_argument("--no-unfold-backward", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
@@ -358,6 +367,8 @@ def main(argv=None) -> int:
         if args.threads != 1:
             ap.error("--clock thread needs --threads 1")
         CLOCK["fn"] = time.thread_time
+    if args.cold:
+        COLD["buf"] = torch.zeros(32 * 1024 * 1024)
     torch.set_num_threads(args.threads)
     if args.memory_only:  # internal: the memory pass, run in its own process
         print(json.dumps(memory_pass(args.batch, args.kernel, args.strides, args.impls, not args.no_unfold_backward)))
@@ -372,7 +383,7 @@ def main(argv=None) -> int:
                            not args.no_unfold_backward, max(1, args.rounds))
     result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                       "processor": platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                      "cpu_backend_load_s": load_s, "clock": args.clock, "argv": sys.argv[1:],
+                      "cpu_backend_load_s": load_s, "clock": args.clock, "cold": args.cold, "argv": sys.argv[1:],
                       "loadavg": os.getloadavg()}
     text = summarise(result)
     result["summary"] = text
