@@ -17,7 +17,10 @@ a zero border it runs as an aggregate of y over the mirrored window (the C++ sid
 tables), with each weight taken at the output pixel its tap reads. Planes whose
 output rows fill few vectors (with a group's channels in whole vectors) run channels-last
 kernels that index the same source tables directly; their transpose scatters into bands of
-input rows that each task owns, in a fixed order, so it is deterministic too.
+input rows that each task owns, in a fixed order, so it is deterministic too. The involution
+case (float32, 8 or 16 channels per group, per-pixel weights, zero border, K = 3, 5, 7 at
+stride 1 or 2) runs affine channels-last kernels that need no column table at all. No result
+depends on the thread count.
 """
 
 from __future__ import annotations

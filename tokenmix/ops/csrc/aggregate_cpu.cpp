@@ -46,7 +46,13 @@
 // Narrow planes, whose rows fill few vectors, go channels-last instead when a group's channels
 // fill whole vectors (aggregate_cl, aggregate_transpose_cl, correlate_cl, below): the rows are
 // copied into scratch as (row, column, channel) by 8 x 8 register transposes and the kernels
-// vectorise over channels, so no lane is idle and no row edge needs a mask.
+// vectorise over channels, so no lane is idle and no row edge needs a mask. For float32 with 8
+// or 16 channels per group, per-pixel weights, a zero border and unit column dilation (K = 3, 5,
+// 7; column stride 1, 2) the aggregate and transpose run affine channels-last kernels on every
+// row width of the transpose and on rows under four vectors of the aggregate: the rows keep
+// their zero padding, and a block of pixels loads (or, in the transpose, loads and stores) each
+// column's channels once for every tap that reads it, in one 64-byte vector per pixel where
+// AVX-512 is compiled in (agg_pixels_cl_affine, tr_pixels_cl_affine).
 // benchmarks/README.md has the measurements behind these choices.
 
 #include "aggregate_cpu.h"
