@@ -705,10 +705,11 @@ struct LastRows {
     if (!pad_ok) return LastRows(W, Cg);
     return LastRows(W, Cg, std::max<int64_t>(0, -coff[0]), (Wo - 1) * s + coff[Kw - 1] - (W - 1), true);
   }
-  // [j * Kw + v]: offset of tap column v of output column j within a row: its own column when
-  // padded, else the table's (the zero column lp + W for taps outside the image)
-  std::vector<int64_t> tap_columns(const int64_t* cols, const int64_t* coff, int64_t s, int64_t Kw,
-                                   int64_t Wo) const {
+  // [j * Kw + v]: offset of tap column v of output column j within a row: its own column
+  // j * s + coff[v] when padded, else the table's (the zero column lp + W for taps outside the
+  // image; coff and s are then unused)
+  std::vector<int64_t> tap_columns(const int64_t* cols, int64_t Kw, int64_t Wo, const int64_t* coff = nullptr,
+                                   int64_t s = 1) const {
     std::vector<int64_t> c(Wo * Kw);
     for (int64_t j = 0; j < Wo; ++j)
       for (int64_t v = 0; v < Kw; ++v) {
@@ -873,12 +874,9 @@ struct AffineVec {
         return (type)_mm512_set1_ps(a);
       else
         return (type)_mm512_set1_pd(a);
-    }
+    } else
 #endif
-    if constexpr (bytes == 32) return ::splat<T>(a);
-    type v;
-    for (int k = 0; k < L; ++k) v[k] = a;
-    return v;
+      return ::splat<T>(a);  // 32 bytes: VecOf's vector
   }
 };
 
@@ -987,7 +985,7 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
   const LastRows lr = LastRows::for_taps(W, Cg, coff, s, Kw, Wo, pad_ok);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, coff, s, Kw, Wo), xoff = lr.elements(nrr_max),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff, s), xoff = lr.elements(nrr_max),
                              pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
   const bool affine = affine_cl<scalar_t>(Cg, wsrc || wpix == 1, Kw, s, coff, pad_ok);
   // wsrc: the task's weights, copied from the source pixels as (K*K, ch, Wo)
@@ -1365,7 +1363,7 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
   const LastRows lr(W, Cg);
   const int64_t pitch = lr.pitch, zero_row = nrr_max * pitch;  // never written: zeros
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, nullptr, 1, Kw, Wo), xoff = lr.elements(nrr_max),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
                              qoff = strided(ch * Wo, Cg), roff = strided(ch * Wo, KKp);
   std::vector<int64_t> tcol(Wo * KKp, 0);  // per tap t = u * Kw + v: its column's offset
   for (int64_t j = 0; j < Wo; ++j)
@@ -1798,7 +1796,7 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
     }
   int64_t onmax = 0;
   for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, coff_t.data_ptr<int64_t>(), s, Kw, Wo),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff_t.data_ptr<int64_t>(), s),
                              xoff = lr.elements(band), pix = strided(onmax * Wo, Cg);
   const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, coff_t.data_ptr<int64_t>(), pad_ok);
   ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
