@@ -312,7 +312,7 @@ def _affine_cases(draw):
 @given(case=_affine_cases(), seed=st.integers(0, 2**16))
 def test_affine_channels_last_kernels(case, seed):
     """The affine channels-last kernels (each column's channel vectors loaded, or stored, once
-    for every tap of a 4-pixel block that reads it) on every row width they now take, against
+    for every tap of a block of pixels that reads it) on every row width they now take, against
     the float64 reference."""
     _three_ops_against_reference(case, seed, corr_terms=case[2] // case[3])
 
@@ -365,6 +365,19 @@ def test_correlate_large_float32_result():
     torch.testing.assert_close(out.double(), _ref("correlate", q, k, window, 4), atol=1e-5, rtol=1e-5)
 
 
+def _results_on_threads(run, counts):
+    """run() once with each torch thread count in counts, restoring the caller's count."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(run())
+        return results
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_results_do_not_depend_on_thread_count():
     """No atomics, fixed reduction order: bitwise the same result on 1 and 2 threads."""
     b = _cpu()
@@ -386,13 +399,7 @@ def test_results_do_not_depend_on_thread_count():
                 b.aggregate(xn, wn, window), b.aggregate_transpose(yn, wn, window, (9, 7)),
                 b.correlate(yn, xn, window, 2))
 
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(max(2, threads))
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
+    one, two = _results_on_threads(run, (1, max(2, threads)))
     for a, c in zip(one, two):
         assert torch.equal(a, c)
 
@@ -417,14 +424,7 @@ def test_thread_count_independence_drawn(case, seed):
                 b.correlate(y, x, window, G), b.correlate(y, x, window, G, True, False),
                 b.correlate(y, x, window, G, False, True))
 
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(run())
-    finally:
-        torch.set_num_threads(threads)
+    results = _results_on_threads(run, (1, 2, 3))
     for n, other in zip((2, 3), results[1:]):
         for name, a, c in zip(("aggregate", "aggregate_transpose", "correlate", "correlate sum_batch",
                                "correlate sum_space"), results[0], other):
