@@ -431,6 +431,88 @@ def test_thread_count_independence_drawn(case, seed):
             assert torch.equal(a, c), f"{name} differs between 1 and {n} threads"
 
 
+class _lent_planes:
+    """Force correlate's lent planes (csrc/aggregate_cpu.cpp: lent_planes): n >= 0 of the last
+    planes computed by the scratch-free tail kernel, -1 = the kernel's own sizing."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = _cpu()._ext()._lent_planes_override(self.n)
+
+    def __exit__(self, *exc):
+        _cpu()._ext()._lent_planes_override(self.prev)
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=st.one_of(_wide_cases(), _narrow_cases()), seed=st.integers(0, 2**16), part=st.booleans())
+def test_correlate_tail_drawn(case, seed, part):
+    """correlate's scratch-free tail (the planes whose memory the other tasks borrow as scratch)
+    on drawn geometries, every plane or all but the first (whose tasks then run on scratch lent
+    by the others' output): against the float64 reference, and bitwise equal to the column
+    kernels, whose multiply-add chains it repeats (the channels-last kernel of the narrowest
+    planes sums in another order: there only the reference)."""
+    b = _cpu()
+    window, B, C, G, H, W, mode, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    k = torch.randn(B, C, H, W, generator=g).to(dtype)
+    q = torch.randn(B, C, Ho, Wo, generator=g).to(dtype)
+    with _lent_planes(0):
+        plain = b.correlate(q, k, window, G)
+    with _lent_planes(B * G - 1 if part else B * G):
+        tail = b.correlate(q, k, window, G)
+    lanes = 4 if dtype == torch.float64 else 8
+    if not (2 * Wo <= lanes and (C // G) % lanes == 0):
+        assert torch.equal(tail, plain)
+    btol = b.bwd_tol[dtype]
+    torch.testing.assert_close(tail.double(), _ref("correlate", q, k, window, G), atol=btol[0] * (C // G) ** 0.5,
+                               rtol=btol[1])
+
+
+def _allocator_peak(fn):
+    """Peak bytes held through the ATen CPU allocator during fn() (its results included):
+    the running sum of torch.profiler's memory events, after one warm-up call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    held = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert events, "the profiler recorded no allocation"
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("C,H,G,stride", [(64, 28, 8, 1), (64, 28, 8, 2), (256, 7, 16, 1), (256, 7, 16, 2)])
+def test_backward_peak_is_its_results(C, H, G, stride):
+    """The memory bar of benchmarks/ops.py, exactly, on two threads: aggregate's forward +
+    backward holds y, gx and gw and nothing more at its peak (gx first; correlate, the last
+    kernel, borrows its per-thread scratch from its own result's last planes), and correlate
+    alone holds its result only. Narrow (7x7) planes take the channels-last correlate."""
+    window = Window(7, stride=stride)
+    B = 8
+    Ho, Wo = window.output_size(H, H)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(B, C, H, H, generator=g)
+    w = torch.randn(B, G, 49, Ho, Wo, generator=g)
+    gy = torch.randn(B, C, Ho, Wo, generator=g)
+
+    def fwdbwd():
+        xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+        aggregate(xr, wr, window, backend="cpu").backward(gy)
+        return xr.grad, wr.grad
+
+    [peaks] = _results_on_threads(lambda: (_allocator_peak(fwdbwd),
+                                           _allocator_peak(lambda: correlate(gy, x, window, G, backend="cpu"))), [2])
+    assert peaks == ((gy.numel() + x.numel() + w.numel()) * 4, w.numel() * 4)
+
+
 def test_wide_rows_past_2_16():
     """A row longer than 2**16 pixels (index arithmetic and the per-thread scratch)."""
     b = _cpu()

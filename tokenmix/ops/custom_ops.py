@@ -159,14 +159,14 @@ def _backward_aggregate(ctx, gy, ops=None):
     x, w = ctx.saved_tensors
     g, be = ctx.geometry, ctx.backend
     gx = gw = None
-    # gw first: the kernel that runs second, while y, gw and gx are all alive, adds its scratch
-    # to the peak (about the same for both on the CPU: the stride-1 transpose copies its weights
-    # per task, correlate buffers its results)
+    # gx first: the kernel that runs second, while y, gx and gw are all alive, would add its
+    # scratch to the peak; the CPU correlate of per-pixel weights lends its scratch from its
+    # own output's last planes (csrc/aggregate_cpu.cpp: lent_planes), so it goes second
+    if ctx.needs_input_grad[0]:
+        gx = ops.aggregate_transpose(gy, w, *g, list(x.shape[2:]), be)
     if ctx.needs_input_grad[1]:
         sb, ss = _broadcast_flags(w)
         gw = ops.correlate(gy, x, *g, w.shape[1], sb, ss, be)
-    if ctx.needs_input_grad[0]:
-        gx = ops.aggregate_transpose(gy, w, *g, list(x.shape[2:]), be)
     return gx, gw, None, None, None, None, None, None
 
 

@@ -62,6 +62,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #if defined(__AVX2__)
@@ -69,7 +70,9 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -98,6 +101,26 @@ inline typename VecOf<T>::type loadu(const T* p) {
 template <typename T>
 inline void storeu(T* p, typename VecOf<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// a * b + c rounded once, lane by lane: an explicit fused multiply-add where a sum's rounding
+// must not depend on what the compiler contracts (GCC's Zen tunings split loop-carried FMA
+// chains into a multiply and an add), e.g. correlate's column kernels and its tail.
+inline VecOf<float>::type fmadd(VecOf<float>::type a, VecOf<float>::type b, VecOf<float>::type c) {
+#if defined(__FMA__)
+  return (VecOf<float>::type)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  for (int l = 0; l < 8; ++l) c[l] = std::fma(a[l], b[l], c[l]);
+  return c;
+#endif
+}
+inline VecOf<double>::type fmadd(VecOf<double>::type a, VecOf<double>::type b, VecOf<double>::type c) {
+#if defined(__FMA__)
+  return (VecOf<double>::type)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+  for (int l = 0; l < 4; ++l) c[l] = std::fma(a[l], b[l], c[l]);
+  return c;
+#endif
 }
 
 // Every lane = a (one broadcast instruction; a lane-by-lane fill compiles to insert chains).
@@ -150,10 +173,15 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // another order than a row computed alone, so the chunk is either the whole plane or an even
 // number of rows. Then every chunk starts on an even row, and a row is paired or alone
 // (the last row of an odd plane) whatever the chunking.
+// The most rows chunk_rows gives, whatever the thread count.
+int64_t max_chunk_rows(int64_t rows, int64_t most = 8) {
+  const int64_t ch = std::min(most, rows);
+  return ch < rows ? std::max<int64_t>(2, ch & ~int64_t(1)) : ch;
+}
+
 int64_t chunk_rows(int64_t outer, int64_t rows, int64_t most = 8) {
   const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
-  int64_t ch = std::min(most, rows);
-  if (ch < rows) ch = std::max<int64_t>(2, ch & ~int64_t(1));
+  int64_t ch = max_chunk_rows(rows, most);
   while (ch > 2 && outer * ceil_div(rows, ch) < want) ch = std::max<int64_t>(2, (ch / 2) & ~int64_t(1));
   return std::min(ch, rows);
 }
@@ -251,21 +279,31 @@ struct Buf {
 
 // Per-thread scratch carved out of one tensor allocated (before the parallel region) through
 // the ATen CPU allocator: memory profilers see it, and it is bounded by threads x the
-// per-thread need (a few input rows of one group), independent of the batch.
+// per-thread need (a few input rows of one group), independent of the batch. Or lent by the
+// caller: `region` (region_bytes long) is memory the kernel writes only after the parallel
+// region, used when it holds every thread's slice (correlate lends its last planes, see
+// lent_planes), so the kernel adds nothing to the peak.
 struct ThreadScratch {
   at::Tensor buf;
+  char* lent = nullptr;
   int64_t per, used = 0, nthreads;
-  explicit ThreadScratch(int64_t per_thread) : per(std::max<int64_t>(per_thread, 1)) {
+  explicit ThreadScratch(int64_t per_thread, char* region = nullptr, int64_t region_bytes = 0)
+      : per(round_up(std::max<int64_t>(per_thread, 1), 64)) {
     nthreads = std::max<int64_t>(1, at::get_num_threads());
-    buf = at::empty({nthreads * per}, at::TensorOptions().dtype(at::kByte));
+    if (region != nullptr) {
+      char* aligned = region + ((64 - reinterpret_cast<uintptr_t>(region) % 64) % 64);
+      if (nthreads * per <= region_bytes - (aligned - region)) lent = aligned;
+    }
+    if (lent == nullptr) buf = at::empty({nthreads * per}, at::TensorOptions().dtype(at::kByte));
   }
+  bool is_lent() const { return lent != nullptr; }
   // This thread's slice, zeroed; a private buffer (kept alive by `own`) if the thread id is
   // outside the pool sized above (a call from inside another parallel region).
   char* base(at::Tensor& own) const {
     int64_t tid = at::get_thread_num();
     char* p;
     if (tid >= 0 && tid < nthreads) {
-      p = reinterpret_cast<char*>(buf.data_ptr<uint8_t>()) + tid * per;
+      p = (lent != nullptr ? lent : reinterpret_cast<char*>(buf.data_ptr<uint8_t>())) + tid * per;
     } else {
       own = at::empty({per}, at::TensorOptions().dtype(at::kByte));
       p = reinterpret_cast<char*>(own.data_ptr<uint8_t>());
@@ -293,6 +331,28 @@ inline int64_t bytes_of(std::initializer_list<int64_t> ns, int64_t elem) {
   for (int64_t n : ns) t += ((n * elem + 63) / 64) * 64;
   return t;
 }
+
+// How many of the last `planes` output planes (plane_bytes each) a kernel computed plane by
+// plane lends to its per-thread scratch (ThreadScratch's region), then computes without any
+// scratch after the others (correlate_tail): the kernel's peak memory is then its output alone.
+// That matters for the last kernel of a backward, whose scratch would otherwise add to the
+// peak of y + gx + gw. need: the scratch of all threads. None where the tail would take over an
+// eighth of the planes (narrow weights: the tail runs 1.1-2.8x slower than the kernels).
+// Tests only (torch.ops.tokenmix_cpu._lent_planes_override): >= 0 forces that many lent
+// planes, the whole output included, so the tail kernel meets every geometry; -1 = sized.
+std::atomic<int64_t> lent_override{-1};
+
+inline int64_t lent_planes(int64_t planes, int64_t plane_bytes, int64_t need) {
+  if (plane_bytes <= 0) return 0;
+  const int64_t forced = lent_override.load();
+  if (forced >= 0) return std::min(forced, planes);
+  const int64_t n = ceil_div(need + 64, plane_bytes);
+  return 8 * n <= planes ? n : 0;
+}
+
+// Threads the lent planes of correlate_cl are sized for: its tail does not sum in its order, so
+// the tail's size must not depend on the thread count (more threads allocate as usual).
+constexpr int64_t kLendThreads = 4;
 
 // Task t of the (batch, group, row chunk) grid with nch chunks per (batch, group).
 struct TaskAt {
@@ -1258,7 +1318,7 @@ __attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, cons
   for (int64_t c = 0; c < Cg; ++c) {
     const V qv = loadu(qs + c * qstep + j0);
     const acc_t* kc = ks + c * cstride + j0;
-    for (int tv = 0; tv < TV; ++tv) acc[tv] += qv * loadu(kc + phoff[tv]);
+    for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + phoff[tv]), acc[tv]);
   }
   for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * rstep + j0, acc[tv]);
 }
@@ -1278,8 +1338,8 @@ __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, con
     const acc_t* kc = ks + c * cstride + j0;
     for (int tv = 0; tv < TV; ++tv) {
       const V kv = in_register(loadu(kc + phoff[tv]));
-      a0[tv] += q0 * kv;
-      a1[tv] += q1 * kv;
+      a0[tv] = fmadd(q0, kv, a0[tv]);
+      a1[tv] = fmadd(q1, kv, a1[tv]);
     }
   }
   for (int tv = 0; tv < TV; ++tv) storeu(r0 + tv * rstep + j0, a0[tv]), storeu(r1 + tv * rstep + j0, a1[tv]);
@@ -1305,6 +1365,167 @@ inline void lane_sums8(V (&a)[8], acc_t* out) {
     for (int l = 0; l < VecOf<acc_t>::N; ++l) t += a[m][l];
     out[m] = t;
   }
+}
+
+// v[l] = p[l * s], l < L, reading only p[0 .. (L - 1) * s]; `back`: p[-1] may be read too
+// (stride 2 then loads two vectors and keeps every other lane, from p[-1] when p[2L - 1] may be
+// out of reach). Other strides gather.
+template <typename T>
+inline typename VecOf<T>::type load_step(const T* p, int64_t s, bool back) {
+  using V = typename VecOf<T>::type;
+  if (s == 1) return loadu(p);
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (s == 2) {
+      const float* b = back ? p - 1 : p;
+      const __m256 x = _mm256_loadu_ps(b), y = _mm256_loadu_ps(b + 8);
+      // [x0 x2 y0 y2 | x4 x6 y4 y6] (or the odd lanes) -> 64-bit lanes (0, 2, 1, 3)
+      const __m256 t = back ? _mm256_shuffle_ps(x, y, 0xDD) : _mm256_shuffle_ps(x, y, 0x88);
+      return (V)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), 0xD8));
+    }
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int>(s)));
+    return (V)_mm256_i32gather_ps(p, idx, 4);
+  } else {
+    if (s == 2) {
+      const double* b = back ? p - 1 : p;
+      const __m256d x = _mm256_loadu_pd(b), y = _mm256_loadu_pd(b + 4);
+      const __m256d t = back ? _mm256_unpackhi_pd(x, y) : _mm256_unpacklo_pd(x, y);  // [x0 y0 x2 y2]
+      return (V)_mm256_permute4x64_pd(t, 0xD8);
+    }
+    const __m256i idx = _mm256_mul_epi32(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(s));
+    return (V)_mm256_i64gather_pd(p, idx, 8);
+  }
+#else
+  (void)back;
+  V v;
+  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = p[l * s];
+  return v;
+#endif
+}
+
+// correlate of the planes [p0, p1) of (batch x group) with no scratch at all (the planes
+// correlate lent to its other tasks, see lent_planes): q and k are read in place, each output
+// row written once. Every result is the same fused multiply-add chain over the channels, in
+// channel order from 0, as the column kernels' (corr_block, corr_block2 and the scalar path),
+// so the tail is bit-identical to them. Per (plane, tap row, output row):
+// - float rows of at most 8 output and 16 input columns (the 7x7 and 14x14 stages): the whole
+//   row at once, each tap's k columns picked by a lane permutation of the k row (index tables
+//   from the column table, so any border, stride and dilation);
+// - else where every tap column of a block of L output columns is affine and inside the image
+//   (columns [ja, jb)): the block, each q vector serving up to 8 taps;
+// - the other columns (image edges, the clamp border's edges) through the tables.
+template <typename scalar_t>
+void correlate_tail(const scalar_t* qd, const scalar_t* kd, scalar_t* od, int64_t p0, int64_t p1, int64_t Cg,
+                    int64_t H, int64_t W, int64_t Ho, int64_t Wo, const int64_t* rows, int64_t Kh,
+                    const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s, int64_t fa, int64_t fb) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t KK = Kh * Kw;
+  int64_t ja = std::max<int64_t>(fa, 0), jb = std::min(fb, Wo);
+  for (int64_t v = 0; v < Kw; ++v) {  // in the image: 0 <= j * s + coff[v] < W
+    ja = std::max(ja, ceil_div(std::max<int64_t>(-coff[v], 0), s));
+    jb = std::min(jb, W - 1 - coff[v] >= 0 ? (W - 1 - coff[v]) / s + 1 : 0);
+  }
+  const bool vec = std::is_same<scalar_t, acc_t>::value && jb - ja >= L;
+  if (!vec) ja = jb = 0;
+#if defined(__AVX2__)
+  const bool narrow = std::is_same<scalar_t, float>::value && Wo <= 8 && W <= 16;
+  std::vector<int32_t> pidx(narrow ? Kw * 8 : 0);  // per tap column v, lane j: its input column, -1 = none
+  for (int64_t v = 0; v < (narrow ? Kw : 0); ++v)
+    for (int64_t j = 0; j < 8; ++j) pidx[v * 8 + j] = j < Wo ? static_cast<int32_t>(cols[v * Wo + j]) : -1;
+#else
+  const bool narrow = false;
+#endif
+  at::parallel_for(0, (p1 - p0) * Kh * Ho, 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t a = a0; a < a1; ++a) {
+      const int64_t pl = p0 + a / (Kh * Ho), u = (a / Ho) % Kh, i = a % Ho;
+      const int64_t r = rows[u * Ho + i];
+      scalar_t* o = od + ((pl * KK + u * Kw) * Ho + i) * Wo;  // tap (u, v) at o + v * Ho * Wo
+      if (r < 0) {
+        for (int64_t v = 0; v < Kw; ++v) std::fill(o + v * Ho * Wo, o + v * Ho * Wo + Wo, scalar_t(0));
+        continue;
+      }
+      const scalar_t* q = qd + pl * Cg * Ho * Wo + i * Wo;  // channel c at q + c * Ho * Wo
+      const scalar_t* k = kd + pl * Cg * H * W + r * W;     // channel c at k + c * H * W
+#if defined(__AVX2__)
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        if (narrow) {
+          const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+          const __m256i qm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(Wo)), lane);
+          const __m256i km0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W)), lane);
+          const __m256i km1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W) - 8), lane);
+          for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+            with_count<8>(Kw - v0, [&](auto tv) {
+              constexpr int NT = decltype(tv)::value;
+              __m256i idx[NT], hi[NT], ok[NT];
+              for (int m = 0; m < NT; ++m) {
+                const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pidx.data() + (v0 + m) * 8));
+                idx[m] = c;  // permutevar uses the low 3 bits
+                hi[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(7));
+                ok[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(-1));
+              }
+              __m256 acc[NT];
+              for (int m = 0; m < NT; ++m) acc[m] = _mm256_setzero_ps();
+              for (int64_t c = 0; c < Cg; ++c) {
+                const __m256 qv = _mm256_maskload_ps(q + c * Ho * Wo, qm);
+                const float* kc = k + c * H * W;
+                const __m256 k0 = _mm256_maskload_ps(kc, km0), k1 = _mm256_maskload_ps(kc + 8, km1);
+                for (int m = 0; m < NT; ++m) {
+                  const __m256 kv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(k0, idx[m]),
+                                                     _mm256_permutevar8x32_ps(k1, idx[m]), _mm256_castsi256_ps(hi[m]));
+                  acc[m] = _mm256_fmadd_ps(qv, _mm256_and_ps(kv, _mm256_castsi256_ps(ok[m])), acc[m]);
+                }
+              }
+              for (int m = 0; m < NT; ++m) {
+                alignas(32) float t[8];
+                _mm256_store_ps(t, acc[m]);
+                std::copy(t, t + Wo, o + (v0 + m) * Ho * Wo);
+              }
+            });
+          continue;
+        }
+      }
+#endif
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        if (vec) {
+          auto block = [&](int64_t j0) {
+            for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+              with_count<8>(Kw - v0, [&](auto tv) {
+                constexpr int NT = decltype(tv)::value;
+                V acc[NT];
+                bool back[NT];
+                for (int m = 0; m < NT; ++m) {
+                  acc[m] = V{};
+                  back[m] = (j0 + 2 * L - 1) * s + coff[v0 + m] >= W;  // (stride 2: from col - 1)
+                }
+                for (int64_t c = 0; c < Cg; ++c) {
+                  const V qv = loadu(q + c * Ho * Wo + j0);
+                  const acc_t* kc = k + c * H * W + j0 * s;
+                  for (int m = 0; m < NT; ++m) acc[m] = fmadd(qv, load_step(kc + coff[v0 + m], s, back[m]), acc[m]);
+                }
+                for (int m = 0; m < NT; ++m) storeu(o + (v0 + m) * Ho * Wo + j0, acc[m]);
+              });
+          };
+          int64_t j0 = ja;
+          for (; j0 + L <= jb; j0 += L) block(j0);
+          if (j0 < jb) block(jb - L);  // the last block shifted left: recomputes a few columns
+        }
+      }
+      for (int64_t j = 0; j < Wo; ++j) {
+        if (j >= ja && j < jb) continue;
+        for (int64_t v = 0; v < Kw; ++v) {
+          const int64_t col = cols[v * Wo + j];
+          acc_t acc = 0;
+          if (col >= 0)
+            for (int64_t c = 0; c < Cg; ++c)
+              acc = std::fma(static_cast<acc_t>(q[c * Ho * Wo + j]), static_cast<acc_t>(k[c * H * W + col]), acc);
+          o[v * Ho * Wo + j] = static_cast<scalar_t>(acc);
+        }
+      }
+    }
+  });
 }
 
 // The taps of Wo pixels of one output row, 8 at a time: each tap's NV channel vectors of the
@@ -1347,7 +1568,7 @@ __attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow,
 
 template <typename scalar_t>
 at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows_t, const at::Tensor& cols_t,
-                        int64_t G) {
+                        const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, int64_t G) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
@@ -1368,8 +1589,15 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   std::vector<int64_t> tcol(Wo * KKp, 0);  // per tap t = u * Kw + v: its column's offset
   for (int64_t j = 0; j < Wo; ++j)
     for (int64_t t = 0; t < KK; ++t) tcol[j * KKp + t] = cidx[j * Kw + t % Kw];
-  ThreadScratch scratch(bytes_of({(nrr_max + 1) * pitch, ch * Wo * Cg, ch * Wo * KKp}, sizeof(acc_t)));
-  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+  auto per_thread = [&](int64_t rows_per_task, int64_t nrr) {
+    return bytes_of({(nrr + 1) * pitch, rows_per_task * Wo * Cg, rows_per_task * Wo * KKp}, sizeof(acc_t));
+  };
+  const int64_t ch_max = max_chunk_rows(Ho, 16), plane = KK * Ho * Wo;
+  const int64_t lent = lent_planes(B * G, plane * sizeof(scalar_t),
+                                   kLendThreads * per_thread(ch_max, max_row_span(rows, Kh, Ho, ch_max)));
+  ThreadScratch scratch(per_thread(ch, nrr_max), reinterpret_cast<char*>(od + (B * G - lent) * plane),
+                        lent * plane * sizeof(scalar_t));
+  at::parallel_for(0, (B * G - lent) * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> xs = cv.take<acc_t>((nrr_max + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
@@ -1396,6 +1624,9 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, rb.data(), roff.data(), KK, (i1 - i0) * Wo);
     }
   });
+  if (lent > 0)
+    correlate_tail(qd, kd, od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh, cols, Kw,
+                   coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
 
@@ -1409,7 +1640,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t KK = Kh * Kw;
   // rows of at most half a vector (the column layout leaves half the lanes idle): channels-last
-  if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space) return correlate_cl<scalar_t>(q, k, rows_t, cols_t, G);
+  if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space) return correlate_cl<scalar_t>(q, k, rows_t, cols_t, coff, s, fa, fb, G);
   // direct: q rows are read in place (one dtype, rows of a vector or more; the last block of a row
   // is shifted left to end at Wo, so no read leaves the row)
   const bool direct = std::is_same<scalar_t, acc_t>::value && Wo >= L;
@@ -1427,9 +1658,12 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t wbw = p.wbw, rowstride = s * p.pw, ntask = nb * G * nch;
   // spatial sums: one partial per (output row, tap), reduced over the rows in a fixed order
   // afterwards (not per task: the rows per task depend on the thread count, the sums must not)
-  at::Tensor part_t = at::empty({sum_space ? nb * G * Ho * KK : 1}, at::TensorOptions().dtype(at::kDouble));
-  double* part = part_t.data_ptr<double>();
-  std::fill(part, part + part_t.numel(), 0.0);
+  at::Tensor part_t;  // (none otherwise: not even an element, the peak is the output's alone)
+  double* part = nullptr;
+  if (sum_space) {
+    part_t = at::zeros({nb * G * Ho * KK}, at::TensorOptions().dtype(at::kDouble));
+    part = part_t.data_ptr<double>();
+  }
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   p.plan_fill(nrr_max);
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
@@ -1442,10 +1676,21 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const bool narrow_in_place = std::is_same<scalar_t, acc_t>::value && packed && Wo < L;
   const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
   // two rows of q (when copied) and of results (when not packed), for the two-row blocks
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : 2 * Cg * wbw, KK * rtp * (packed ? 1 : 2), nacc},
-                                 sizeof(acc_t)));
+  auto per_thread = [&](int64_t rows_per_task, int64_t nrr) {
+    const int64_t tp = packed ? rows_per_task * Wo + L : wbw;
+    return bytes_of({Cg * nrr * rowstride, direct ? 0 : 2 * Cg * wbw, KK * tp * (packed ? 1 : 2), nacc},
+                    sizeof(acc_t));
+  };
+  // per-pixel results: the last planes lend the scratch (lent_planes; the tail sums in this
+  // kernel's order, so how many it takes may depend on the thread count)
+  const int64_t plane = KK * Ho * Wo;
+  const int64_t lent = packed ? lent_planes(nb * G, plane * sizeof(scalar_t),
+                                            std::max<int64_t>(1, at::get_num_threads()) * per_thread(ch, nrr_max))
+                              : 0;
+  ThreadScratch scratch(per_thread(ch, nrr_max), reinterpret_cast<char*>(od + (nb * G - lent) * plane),
+                        lent * plane * sizeof(scalar_t));
 
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, ntask - lent * nch, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
     Carver cv{scratch.base(own)};
     Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw),
@@ -1565,7 +1810,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
                   acc_t acc = 0;
                   if (col >= 0) {
                     const int64_t pc = p.pos(col);
-                    for (int64_t c = 0; c < Cg; ++c) acc += qk[c * qstep + j] * kr[c * cstride + pc];
+                    for (int64_t c = 0; c < Cg; ++c) acc = std::fma(qk[c * qstep + j], kr[c * cstride + pc], acc);
                   }
                   rbu[v * rstep + j] = acc;
                 }
@@ -1630,6 +1875,9 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           od[(bb * G + g) * KK + t] = static_cast<scalar_t>(sacc);
         }
   }
+  if (lent > 0)
+    correlate_tail(qd, kd, od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh, cols_t.data_ptr<int64_t>(), Kw,
+                   coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
 
@@ -2214,6 +2462,9 @@ at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const a
   return out;
 }
 
+// Tests only: sets lent_planes' override (see there), returns the previous one.
+int64_t lent_planes_override(int64_t n) { return lent_override.exchange(n); }
+
 }  // namespace tokenmix_cpu
 
 // Registered as torch.ops.tokenmix_cpu.* (no pybind11: keeps the first-use compile short);
@@ -2227,4 +2478,5 @@ TORCH_LIBRARY(tokenmix_cpu, m) {
   m.def("aggregate_transpose(Tensor y, Tensor w, Tensor rows, Tensor cols, Tensor coff, int s, bool pad_ok, int ca,"
         " int cb, Tensor rptr, Tensor rpair, Tensor cptr, Tensor cpair, int H, int W) -> Tensor",
         &aggregate_transpose);
+  m.def("_lent_planes_override(int n) -> int", &lent_planes_override);
 }

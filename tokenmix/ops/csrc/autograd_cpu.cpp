@@ -147,12 +147,12 @@ struct Node : public torch::autograd::Function<Self> {
     const Ops ops{g, unobserved(grad, a)};
     at::Tensor ga, gb;
     switch (K) {
-      case Op::Aggregate: {  // a = x, b = w; gw first (see custom_ops._backward_aggregate)
+      case Op::Aggregate: {  // a = x, b = w; gx first (see custom_ops._backward_aggregate)
+        if (ctx->needs_input_grad(0)) ga = ops.aggregate_transpose(grad, b);
         if (ctx->needs_input_grad(1)) {
           const auto f = broadcast_flags(b);
           gb = ops.correlate(grad, a, b.size(1), f.first, f.second);
         }
-        if (ctx->needs_input_grad(0)) ga = ops.aggregate_transpose(grad, b);
         break;
       }
       case Op::Correlate: {  // a = q, b = k
