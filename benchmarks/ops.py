@@ -334,8 +334,8 @@ def summarise(result: Dict[str, object]) -> str:
     if exact:
         out.append(f"cpu peak extra memory / limit (allocator, exact; the table's peak/limit columns): max {max(exact):.3f}"
                    f" (target <= 1; limit = output + weight-gradient bytes for the forward, y + gx + gw bytes for"
-                   f" forward+backward)" + (f"; forward+backward beyond the limit: at most {max(beyond) / 1024:.0f} KiB"
-                                            f" (the kernel scratch of {torch.get_num_threads()} thread(s))" if beyond else ""))
+                   f" forward+backward)" + (f"; forward+backward beyond the limit: at most {max(beyond)} bytes"
+                                            if beyond and max(beyond) > 0 else ""))
     if pk:
         out.append(f"cpu peak extra memory / limit (resident set, +-0.25 MB per thread): max {max(pk):.2f}")
     return "\n".join(out)

@@ -337,7 +337,8 @@ inline int64_t bytes_of(std::initializer_list<int64_t> ns, int64_t elem) {
 // scratch after the others (correlate_tail): the kernel's peak memory is then its output alone.
 // That matters for the last kernel of a backward, whose scratch would otherwise add to the
 // peak of y + gx + gw. need: the scratch of all threads. None where the tail would take over an
-// eighth of the planes (narrow weights: the tail runs 1.1-2.8x slower than the kernels).
+// eighth of the planes (narrow weights): the tail takes 1.0-1.9x the kernels' time per plane
+// (all planes through it, one thread, the RedNet stages).
 // Tests only (torch.ops.tokenmix_cpu._lent_planes_override): >= 0 forces that many lent
 // planes, the whole output included, so the tail kernel meets every geometry; -1 = sized.
 std::atomic<int64_t> lent_override{-1};
@@ -1367,60 +1368,132 @@ inline void lane_sums8(V (&a)[8], acc_t* out) {
   }
 }
 
-// v[l] = p[l * s], l < L, reading only p[0 .. (L - 1) * s]; `back`: p[-1] may be read too
-// (stride 2 then loads two vectors and keeps every other lane, from p[-1] when p[2L - 1] may be
-// out of reach). Other strides gather.
+// v[l] = p[2 * l], l < L, from the 2L elements at p (the last one unused).
 template <typename T>
-inline typename VecOf<T>::type load_step(const T* p, int64_t s, bool back) {
+inline typename VecOf<T>::type even_lanes(const T* p) {
   using V = typename VecOf<T>::type;
-  if (s == 1) return loadu(p);
 #if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value) {
-    if (s == 2) {
-      const float* b = back ? p - 1 : p;
-      const __m256 x = _mm256_loadu_ps(b), y = _mm256_loadu_ps(b + 8);
-      // [x0 x2 y0 y2 | x4 x6 y4 y6] (or the odd lanes) -> 64-bit lanes (0, 2, 1, 3)
-      const __m256 t = back ? _mm256_shuffle_ps(x, y, 0xDD) : _mm256_shuffle_ps(x, y, 0x88);
-      return (V)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), 0xD8));
-    }
-    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                                           _mm256_set1_epi32(static_cast<int>(s)));
-    return (V)_mm256_i32gather_ps(p, idx, 4);
+    const __m256 x = _mm256_loadu_ps(p), y = _mm256_loadu_ps(p + 8);
+    // [x0 x2 y0 y2 | x4 x6 y4 y6] -> 64-bit lanes (0, 2, 1, 3)
+    return (V)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x, y, 0x88)), 0xD8));
   } else {
-    if (s == 2) {
-      const double* b = back ? p - 1 : p;
-      const __m256d x = _mm256_loadu_pd(b), y = _mm256_loadu_pd(b + 4);
-      const __m256d t = back ? _mm256_unpackhi_pd(x, y) : _mm256_unpacklo_pd(x, y);  // [x0 y0 x2 y2]
-      return (V)_mm256_permute4x64_pd(t, 0xD8);
-    }
-    const __m256i idx = _mm256_mul_epi32(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(s));
-    return (V)_mm256_i64gather_pd(p, idx, 8);
+    const __m256d x = _mm256_loadu_pd(p), y = _mm256_loadu_pd(p + 4);
+    return (V)_mm256_permute4x64_pd(_mm256_unpacklo_pd(x, y), 0xD8);  // [x0 y0 x2 y2] -> [x0 x2 y0 y2]
   }
 #else
-  (void)back;
   V v;
-  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = p[l * s];
+  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = p[2 * l];
   return v;
 #endif
+}
+
+// v[l] = p[l * s] for the lanes lo <= l < hi, 0 for the others, reading nothing else (the
+// other lanes' addresses may lie outside the tensor): masked loads / gathers.
+template <typename T>
+inline typename VecOf<T>::type masked_step(const T* p, int64_t s, int64_t lo, int64_t hi) {
+  using V = typename VecOf<T>::type;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256i l = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(l, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), l));
+    if (s == 1) return (V)_mm256_maskload_ps(p, m);
+    if (s == 2) {  // the elements 2 lo .. 2 (hi - 1), both halves, then the even ones
+      auto range = [&](int e0) {
+        const __m256i e = _mm256_add_epi32(l, _mm256_set1_epi32(e0));
+        return _mm256_and_si256(_mm256_cmpgt_epi32(e, _mm256_set1_epi32(2 * static_cast<int>(lo) - 1)),
+                                _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * static_cast<int>(hi) - 1), e));
+      };
+      const __m256 x = _mm256_maskload_ps(p, range(0)), y = _mm256_maskload_ps(p + 8, range(8));
+      return (V)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x, y, 0x88)), 0xD8));
+    }
+    const __m256i idx = _mm256_mullo_epi32(l, _mm256_set1_epi32(static_cast<int>(s)));
+    return (V)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m), 4);
+  } else {
+    const __m256i l = _mm256_setr_epi64x(0, 1, 2, 3);
+    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi64(l, _mm256_set1_epi64x(lo - 1)),
+                                       _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), l));
+    if (s == 1) return (V)_mm256_maskload_pd(p, m);
+    if (s == 2) {
+      auto range = [&](int64_t e0) {
+        const __m256i e = _mm256_add_epi64(l, _mm256_set1_epi64x(e0));
+        return _mm256_and_si256(_mm256_cmpgt_epi64(e, _mm256_set1_epi64x(2 * lo - 1)),
+                                _mm256_cmpgt_epi64(_mm256_set1_epi64x(2 * hi - 1), e));
+      };
+      const __m256d x = _mm256_maskload_pd(p, range(0)), y = _mm256_maskload_pd(p + 4, range(4));
+      return (V)_mm256_permute4x64_pd(_mm256_unpacklo_pd(x, y), 0xD8);
+    }
+    return (V)_mm256_mask_i64gather_pd(_mm256_setzero_pd(), p, _mm256_mul_epi32(l, _mm256_set1_epi64x(s)),
+                                       _mm256_castsi256_pd(m), 8);
+  }
+#else
+  V v{};
+  for (int64_t l = std::max<int64_t>(lo, 0); l < std::min<int64_t>(hi, VecOf<T>::N); ++l) v[l] = p[l * s];
+  return v;
+#endif
+}
+
+// A block of L output columns of NT taps of one tap row, for correlate_tail: out[m * ostep + l]
+// = sum over c of q[c * qstep + l] * k[c * kstep + coff[m] + l * s], one fused multiply-add
+// chain per output in channel order. S = 1 or 2: s compiled in (stride 2 loads 2L elements and
+// keeps the even ones: the caller makes sure the odd last one is inside the tensor); S = 0:
+// any s, lane by lane; S = -1: a zero border's edge block, each tap's lanes outside the row's
+// W columns read as zeros (as the column kernels' zero padding: the same chains), with masked
+// loads.
+template <typename acc_t, int NT, int S>
+__attribute__((noinline)) void tail_block(const acc_t* q, int64_t qstep, const acc_t* k, int64_t kstep, int64_t Cg,
+                                          const int64_t* coff, int64_t s, acc_t* out, int64_t ostep,
+                                          int64_t col0 = 0, int64_t W = 0) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  V acc[NT];
+  int64_t lo[NT], hi[NT];
+  for (int m = 0; m < NT; ++m) {
+    acc[m] = V{};
+    if constexpr (S == -1) {  // lanes l with 0 <= col0 + coff[m] + l * s < W
+      const int64_t c0 = col0 + coff[m];
+      lo[m] = c0 >= 0 ? 0 : ceil_div(-c0, s);
+      hi[m] = W - 1 - c0 >= 0 ? std::min<int64_t>(L, (W - 1 - c0) / s + 1) : 0;
+    }
+  }
+  for (int64_t c = 0; c < Cg; ++c) {
+    const V qv = loadu(q + c * qstep);
+    const acc_t* kc = k + c * kstep;
+    for (int m = 0; m < NT; ++m) {
+      V kv;
+      if constexpr (S == -1) {
+        kv = masked_step(kc + coff[m], s, lo[m], hi[m]);
+      } else if constexpr (S == 1) {
+        kv = loadu(kc + coff[m]);
+      } else if constexpr (S == 2) {
+        kv = even_lanes(kc + coff[m]);
+      } else {
+        for (int l = 0; l < L; ++l) kv[l] = kc[coff[m] + l * s];
+      }
+      acc[m] = fmadd(qv, kv, acc[m]);
+    }
+  }
+  for (int m = 0; m < NT; ++m) storeu(out + m * ostep, acc[m]);
 }
 
 // correlate of the planes [p0, p1) of (batch x group) with no scratch at all (the planes
 // correlate lent to its other tasks, see lent_planes): q and k are read in place, each output
 // row written once. Every result is the same fused multiply-add chain over the channels, in
 // channel order from 0, as the column kernels' (corr_block, corr_block2 and the scalar path),
-// so the tail is bit-identical to them. Per (plane, tap row, output row):
+// so the tail is bit-identical to them. Per (plane, output row, tap row):
 // - float rows of at most 8 output and 16 input columns (the 7x7 and 14x14 stages): the whole
 //   row at once, each tap's k columns picked by a lane permutation of the k row (index tables
 //   from the column table, so any border, stride and dilation);
-// - else where every tap column of a block of L output columns is affine and inside the image
-//   (columns [ja, jb)): the block, each q vector serving up to 8 taps;
-// - the other columns (image edges, the clamp border's edges) through the tables.
+// - else blocks of L output columns (tail_block), each q vector serving up to 8 taps: where
+//   every tap column of the block is affine and inside the image (columns [ja, jb)) plain or
+//   stride-2 loads; a zero border's edge blocks with masked loads (taps outside the row read 0);
+// - the other columns (the clamp border's edges, 16-bit types) through the tables.
 template <typename scalar_t>
-void correlate_tail(const scalar_t* qd, const scalar_t* kd, scalar_t* od, int64_t p0, int64_t p1, int64_t Cg,
-                    int64_t H, int64_t W, int64_t Ho, int64_t Wo, const int64_t* rows, int64_t Kh,
-                    const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s, int64_t fa, int64_t fb) {
+void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend, scalar_t* od, int64_t p0,
+                    int64_t p1, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const int64_t* rows,
+                    int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s, int64_t fa, int64_t fb) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = typename VecOf<acc_t>::type;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t KK = Kh * Kw;
   int64_t ja = std::max<int64_t>(fa, 0), jb = std::min(fb, Wo);
@@ -1430,6 +1503,13 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, scalar_t* od, int64_
   }
   const bool vec = std::is_same<scalar_t, acc_t>::value && jb - ja >= L;
   if (!vec) ja = jb = 0;
+  // a zero border's table (every column affine, -1 outside the image): the edge blocks mask
+  bool zero_affine = std::is_same<scalar_t, acc_t>::value && Wo >= L;
+  for (int64_t v = 0; v < Kw && zero_affine; ++v)
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t col = j * s + coff[v];
+      zero_affine = zero_affine && cols[v * Wo + j] == (col >= 0 && col < W ? col : -1);
+    }
 #if defined(__AVX2__)
   const bool narrow = std::is_same<scalar_t, float>::value && Wo <= 8 && W <= 16;
   std::vector<int32_t> pidx(narrow ? Kw * 8 : 0);  // per tap column v, lane j: its input column, -1 = none
@@ -1438,9 +1518,11 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, scalar_t* od, int64_
 #else
   const bool narrow = false;
 #endif
-  at::parallel_for(0, (p1 - p0) * Kh * Ho, 1, [&](int64_t a0, int64_t a1) {
-    for (int64_t a = a0; a < a1; ++a) {
-      const int64_t pl = p0 + a / (Kh * Ho), u = (a / Ho) % Kh, i = a % Ho;
+  // per (plane, output row): its tap rows one after the other, so its q rows and the k rows
+  // (shared with the next output row) stay in L1
+  at::parallel_for(0, (p1 - p0) * Ho, 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t au = a0 * Kh; au < a1 * Kh; ++au) {
+      const int64_t pl = p0 + au / (Kh * Ho), i = (au / Kh) % Ho, u = au % Kh;
       const int64_t r = rows[u * Ho + i];
       scalar_t* o = od + ((pl * KK + u * Kw) * Ho + i) * Wo;  // tap (u, v) at o + v * Ho * Wo
       if (r < 0) {
@@ -1489,28 +1571,37 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, scalar_t* od, int64_
       }
 #endif
       if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        if (vec) {
+        if (vec || zero_affine) {
           auto block = [&](int64_t j0) {
+            // stride 2 reads one element past a block's last column: past the tensor only on
+            // its very last row, which then goes lane by lane
+            const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + coff[Kw - 1] + 2 * L <= kend;
+            const bool edge = j0 < ja || j0 + L > jb;
             for (int64_t v0 = 0; v0 < Kw; v0 += 8)
               with_count<8>(Kw - v0, [&](auto tv) {
                 constexpr int NT = decltype(tv)::value;
-                V acc[NT];
-                bool back[NT];
-                for (int m = 0; m < NT; ++m) {
-                  acc[m] = V{};
-                  back[m] = (j0 + 2 * L - 1) * s + coff[v0 + m] >= W;  // (stride 2: from col - 1)
-                }
-                for (int64_t c = 0; c < Cg; ++c) {
-                  const V qv = loadu(q + c * Ho * Wo + j0);
-                  const acc_t* kc = k + c * H * W + j0 * s;
-                  for (int m = 0; m < NT; ++m) acc[m] = fmadd(qv, load_step(kc + coff[v0 + m], s, back[m]), acc[m]);
-                }
-                for (int m = 0; m < NT; ++m) storeu(o + (v0 + m) * Ho * Wo + j0, acc[m]);
+                const acc_t* qj = q + j0;
+                const acc_t* kj = k + j0 * s;
+                acc_t* oj = o + v0 * Ho * Wo + j0;
+                if (edge)
+                  tail_block<acc_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W);
+                else if (s == 1)
+                  tail_block<acc_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+                else if (two)
+                  tail_block<acc_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+                else
+                  tail_block<acc_t, NT, 0>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
               });
           };
+          if (zero_affine) {  // blocks over the whole row, the edge ones masked
+            int64_t j0 = 0;
+            for (; j0 + L <= Wo; j0 += L) block(j0);
+            if (j0 < Wo) block(Wo - L);  // the last block shifted left: recomputes a few columns
+            continue;
+          }
           int64_t j0 = ja;
           for (; j0 + L <= jb; j0 += L) block(j0);
-          if (j0 < jb) block(jb - L);  // the last block shifted left: recomputes a few columns
+          if (j0 < jb) block(jb - L);
         }
       }
       for (int64_t j = 0; j < Wo; ++j) {
@@ -1625,7 +1716,7 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
     }
   });
   if (lent > 0)
-    correlate_tail(qd, kd, od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh, cols, Kw,
+    correlate_tail(qd, kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh, cols, Kw,
                    coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
@@ -1640,7 +1731,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
   const int64_t KK = Kh * Kw;
   // rows of at most half a vector (the column layout leaves half the lanes idle): channels-last
-  if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space) return correlate_cl<scalar_t>(q, k, rows_t, cols_t, coff, s, fa, fb, G);
+  if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space)
+    return correlate_cl<scalar_t>(q, k, rows_t, cols_t, coff, s, fa, fb, G);
   // direct: q rows are read in place (one dtype, rows of a vector or more; the last block of a row
   // is shifted left to end at Wo, so no read leaves the row)
   const bool direct = std::is_same<scalar_t, acc_t>::value && Wo >= L;
@@ -1876,8 +1968,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
         }
   }
   if (lent > 0)
-    correlate_tail(qd, kd, od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh, cols_t.data_ptr<int64_t>(), Kw,
-                   coff.data_ptr<int64_t>(), s, fa, fb);
+    correlate_tail(qd, kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
+                   cols_t.data_ptr<int64_t>(), Kw, coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
 
