@@ -489,12 +489,14 @@ def _allocator_peak(fn):
     return peak
 
 
+@pytest.mark.parametrize("threads", [2, 4])
 @pytest.mark.parametrize("C,H,G,stride", [(64, 28, 8, 1), (64, 28, 8, 2), (256, 7, 16, 1), (256, 7, 16, 2)])
-def test_backward_peak_is_its_results(C, H, G, stride):
-    """The memory bar of benchmarks/ops.py, exactly, on two threads: aggregate's forward +
-    backward holds y, gx and gw and nothing more at its peak (gx first; correlate, the last
-    kernel, borrows its per-thread scratch from its own result's last planes), and correlate
-    alone holds its result only. Narrow (7x7) planes take the channels-last correlate."""
+def test_backward_peak_is_its_results(C, H, G, stride, threads):
+    """The memory bar of benchmarks/ops.py, exactly, on two and four threads: aggregate's
+    forward + backward holds y, gx and gw and nothing more at its peak (gx first; correlate,
+    the last kernel, borrows its per-thread scratch from its own result's last planes, with
+    fewer rows per task where the threads' scratch would need too many), and correlate alone
+    holds its result only. Narrow (7x7 stride 2) planes take the channels-last correlate."""
     window = Window(7, stride=stride)
     B = 8
     Ho, Wo = window.output_size(H, H)
@@ -509,7 +511,8 @@ def test_backward_peak_is_its_results(C, H, G, stride):
         return xr.grad, wr.grad
 
     [peaks] = _results_on_threads(lambda: (_allocator_peak(fwdbwd),
-                                           _allocator_peak(lambda: correlate(gy, x, window, G, backend="cpu"))), [2])
+                                           _allocator_peak(lambda: correlate(gy, x, window, G, backend="cpu"))),
+                                   [threads])
     assert peaks == ((gy.numel() + x.numel() + w.numel()) * 4, w.numel() * 4)
 
 

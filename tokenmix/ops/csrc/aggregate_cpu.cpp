@@ -53,6 +53,11 @@
 // their zero padding, and a block of pixels loads (or, in the transpose, loads and stores) each
 // column's channels once for every tap that reads it, in one 64-byte vector per pixel where
 // AVX-512 is compiled in (agg_pixels_cl_affine, tr_pixels_cl_affine).
+// Memory: the per-thread scratch is one ATen tensor, except in correlate of per-pixel weights,
+// the last kernel of aggregate's backward (which computes gx first): there it is carved out of
+// the result's last planes, which the other tasks never write, and those planes are computed
+// afterwards by a kernel that needs no scratch (lent_planes, correlate_tail), so a forward +
+// backward holds exactly y, gx and gw at its peak.
 // benchmarks/README.md has the measurements behind these choices.
 
 #include "aggregate_cpu.h"
@@ -1743,11 +1748,39 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const scalar_t* qd = q.data_ptr<scalar_t>();
   const scalar_t* kd = k.data_ptr<scalar_t>();
   scalar_t* od = out.data_ptr<scalar_t>();
-  // rows per task: up to 16 where the packed result buffer stays within about 96 KiB (its size
-  // adds to forward+backward's peak memory), fewer rows re-copy more shared input rows
+  // rows per task: up to 16 where the packed result buffer stays within about 96 KiB (it is
+  // part of the scratch the result's last planes lend), fewer rows re-copy more shared input rows
   const int64_t most = std::min<int64_t>(16, std::max<int64_t>(8, (96 << 10) / (KK * Wo * sizeof(acc_t))));
-  const int64_t ch = chunk_rows(nb * G, Ho, most), nch = ceil_div(Ho, ch);
-  const int64_t wbw = p.wbw, rowstride = s * p.pw, ntask = nb * G * nch;
+  const int64_t wbw = p.wbw, rowstride = s * p.pw;
+  // packed: per-pixel results go to a per-task buffer of pitch Wo (a block's lanes past Wo land
+  // on the next row, which is computed after it, or in the slack), so each tap's rows are one
+  // contiguous copy out; measured faster than storing rows in place into the K*K planes. A
+  // large float32 result is written with streaming stores (no read of the lines it replaces).
+  const bool packed = !sum_batch && !sum_space;
+  const bool stream = std::is_same<scalar_t, float>::value && out.numel() * 4 > (8 << 20);
+  const bool narrow_in_place = std::is_same<scalar_t, acc_t>::value && packed && Wo < L;
+  // scratch per thread for tasks of `rows_per_task` output rows: the input rows they read, two
+  // rows of q (when copied), the results (packed: all of the task's; else two rows, for the
+  // two-row blocks) and a batch sum's accumulators
+  auto per_thread = [&](int64_t rows_per_task) {
+    const int64_t nrr = max_row_span(rows, Kh, Ho, rows_per_task);
+    const int64_t tp = packed ? rows_per_task * Wo + L : wbw;
+    const int64_t nacc = sum_batch && !sum_space ? KK * rows_per_task * Wo : 0;
+    return bytes_of({Cg * nrr * rowstride, direct ? 0 : 2 * Cg * wbw, KK * tp * (packed ? 1 : 2), nacc},
+                    sizeof(acc_t));
+  };
+  // per-pixel results: the last planes lend the scratch (lent_planes; the tail sums in this
+  // kernel's order, so how many it takes may depend on the thread count). Where the threads'
+  // scratch needs too many planes, fewer rows per task (halved down to 2: the results do not
+  // depend on the chunking) make it fit; the rows per task otherwise only trade row copies.
+  int64_t ch = chunk_rows(nb * G, Ho, most), lent = 0;
+  const int64_t plane = KK * Ho * Wo, nthreads = std::max<int64_t>(1, at::get_num_threads());
+  for (int64_t c = ch; packed; c = std::max<int64_t>(2, (c / 2) & ~int64_t(1))) {
+    lent = lent_planes(nb * G, plane * sizeof(scalar_t), nthreads * per_thread(c));
+    if (lent > 0) ch = c;
+    if (lent > 0 || c <= 2) break;
+  }
+  const int64_t nch = ceil_div(Ho, ch), ntask = nb * G * nch;
   // spatial sums: one partial per (output row, tap), reduced over the rows in a fixed order
   // afterwards (not per task: the rows per task depend on the thread count, the sums must not)
   at::Tensor part_t;  // (none otherwise: not even an element, the peak is the output's alone)
@@ -1759,27 +1792,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   p.plan_fill(nrr_max);
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
-  // packed: per-pixel results go to a per-task buffer of pitch Wo (a block's lanes past Wo land
-  // on the next row, which is computed after it, or in the slack), so each tap's rows are one
-  // contiguous copy out; measured faster than storing rows in place into the K*K planes. A
-  // large float32 result is written with streaming stores (no read of the lines it replaces).
-  const bool packed = !sum_batch && !sum_space;
-  const bool stream = std::is_same<scalar_t, float>::value && out.numel() * 4 > (8 << 20);
-  const bool narrow_in_place = std::is_same<scalar_t, acc_t>::value && packed && Wo < L;
   const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
-  // two rows of q (when copied) and of results (when not packed), for the two-row blocks
-  auto per_thread = [&](int64_t rows_per_task, int64_t nrr) {
-    const int64_t tp = packed ? rows_per_task * Wo + L : wbw;
-    return bytes_of({Cg * nrr * rowstride, direct ? 0 : 2 * Cg * wbw, KK * tp * (packed ? 1 : 2), nacc},
-                    sizeof(acc_t));
-  };
-  // per-pixel results: the last planes lend the scratch (lent_planes; the tail sums in this
-  // kernel's order, so how many it takes may depend on the thread count)
-  const int64_t plane = KK * Ho * Wo;
-  const int64_t lent = packed ? lent_planes(nb * G, plane * sizeof(scalar_t),
-                                            std::max<int64_t>(1, at::get_num_threads()) * per_thread(ch, nrr_max))
-                              : 0;
-  ThreadScratch scratch(per_thread(ch, nrr_max), reinterpret_cast<char*>(od + (nb * G - lent) * plane),
+  ThreadScratch scratch(per_thread(ch), reinterpret_cast<char*>(od + (nb * G - lent) * plane),
                         lent * plane * sizeof(scalar_t));
 
   at::parallel_for(0, ntask - lent * nch, 1, [&](int64_t t0, int64_t t1) {
