@@ -21,6 +21,12 @@ input rows that each task owns, in a fixed order, so it is deterministic too. Th
 case (float32, 8 or 16 channels per group, per-pixel weights, zero border, K = 3, 5, 7 at
 stride 1 or 2) runs affine channels-last kernels that need no column table at all. No result
 depends on the thread count.
+
+Memory: each kernel allocates its result and a per-thread scratch of a few input rows (at most
+a few hundred KiB per thread, independent of the batch). correlate of per-pixel weights, which
+runs last in aggregate's backward, borrows that scratch from its own result's last planes and
+computes them afterwards without scratch, so a forward + backward of aggregate peaks at exactly
+y, gx and gw (``benchmarks/ops.py`` counts it through the allocator).
 """
 
 from __future__ import annotations
