@@ -111,19 +111,15 @@ inline void storeu(T* p, typename VecOf<T>::type v) {
 // a * b + c rounded once, lane by lane: an explicit fused multiply-add where a sum's rounding
 // must not depend on what the compiler contracts (GCC's Zen tunings split loop-carried FMA
 // chains into a multiply and an add), e.g. correlate's column kernels and its tail.
-inline VecOf<float>::type fmadd(VecOf<float>::type a, VecOf<float>::type b, VecOf<float>::type c) {
+template <typename V>
+inline V fmadd(V a, V b, V c) {
 #if defined(__FMA__)
-  return (VecOf<float>::type)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  if constexpr (std::is_same<V, VecOf<float>::type>::value)
+    return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  else
+    return (V)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 #else
-  for (int l = 0; l < 8; ++l) c[l] = std::fma(a[l], b[l], c[l]);
-  return c;
-#endif
-}
-inline VecOf<double>::type fmadd(VecOf<double>::type a, VecOf<double>::type b, VecOf<double>::type c) {
-#if defined(__FMA__)
-  return (VecOf<double>::type)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
-#else
-  for (int l = 0; l < 4; ++l) c[l] = std::fma(a[l], b[l], c[l]);
+  for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(a[0])); ++l) c[l] = std::fma(a[l], b[l], c[l]);
   return c;
 #endif
 }
@@ -301,7 +297,6 @@ struct ThreadScratch {
     }
     if (lent == nullptr) buf = at::empty({nthreads * per}, at::TensorOptions().dtype(at::kByte));
   }
-  bool is_lent() const { return lent != nullptr; }
   // This thread's slice, zeroed; a private buffer (kept alive by `own`) if the thread id is
   // outside the pool sized above (a call from inside another parallel region).
   char* base(at::Tensor& own) const {
@@ -1501,12 +1496,14 @@ __attribute__((noinline)) void tail_block(const acc_t* q, int64_t qstep, const a
 // - else blocks of L output columns (tail_block), each q vector serving up to 8 taps: where
 //   every tap column of the block is affine and inside the image (columns [ja, jb)) plain or
 //   stride-2 loads; a zero border's edge blocks with masked loads (taps outside the row read 0);
-// - the other columns (the clamp border's edges, 16-bit types) through the tables.
+// - the other columns (the clamp border's edges) through the tables.
+// float32 and float64 only (lends).
 template <typename scalar_t>
 void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend, scalar_t* od, int64_t p0,
                     int64_t p1, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const int64_t* rows,
                     int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s, int64_t fa, int64_t fb) {
-  using acc_t = at::opmath_type<scalar_t>;
+  static_assert(lends<scalar_t>(), "correlate_tail sums in the type of its operands");
+  using acc_t = scalar_t;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t KK = Kh * Kw;
   int64_t ja = std::max<int64_t>(fa, 0), jb = std::min(fb, Wo);
@@ -1514,10 +1511,10 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
     ja = std::max(ja, ceil_div(std::max<int64_t>(-coff[v], 0), s));
     jb = std::min(jb, W - 1 - coff[v] >= 0 ? (W - 1 - coff[v]) / s + 1 : 0);
   }
-  const bool vec = std::is_same<scalar_t, acc_t>::value && jb - ja >= L;
+  const bool vec = jb - ja >= L;
   if (!vec) ja = jb = 0;
   // a zero border's table (every column affine, -1 outside the image): the edge blocks mask
-  bool zero_affine = std::is_same<scalar_t, acc_t>::value && Wo >= L;
+  bool zero_affine = Wo >= L;
   for (int64_t v = 0; v < Kw && zero_affine; ++v)
     for (int64_t j = 0; j < Wo; ++j) {
       const int64_t col = j * s + coff[v];
@@ -1583,39 +1580,37 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
         }
       }
 #endif
-      if constexpr (std::is_same<scalar_t, acc_t>::value) {
-        if (vec || zero_affine) {
-          auto block = [&](int64_t j0) {
-            // stride 2 reads one element past a block's last column: past the tensor only on
-            // its very last row, which then goes lane by lane
-            const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + coff[Kw - 1] + 2 * L <= kend;
-            const bool edge = j0 < ja || j0 + L > jb;
-            for (int64_t v0 = 0; v0 < Kw; v0 += 8)
-              with_count<8>(Kw - v0, [&](auto tv) {
-                constexpr int NT = decltype(tv)::value;
-                const acc_t* qj = q + j0;
-                const acc_t* kj = k + j0 * s;
-                acc_t* oj = o + v0 * Ho * Wo + j0;
-                if (edge)
-                  tail_block<acc_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W);
-                else if (s == 1)
-                  tail_block<acc_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
-                else if (two)
-                  tail_block<acc_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
-                else
-                  tail_block<acc_t, NT, 0>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
-              });
-          };
-          if (zero_affine) {  // blocks over the whole row, the edge ones masked
-            int64_t j0 = 0;
-            for (; j0 + L <= Wo; j0 += L) block(j0);
-            if (j0 < Wo) block(Wo - L);  // the last block shifted left: recomputes a few columns
-            continue;
-          }
-          int64_t j0 = ja;
-          for (; j0 + L <= jb; j0 += L) block(j0);
-          if (j0 < jb) block(jb - L);
+      if (vec || zero_affine) {
+        auto block = [&](int64_t j0) {
+          // stride 2 reads one element past a block's last column: past the tensor only on
+          // its very last row, which then goes lane by lane
+          const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + coff[Kw - 1] + 2 * L <= kend;
+          const bool edge = j0 < ja || j0 + L > jb;
+          for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+            with_count<8>(Kw - v0, [&](auto tv) {
+              constexpr int NT = decltype(tv)::value;
+              const acc_t* qj = q + j0;
+              const acc_t* kj = k + j0 * s;
+              acc_t* oj = o + v0 * Ho * Wo + j0;
+              if (edge)
+                tail_block<acc_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W);
+              else if (s == 1)
+                tail_block<acc_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+              else if (two)
+                tail_block<acc_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+              else
+                tail_block<acc_t, NT, 0>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+            });
+        };
+        if (zero_affine) {  // blocks over the whole row, the edge ones masked
+          int64_t j0 = 0;
+          for (; j0 + L <= Wo; j0 += L) block(j0);
+          if (j0 < Wo) block(Wo - L);  // the last block shifted left: recomputes a few columns
+          continue;
         }
+        int64_t j0 = ja;
+        for (; j0 + L <= jb; j0 += L) block(j0);
+        if (j0 < jb) block(jb - L);
       }
       for (int64_t j = 0; j < Wo; ++j) {
         if (j >= ja && j < jb) continue;
@@ -1623,9 +1618,8 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
           const int64_t col = cols[v * Wo + j];
           acc_t acc = 0;
           if (col >= 0)
-            for (int64_t c = 0; c < Cg; ++c)
-              acc = std::fma(static_cast<acc_t>(q[c * Ho * Wo + j]), static_cast<acc_t>(k[c * H * W + col]), acc);
-          o[v * Ho * Wo + j] = static_cast<scalar_t>(acc);
+            for (int64_t c = 0; c < Cg; ++c) acc = std::fma(q[c * Ho * Wo + j], k[c * H * W + col], acc);
+          o[v * Ho * Wo + j] = acc;
         }
       }
     }
@@ -1728,9 +1722,10 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, rb.data(), roff.data(), KK, (i1 - i0) * Wo);
     }
   });
-  if (lent > 0)
-    correlate_tail(qd, kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh, cols, Kw,
-                   coff.data_ptr<int64_t>(), s, fa, fb);
+  if constexpr (lends<scalar_t>())
+    if (lent > 0)
+      correlate_tail(qd, kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh, cols, Kw,
+                     coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
 
@@ -1989,9 +1984,10 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           od[(bb * G + g) * KK + t] = static_cast<scalar_t>(sacc);
         }
   }
-  if (lent > 0)
-    correlate_tail(qd, kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
-                   cols_t.data_ptr<int64_t>(), Kw, coff.data_ptr<int64_t>(), s, fa, fb);
+  if constexpr (lends<scalar_t>())
+    if (lent > 0)
+      correlate_tail(qd, kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
+                     cols_t.data_ptr<int64_t>(), Kw, coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
 
