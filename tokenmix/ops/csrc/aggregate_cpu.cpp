@@ -140,6 +140,23 @@ inline typename VecOf<T>::type splat(T a) {
 #endif
 }
 
+#if defined(__AVX2__)
+// All ones in the lanes k (of a float or double vector) with lo <= k + first < hi.
+template <typename T>
+inline __m256i lane_range(int64_t lo, int64_t hi, int64_t first = 0) {
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256i k = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                       _mm256_set1_epi32(static_cast<int>(first)));
+    return _mm256_and_si256(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), k));
+  } else {
+    const __m256i k = _mm256_add_epi64(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(first));
+    return _mm256_and_si256(_mm256_cmpgt_epi64(k, _mm256_set1_epi64x(lo - 1)),
+                            _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), k));
+  }
+}
+#endif
+
 // v[k] = p[k] for the lanes lo <= k < hi, 0 for the others; all L lanes of p must be readable
 // (inside the tensor). A plain load with the other lanes cleared: AVX2's masked loads measured
 // far slower on AMD Zen 3 (they took most of a narrow-row copy's time).
@@ -147,17 +164,10 @@ template <typename T>
 inline typename VecOf<T>::type keep_lanes(const T* p, int64_t lo, int64_t hi) {
   using V = typename VecOf<T>::type;
 #if defined(__AVX2__)
-  if constexpr (std::is_same<T, float>::value) {
-    const __m256i k = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
-                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), k));
-    return (V)_mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(m));
-  } else {
-    const __m256i k = _mm256_setr_epi64x(0, 1, 2, 3);
-    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi64(k, _mm256_set1_epi64x(lo - 1)),
-                                       _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), k));
-    return (V)_mm256_and_pd(_mm256_loadu_pd(p), _mm256_castsi256_pd(m));
-  }
+  if constexpr (std::is_same<T, float>::value)
+    return (V)_mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(lane_range<T>(lo, hi)));
+  else
+    return (V)_mm256_and_pd(_mm256_loadu_pd(p), _mm256_castsi256_pd(lane_range<T>(lo, hi)));
 #else
   V v{};
   for (int64_t k = std::max<int64_t>(lo, 0); k < std::min<int64_t>(hi, VecOf<T>::N); ++k) v[k] = p[k];
@@ -1402,38 +1412,27 @@ template <typename T>
 inline typename VecOf<T>::type masked_step(const T* p, int64_t s, int64_t lo, int64_t hi) {
   using V = typename VecOf<T>::type;
 #if defined(__AVX2__)
+  constexpr int L = VecOf<T>::N;
+  const __m256i m = lane_range<T>(lo, hi);
+  // stride 2: the elements 2 lo .. 2 (hi - 1) of both halves, then the even ones
+  const __m256i m0 = lane_range<T>(2 * lo, 2 * hi - 1), m1 = lane_range<T>(2 * lo, 2 * hi - 1, L);
   if constexpr (std::is_same<T, float>::value) {
-    const __m256i l = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi32(l, _mm256_set1_epi32(static_cast<int>(lo) - 1)),
-                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(hi)), l));
     if (s == 1) return (V)_mm256_maskload_ps(p, m);
-    if (s == 2) {  // the elements 2 lo .. 2 (hi - 1), both halves, then the even ones
-      auto range = [&](int e0) {
-        const __m256i e = _mm256_add_epi32(l, _mm256_set1_epi32(e0));
-        return _mm256_and_si256(_mm256_cmpgt_epi32(e, _mm256_set1_epi32(2 * static_cast<int>(lo) - 1)),
-                                _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * static_cast<int>(hi) - 1), e));
-      };
-      const __m256 x = _mm256_maskload_ps(p, range(0)), y = _mm256_maskload_ps(p + 8, range(8));
+    if (s == 2) {
+      const __m256 x = _mm256_maskload_ps(p, m0), y = _mm256_maskload_ps(p + L, m1);
       return (V)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x, y, 0x88)), 0xD8));
     }
-    const __m256i idx = _mm256_mullo_epi32(l, _mm256_set1_epi32(static_cast<int>(s)));
+    const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                           _mm256_set1_epi32(static_cast<int>(s)));
     return (V)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m), 4);
   } else {
-    const __m256i l = _mm256_setr_epi64x(0, 1, 2, 3);
-    const __m256i m = _mm256_and_si256(_mm256_cmpgt_epi64(l, _mm256_set1_epi64x(lo - 1)),
-                                       _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), l));
     if (s == 1) return (V)_mm256_maskload_pd(p, m);
     if (s == 2) {
-      auto range = [&](int64_t e0) {
-        const __m256i e = _mm256_add_epi64(l, _mm256_set1_epi64x(e0));
-        return _mm256_and_si256(_mm256_cmpgt_epi64(e, _mm256_set1_epi64x(2 * lo - 1)),
-                                _mm256_cmpgt_epi64(_mm256_set1_epi64x(2 * hi - 1), e));
-      };
-      const __m256d x = _mm256_maskload_pd(p, range(0)), y = _mm256_maskload_pd(p + 4, range(4));
+      const __m256d x = _mm256_maskload_pd(p, m0), y = _mm256_maskload_pd(p + L, m1);
       return (V)_mm256_permute4x64_pd(_mm256_unpacklo_pd(x, y), 0xD8);
     }
-    return (V)_mm256_mask_i64gather_pd(_mm256_setzero_pd(), p, _mm256_mul_epi32(l, _mm256_set1_epi64x(s)),
-                                       _mm256_castsi256_pd(m), 8);
+    const __m256i idx = _mm256_mul_epi32(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(s));
+    return (V)_mm256_mask_i64gather_pd(_mm256_setzero_pd(), p, idx, _mm256_castsi256_pd(m), 8);
   }
 #else
   V v{};
