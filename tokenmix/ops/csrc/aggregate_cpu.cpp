@@ -361,14 +361,6 @@ inline int64_t lent_planes(int64_t planes, int64_t plane_bytes, int64_t need) {
   return 8 * n <= planes ? n : 0;
 }
 
-// Whether correlate lends planes for this dtype: not for the 16-bit types, whose tail would run
-// lane by lane (measured 1.2-2.0x the bfloat16 correlate's time on the RedNet stages); they
-// allocate their scratch (float32 rows, a few hundred KiB per thread) as before.
-template <typename scalar_t>
-constexpr bool lends() {
-  return std::is_same<scalar_t, at::opmath_type<scalar_t>>::value;
-}
-
 // Threads the lent planes of correlate_cl are sized for: its tail does not sum in its order, so
 // the tail's size must not depend on the thread count (more threads allocate as usual).
 constexpr int64_t kLendThreads = 4;
@@ -1441,19 +1433,84 @@ inline typename VecOf<T>::type masked_step(const T* p, int64_t s, int64_t lo, in
 #endif
 }
 
+#if defined(__AVX2__)
+// 8 bfloat16 / float16 values, as 16-bit integers in the low halves of 32-bit lanes, to float
+// (exact: bfloat16 is the high half of a float; float16 through F16C where compiled in).
+template <typename scalar_t>
+inline __m256 half_to_float(__m256i low16) {
+  if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(low16, 16));
+  } else {
+#if defined(__F16C__)
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(low16), _mm256_extracti128_si256(low16, 1));
+    return _mm256_cvtph_ps(packed);
+#else
+    alignas(32) int32_t b[8];
+    alignas(32) float f[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b), low16);
+    for (int l = 0; l < 8; ++l)
+      f[l] = static_cast<float>(c10::Half(static_cast<uint16_t>(b[l]), c10::Half::from_bits()));
+    return _mm256_load_ps(f);
+#endif
+  }
+}
+#endif
+
+// The L elements at p in the accumulation type (the 16-bit types converted).
+template <typename scalar_t>
+inline typename VecOf<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return loadu(p);
+  } else {
+#if defined(__AVX2__)
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_cvtepu16_epi32(h));
+#else
+    typename VecOf<acc_t>::type v;
+    for (int l = 0; l < VecOf<acc_t>::N; ++l) v[l] = static_cast<acc_t>(p[l]);
+    return v;
+#endif
+  }
+}
+
+// v[l] = p[2 * l], l < L, in the accumulation type, from the 2L elements at p (the last unused).
+template <typename scalar_t>
+inline typename VecOf<at::opmath_type<scalar_t>>::type even_acc(const scalar_t* p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return even_lanes(p);
+  } else {
+#if defined(__AVX2__)
+    // 16 values = 8 32-bit lanes, each holding elements 2l (low half) and 2l + 1
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
+#else
+    typename VecOf<acc_t>::type v;
+    for (int l = 0; l < VecOf<acc_t>::N; ++l) v[l] = static_cast<acc_t>(p[2 * l]);
+    return v;
+#endif
+  }
+}
+
 // A block of L output columns of NT taps of one tap row, for correlate_tail: out[m * ostep + l]
 // = sum over c of q[c * qstep + l] * k[c * kstep + coff[m] + l * s], one fused multiply-add
-// chain per output in channel order. S = 1 or 2: s compiled in (stride 2 loads 2L elements and
-// keeps the even ones: the caller makes sure the odd last one is inside the tensor); S = 0:
-// any s, lane by lane; S = -1: a zero border's edge block, each tap's lanes outside the row's
-// W columns read as zeros (as the column kernels' zero padding: the same chains), with masked
-// loads.
-template <typename acc_t, int NT, int S>
-__attribute__((noinline)) void tail_block(const acc_t* q, int64_t qstep, const acc_t* k, int64_t kstep, int64_t Cg,
-                                          const int64_t* coff, int64_t s, acc_t* out, int64_t ostep,
-                                          int64_t col0 = 0, int64_t W = 0) {
+// chain per output in channel order, in the accumulation type. S = 1 or 2: s compiled in
+// (stride 2 loads 2L elements and keeps the even ones: the caller makes sure the odd last one
+// is inside the tensor); S = 0: any s, lane by lane; S = -1: a zero border's edge block, each
+// tap's lanes outside the row's W columns read as zeros (as the column kernels' zero padding:
+// the same chains), with masked loads (the 16-bit types: a plain load with the lanes cleared
+// where it stays inside k's tensor [kbeg, kend), else lane by lane). The 16-bit types store lane
+// by lane.
+template <typename scalar_t, int NT, int S>
+__attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, const scalar_t* k, int64_t kstep,
+                                          int64_t Cg, const int64_t* coff, int64_t s, scalar_t* out, int64_t ostep,
+                                          int64_t col0 = 0, int64_t W = 0, const scalar_t* kbeg = nullptr,
+                                          const scalar_t* kend = nullptr) {
+  using acc_t = at::opmath_type<scalar_t>;
   using V = typename VecOf<acc_t>::type;
   constexpr int L = VecOf<acc_t>::N;
+  constexpr bool same = std::is_same<scalar_t, acc_t>::value;
   V acc[NT];
   int64_t lo[NT], hi[NT];
   for (int m = 0; m < NT; ++m) {
@@ -1465,23 +1522,41 @@ __attribute__((noinline)) void tail_block(const acc_t* q, int64_t qstep, const a
     }
   }
   for (int64_t c = 0; c < Cg; ++c) {
-    const V qv = loadu(q + c * qstep);
-    const acc_t* kc = k + c * kstep;
+    const V qv = load_acc(q + c * qstep);
+    const scalar_t* kc = k + c * kstep;
     for (int m = 0; m < NT; ++m) {
       V kv;
-      if constexpr (S == -1) {
-        kv = masked_step(kc + coff[m], s, lo[m], hi[m]);
-      } else if constexpr (S == 1) {
-        kv = loadu(kc + coff[m]);
+      if constexpr (S == 1) {
+        kv = load_acc(kc + coff[m]);
       } else if constexpr (S == 2) {
-        kv = even_lanes(kc + coff[m]);
+        kv = even_acc(kc + coff[m]);
+      } else if constexpr (S == -1 && same) {
+        kv = masked_step(kc + coff[m], s, lo[m], hi[m]);
+      } else if constexpr (S == -1) {  // the 16-bit types
+        const scalar_t* p = kc + coff[m];
+        bool loaded = false;
+#if defined(__AVX2__)
+        if (p >= kbeg && p + s * L <= kend && (s == 1 || s == 2)) {
+          const V all = s == 1 ? load_acc(p) : even_acc(p);
+          kv = (V)_mm256_and_ps((__m256)all, _mm256_castsi256_ps(lane_range<float>(lo[m], hi[m])));
+          loaded = true;
+        }
+#endif
+        for (int l = 0; l < L && !loaded; ++l)
+          kv[l] = l >= lo[m] && l < hi[m] ? static_cast<acc_t>(p[l * s]) : acc_t(0);
       } else {
-        for (int l = 0; l < L; ++l) kv[l] = kc[coff[m] + l * s];
+        for (int l = 0; l < L; ++l) kv[l] = static_cast<acc_t>(kc[coff[m] + l * s]);
       }
       acc[m] = fmadd(qv, kv, acc[m]);
     }
   }
-  for (int m = 0; m < NT; ++m) storeu(out + m * ostep, acc[m]);
+  for (int m = 0; m < NT; ++m) {
+    if constexpr (same) {
+      storeu(out + m * ostep, acc[m]);
+    } else {
+      for (int l = 0; l < L; ++l) out[m * ostep + l] = static_cast<scalar_t>(acc[m][l]);
+    }
+  }
 }
 
 // correlate of the planes [p0, p1) of (batch x group) with no scratch at all (the planes
@@ -1496,13 +1571,13 @@ __attribute__((noinline)) void tail_block(const acc_t* q, int64_t qstep, const a
 //   every tap column of the block is affine and inside the image (columns [ja, jb)) plain or
 //   stride-2 loads; a zero border's edge blocks with masked loads (taps outside the row read 0);
 // - the other columns (the clamp border's edges) through the tables.
-// float32 and float64 only (lends).
+// The 16-bit types sum in float32, as the column kernels do; they load and store lane by lane.
 template <typename scalar_t>
-void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend, scalar_t* od, int64_t p0,
+void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd, const scalar_t* kend, scalar_t* od,
+                    int64_t p0,
                     int64_t p1, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const int64_t* rows,
                     int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s, int64_t fa, int64_t fb) {
-  static_assert(lends<scalar_t>(), "correlate_tail sums in the type of its operands");
-  using acc_t = scalar_t;
+  using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t KK = Kh * Kw;
   int64_t ja = std::max<int64_t>(fa, 0), jb = std::min(fb, Wo);
@@ -1520,7 +1595,7 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
       zero_affine = zero_affine && cols[v * Wo + j] == (col >= 0 && col < W ? col : -1);
     }
 #if defined(__AVX2__)
-  const bool narrow = std::is_same<scalar_t, float>::value && Wo <= 8 && W <= 16;
+  const bool narrow = std::is_same<acc_t, float>::value && Wo <= 8 && W <= 16;
   std::vector<int32_t> pidx(narrow ? Kw * 8 : 0);  // per tap column v, lane j: its input column, -1 = none
   for (int64_t v = 0; v < (narrow ? Kw : 0); ++v)
     for (int64_t j = 0; j < 8; ++j) pidx[v * 8 + j] = j < Wo ? static_cast<int32_t>(cols[v * Wo + j]) : -1;
@@ -1541,12 +1616,20 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
       const scalar_t* q = qd + pl * Cg * Ho * Wo + i * Wo;  // channel c at q + c * Ho * Wo
       const scalar_t* k = kd + pl * Cg * H * W + r * W;     // channel c at k + c * H * W
 #if defined(__AVX2__)
-      if constexpr (std::is_same<scalar_t, float>::value) {
+      if constexpr (std::is_same<acc_t, float>::value) {
         if (narrow) {
-          const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-          const __m256i qm = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(Wo)), lane);
-          const __m256i km0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W)), lane);
-          const __m256i km1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(W) - 8), lane);
+          // the n <= 8 elements at p (the 16-bit types converted), zeros after them; reads
+          // past them only inside the tensor (end)
+          auto row8 = [](const scalar_t* p, int64_t n, const scalar_t* end) {
+            if constexpr (std::is_same<scalar_t, float>::value) {
+              return _mm256_maskload_ps(p, lane_range<float>(0, n));
+            } else {
+              if (p + 8 <= end) return _mm256_and_ps((__m256)load_acc(p), _mm256_castsi256_ps(lane_range<float>(0, n)));
+              alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+              for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(p[j]);
+              return _mm256_load_ps(t);
+            }
+          };
           for (int64_t v0 = 0; v0 < Kw; v0 += 8)
             with_count<8>(Kw - v0, [&](auto tv) {
               constexpr int NT = decltype(tv)::value;
@@ -1560,9 +1643,10 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
               __m256 acc[NT];
               for (int m = 0; m < NT; ++m) acc[m] = _mm256_setzero_ps();
               for (int64_t c = 0; c < Cg; ++c) {
-                const __m256 qv = _mm256_maskload_ps(q + c * Ho * Wo, qm);
-                const float* kc = k + c * H * W;
-                const __m256 k0 = _mm256_maskload_ps(kc, km0), k1 = _mm256_maskload_ps(kc + 8, km1);
+                const __m256 qv = row8(q + c * Ho * Wo, Wo, qend);
+                const scalar_t* kc = k + c * H * W;
+                const __m256 k0 = row8(kc, std::min<int64_t>(W, 8), kend);
+                const __m256 k1 = row8(kc + 8, std::max<int64_t>(W - 8, 0), kend);
                 for (int m = 0; m < NT; ++m) {
                   const __m256 kv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(k0, idx[m]),
                                                      _mm256_permutevar8x32_ps(k1, idx[m]), _mm256_castsi256_ps(hi[m]));
@@ -1588,17 +1672,18 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
           for (int64_t v0 = 0; v0 < Kw; v0 += 8)
             with_count<8>(Kw - v0, [&](auto tv) {
               constexpr int NT = decltype(tv)::value;
-              const acc_t* qj = q + j0;
-              const acc_t* kj = k + j0 * s;
-              acc_t* oj = o + v0 * Ho * Wo + j0;
+              const scalar_t* qj = q + j0;
+              const scalar_t* kj = k + j0 * s;
+              scalar_t* oj = o + v0 * Ho * Wo + j0;
               if (edge)
-                tail_block<acc_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W);
+                tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W, kd,
+                                             kend);
               else if (s == 1)
-                tail_block<acc_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+                tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
               else if (two)
-                tail_block<acc_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+                tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
               else
-                tail_block<acc_t, NT, 0>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+                tail_block<scalar_t, NT, 0>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
             });
         };
         if (zero_affine) {  // blocks over the whole row, the edge ones masked
@@ -1617,8 +1702,9 @@ void correlate_tail(const scalar_t* qd, const scalar_t* kd, const scalar_t* kend
           const int64_t col = cols[v * Wo + j];
           acc_t acc = 0;
           if (col >= 0)
-            for (int64_t c = 0; c < Cg; ++c) acc = std::fma(q[c * Ho * Wo + j], k[c * H * W + col], acc);
-          o[v * Ho * Wo + j] = acc;
+            for (int64_t c = 0; c < Cg; ++c)
+              acc = std::fma(static_cast<acc_t>(q[c * Ho * Wo + j]), static_cast<acc_t>(k[c * H * W + col]), acc);
+          o[v * Ho * Wo + j] = static_cast<scalar_t>(acc);
         }
       }
     }
@@ -1691,7 +1777,7 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   };
   const int64_t ch_max = max_chunk_rows(Ho, 16), plane = KK * Ho * Wo;
   const int64_t need = kLendThreads * per_thread(ch_max, max_row_span(rows, Kh, Ho, ch_max));
-  const int64_t lent = lends<scalar_t>() ? lent_planes(B * G, plane * sizeof(scalar_t), need) : 0;
+  const int64_t lent = lent_planes(B * G, plane * sizeof(scalar_t), need);
   ThreadScratch scratch(per_thread(ch, nrr_max), reinterpret_cast<char*>(od + (B * G - lent) * plane),
                         lent * plane * sizeof(scalar_t));
   at::parallel_for(0, (B * G - lent) * nch, 1, [&](int64_t t0, int64_t t1) {
@@ -1721,10 +1807,9 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
       from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, rb.data(), roff.data(), KK, (i1 - i0) * Wo);
     }
   });
-  if constexpr (lends<scalar_t>())
-    if (lent > 0)
-      correlate_tail(qd, kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh, cols, Kw,
-                     coff.data_ptr<int64_t>(), s, fa, fb);
+  if (lent > 0)
+    correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh,
+                   cols, Kw, coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
 
@@ -1777,7 +1862,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   // depend on the chunking) make it fit; the rows per task otherwise only trade row copies.
   int64_t ch = chunk_rows(nb * G, Ho, most), lent = 0;
   const int64_t plane = KK * Ho * Wo, nthreads = std::max<int64_t>(1, at::get_num_threads());
-  for (int64_t c = ch; packed && lends<scalar_t>(); c = std::max<int64_t>(2, (c / 2) & ~int64_t(1))) {
+  for (int64_t c = ch; packed; c = std::max<int64_t>(2, (c / 2) & ~int64_t(1))) {
     lent = lent_planes(nb * G, plane * sizeof(scalar_t), nthreads * per_thread(c));
     if (lent > 0) ch = c;
     if (lent > 0 || c <= 2) break;
@@ -1983,10 +2068,9 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
           od[(bb * G + g) * KK + t] = static_cast<scalar_t>(sacc);
         }
   }
-  if constexpr (lends<scalar_t>())
-    if (lent > 0)
-      correlate_tail(qd, kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
-                     cols_t.data_ptr<int64_t>(), Kw, coff.data_ptr<int64_t>(), s, fa, fb);
+  if (lent > 0)
+    correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
+                   cols_t.data_ptr<int64_t>(), Kw, coff.data_ptr<int64_t>(), s, fa, fb);
   return out;
 }
 
