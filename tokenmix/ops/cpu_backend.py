@@ -23,8 +23,8 @@ stride 1 or 2) runs affine channels-last kernels that need no column table at al
 depends on the thread count.
 
 Memory: each kernel allocates its result and a per-thread scratch of a few input rows (at most
-a few hundred KiB per thread, independent of the batch). correlate of per-pixel float32 or
-float64 weights, which runs last in aggregate's backward, borrows that scratch from its own result's last planes and
+a few hundred KiB per thread, independent of the batch). correlate of per-pixel weights, which
+runs last in aggregate's backward, borrows that scratch from its own result's last planes and
 computes them afterwards without scratch, so a forward + backward of aggregate peaks at exactly
 y, gx and gw (``benchmarks/ops.py`` counts it through the allocator).
 """
