@@ -1456,38 +1456,27 @@ inline __m256 half_to_float(__m256i low16) {
 }
 #endif
 
-// The L elements at p in the accumulation type (the 16-bit types converted).
-template <typename scalar_t>
+// v[l] = p[S * l], l < L, in the accumulation type (the 16-bit types converted), S = 1 or 2
+// (stride 2 reads the 2L elements at p, the last one unused).
+template <int S, typename scalar_t>
 inline typename VecOf<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* p) {
+  static_assert(S == 1 || S == 2, "load_acc: stride 1 or 2");
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
-    return loadu(p);
+    if constexpr (S == 1) return loadu(p);
+    else return even_lanes(p);
   } else {
 #if defined(__AVX2__)
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_cvtepu16_epi32(h));
+    if constexpr (S == 1) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_cvtepu16_epi32(h));
+    } else {  // 16 values = 8 32-bit lanes, each holding elements 2l (low half) and 2l + 1
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
+    }
 #else
     typename VecOf<acc_t>::type v;
-    for (int l = 0; l < VecOf<acc_t>::N; ++l) v[l] = static_cast<acc_t>(p[l]);
-    return v;
-#endif
-  }
-}
-
-// v[l] = p[2 * l], l < L, in the accumulation type, from the 2L elements at p (the last unused).
-template <typename scalar_t>
-inline typename VecOf<at::opmath_type<scalar_t>>::type even_acc(const scalar_t* p) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (std::is_same<scalar_t, acc_t>::value) {
-    return even_lanes(p);
-  } else {
-#if defined(__AVX2__)
-    // 16 values = 8 32-bit lanes, each holding elements 2l (low half) and 2l + 1
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
-#else
-    typename VecOf<acc_t>::type v;
-    for (int l = 0; l < VecOf<acc_t>::N; ++l) v[l] = static_cast<acc_t>(p[2 * l]);
+    for (int l = 0; l < VecOf<acc_t>::N; ++l) v[l] = static_cast<acc_t>(p[S * l]);
     return v;
 #endif
   }
@@ -1522,14 +1511,14 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
     }
   }
   for (int64_t c = 0; c < Cg; ++c) {
-    const V qv = load_acc(q + c * qstep);
+    const V qv = load_acc<1>(q + c * qstep);
     const scalar_t* kc = k + c * kstep;
     for (int m = 0; m < NT; ++m) {
       V kv;
       if constexpr (S == 1) {
-        kv = load_acc(kc + coff[m]);
+        kv = load_acc<1>(kc + coff[m]);
       } else if constexpr (S == 2) {
-        kv = even_acc(kc + coff[m]);
+        kv = load_acc<2>(kc + coff[m]);
       } else if constexpr (S == -1 && same) {
         kv = masked_step(kc + coff[m], s, lo[m], hi[m]);
       } else if constexpr (S == -1) {  // the 16-bit types
@@ -1537,7 +1526,7 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
         bool loaded = false;
 #if defined(__AVX2__)
         if (p >= kbeg && p + s * L <= kend && (s == 1 || s == 2)) {
-          const V all = s == 1 ? load_acc(p) : even_acc(p);
+          const V all = s == 1 ? load_acc<1>(p) : load_acc<2>(p);
           kv = (V)_mm256_and_ps((__m256)all, _mm256_castsi256_ps(lane_range<float>(lo[m], hi[m])));
           loaded = true;
         }
@@ -1624,7 +1613,8 @@ void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd
             if constexpr (std::is_same<scalar_t, float>::value) {
               return _mm256_maskload_ps(p, lane_range<float>(0, n));
             } else {
-              if (p + 8 <= end) return _mm256_and_ps((__m256)load_acc(p), _mm256_castsi256_ps(lane_range<float>(0, n)));
+              if (p + 8 <= end)
+                return _mm256_and_ps((__m256)load_acc<1>(p), _mm256_castsi256_ps(lane_range<float>(0, n)));
               alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
               for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(p[j]);
               return _mm256_load_ps(t);
