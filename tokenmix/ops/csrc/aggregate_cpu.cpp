@@ -1486,9 +1486,9 @@ inline typename VecOf<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* 
 // = sum over c of q[c * qstep + l] * k[c * kstep + coff[m] + l * s], one fused multiply-add
 // chain per output in channel order, in the accumulation type. S = 1 or 2: s compiled in
 // (stride 2 loads 2L elements and keeps the even ones: the caller makes sure the odd last one
-// is inside the tensor); S = 0: any s, lane by lane; S = -1: a zero border's edge block, each
-// tap's lanes outside the row's W columns read as zeros (as the column kernels' zero padding:
-// the same chains), with masked loads (the 16-bit types: a plain load with the lanes cleared
+// is inside the tensor); S = -1: any s, each tap's lanes outside the row's W columns read as
+// zeros (a zero border's edge blocks, as the column kernels' zero padding: the same chains),
+// with masked loads (the 16-bit types: a plain load with the lanes cleared
 // where it stays inside k's tensor [kbeg, kend), else lane by lane). The 16-bit types store lane
 // by lane.
 template <typename scalar_t, int NT, int S>
@@ -1533,8 +1533,6 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
 #endif
         for (int l = 0; l < L && !loaded; ++l)
           kv[l] = l >= lo[m] && l < hi[m] ? static_cast<acc_t>(p[l * s]) : acc_t(0);
-      } else {
-        for (int l = 0; l < L; ++l) kv[l] = static_cast<acc_t>(kc[coff[m] + l * s]);
       }
       acc[m] = fmadd(qv, kv, acc[m]);
     }
@@ -1656,7 +1654,7 @@ void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd
       if (vec || zero_affine) {
         auto block = [&](int64_t j0) {
           // stride 2 reads one element past a block's last column: past the tensor only on
-          // its very last row, which then goes lane by lane
+          // its very last row, which then goes through masked loads
           const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + coff[Kw - 1] + 2 * L <= kend;
           const bool edge = j0 < ja || j0 + L > jb;
           for (int64_t v0 = 0; v0 < Kw; v0 += 8)
@@ -1665,15 +1663,13 @@ void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd
               const scalar_t* qj = q + j0;
               const scalar_t* kj = k + j0 * s;
               scalar_t* oj = o + v0 * Ho * Wo + j0;
-              if (edge)
+              if (!edge && s == 1)
+                tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+              else if (!edge && two)
+                tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+              else  // edges, other strides (every lane inside the row: none cleared)
                 tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W, kd,
                                              kend);
-              else if (s == 1)
-                tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
-              else if (two)
-                tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
-              else
-                tail_block<scalar_t, NT, 0>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
             });
         };
         if (zero_affine) {  // blocks over the whole row, the edge ones masked
