@@ -155,6 +155,17 @@ inline __m256i lane_range(int64_t lo, int64_t hi, int64_t first = 0) {
                             _mm256_cmpgt_epi64(_mm256_set1_epi64x(hi), k));
   }
 }
+
+// The elements of phase P (0: even, 1: odd) of the 16 floats x, y (x first), in order.
+template <int P>
+inline __m256 phase8(__m256 x, __m256 y) {
+  // [x_P x_2+P y_P y_2+P | x_4+P x_6+P y_4+P y_6+P] -> 64-bit lanes (0, 2, 1, 3)
+  const __m256 t = P == 0 ? _mm256_shuffle_ps(x, y, 0x88) : _mm256_shuffle_ps(x, y, 0xDD);
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(t), 0xD8));
+}
+
+// The even elements of the 8 doubles x, y (x first), in order: [x0 y0 x2 y2] -> [x0 x2 y0 y2].
+inline __m256d even4(__m256d x, __m256d y) { return _mm256_permute4x64_pd(_mm256_unpacklo_pd(x, y), 0xD8); }
 #endif
 
 // v[k] = p[k] for the lanes lo <= k < hi, 0 for the others; all L lanes of p must be readable
@@ -178,18 +189,18 @@ inline typename VecOf<T>::type keep_lanes(const T* p, int64_t lo, int64_t hi) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// Rows per task: at most `most`, fewer when that leaves too few tasks for the threads. The
-// count depends on the thread count, the results must not: the two-row kernels pair rows
-// (i0, i0 + 1), (i0 + 2, i0 + 3), ... from a chunk's first row and sum a paired row's taps in
-// another order than a row computed alone, so the chunk is either the whole plane or an even
-// number of rows. Then every chunk starts on an even row, and a row is paired or alone
-// (the last row of an odd plane) whatever the chunking.
 // The most rows chunk_rows gives, whatever the thread count.
 int64_t max_chunk_rows(int64_t rows, int64_t most = 8) {
   const int64_t ch = std::min(most, rows);
   return ch < rows ? std::max<int64_t>(2, ch & ~int64_t(1)) : ch;
 }
 
+// Rows per task: at most `most`, fewer when that leaves too few tasks for the threads. The
+// count depends on the thread count, the results must not: the two-row kernels pair rows
+// (i0, i0 + 1), (i0 + 2, i0 + 3), ... from a chunk's first row and sum a paired row's taps in
+// another order than a row computed alone, so the chunk is either the whole plane or an even
+// number of rows. Then every chunk starts on an even row, and a row is paired or alone
+// (the last row of an odd plane) whatever the chunking.
 int64_t chunk_rows(int64_t outer, int64_t rows, int64_t most = 8) {
   const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
   int64_t ch = max_chunk_rows(rows, most);
@@ -429,10 +440,8 @@ inline void deinterleave2(acc_t* __restrict__ e, acc_t* __restrict__ o, const sc
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
     auto block8 = [&](int64_t k) {
       const __m256 a = _mm256_loadu_ps(src + 2 * k), b = _mm256_loadu_ps(src + 2 * k + 8);
-      // [a0 a2 b0 b2 | a4 a6 b4 b6] -> 64-bit lanes (0, 2, 1, 3) -> [a0 a2 a4 a6 b0 b2 b4 b6]
-      const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
-      _mm256_storeu_ps(e + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
-      _mm256_storeu_ps(o + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+      _mm256_storeu_ps(e + k, phase8<0>(a, b));
+      _mm256_storeu_ps(o + k, phase8<1>(a, b));
     };
     auto block4 = [&](int64_t k) {
       const __m128 a = _mm_loadu_ps(src + 2 * k), b = _mm_loadu_ps(src + 2 * k + 4);
@@ -1383,14 +1392,10 @@ template <typename T>
 inline typename VecOf<T>::type even_lanes(const T* p) {
   using V = typename VecOf<T>::type;
 #if defined(__AVX2__)
-  if constexpr (std::is_same<T, float>::value) {
-    const __m256 x = _mm256_loadu_ps(p), y = _mm256_loadu_ps(p + 8);
-    // [x0 x2 y0 y2 | x4 x6 y4 y6] -> 64-bit lanes (0, 2, 1, 3)
-    return (V)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x, y, 0x88)), 0xD8));
-  } else {
-    const __m256d x = _mm256_loadu_pd(p), y = _mm256_loadu_pd(p + 4);
-    return (V)_mm256_permute4x64_pd(_mm256_unpacklo_pd(x, y), 0xD8);  // [x0 y0 x2 y2] -> [x0 x2 y0 y2]
-  }
+  if constexpr (std::is_same<T, float>::value)
+    return (V)phase8<0>(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8));
+  else
+    return (V)even4(_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4));
 #else
   V v;
   for (int l = 0; l < VecOf<T>::N; ++l) v[l] = p[2 * l];
@@ -1410,19 +1415,13 @@ inline typename VecOf<T>::type masked_step(const T* p, int64_t s, int64_t lo, in
   const __m256i m0 = lane_range<T>(2 * lo, 2 * hi - 1), m1 = lane_range<T>(2 * lo, 2 * hi - 1, L);
   if constexpr (std::is_same<T, float>::value) {
     if (s == 1) return (V)_mm256_maskload_ps(p, m);
-    if (s == 2) {
-      const __m256 x = _mm256_maskload_ps(p, m0), y = _mm256_maskload_ps(p + L, m1);
-      return (V)_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(x, y, 0x88)), 0xD8));
-    }
+    if (s == 2) return (V)phase8<0>(_mm256_maskload_ps(p, m0), _mm256_maskload_ps(p + L, m1));
     const __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                            _mm256_set1_epi32(static_cast<int>(s)));
     return (V)_mm256_mask_i32gather_ps(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m), 4);
   } else {
     if (s == 1) return (V)_mm256_maskload_pd(p, m);
-    if (s == 2) {
-      const __m256d x = _mm256_maskload_pd(p, m0), y = _mm256_maskload_pd(p + L, m1);
-      return (V)_mm256_permute4x64_pd(_mm256_unpacklo_pd(x, y), 0xD8);
-    }
+    if (s == 2) return (V)even4(_mm256_maskload_pd(p, m0), _mm256_maskload_pd(p + L, m1));
     const __m256i idx = _mm256_mul_epi32(_mm256_setr_epi64x(0, 1, 2, 3), _mm256_set1_epi64x(s));
     return (V)_mm256_mask_i64gather_pd(_mm256_setzero_pd(), p, idx, _mm256_castsi256_pd(m), 8);
   }
@@ -1488,9 +1487,8 @@ inline typename VecOf<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* 
 // (stride 2 loads 2L elements and keeps the even ones: the caller makes sure the odd last one
 // is inside the tensor); S = -1: any s, each tap's lanes outside the row's W columns read as
 // zeros (a zero border's edge blocks, as the column kernels' zero padding: the same chains),
-// with masked loads (the 16-bit types: a plain load with the lanes cleared
-// where it stays inside k's tensor [kbeg, kend), else lane by lane). The 16-bit types store lane
-// by lane.
+// with masked loads (the 16-bit types: a plain load with the lanes cleared where it stays
+// inside k's tensor [kbeg, kend), else lane by lane). The 16-bit types store lane by lane.
 template <typename scalar_t, int NT, int S>
 __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, const scalar_t* k, int64_t kstep,
                                           int64_t Cg, const int64_t* coff, int64_t s, scalar_t* out, int64_t ostep,
@@ -1561,9 +1559,9 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
 // The 16-bit types sum in float32, as the column kernels do; they load and store lane by lane.
 template <typename scalar_t>
 void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd, const scalar_t* kend, scalar_t* od,
-                    int64_t p0,
-                    int64_t p1, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo, const int64_t* rows,
-                    int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s, int64_t fa, int64_t fb) {
+                    int64_t p0, int64_t p1, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                    const int64_t* rows, int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s,
+                    int64_t fa, int64_t fb) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t KK = Kh * Kw;
