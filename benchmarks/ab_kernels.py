@@ -29,7 +29,7 @@ import torch
 from torch.utils.cpp_extension import load
 
 from tokenmix.ops import Window
-from tokenmix.ops import cpu_backend
+from tokenmix.ops.backends import cpu as cpu_backend
 
 SHAPES = [(64, 56, 4), (128, 28, 8), (256, 14, 16), (512, 7, 32)]  # (C, H=W, G), as benchmarks/ops.py
 SOURCES = ["aggregate_cpu.cpp", "autograd_cpu.cpp", "aggregate_cpu.h"]

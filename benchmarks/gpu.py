@@ -105,7 +105,7 @@ def main(argv=None) -> int:
             print("benchmarks/gpu.py: no CUDA device (torch.cuda.is_available() is False); nothing to time. "
                   "The static figures come from benchmarks/triton_resources.py.")
             return 0
-        from tokenmix.ops.registry import get_backend
+        from tokenmix.ops.backends import get_backend
 
         why = get_backend("triton").unavailable_reason()
         if why:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmix.ops import Window, aggregate
-from tokenmix.ops import cpu_backend
+from tokenmix.ops.backends import cpu as cpu_backend
 
 SHAPES = [(64, 56, 4), (128, 28, 8), (256, 14, 16), (512, 7, 32)]  # (C, H=W, G): RedNet-50 stages
 

@@ -3,7 +3,7 @@ per kernel and tile configuration, for sm_80 (A100) and sm_90 (H100), on any mac
 
 Each kernel is compiled ahead of time with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", cc, 32))`` (no GPU needed) for every tile configuration its
-launcher can pick on large planes (``tokenmix.ops.triton_backend.tile_configs``), with 16-byte
+launcher can pick on large planes (``tokenmix.ops.backends.triton.common.tile_configs``), with 16-byte
 aligned pointers and generic integer arguments; registers and local/stack bytes come from the
 bundled ``cuobjdump -res-usage`` on the cubin, spill stores/loads from ``ptxas -v`` on the
 PTX (the same ptxas and flags Triton uses), shared memory from Triton's metadata. Occupancy
@@ -29,7 +29,8 @@ import time
 
 import torch
 
-from tokenmix.ops.triton_backend import aot_compile, resource_usage, tile_configs
+from tokenmix.ops.backends.triton.common import tile_configs
+from triton_aot import aot_compile, resource_usage
 
 OPS = ("aggregate", "correlate", "aggregate_transpose")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

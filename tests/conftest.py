@@ -4,6 +4,8 @@ import sys
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/oracle.py is importable as `oracle`
+# benchmarks/triton_aot.py (ahead-of-time compilation of the Triton kernels) as `triton_aot`
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 # Reproducible CI runs: derandomized examples, no per-example deadline (2 shared cores).
 settings.register_profile(

@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, registry
-from tokenmix.ops import cpu_backend
-from tokenmix.ops.cpu_backend import CpuBackend
-from tokenmix.ops.reference import ReferenceBackend
+from tokenmix.ops.backends import cpu as cpu_backend
+from tokenmix.ops.backends.cpu import CpuBackend
+from tokenmix.ops.backends.reference import ReferenceBackend
 
 REF = ReferenceBackend()
 
@@ -66,7 +66,7 @@ def test_build_is_cached_and_reused_by_a_new_process():
     ext_dir = os.path.dirname(lib)
     before = {f: os.stat(os.path.join(ext_dir, f)).st_mtime_ns for f in os.listdir(ext_dir)}
     code = ("import torch, tokenmix, tokenmix.ops\n"
-            "from tokenmix.ops import cpu_backend as c\n"
+            "from tokenmix.ops.backends import cpu as c\n"
             "assert c._state['module'] is None and c._state['error'] is None, 'import built the kernels'\n"
             "info = c.build_info()\n"
             "assert info['error'] is None, info\n"

@@ -80,7 +80,7 @@ def test_forced_backend_explains_every_reason():
 
 
 def test_forced_backend_lists_all_reasons_at_once():
-    from tokenmix.ops import registry
+    from tokenmix.ops import backends as registry
 
     class Narrow(Backend):
         name = "narrow_for_test"
@@ -108,7 +108,7 @@ class _Broken(Backend):
 
 
 def test_unavailable_backend_falls_back_with_one_warning():
-    from tokenmix.ops import registry
+    from tokenmix.ops import backends as registry
     register_backend(_Broken(), first=True)
     try:
         assert list_backends()[0] == "broken_for_test"
@@ -128,7 +128,7 @@ def test_unavailable_backend_falls_back_with_one_warning():
 def test_dispatch_failure_names_every_backend_and_reason():
     """When no backend supports the inputs, the error lists each registered backend with its
     reasons (the device refusal included, though dispatch decides it without the message)."""
-    from tokenmix.ops.registry import select_backend
+    from tokenmix.ops.backends import select_backend
     x = torch.zeros(1, 1, 3, 3, dtype=torch.int32)
     with pytest.raises(ValueError) as e:
         select_backend("aggregate", (x,), Window(3))

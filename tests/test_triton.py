@@ -26,8 +26,9 @@ import sys
 import pytest
 import torch
 
-from tokenmix.ops.registry import get_backend, list_backends, register_backend
-from tokenmix.ops.triton_backend import TritonBackend, clamp_candidates
+from tokenmix.ops.backends import get_backend, list_backends, register_backend
+from tokenmix.ops.backends.triton import TritonBackend
+from tokenmix.ops.backends.triton.common import clamp_candidates
 from tokenmix.ops.window import Window
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -74,7 +75,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("triton blocked by the test")
 sys.meta_path.insert(0, Block())
 import tokenmix
-from tokenmix.ops.registry import get_backend
+from tokenmix.ops.backends import get_backend
 print(sorted(m for m in sys.modules if m.startswith("tokenmix.ops.triton")))
 print(get_backend("triton").unavailable_reason())
 """
@@ -118,7 +119,8 @@ AOT_CASES = [
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("op,dtype,border,tile", AOT_CASES)
 def test_aot_compile_has_no_spills(op, dtype, border, tile, capability):
-    from tokenmix.ops.triton_backend import aot_compile, resource_usage, tile_configs
+    from triton_aot import aot_compile, resource_usage
+    from tokenmix.ops.backends.triton.common import tile_configs
 
     tiles = tile_configs(op, dtype, 49)[tile]
     ck = aot_compile(op, dtype, (7, 7), border, tiles, capability)
@@ -160,7 +162,7 @@ CUDA_CASES = [
 @pytest.mark.parametrize("case", CUDA_CASES)
 def test_cuda_matches_reference_and_is_deterministic(case, dtype):
     from tokenmix.ops.functional import aggregate
-    from tokenmix.ops.reference import ReferenceBackend
+    from tokenmix.ops.backends.reference import ReferenceBackend
 
     window, B, C, G, H, W, mode = case
     Ho, Wo = window.output_size(H, W)
@@ -217,7 +219,7 @@ if INTERPRET:
 
     from oracle import brute_aggregate, brute_aggregate_transpose, brute_correlate, geometries
     from tokenmix.ops.functional import aggregate, aggregate_transpose, correlate
-    from tokenmix.ops.reference import ReferenceBackend
+    from tokenmix.ops.backends.reference import ReferenceBackend
 
     DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     MODES = ("full", "batch1", "space1", "both1")

@@ -1,7 +1,7 @@
 """The shared aggregation op: window geometry, functional API, custom ops and backends."""
 
 from .functional import aggregate, aggregate_transpose, correlate
-from .registry import Backend, get_backend, list_backends, register_backend, select_backend
+from .backends import Backend, get_backend, list_backends, register_backend, select_backend
 from .window import Window
 
 __all__ = [

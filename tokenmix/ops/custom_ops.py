@@ -24,7 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import checks
 from .flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
-from .registry import select_backend
+from .backends import select_backend
 from .window import Window
 
 # ----------------------------------------------------------------------------- aggregate

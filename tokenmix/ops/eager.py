@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import custom_ops
-from .registry import select_backend
+from .backends import select_backend
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

@@ -3,7 +3,7 @@
 ``y[b, c, i, j] = sum_t w[b, g(c), t, i, j] * x[b, c, src_t(i, j)]``
 
 This module imports Triton at import time; it is only imported by
-:mod:`tokenmix.ops.triton_backend` once that backend is used, never by ``import tokenmix``.
+the Triton backend (:mod:`tokenmix.ops.backends.triton`) once it is used, never by ``import tokenmix``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import acc_dtype, channel_pixel_grid, check_plane, weight_strides
-from .triton_window import clamp_start, split_program, tile_channels, tile_pixels
+from .common import acc_dtype, channel_pixel_grid, check_plane, weight_strides
+from .device import clamp_start, split_program, tile_channels, tile_pixels
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one

@@ -4,7 +4,7 @@ The adjoint of ``aggregate`` in x, computed as a gather so that it is determinis
 ``x[b, c, h, w] = sum over (t, i, j) with src_t(i, j) = (h, w) of w[b, g(c), t, i, j] * y[b, c, i, j]``.
 
 This module imports Triton at import time; it is only imported by
-:mod:`tokenmix.ops.triton_backend` once that backend is used, never by ``import tokenmix``.
+the Triton backend (:mod:`tokenmix.ops.backends.triton`) once it is used, never by ``import tokenmix``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import acc_dtype, channel_pixel_grid, check_plane, clamp_candidates, weight_strides
-from .triton_window import split_program, tile_channels, tile_pixels
+from .common import acc_dtype, channel_pixel_grid, check_plane, clamp_candidates, weight_strides
+from .device import split_program, tile_channels, tile_pixels
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one

@@ -4,7 +4,7 @@
 optionally summed over the batch and/or space (the gradient of a broadcast weight).
 
 This module imports Triton at import time; it is only imported by
-:mod:`tokenmix.ops.triton_backend` once that backend is used, never by ``import tokenmix``.
+the Triton backend (:mod:`tokenmix.ops.backends.triton`) once it is used, never by ``import tokenmix``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_backend import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
-from .triton_window import clamp_start, tile_pixels
+from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
+from .device import clamp_start, tile_pixels
 
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
 

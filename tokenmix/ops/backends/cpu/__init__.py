@@ -42,8 +42,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .registry import Backend
-from .window import Window
+from .. import Backend
+from ...window import Window
 
 _EXT_NAME = "tokenmix_aggregate_cpu"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]

@@ -14,8 +14,8 @@ from typing import Iterator, Tuple
 import torch
 import torch.nn.functional as F
 
-from .registry import Backend
-from .window import Window
+from .. import Backend
+from ...window import Window
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

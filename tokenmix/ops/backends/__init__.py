@@ -14,7 +14,7 @@ from typing import Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 
-from .window import Window
+from ..window import Window
 
 OPS = ("aggregate", "correlate", "aggregate_transpose")
 
@@ -83,9 +83,9 @@ class Backend:
 
 # name -> "module:Class" (lazy) or an instance; order is dispatch priority.
 _REGISTRY: Dict[str, object] = {
-    "triton": "tokenmix.ops.triton_backend:TritonBackend",
-    "cpu": "tokenmix.ops.cpu_backend:CpuBackend",
-    "reference": "tokenmix.ops.reference:ReferenceBackend",
+    "triton": "tokenmix.ops.backends.triton:TritonBackend",
+    "cpu": "tokenmix.ops.backends.cpu:CpuBackend",
+    "reference": "tokenmix.ops.backends.reference:ReferenceBackend",
 }
 _LOCK = threading.Lock()
 _WARNED: set = set()
