@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, registry
+from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, native
+from tokenmix.ops import backends as registry
 from tokenmix.ops.backends import cpu as cpu_backend
 from tokenmix.ops.backends.cpu import CpuBackend
 from tokenmix.ops.backends.reference import ReferenceBackend
@@ -61,13 +62,13 @@ def test_build_is_cached_and_reused_by_a_new_process():
     same library without rebuilding it (no file there is rewritten), and importing tokenmix
     in that process does not touch the build until the backend is first asked."""
     _cpu()
-    lib = cpu_backend.build_info()["library"]
+    lib = native.build_info()["library"]
     assert lib and os.path.isfile(lib), lib
     ext_dir = os.path.dirname(lib)
     before = {f: os.stat(os.path.join(ext_dir, f)).st_mtime_ns for f in os.listdir(ext_dir)}
     code = ("import torch, tokenmix, tokenmix.ops\n"
-            "from tokenmix.ops.backends import cpu as c\n"
-            "assert c._state['module'] is None and c._state['error'] is None, 'import built the kernels'\n"
+            "from tokenmix.ops import native as c\n"
+            "assert not c._state['loaded'] and c._state['error'] is None, 'import built the kernels'\n"
             "info = c.build_info()\n"
             "assert info['error'] is None, info\n"
             "print(info['library'], hasattr(torch.ops.tokenmix_cpu, 'aggregate'))\n")
@@ -82,17 +83,17 @@ def test_build_is_cached_and_reused_by_a_new_process():
 @pytest.fixture
 def broken_build(monkeypatch):
     """The cpu backend as if the compiler were missing; restores the real state after."""
-    saved = dict(cpu_backend._state)
+    saved = dict(native._state)
 
     def fail():
         raise RuntimeError("Error building extension 'tokenmix_aggregate_cpu': c++: command not found")
 
-    monkeypatch.setattr(cpu_backend, "_build", fail)
-    cpu_backend._state.update(module=None, error=None, build_seconds=None, library=None)
+    monkeypatch.setattr(native, "_build", fail)
+    native._state.update(loaded=False, error=None, seconds=None, library=None)
     monkeypatch.setattr(registry, "_WARNED", set())
     yield
-    cpu_backend._state.clear()
-    cpu_backend._state.update(saved)
+    native._state.clear()
+    native._state.update(saved)
 
 
 def test_failed_build_falls_back_to_reference_with_one_warning(broken_build):

@@ -55,7 +55,7 @@ def test_backend_constructs_when_triton_is_importable():
     else:
         assert reason == "no CUDA device (torch.cuda.is_available() is False)"
     for op in OPS:
-        mod = importlib.import_module(f"tokenmix.ops.triton_{op}")
+        mod = importlib.import_module(f"tokenmix.ops.backends.triton.{op}")
         kernel = getattr(mod, f"{op}_kernel")
         assert "Grid:" in kernel.fn.__doc__ and "Work per program" in kernel.fn.__doc__
     ib = TritonBackend(interpret=True)
@@ -76,7 +76,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import tokenmix
 from tokenmix.ops.backends import get_backend
-print(sorted(m for m in sys.modules if m.startswith("tokenmix.ops.triton")))
+print(sorted(m for m in sys.modules if m.startswith("tokenmix.ops.backends.triton.")))
 print(get_backend("triton").unavailable_reason())
 """
 
@@ -138,7 +138,7 @@ def test_kernels_do_not_specialise_on_shapes():
     if not HAVE_TRITON:
         pytest.skip("triton is not installed (the construction test covers this)")
     for op in OPS:
-        kernel = getattr(importlib.import_module(f"tokenmix.ops.triton_{op}"), f"{op}_kernel")
+        kernel = getattr(importlib.import_module(f"tokenmix.ops.backends.triton.{op}"), f"{op}_kernel")
         if INTERPRET:
             continue  # interpreted functions carry no parameter metadata
         ints = [p for p in kernel.params if not p.is_constexpr and not p.name.endswith("_ptr")]

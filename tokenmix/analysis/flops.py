@@ -44,7 +44,7 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
-from ..ops import custom_ops  # noqa: F401  (defines torch.ops.tokenmix.* so traces name them)
+from ..ops import library  # noqa: F401  (defines torch.ops.tokenmix.* so traces name them)
 from ..ops.flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
 
 __all__ = [
@@ -318,7 +318,7 @@ def _ensure_torch_formulas() -> None:
 def torch_flops(model: nn.Module, *inputs: torch.Tensor, by_operator: bool = False):
     """Flops of ``model(*inputs)`` by ``torch.utils.flop_counter.FlopCounterMode``:
     **two** flops per multiply-add, contraction ops only (conv, mm, bmm, sdpa and the
-    ``tokenmix::`` ops, whose formulas live in :mod:`tokenmix.ops.custom_ops`). Counted in
+    ``tokenmix::`` ops, whose formulas live in :mod:`tokenmix.ops.library`). Counted in
     eval mode, forward only (autograd stays on: FlopCounterMode's module tracker fails under
     no_grad on generators that return a parameter view). Returns the total, or
     ``(total, {op name: flops})``."""

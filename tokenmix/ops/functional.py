@@ -1,4 +1,4 @@
-"""Public functional API of the shared aggregation op (DESIGN.md 2.2).
+"""Public functional API of the shared aggregation op (``docs/design.md``, "The op").
 
 Channels of group g are the contiguous block ``[g*C/G, (g+1)*C/G)``; tap ``t = u*Kw + v``
 of output (i, j) reads input ``src_t(i, j)`` as defined by :class:`~tokenmix.ops.Window`.
@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import checks, custom_ops, eager
+from . import checks, library, native  # noqa: F401  (library defines torch.ops.tokenmix)
+from .backends import select_backend
 from .window import Window
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -33,17 +34,17 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
     return a, b
 
 
-def _call(op: str, tensors, args, run, window: Window, groups: int, input_size, backend: Optional[str]):
-    """Run ``op`` on ``args`` (inputs already checked): through ``torch.ops.tokenmix`` when
-    anything may observe the call (tracing, compiling, modes, subclasses), else on the eager fast
-    path (:mod:`.eager`): an autograd node of the op's formulas when a gradient is needed, else
-    ``run()``, the op body past its checks. ``groups``, ``input_size``: G and the input-side
-    (H, W) of the call."""
-    if eager.observed(*tensors):
+def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
+    """``torch.ops.tokenmix.<op>(*args)``: the one route of every call. Where the native library
+    (which holds the ops' autograd kernel) cannot be built, the op's device kernel runs directly;
+    an input that needs a gradient then runs on the reference backend, whose pure-PyTorch
+    composition autograd differentiates by itself."""
+    if native.load():
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return eager.differentiable(op, tensors, args, window, groups, input_size, backend)
-    return run()
+        select_backend(op, tensors, window, backend)  # a forced backend's refusal, the fallback warning
+        args = (*args[:-1], "reference")
+    return library.KERNELS[op](*args)
 
 
 def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -69,8 +70,7 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Opti
     """
     x, w = _autocast(x, w)
     checks.check_aggregate(x, w, window)
-    return _call("aggregate", (x, w), (x, w, *window.as_args(), backend),
-                 lambda: custom_ops.run_aggregate(x, w, window, backend), window, w.shape[1], x.shape[2:], backend)
+    return _call("aggregate", (x, w), (x, w, *window.as_args(), backend), window, backend)
 
 
 def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
@@ -96,9 +96,7 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
     """
     q, k = _autocast(q, k)
     checks.check_correlate(q, k, window, groups)
-    return _call("correlate", (q, k), (q, k, *window.as_args(), groups, False, False, backend),
-                 lambda: custom_ops.run_correlate(q, k, window, groups, False, False, backend), window, groups,
-                 k.shape[2:], backend)
+    return _call("correlate", (q, k), (q, k, *window.as_args(), groups, False, False, backend), window, backend)
 
 
 def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_size: Tuple[int, int], *,
@@ -124,6 +122,4 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
     """
     y, w = _autocast(y, w)
     H, W = checks.check_aggregate_transpose(y, w, window, input_size)
-    return _call("aggregate_transpose", (y, w), (y, w, *window.as_args(), [H, W], backend),
-                 lambda: custom_ops.run_aggregate_transpose(y, w, window, (H, W), backend), window, w.shape[1],
-                 (H, W), backend)
+    return _call("aggregate_transpose", (y, w), (y, w, *window.as_args(), [H, W], backend), window, backend)

@@ -10,17 +10,13 @@ from __future__ import annotations
 import importlib
 import threading
 import warnings
-from typing import Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..window import Window
 
 OPS = ("aggregate", "correlate", "aggregate_transpose")
-
-
-class BackendUnavailable(RuntimeError):
-    """Raised by ``Backend.check_available`` when a backend cannot run on this machine."""
 
 
 class Backend:
@@ -70,12 +66,6 @@ class Backend:
     def aggregate_transpose(self, y: torch.Tensor, w: torch.Tensor, window: Window,
                             input_size: Tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
-
-    #: Optional: ``autograd(op, a, b, window, groups, input_size, backend)`` runs the primitive
-    #: ``op`` on (a, b) with its backward as the backend's own autograd node (the eager path
-    #: uses it for inputs that need a gradient). None: the eager path's Python Function of the
-    #: ops' formulas, which calls the primitives above.
-    autograd: ClassVar[Optional[Callable[..., torch.Tensor]]] = None
 
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}>"

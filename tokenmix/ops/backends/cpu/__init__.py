@@ -1,11 +1,8 @@
-"""Native CPU backend: C++ kernels (``csrc/aggregate_cpu.cpp``) compiled at first use.
-
-The kernels are built with :func:`torch.utils.cpp_extension.load` the first time the backend
-is asked whether it is available (never at import), with ``-O3 -march=native -fopenmp`` and
-``at::parallel_for``; torch caches the build in its extensions directory
-(``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), so later processes only load the
-shared library. When the build fails (no compiler, no ninja) :meth:`CpuBackend.unavailable_reason`
-returns the reason and the dispatcher falls back to the reference backend with one warning.
+"""Native CPU backend: C++ kernels (``csrc/``) in the native library (:mod:`tokenmix.ops.native`),
+built the first time the backend is asked whether it is available (never at import), with
+``-O3 -march=native -fopenmp`` and ``at::parallel_for``. When the build fails (no compiler, no
+ninja) :meth:`CpuBackend.unavailable_reason` returns the reason and the dispatcher falls back to
+the reference backend with one warning.
 
 Geometry is not re-derived in C++: the per-axis source tables of
 :meth:`Window.source_index` (the same ones the reference uses) are passed in, together with
@@ -32,79 +29,14 @@ y, gx and gw (``benchmarks/ops.py`` counts it through the allocator).
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import platform
-import threading
-import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
+from ... import native
 from .. import Backend
 from ...window import Window
-
-_EXT_NAME = "tokenmix_aggregate_cpu"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
-_LDFLAGS = ["-fopenmp"]
-
-_lock = threading.Lock()
-_state = {"module": None, "error": None, "build_seconds": None, "library": None}
-
-
-def _host_tag() -> str:
-    """A short hash of this CPU's model and instruction-set flags. The build uses
-    ``-march=native`` and torch's extension cache is keyed by name and sources only, so the
-    name carries the host: a cache shared by machines with different CPUs never hands one a
-    library with instructions it lacks."""
-    info = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
-        info += "".join(sorted(set(lines)))
-    except OSError:
-        info += platform.processor()
-    return hashlib.sha1(info.encode()).hexdigest()[:10]
-
-
-def _source_paths() -> List[str]:
-    """The kernels, and the eager path's autograd op built on them."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-    return [os.path.join(here, name) for name in ("aggregate_cpu.cpp", "autograd_cpu.cpp")]
-
-
-def _build():
-    """Compile (or load the cached build of) the extension; returns ``torch.ops.tokenmix_cpu``.
-
-    The library registers its kernels with ``TORCH_LIBRARY`` (no pybind11), so
-    ``load(is_python_module=False)`` loads it into the process and returns its path."""
-    from torch.utils.cpp_extension import load
-
-    path = load(name=f"{_EXT_NAME}_{_host_tag()}", sources=_source_paths(), extra_cflags=list(_CFLAGS),
-                extra_ldflags=list(_LDFLAGS), is_python_module=False, verbose=False)
-    _state["library"] = path
-    return torch.ops.tokenmix_cpu
-
-
-def load_extension():
-    """The compiled extension module, building it on first call; None if the build failed
-    (the reason is in ``_state['error']``). Thread-safe; the outcome is cached."""
-    if _state["module"] is not None or _state["error"] is not None:
-        return _state["module"]
-    with _lock:
-        if _state["module"] is None and _state["error"] is None:
-            start = time.perf_counter()
-            try:
-                _state["module"] = _build()
-            except Exception as exc:  # compiler missing, ninja missing, build error...
-                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-                errors = [ln for ln in lines if "error" in ln.lower()]
-                detail = (errors or lines or [""])[0][:300]
-                _state["error"] = f"could not build the C++ kernels ({type(exc).__name__}: {detail})"
-            _state["build_seconds"] = time.perf_counter() - start
-    return _state["module"]
-
 
 # ----------------------------------------------------------------------------- geometry
 @dataclass(frozen=True)
@@ -200,15 +132,14 @@ class CpuBackend(Backend):
     bwd_tol = fwd_tol
 
     def unavailable_reason(self) -> Optional[str]:
-        load_extension()
-        return _state["error"]
+        native.load()
+        return native.error()
 
     @staticmethod
     def _ext():
-        mod = load_extension()
-        if mod is None:
-            raise RuntimeError(f"tokenmix cpu backend unavailable: {_state['error']}")
-        return mod
+        if not native.load():
+            raise RuntimeError(f"tokenmix cpu backend unavailable: {native.error()}")
+        return torch.ops.tokenmix_cpu
 
     def aggregate(self, x, w, window):
         pl = _plan(window, x.shape[2], x.shape[3])
@@ -220,30 +151,9 @@ class CpuBackend(Backend):
         return self._ext().correlate(q.contiguous(), k.contiguous(), pl.rows, pl.cols, pl.coff, pl.stride,
                                      pl.fa, pl.fb, pl.pad_ok, int(groups), bool(sum_batch), bool(sum_space))
 
-    def autograd(self, op: str, a: torch.Tensor, b: torch.Tensor, window: Window, groups: int,
-                 input_size: Tuple[int, int], backend: Optional[str]) -> torch.Tensor:
-        """``op`` (a primitive's name) on (a, b) with its backward as one C++ autograd node
-        (``csrc/autograd_cpu.cpp``): the eager path of :mod:`.eager` for inputs that need a
-        gradient. ``groups``: G of correlate (ignored by the others); ``input_size``: (H, W) of
-        the input side (x of aggregate, k of correlate, the output of aggregate_transpose);
-        ``backend``: the caller's choice, passed on to the custom ops that an observed or
-        differentiable backward calls."""
-        H, W = int(input_size[0]), int(input_size[1])
-        pl = _plan(window, H, W)
-        return self._ext().autograd(op, a, b, pl.rows, pl.cols, pl.coff, pl.stride, pl.fa, pl.fb, pl.pad_ok, pl.ca,
-                                    pl.cb, pl.rptr, pl.rpair, pl.cptr, pl.cpair, int(groups), H, W,
-                                    *window.as_args(), backend)
-
     def aggregate_transpose(self, y, w, window, input_size):
         H, W = int(input_size[0]), int(input_size[1])
         pl = _plan(window, H, W)
         return self._ext().aggregate_transpose(y.contiguous(), w.contiguous(), pl.rows, pl.cols, pl.coff,
                                                pl.stride, pl.pad_ok, pl.ca, pl.cb, pl.rptr, pl.rpair, pl.cptr,
                                                pl.cpair, H, W)
-
-
-def build_info() -> dict:
-    """Where the compiled library lives and how long the first load (compile or cache hit) took."""
-    mod = load_extension()
-    return {"library": _state["library"] if mod is not None else None, "error": _state["error"],
-            "load_seconds": _state["build_seconds"]}

@@ -1,0 +1,195 @@
+// The autograd kernel of the three tokenmix:: ops, for every device: the only place where
+// their backward formulas are written. The ops' schemas, fake (meta) kernels and FLOP
+// formulas are registered from Python (tokenmix/ops/library.py); their device kernels pick a
+// backend (reference, cpu, triton). This file registers, for the Autograd dispatch key, a
+// torch::autograd::Function per op whose forward calls the op below autograd and whose
+// backward calls the ops again through the dispatcher:
+//
+//   aggregate(x, w):            gx = aggregate_transpose(gy, w)
+//                               gw = correlate(gy, x), summed over the broadcast dims of w
+//   correlate(q, k):            gq = aggregate(k, go)
+//                               gk = aggregate_transpose(q, go)
+//   aggregate_transpose(y, w):  gy = aggregate(gz, w)
+//                               gw = correlate(y, gz), summed over the broadcast dims of w
+//
+// Because the backward goes through the dispatcher, it is itself differentiable (create_graph),
+// traced by torch.compile / torch.export and counted by FlopCounterMode like any other call.
+// aggregate's backward computes gx before gw: the CPU correlate of per-pixel weights, which
+// runs second, lends its scratch from its own result, so the backward's peak is y, gx and gw.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tokenmix {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Ints = at::IntArrayRef;
+using SymInts = c10::SymIntArrayRef;
+using Backend = std::optional<c10::string_view>;
+
+// The geometry arguments shared by the three ops, kept in the autograd context.
+struct Geometry {
+  std::vector<int64_t> kernel_size, stride, dilation, padding;
+  std::string border;
+  std::optional<std::string> backend;
+
+  Geometry(Ints ks, Ints st, Ints dl, Ints pd, c10::string_view b, Backend be)
+      : kernel_size(ks.vec()), stride(st.vec()), dilation(dl.vec()), padding(pd.vec()), border(b) {
+    if (be) backend = std::string(*be);
+  }
+
+  explicit Geometry(AutogradContext* ctx) {
+    auto& d = ctx->saved_data;
+    kernel_size = d["kernel_size"].toIntVector(), stride = d["stride"].toIntVector();
+    dilation = d["dilation"].toIntVector(), padding = d["padding"].toIntVector();
+    border = d["border"].toStringRef();
+    if (!d["backend"].isNone()) backend = d["backend"].toStringRef();
+  }
+
+  void save(AutogradContext* ctx) const {
+    auto& d = ctx->saved_data;
+    d["kernel_size"] = kernel_size, d["stride"] = stride, d["dilation"] = dilation, d["padding"] = padding;
+    d["border"] = border;
+    d["backend"] = backend ? c10::IValue(*backend) : c10::IValue();
+  }
+
+  Backend backend_arg() const { return backend ? Backend(*backend) : std::nullopt; }
+
+  // The three ops through the dispatcher, with this geometry.
+  at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tokenmix::aggregate", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, Ints, Ints, Ints, Ints,
+                                           c10::string_view, Backend)>();
+    return op.call(x, w, kernel_size, stride, dilation, padding, border, backend_arg());
+  }
+
+  at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, int64_t groups, bool sum_batch,
+                       bool sum_space) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tokenmix::correlate", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, Ints, Ints, Ints, Ints,
+                                           c10::string_view, int64_t, bool, bool, Backend)>();
+    return op.call(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, sum_space,
+                   backend_arg());
+  }
+
+  at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, SymInts input_size) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tokenmix::aggregate_transpose", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, Ints, Ints, Ints, Ints,
+                                           c10::string_view, SymInts, Backend)>();
+    return op.call(y, w, kernel_size, stride, dilation, padding, border, input_size, backend_arg());
+  }
+
+  // The weight gradient of a weight (B|1, G, K*K, Ho|1, Wo|1): correlate of (a, b), summed
+  // to size 1 over the dims where w broadcasts.
+  at::Tensor weight_grad(const at::Tensor& a, const at::Tensor& b, const at::Tensor& w) const {
+    return correlate(a, b, w.size(1), w.sym_size(0) == 1, w.sym_size(3) == 1 && w.sym_size(4) == 1);
+  }
+};
+
+struct AggregateFunction : torch::autograd::Function<AggregateFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const Geometry& g) {
+    ctx->save_for_backward({x, w});
+    g.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return g.aggregate(x, w);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &gy = grads[0];
+    const Geometry g(ctx);
+    at::Tensor gx, gw;
+    if (ctx->needs_input_grad(0)) gx = g.aggregate_transpose(gy, w, x.sym_sizes().slice(2));
+    if (ctx->needs_input_grad(1)) gw = g.weight_grad(gy, x, w);
+    return {gx, gw, at::Tensor()};
+  }
+};
+
+struct CorrelateFunction : torch::autograd::Function<CorrelateFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const Geometry& g,
+                            int64_t groups, bool sum_batch, bool sum_space) {
+    ctx->save_for_backward({q, k});
+    g.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return g.correlate(q, k, groups, sum_batch, sum_space);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &go = grads[0];
+    const Geometry g(ctx);
+    at::Tensor gq, gk;
+    if (ctx->needs_input_grad(0)) gq = g.aggregate(k, go);
+    if (ctx->needs_input_grad(1)) gk = g.aggregate_transpose(q, go, k.sym_sizes().slice(2));
+    return {gq, gk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct AggregateTransposeFunction : torch::autograd::Function<AggregateTransposeFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& w, const Geometry& g,
+                            SymInts input_size) {
+    ctx->save_for_backward({y, w});
+    g.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return g.aggregate_transpose(y, w, input_size);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &y = saved[0], &w = saved[1], &gz = grads[0];
+    const Geometry g(ctx);
+    at::Tensor gy, gw;
+    if (ctx->needs_input_grad(0)) gy = g.aggregate(gz, w);
+    if (ctx->needs_input_grad(1)) gw = g.weight_grad(y, gz, w);
+    return {gy, gw, at::Tensor(), at::Tensor()};
+  }
+};
+
+// Whether the call records a node; if not, it goes straight to the device kernel.
+bool records(const at::Tensor& a, const at::Tensor& b) {
+  return at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
+}
+
+at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, Ints kernel_size, Ints stride, Ints dilation,
+                     Ints padding, c10::string_view border, Backend backend) {
+  const Geometry g(kernel_size, stride, dilation, padding, border, backend);
+  if (records(x, w)) return AggregateFunction::apply(x, w, g);
+  at::AutoDispatchBelowADInplaceOrView below;
+  return g.aggregate(x, w);
+}
+
+at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, Ints kernel_size, Ints stride, Ints dilation,
+                     Ints padding, c10::string_view border, int64_t groups, bool sum_batch, bool sum_space,
+                     Backend backend) {
+  const Geometry g(kernel_size, stride, dilation, padding, border, backend);
+  if (records(q, k)) return CorrelateFunction::apply(q, k, g, groups, sum_batch, sum_space);
+  at::AutoDispatchBelowADInplaceOrView below;
+  return g.correlate(q, k, groups, sum_batch, sum_space);
+}
+
+at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, Ints kernel_size, Ints stride,
+                               Ints dilation, Ints padding, c10::string_view border, SymInts input_size,
+                               Backend backend) {
+  const Geometry g(kernel_size, stride, dilation, padding, border, backend);
+  if (records(y, w)) return AggregateTransposeFunction::apply(y, w, g, input_size);
+  at::AutoDispatchBelowADInplaceOrView below;
+  return g.aggregate_transpose(y, w, input_size);
+}
+
+}  // namespace
+}  // namespace tokenmix
+
+TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
+  m.impl("aggregate", TORCH_FN(tokenmix::aggregate));
+  m.impl("correlate", TORCH_FN(tokenmix::correlate));
+  m.impl("aggregate_transpose", TORCH_FN(tokenmix::aggregate_transpose));
+}

@@ -1,0 +1,115 @@
+"""The three primitives as operators of the ``tokenmix::`` namespace.
+
+Each op is defined once, here, with ``torch.library``:
+
+- its schema (geometry as flat int lists ``kernel_size, stride, dilation, padding``, each
+  ``[h, w]``, and ``border``; ``backend`` forces a backend by name, None dispatches);
+- one device kernel for every device (``CompositeExplicitAutograd``): check the arguments,
+  pick a backend with :func:`tokenmix.ops.backends.select_backend`, run it;
+- a fake (meta) kernel that returns the output's shape, so
+  ``torch.compile(fullgraph=True)`` and ``torch.export`` see one node per call;
+- a FLOP formula for ``torch.utils.flop_counter`` (fvcore's is in :mod:`tokenmix.analysis.flops`).
+
+The autograd kernel, for every device, is C++ (``csrc/autograd.cpp``, in the native library of
+:mod:`tokenmix.ops.native`): it holds the only copy of the backward formulas and calls these ops
+again for the gradients.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from . import checks
+from .backends import select_backend
+from .flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
+from .window import Window
+
+_GEOMETRY = "int[] kernel_size, int[] stride, int[] dilation, int[] padding, str border"
+SCHEMAS = {
+    "aggregate": f"aggregate(Tensor x, Tensor w, {_GEOMETRY}, str? backend) -> Tensor",
+    "correlate": f"correlate(Tensor q, Tensor k, {_GEOMETRY}, int groups, bool sum_batch, bool sum_space, "
+                 f"str? backend) -> Tensor",
+    "aggregate_transpose": f"aggregate_transpose(Tensor y, Tensor w, {_GEOMETRY}, SymInt[] input_size, "
+                           f"str? backend) -> Tensor",
+}
+
+_lib = torch.library.Library("tokenmix", "DEF")
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _aggregate(x: Tensor, w: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+               padding: List[int], border: str, backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_aggregate(x, w, window)
+    x, w = x.contiguous(), w.contiguous()
+    return select_backend("aggregate", (x, w), window, backend).aggregate(x, w, window)
+
+
+def _correlate(q: Tensor, k: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+               padding: List[int], border: str, groups: int, sum_batch: bool, sum_space: bool,
+               backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_correlate(q, k, window, groups)
+    q, k = q.contiguous(), k.contiguous()
+    return select_backend("correlate", (q, k), window, backend).correlate(q, k, window, groups, sum_batch, sum_space)
+
+
+def _aggregate_transpose(y: Tensor, w: Tensor, kernel_size: List[int], stride: List[int], dilation: List[int],
+                         padding: List[int], border: str, input_size: List[int], backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    size = checks.check_aggregate_transpose(y, w, window, tuple(input_size))
+    y, w = y.contiguous(), w.contiguous()
+    return select_backend("aggregate_transpose", (y, w), window, backend).aggregate_transpose(y, w, window, size)
+
+
+KERNELS = {"aggregate": _aggregate, "correlate": _correlate, "aggregate_transpose": _aggregate_transpose}
+for _name, _kernel in KERNELS.items():
+    _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
+
+
+# ------------------------------------------------------------------------ fake kernels
+
+
+@torch.library.register_fake("tokenmix::aggregate", lib=_lib)
+def _(x, w, kernel_size, stride, dilation, padding, border, backend):
+    Ho, Wo = Window.from_args(kernel_size, stride, dilation, padding, border).output_size(x.shape[2], x.shape[3])
+    return x.new_empty(x.shape[0], x.shape[1], Ho, Wo)
+
+
+@torch.library.register_fake("tokenmix::correlate", lib=_lib)
+def _(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, sum_space, backend):
+    B, _, Ho, Wo = q.shape
+    taps = kernel_size[0] * kernel_size[1]
+    return q.new_empty(1 if sum_batch else B, groups, taps, 1 if sum_space else Ho, 1 if sum_space else Wo)
+
+
+@torch.library.register_fake("tokenmix::aggregate_transpose", lib=_lib)
+def _(y, w, kernel_size, stride, dilation, padding, border, input_size, backend):
+    return y.new_empty(y.shape[0], y.shape[1], input_size[0], input_size[1])
+
+
+# ------------------------------------------------------------------------------- flops
+# torch's FlopCounterMode counts 2 flops per multiply-add.
+
+
+@register_flop_formula(torch.ops.tokenmix.aggregate)
+def _aggregate_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * aggregate_macs(x_shape, w_shape, out_shape)
+
+
+@register_flop_formula(torch.ops.tokenmix.correlate)
+def _correlate_flop(q_shape, k_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 2 * correlate_macs(q_shape, kernel_size[0] * kernel_size[1])
+
+
+@register_flop_formula(torch.ops.tokenmix.aggregate_transpose)
+def _aggregate_transpose_flop(y_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * aggregate_transpose_macs(y_shape, w_shape)
