@@ -35,14 +35,21 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
 
 
 def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
-    """``torch.ops.tokenmix.<op>(*args)``: the one route of every call. Where the native library
-    (which holds the ops' autograd kernel) cannot be built, the op's device kernel runs directly;
-    an input that needs a gradient then runs on the reference backend, whose pure-PyTorch
-    composition autograd differentiates by itself."""
-    if native.load():
+    """Run ``torch.ops.tokenmix.<op>(*args)``, the one route of every call, whose autograd kernel
+    and CPU kernels are the native library's. Two cases run the op's Python device kernel
+    (:data:`tokenmix.ops.library.KERNELS`) directly instead: a backend other than ``"cpu"``
+    forced on CPU tensors, and a process where the native library cannot be built. Inputs that
+    need a gradient then run the reference backend, whose pure-PyTorch composition autograd
+    differentiates by itself, or a forced backend's refusal is raised."""
+    native_cpu = backend is None or backend == "cpu" or tensors[0].device.type != "cpu"
+    if native_cpu and native.load():
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        select_backend(op, tensors, window, backend)  # a forced backend's refusal, the fallback warning
+        chosen = select_backend(op, tensors, window, backend)  # a forced backend's refusal, the fallback warning
+        if backend is not None and chosen.name != "reference":
+            raise ValueError(f"backend={backend!r} runs {op} on these inputs without autograd "
+                             f"(the native library is not loaded or the tensors are on the CPU); "
+                             f"use backend=None or 'reference' for a gradient")
         args = (*args[:-1], "reference")
     return library.KERNELS[op](*args)
 
