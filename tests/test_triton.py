@@ -316,23 +316,33 @@ if INTERPRET:
         out = fn(*ins)
         return out, torch.autograd.grad(out, ins, gout)
 
+    def _backward_with(b, op, a, c, window, size, gout):
+        """The two gradients that the ops' autograd kernel computes for ``op(a, c)`` (its
+        formulas, docs/design.md "Adjoints"), each primitive run on backend ``b``: on CPU
+        tensors the interpreted backend runs outside the op, whose CPU kernel is native."""
+        if op == "correlate":
+            return b.aggregate(c, gout, window), b.aggregate_transpose(a, gout, window, size)
+        sums = (c.shape[0] == 1, c.shape[3:] == (1, 1))
+        if op == "aggregate":
+            return b.aggregate_transpose(gout, c, window, size), b.correlate(gout, a, window, c.shape[1], *sums)
+        return b.aggregate(gout, c, window), b.correlate(a, gout, window, c.shape[1], *sums)
+
     @settings(max_examples=4)
     @_with_examples(EXAMPLES_BWD)
     @given(problems())
     def test_interp_backward_aggregate(backend, problem):
-        """Autograd of tokenmix::aggregate forced onto the interpreted Triton backend (its
-        backward calls aggregate_transpose and correlate with the broadcast sums) vs autograd
-        through the float64 reference."""
+        """The backward of aggregate on the interpreted Triton backend (aggregate_transpose, and
+        correlate with the broadcast sums) vs autograd through the float64 reference."""
         window, B, C, G, H, W, mode, dtype = problem
         Ho, Wo = window.output_size(H, W)
         gen = torch.Generator().manual_seed(7 + B * 1000 + C * 100 + H * 10 + W)
         x = torch.randn(B, C, H, W, dtype=torch.float64, generator=gen).to(dtype)
         w = weight(B, G, window, Ho, Wo, mode, gen).to(dtype)
         gy = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=gen).to(dtype)
-        y, (gx, gw) = _grads(lambda a, b: aggregate(a, b, window, backend="triton_interpret"), (x, w), gy)
+        gx, gw = _backward_with(backend, "aggregate", x, w, window, (H, W), gy)
         ry, (rgx, rgw) = _grads(lambda a, b: aggregate(a, b, window, backend="reference"),
                                 (x.double(), w.double()), gy.double())
-        close(y, ry, backend.fwd_tol[dtype], "y")
+        close(backend.aggregate(x, w, window), ry, backend.fwd_tol[dtype], "y")
         close(gx, rgx, backend.bwd_tol[dtype], "grad x")
         close(gw, rgw, backend.bwd_tol[dtype], "grad w")
 
@@ -340,9 +350,9 @@ if INTERPRET:
     @_with_examples(EXAMPLES_BWD)
     @given(problems())
     def test_interp_backward_correlate_and_transpose(backend, problem):
-        """Autograd of tokenmix::correlate (backward: aggregate, aggregate_transpose) and of
-        tokenmix::aggregate_transpose (backward: aggregate, correlate) on the interpreted
-        Triton backend vs autograd through the float64 reference."""
+        """The backwards of correlate (aggregate, aggregate_transpose) and of
+        aggregate_transpose (aggregate, correlate) on the interpreted Triton backend vs
+        autograd through the float64 reference."""
         window, B, C, G, H, W, mode, dtype = problem
         Ho, Wo = window.output_size(H, W)
         gen = torch.Generator().manual_seed(11 + B * 1000 + C * 100 + H * 10 + W)
@@ -350,29 +360,31 @@ if INTERPRET:
         k = torch.randn(B, C, H, W, dtype=torch.float64, generator=gen).to(dtype)
         go = torch.randn(B, G, window.taps, Ho, Wo, dtype=torch.float64, generator=gen).to(dtype)
         tol = backend.bwd_tol[dtype]
-        o, (gq, gk) = _grads(lambda a, b: correlate(a, b, window, G, backend="triton_interpret"), (q, k), go)
+        gq, gk = _backward_with(backend, "correlate", q, k, window, (H, W), go)
         ro, (rgq, rgk) = _grads(lambda a, b: correlate(a, b, window, G, backend="reference"),
                                 (q.double(), k.double()), go.double())
-        close(o, ro, backend.fwd_tol[dtype], "correlate")
+        close(backend.correlate(q, k, window, G), ro, backend.fwd_tol[dtype], "correlate")
         close(gq, rgq, tol, "grad q")
         close(gk, rgk, tol, "grad k")
         w = weight(B, G, window, Ho, Wo, mode, gen).to(dtype)
         gx = torch.randn(B, C, H, W, dtype=torch.float64, generator=gen).to(dtype)
-        _, (gy, gw) = _grads(lambda a, b: aggregate_transpose(a, b, window, (H, W), backend="triton_interpret"),
-                             (q, w), gx)
+        gy, gw = _backward_with(backend, "aggregate_transpose", q, w, window, (H, W), gx)
         _, (rgy, rgw) = _grads(lambda a, b: aggregate_transpose(a, b, window, (H, W), backend="reference"),
                                (q.double(), w.double()), gx.double())
         close(gy, rgy, tol, "grad y (transpose)")
         close(gw, rgw, tol, "grad w (transpose)")
 
     def test_interp_dispatch_refuses_with_reasons(backend):
-        """A forced triton backend on CPU tensors names the reason; the interpreted one runs."""
+        """A forced triton backend on CPU tensors names the reason; the interpreted one runs
+        (without autograd: a gradient through it is refused)."""
         x = torch.randn(1, 2, 5, 5)
         w = torch.randn(1, 2, 9, 5, 5)
         with pytest.raises(ValueError, match=r"backend='triton' cannot run aggregate.*device 'cpu' not in \['cuda'\]"):
             aggregate(x, w, Window(3), backend="triton")
         y = aggregate(x, w, Window(3), backend="triton_interpret")
         torch.testing.assert_close(y, ReferenceBackend().aggregate(x, w, Window(3)), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="backend='triton_interpret' runs aggregate on these inputs without autograd"):
+            aggregate(x.requires_grad_(), w, Window(3), backend="triton_interpret")
         # an empty batch: empty outputs, and a weight gradient summed over no images is 0
         x0, w0 = torch.randn(0, 2, 5, 5), torch.randn(1, 2, 9, 1, 1)
         assert backend.aggregate(x0, w0, Window(3)).shape == (0, 2, 5, 5)

@@ -25,7 +25,6 @@
 #include <vector>
 
 namespace tokenmix {
-namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -185,7 +184,6 @@ at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, Ints ke
   return g.aggregate_transpose(y, w, input_size);
 }
 
-}  // namespace
 }  // namespace tokenmix
 
 TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
