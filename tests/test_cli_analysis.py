@@ -63,7 +63,7 @@ def test_mixers(capsys):
 
 def test_mixers_errors(capsys):
     rc, _, err = run(capsys, "mixers", "--size", "0")
-    assert rc == 2 and "size must be a positive int, got 0" in err
+    assert rc == 2 and "size must be >= 1, got 0" in err
     rc, _, err = run(capsys, "mixers", "--mixers", "involution,nope")
     assert rc == 2 and "unknown mixer(s) 'nope'" in err
 

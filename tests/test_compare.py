@@ -93,7 +93,7 @@ def test_small_net_runs_every_mixer(mixer):
 def test_small_net_argument_errors():
     with pytest.raises(ValueError, match="norm must be one of"):
         SmallNet("conv", norm="layer")
-    with pytest.raises(ValueError, match="width must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="width must be >= 1, got 0"):
         SmallNet("conv", width=0)
     with pytest.raises(ValueError, match="unknown mixer 'nope'"):
         SmallNet("nope")

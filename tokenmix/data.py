@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._checks import check_positive_int
+from ._args import check_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -138,7 +138,7 @@ def load_data(spec: str, *, size: Optional[int] = None, test_fraction: float = 0
     if not isinstance(spec, str):
         raise TypeError(f"data must be a string such as 'digits' or 'folder:PATH', got {spec!r}")
     if size is not None:
-        check_positive_int("size", size)
+        check_int("size", size)
     if spec == "digits":
         x, y, classes = _load_digits()
         x = _resize(x, size)

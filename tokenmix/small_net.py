@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from ._checks import check_positive_int
+from ._args import check_int
 
 NORMS = ("batch", "group", "none")
 
@@ -79,7 +79,7 @@ class SmallNet(nn.Module):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width),
                             ("depth", depth)):
-            check_positive_int(name, value)
+            check_int(name, value)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         kw = dict(mixer_kwargs or {})

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from ._checks import check_positive_int
+from ._args import check_int
 from .cli import Command
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -79,7 +79,7 @@ class TrainConfig:
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
-            check_positive_int(name, getattr(self, name))
+            check_int(name, getattr(self, name))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.optimizer not in OPTIMIZERS:

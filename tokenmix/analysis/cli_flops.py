@@ -21,12 +21,12 @@ def run(args: argparse.Namespace) -> int:
     from ..models import create_model, list_models
     from .flops import count_flops, module_hook_flops, torch_flops
     from .params import count_params, param_table
-    from .tables import check_size
+    from .._args import check_int
 
     try:
         if args.model not in list_models():
             raise ValueError(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
-        size = check_size(args.size)
+        size = check_int("size", args.size, 32, "the backbones downsample by 32")
         if args.depth < 1:
             raise ValueError(f"--depth must be >= 1, got {args.depth}")
     except (ValueError, TypeError) as e:

@@ -44,6 +44,7 @@ from typing import Any, Dict, List
 import torch
 from torch import nn
 
+from .._args import check_pair
 from ..ops import library  # noqa: F401  (defines torch.ops.tokenmix.* so traces name them)
 from ..ops.flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
 
@@ -77,12 +78,6 @@ def _ivalue(value) -> Any:
     if node.kind() == "prim::ListConstruct":
         return [_ivalue(v) for v in node.inputs()]
     return value.toIValue()
-
-
-def _pair(v) -> List[int]:
-    if isinstance(v, (list, tuple)):
-        return [int(v[0]), int(v[-1])] if len(v) else []
-    return [int(v), int(v)]
 
 
 # ------------------------------------------------------------------------------ handles
@@ -137,7 +132,8 @@ def per_element_handle(inputs, outputs) -> int:
 
 def pool_handle(inputs, outputs) -> int:
     """``aten::{max,avg}_pool2d(x, kernel_size, ...)``: output elements * window area."""
-    kernel = _pair(_ivalue(inputs[1]))
+    kernel = _ivalue(inputs[1])  # [k] (one value for both axes) or [kh, kw]
+    kernel = check_pair("kernel_size", kernel[0] if len(kernel) == 1 else kernel)
     return int(prod(_shape(outputs[0])) * kernel[0] * kernel[1])
 
 

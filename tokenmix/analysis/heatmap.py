@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_positive_int
+from .._args import check_int
 
 __all__ = [
     "REDUCTIONS",
@@ -179,7 +179,7 @@ def plot_heatmaps(image: torch.Tensor, maps: torch.Tensor, out: Union[str, os.Pa
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
     if maps.dim() != 3:
         raise ValueError(f"maps must be (G, Ho, Wo), got {tuple(maps.shape)}")
-    check_positive_int("max_groups", max_groups)
+    check_int("max_groups", max_groups)
     H, W = image.shape[1:]
     G = min(maps.shape[0], max_groups)
     up = F.interpolate(maps[:G].unsqueeze(0).float(), size=(H, W), mode="nearest")[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._checks import check_positive_int
+from .._args import check_int
 
 __all__ = ["count_params", "param_table"]
 
@@ -23,7 +23,7 @@ def param_table(model: nn.Module, max_depth: int = 2) -> str:
     """fvcore's markdown table of parameter counts by submodule, ``max_depth`` levels deep."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_positive_int("max_depth", max_depth)
+    check_int("max_depth", max_depth)
     from fvcore.nn import parameter_count_table
 
     return parameter_count_table(model, max_depth=max_depth)

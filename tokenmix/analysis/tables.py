@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .._checks import check_positive_int
+from .._args import check_int
 from .flops import FlopCount, count_flops
 from .params import count_params
 
@@ -28,7 +28,6 @@ __all__ = [
     "mixer_rows",
     "format_mixers",
     "cpu_latency_ms",
-    "check_size",
 ]
 
 
@@ -68,15 +67,6 @@ PAPER_TABLE1: Dict[str, PaperEntry] = {
     "sasa_resnet50": PaperEntry(18.0, 3.6),
 }
 """Paper Table 1 (params M / GMACs at 224x224), with the official README's RedNet GFLOPs."""
-
-
-def check_size(size) -> int:
-    """Validate an input side length: an int >= 32 (five stride-2 stages need 32 pixels)."""
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise TypeError(f"size must be an int, got {type(size).__name__}: {size!r}")
-    if size < 32:
-        raise ValueError(f"size must be >= 32, got {size} (the backbones downsample by 32)")
-    return size
 
 
 def cpu_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> float:
@@ -140,7 +130,7 @@ def zoo_rows(names: Optional[Iterable[str]] = None, *, size: int = 224, latency:
     """
     from ..models import create_model, list_models
 
-    size = check_size(size)
+    size = check_int("size", size, 32, "the backbones downsample by 32")
     names = _select(names, list_models(), "model")
     rows = []
     for name in names:
@@ -215,7 +205,7 @@ def mixer_rows(dim: int = 256, size: int = 14, kernel_size: int = 7, *, stride: 
     from ..mixers import create_mixer, list_mixers
 
     for arg, v in (("dim", dim), ("size", size), ("kernel_size", kernel_size), ("stride", stride)):
-        check_positive_int(arg, v)
+        check_int(arg, v)
     names = _select(names, list_mixers(), "mixer")
     rows = []
     for name in names:

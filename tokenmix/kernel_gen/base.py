@@ -6,21 +6,13 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-from ..ops.window import Window, _pair
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """A plain int >= minimum, else TypeError/ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
+from .._args import check_int, check_pair
+from ..ops.window import Window
 
 
 def check_odd_kernel(kernel_size, why: str = "the window needs a centre tap") -> Tuple[int, int]:
     """(Kh, Kw), both odd; ValueError naming kernel_size otherwise."""
-    ks = _pair("kernel_size", kernel_size, 1)
+    ks = check_pair("kernel_size", kernel_size, 1)
     if ks[0] % 2 == 0 or ks[1] % 2 == 0:
         raise ValueError(f"kernel_size must be odd ({why}), got kernel_size={kernel_size!r}")
     return ks
@@ -59,7 +51,7 @@ class KernelGenerator(nn.Module):
     def _setup(self, channels: int, groups: int, kernel_size) -> None:
         self.channels = check_int("channels", channels)
         self.groups = groups
-        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self.kernel_size = check_pair("kernel_size", kernel_size, 1)
 
     def check_window(self, x, window: Window) -> None:
         if not isinstance(window, Window):

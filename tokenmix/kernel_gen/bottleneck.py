@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import KernelGenerator, check_int, resolve_groups
+from .._args import check_int
+from .base import KernelGenerator, resolve_groups
 from .registry import register_kernel_gen
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import nn
 
-from .base import check_int
+from .._args import check_int
 from .bottleneck import BottleneckKernel
 from .registry import register_kernel_gen
 

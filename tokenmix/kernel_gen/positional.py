@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ._position import masked_softmax, offset_index, strided_queries
-from .base import KernelGenerator, check_int, resolve_groups
+from .._args import check_int
+from .base import KernelGenerator, resolve_groups
 from .registry import register_kernel_gen
 
 

@@ -13,23 +13,23 @@ from .._registry import Registry
 _KERNEL_GENS = Registry("kernel generator")
 
 
-def register_kernel_gen(name: str):
+def register_kernel_gen(name: str, *, overwrite: bool = False):
     """Class (or factory) decorator that registers a generator under ``name``.
 
     >>> @register_kernel_gen("my_gen")          # doctest: +SKIP
     ... class MyGen(nn.Module): ...
     """
-    return _KERNEL_GENS.register(name)
+    return _KERNEL_GENS.register(name, overwrite=overwrite)
 
 
 def list_kernel_gens() -> List[str]:
-    """Names of the registered kernel generators, sorted."""
-    return sorted(_KERNEL_GENS)
+    """Names of the registered kernel generators, in registration order."""
+    return _KERNEL_GENS.names()
 
 
 def get_kernel_gen(name: str) -> Callable[..., nn.Module]:
     """The class registered under ``name``; ValueError listing the known names otherwise."""
-    return _KERNEL_GENS.lookup(name, list_kernel_gens())
+    return _KERNEL_GENS.lookup(name)
 
 
 def create_kernel_gen(name: str, channels: int, **kwargs) -> nn.Module:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..kernel_gen.base import check_int
+from .._args import check_int
 from ..ops.functional import aggregate, autocast_dtype
 from ..ops.window import Window
 

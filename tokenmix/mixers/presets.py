@@ -7,7 +7,8 @@ from typing import Optional
 
 from torch import nn
 
-from ..kernel_gen.base import check_int, check_odd_kernel, resolve_groups
+from .._args import check_int
+from ..kernel_gen.base import check_odd_kernel, resolve_groups
 from ..kernel_gen.bottleneck import BottleneckKernel
 from ..kernel_gen.patch import PatchKernel
 from ..kernel_gen.positional import PositionalKernel

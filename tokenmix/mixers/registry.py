@@ -7,21 +7,21 @@ from typing import List
 from torch import nn
 
 from .._registry import Registry
-from ..kernel_gen.base import check_int
+from .._args import check_int
 
 _MIXERS = Registry("mixer")
 
 
-def register_mixer(name: str):
+def register_mixer(name: str, *, overwrite: bool = False):
     """Decorator registering a builder ``fn(dim, *, kernel_size, stride, **kw) -> nn.Module``
     under ``name``. The builder must map (B, dim, H, W) to (B, dim, ceil(H/s), ceil(W/s))
     and accept ``device=``/``dtype=``."""
-    return _MIXERS.register(name)
+    return _MIXERS.register(name, overwrite=overwrite)
 
 
 def list_mixers() -> List[str]:
     """Names of the registered mixer presets, in registration order."""
-    return list(_MIXERS)
+    return _MIXERS.names()
 
 
 def create_mixer(name: str, dim: int, *, kernel_size=7, stride: int = 1, **kwargs) -> nn.Module:
@@ -37,7 +37,7 @@ def create_mixer(name: str, dim: int, *, kernel_size=7, stride: int = 1, **kwarg
 
     Shapes: ``x: (B, dim, H, W) -> (B, dim, ceil(H/s), ceil(W/s))``.
     """
-    builder = _MIXERS.lookup(name, list_mixers())
+    builder = _MIXERS.lookup(name)
     dim = check_int("dim", dim)
     stride = check_int("stride", stride)
     return builder(dim, kernel_size=kernel_size, stride=stride, **kwargs)

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Union
+from typing import Any, Callable, List, Mapping, Sequence, Union
 
+from .._registry import Registry
 from .backbone import Backbone
 from .config import (DEPTHS, ModelConfig, StageConfig, StemConfig, rednet_config, resnet_config,
                      sasa_resnet_config)
 
 ConfigLike = Union[ModelConfig, Callable[[], ModelConfig]]
 
-_MODELS: Dict[str, ConfigLike] = {}
+_MODELS = Registry("model")
 
 # Overrides that are not ModelConfig fields but reach into the stages / stem.
 _CONVENIENCE = {
@@ -26,30 +27,19 @@ _CONVENIENCE = {
 def register_model(name: str, config: ConfigLike, *, overwrite: bool = False) -> ConfigLike:
     """Register ``config`` (a ModelConfig, or a zero-argument callable returning one) as
     ``name``. Re-registering a name raises ValueError unless ``overwrite=True``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"name={name!r} must be a non-empty str")
     if not (isinstance(config, ModelConfig) or callable(config)):
         raise TypeError(f"config={config!r} must be a ModelConfig or a callable returning one")
-    if name in _MODELS and not overwrite:
-        raise ValueError(f"model name={name!r} is already registered (pass overwrite=True to replace it)")
-    _MODELS[name] = config
-    return config
+    return _MODELS.register(name, config, overwrite=overwrite)
 
 
 def list_models() -> List[str]:
-    """Registered model names, sorted by family then depth."""
-    def key(n: str):
-        head = n.rstrip("0123456789")
-        tail = n[len(head):]
-        return (head, int(tail) if tail else -1, n)
-    return sorted(_MODELS, key=key)
+    """Registered model names, in registration order (the built-ins by family, then depth)."""
+    return _MODELS.names()
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The registered config of ``name`` with ``overrides`` applied (see :func:`create_model`)."""
-    if name not in _MODELS:
-        raise ValueError(f"model name={name!r} is not registered; known: {', '.join(list_models())}")
-    entry = _MODELS[name]
+    entry = _MODELS.lookup(name)
     cfg = entry if isinstance(entry, ModelConfig) else entry()
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"registered config of {name!r} returned {type(cfg).__name__}, not ModelConfig")
@@ -133,8 +123,9 @@ def create_model(name: Union[str, ModelConfig], **overrides: Any) -> Backbone:
 
 
 for _depth in DEPTHS:
-    register_model(f"resnet{_depth}", resnet_config(_depth))
     register_model(f"rednet{_depth}", rednet_config(_depth))
+for _depth in DEPTHS:
+    register_model(f"resnet{_depth}", resnet_config(_depth))
 for _depth in (26, 38, 50):
     register_model(f"sasa_resnet{_depth}", sasa_resnet_config(_depth))
 

@@ -1,4 +1,4 @@
-"""Window geometry shared by kernel generators and the aggregation op (DESIGN.md 2.1)."""
+"""Window geometry shared by kernel generators and the aggregation op (``docs/design.md``, "The op")."""
 
 from __future__ import annotations
 
@@ -8,26 +8,10 @@ from typing import Tuple, Union
 
 import torch
 
+from .._args import check_pair
+
 IntOrPair = Union[int, Tuple[int, int]]
 BORDERS = ("zero", "clamp")
-
-
-def _pair(name: str, value, minimum: int) -> Tuple[int, int]:
-    """Normalise an int-or-(h, w) argument, raising ValueError/TypeError naming `name`."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        value = (value, value)
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-        if v < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-        out.append(int(v))
-    return (out[0], out[1])
 
 
 @dataclass(frozen=True)
@@ -58,9 +42,9 @@ class Window:
     border: str = "zero"
 
     def __post_init__(self):
-        ks = _pair("kernel_size", self.kernel_size, 1)
-        st = _pair("stride", self.stride, 1)
-        dl = _pair("dilation", self.dilation, 1)
+        ks = check_pair("kernel_size", self.kernel_size, 1)
+        st = check_pair("stride", self.stride, 1)
+        dl = check_pair("dilation", self.dilation, 1)
         if self.border not in BORDERS:
             raise ValueError(f"border must be one of {BORDERS}, got {self.border!r}")
         if self.border == "clamp":
@@ -68,7 +52,7 @@ class Window:
                 raise ValueError(
                     f"border='clamp' (neighborhood attention) needs stride 1, got stride={self.stride!r}"
                 )
-            pd = (0, 0) if self.padding is None else _pair("padding", self.padding, 0)
+            pd = (0, 0) if self.padding is None else check_pair("padding", self.padding, 0)
             if pd != (0, 0):
                 raise ValueError(
                     f"border='clamp' takes no padding (the window slides inward), got padding={self.padding!r}"
@@ -76,7 +60,7 @@ class Window:
         elif self.padding is None:
             pd = (dl[0] * (ks[0] - 1) // 2, dl[1] * (ks[1] - 1) // 2)
         else:
-            pd = _pair("padding", self.padding, 0)
+            pd = check_pair("padding", self.padding, 0)
         object.__setattr__(self, "kernel_size", ks)
         object.__setattr__(self, "stride", st)
         object.__setattr__(self, "dilation", dl)

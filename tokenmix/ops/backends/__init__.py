@@ -1,5 +1,6 @@
 """Backends declare what they support; the dispatcher takes the first that can run the
-inputs and, when a forced backend cannot, raises with every reason (DESIGN.md 2.3).
+inputs and, when a forced backend cannot, raises with every reason (``docs/design.md``,
+"Backends").
 
 Built-in backends are named here by import path and constructed on first use, so importing
 tokenmix never imports Triton or compiles anything.
@@ -14,6 +15,7 @@ from typing import ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..._registry import Registry
 from ..window import Window
 
 OPS = ("aggregate", "correlate", "aggregate_transpose")
@@ -71,49 +73,40 @@ class Backend:
         return f"<tokenmix backend {self.name!r}>"
 
 
-# name -> "module:Class" (lazy) or an instance; order is dispatch priority.
-_REGISTRY: Dict[str, object] = {
-    "triton": "tokenmix.ops.backends.triton:TritonBackend",
-    "cpu": "tokenmix.ops.backends.cpu:CpuBackend",
-    "reference": "tokenmix.ops.backends.reference:ReferenceBackend",
-}
+# name -> "module:Class" (constructed on first use) or an instance; order is dispatch priority.
+_BACKENDS = Registry("backend")
+for _name, _path in (("triton", "tokenmix.ops.backends.triton:TritonBackend"),
+                     ("cpu", "tokenmix.ops.backends.cpu:CpuBackend"),
+                     ("reference", "tokenmix.ops.backends.reference:ReferenceBackend")):
+    _BACKENDS.register(_name, _path)
 _LOCK = threading.Lock()
 _WARNED: set = set()
 
 
 def register_backend(backend: Backend, *, first: bool = False) -> Backend:
-    """Register a Backend instance under ``backend.name``; ``first=True`` gives it priority."""
+    """Register a Backend instance under ``backend.name`` (replacing one of that name);
+    ``first=True`` gives it priority."""
     if not isinstance(backend, Backend):
         raise TypeError(f"backend must be a tokenmix.ops.Backend instance, got {type(backend).__name__}")
     with _LOCK:
-        _REGISTRY.pop(backend.name, None)
-        if first:
-            items = list(_REGISTRY.items())
-            _REGISTRY.clear()
-            _REGISTRY[backend.name] = backend
-            _REGISTRY.update(items)
-        else:
-            _REGISTRY[backend.name] = backend
-    return backend
+        return _BACKENDS.register(backend.name, backend, overwrite=True, first=first)
 
 
 def list_backends() -> List[str]:
     """Backend names in dispatch priority order."""
-    return list(_REGISTRY)
+    return _BACKENDS.names()
 
 
 def get_backend(name: str) -> Backend:
     """The Backend registered as ``name`` (constructed on first use)."""
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"backend must be one of {list_backends()}, got {name!r}")
-    entry = _REGISTRY[name]
+    entry = _BACKENDS.lookup(name)
     if isinstance(entry, str):
         with _LOCK:
-            entry = _REGISTRY[name]
+            entry = _BACKENDS[name]
             if isinstance(entry, str):
                 module, cls = entry.split(":")
                 entry = getattr(importlib.import_module(module), cls)()
-                _REGISTRY[name] = entry
+                _BACKENDS[name] = entry
     return entry  # type: ignore[return-value]
 
 
