@@ -72,7 +72,7 @@ def test_output_layout(name, stride):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_attention_weights_are_distributions_over_valid_taps(name, stride):
     C, K, H, W = 8, 5, 6, 7
-    gen = _gen(name, C, K)
+    gen = _gen(name, C, K, stride=stride)
     win = Window(K, stride=stride)
     w = gen(torch.randn(2, C, H, W, dtype=torch.float64), win)
     valid = win.valid_mask(H, W)
@@ -84,7 +84,7 @@ def test_attention_weights_are_distributions_over_valid_taps(name, stride):
 def test_static_groups_share_one_filter_per_group():
     """static with G < C: the channels of a group share the group's K x K filter."""
     C, G, K = 6, 2, 3
-    gen = _gen("static", C, K, groups=G)
+    gen = _gen("static", C, K, stride=2, groups=G)
     m = Mixer(C, gen, Window(K, stride=2))
     ref = nn.Conv2d(C, C, K, 2, K // 2, groups=C, bias=False, dtype=torch.float64)
     with torch.no_grad():
@@ -198,3 +198,13 @@ def test_bottleneck_stride_mismatch_is_a_clear_error():
 def test_bad_generator_config(name, kw, match):
     with pytest.raises(ValueError, match=match):
         create_kernel_gen(name, 16, kernel_size=3, **kw)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_generators_refuse_a_window_of_another_stride(name):
+    """A generator is built for the stride of the windows it serves (bottleneck and patch pool
+    their kernel branch by it, the attention generators take their queries at it)."""
+    gen = _gen(name, 16, 3, stride=2)
+    assert gen.stride == 2
+    with pytest.raises(ValueError, match=r"was built for stride=2, got a window with stride=\(1, 1\)"):
+        gen(torch.randn(1, 16, 6, 6, dtype=torch.float64), Window(3))

@@ -39,19 +39,21 @@ def resolve_groups(channels: int, groups: Optional[int], group_channels: Optiona
 
 
 class KernelGenerator(nn.Module):
-    """Base of the built-in generators: stores ``channels``, ``groups`` (G) and
-    ``kernel_size`` and checks that a forward's window has the taps it was built for.
+    """Base of the built-in generators: stores ``channels``, ``groups`` (G), ``kernel_size`` and
+    ``stride`` and checks that a forward's window has the taps and the stride it was built for.
 
     Subclasses implement ``forward(x, window) -> w: (B|1, G, K*K, Ho|1, Wo|1)``."""
 
     channels: int
     groups: int
     kernel_size: Tuple[int, int]
+    stride: int
 
-    def _setup(self, channels: int, groups: int, kernel_size) -> None:
+    def _setup(self, channels: int, groups: int, kernel_size, stride: int = 1) -> None:
         self.channels = check_int("channels", channels)
         self.groups = groups
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
+        self.stride = check_int("stride", stride)
 
     def check_window(self, x, window: Window) -> None:
         if not isinstance(window, Window):
@@ -59,6 +61,9 @@ class KernelGenerator(nn.Module):
         if tuple(window.kernel_size) != tuple(self.kernel_size):
             raise ValueError(f"{type(self).__name__} was built for kernel_size={self.kernel_size}, "
                              f"got a window with kernel_size={window.kernel_size}")
+        if tuple(window.stride) != (self.stride, self.stride):
+            raise ValueError(f"{type(self).__name__} was built for stride={self.stride}, "
+                             f"got a window with stride={window.stride}")
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, {self.channels}, H, W), "
                              f"got {tuple(x.shape)}")
@@ -69,4 +74,4 @@ class KernelGenerator(nn.Module):
                 m.reset_parameters()
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, groups={self.groups}, kernel_size={self.kernel_size}"
+        return f"channels={self.channels}, groups={self.groups}, kernel_size={self.kernel_size}, stride={self.stride}"

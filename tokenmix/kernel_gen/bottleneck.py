@@ -48,8 +48,7 @@ class BottleneckKernel(KernelGenerator):
         if groups is None and group_channels is None:
             group_channels = 16
         G = resolve_groups(channels, groups, group_channels)
-        self._setup(channels, G, kernel_size)
-        self.stride = check_int("stride", stride)
+        self._setup(channels, G, kernel_size, stride)
         self.reduction = check_int("reduction", reduction)
         hidden = channels // self.reduction
         if hidden < 1:
@@ -83,4 +82,4 @@ class BottleneckKernel(KernelGenerator):
         return self.span_kernel(self.reduce(self.pool(x)), window, x.shape[2:])
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", stride={self.stride}, reduction={self.reduction}"
+        return super().extra_repr() + f", reduction={self.reduction}"

@@ -24,7 +24,7 @@ class PositionalKernel(KernelGenerator):
     Args:
         channels: C.
         kernel_size: K.
-        stride: accepted for a uniform constructor; the window's stride is used.
+        stride: s, the stride of the windows it serves (queries at the strided positions).
         heads: heads (= groups), dividing C with an even head dim.
         qkv_bias: bias in the q projection.
 
@@ -36,7 +36,7 @@ class PositionalKernel(KernelGenerator):
         super().__init__()
         heads = check_int("heads", heads)
         G = resolve_groups(channels, heads, None, what="heads")
-        self._setup(channels, G, kernel_size)
+        self._setup(channels, G, kernel_size, stride)
         self.heads = heads
         self.head_dim = d = channels // heads
         if d % 2:

@@ -26,7 +26,7 @@ class QueryKeyKernel(KernelGenerator):
     Args:
         channels: C.
         kernel_size: K.
-        stride: accepted for a uniform constructor; the window's stride is used.
+        stride: s, the stride of the windows it serves (queries at the strided positions).
         heads: number of heads (= groups G), dividing C.
         qkv_bias: bias in the q and k projections.
         rel_pos: learn the relative position bias.
@@ -39,7 +39,7 @@ class QueryKeyKernel(KernelGenerator):
         super().__init__()
         heads = check_int("heads", heads)
         G = resolve_groups(channels, heads, None, what="heads")
-        self._setup(channels, G, kernel_size)
+        self._setup(channels, G, kernel_size, stride)
         self.heads = heads
         self.head_dim = channels // heads
         self.scale = self.head_dim ** -0.5

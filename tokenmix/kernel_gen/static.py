@@ -22,6 +22,7 @@ class StaticKernel(KernelGenerator):
     Args:
         channels: C.
         kernel_size: K (int or (Kh, Kw)).
+        stride: s, the stride of the windows it serves.
         groups: G (default C: depthwise); or ``group_channels`` = C / G.
 
     Shapes: ``forward(x: (B, C, H, W), window) -> (1, G, K*K, 1, 1)``.
@@ -33,7 +34,7 @@ class StaticKernel(KernelGenerator):
         if groups is None and group_channels is None:
             groups = channels
         G = resolve_groups(channels, groups, group_channels)
-        self._setup(channels, G, kernel_size)
+        self._setup(channels, G, kernel_size, stride)
         Kh, Kw = self.kernel_size
         self.weight = nn.Parameter(torch.empty(G, Kh * Kw, device=device, dtype=dtype))
         self.reset_parameters()

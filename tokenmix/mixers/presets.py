@@ -48,7 +48,7 @@ def dwconv(dim: int, *, kernel_size=7, stride: int = 1, dilation: int = 1, bias:
     G = dim; equals ``nn.Conv2d(dim, dim, K, stride, K//2, groups=dim)`` with weight
     ``generator.weight.view(dim, 1, K, K)``."""
     window = _window(kernel_size, stride, dilation)
-    gen = StaticKernel(dim, kernel_size, groups=dim, device=device, dtype=dtype)
+    gen = StaticKernel(dim, kernel_size, stride=stride, groups=dim, device=device, dtype=dtype)
     return Mixer(dim, gen, window, bias=bias, device=device, dtype=dtype)
 
 
@@ -78,7 +78,7 @@ def _check_heads(dim: int, heads) -> int:
 def _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, border, device, dtype) -> Mixer:
     heads = _check_heads(dim, heads)
     window = _window(kernel_size, stride, dilation, border)
-    gen = QueryKeyKernel(dim, kernel_size, heads=heads, qkv_bias=qkv_bias, rel_pos=rel_pos,
+    gen = QueryKeyKernel(dim, kernel_size, stride=stride, heads=heads, qkv_bias=qkv_bias, rel_pos=rel_pos,
                          device=device, dtype=dtype)
     value = nn.Conv2d(dim, dim, 1, bias=qkv_bias, device=device, dtype=dtype)
     return Mixer(dim, gen, window, value=value, device=device, dtype=dtype)
@@ -112,7 +112,7 @@ def positional_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int
     value = a 1x1 v projection, no output projection."""
     heads = _check_heads(dim, heads)
     window = _window(kernel_size, stride, dilation)
-    gen = PositionalKernel(dim, kernel_size, heads=heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
+    gen = PositionalKernel(dim, kernel_size, stride=stride, heads=heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
     value = nn.Conv2d(dim, dim, 1, bias=qkv_bias, device=device, dtype=dtype)
     return Mixer(dim, gen, window, value=value, device=device, dtype=dtype)
 
