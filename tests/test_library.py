@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, library
 
 WINDOWS = [Window(3, stride=2), Window((3, 5), dilation=(2, 1)), Window(3, border="clamp")]
-FUNCTIONS = {"aggregate": "AggregateFunction", "correlate": "CorrelateFunction",
-             "aggregate_transpose": "AggregateTransposeFunction"}
+FUNCTIONS = {"aggregate": "Aggregate", "correlate": "Correlate",
+             "aggregate_transpose": "AggregateTranspose"}
 
 
 def _inputs(window, dtype=torch.float64, wshape="full"):
@@ -41,7 +41,8 @@ def _cases(window, x, w, y, G, size):
 
 
 def _assert_node(name, out):
-    assert out.grad_fn.name() == f"torch::autograd::CppNode<tokenmix::{FUNCTIONS[name]}>", out.grad_fn.name()
+    assert out.grad_fn.name() == f"torch::autograd::CppNode<tokenmix::OpFunction<tokenmix::{FUNCTIONS[name]}> >", \
+        out.grad_fn.name()
 
 
 def test_the_ops_are_defined_once():

@@ -69,25 +69,18 @@ def _compile(template: str) -> "re.Pattern[str]":
 _COMPILED = [(_compile(o), _compile(t), o, t) for o, t in _RULES]
 
 
-def _official_to_ours(key: str) -> Optional[str]:
-    for rx, _, _, template in _COMPILED:
-        m = rx.match(key)
+def _rename(key: str, to_ours: bool) -> Optional[str]:
+    """``key`` renamed from the official layout to ours (``to_ours``) or back; None if no rule
+    matches. The official layer index L counts from 1, our stage index S from 0."""
+    for official_rx, ours_rx, official, ours in _COMPILED:
+        m = (official_rx if to_ours else ours_rx).match(key)
         if m:
             g = m.groupdict()
-            if "L" in g:
+            if to_ours and "L" in g:
                 g["S"] = str(int(g["L"]) - 1)
-            return template.format(**g)
-    return None
-
-
-def _ours_to_official(key: str) -> Optional[str]:
-    for _, rx, template, _ in _COMPILED:
-        m = rx.match(key)
-        if m:
-            g = m.groupdict()
-            if "S" in g:
+            if not to_ours and "S" in g:
                 g["L"] = str(int(g["S"]) + 1)
-            return template.format(**g)
+            return (ours if to_ours else official).format(**g)
     return None
 
 
@@ -111,7 +104,7 @@ def convert_official_rednet(state_dict: Mapping) -> Dict[str, torch.Tensor]:
     sd = _unwrap(state_dict)
     out, unknown = {}, []
     for k, v in sd.items():
-        new = _official_to_ours(k)
+        new = _rename(k, to_ours=True)
         if new is None:
             unknown.append(k)
         else:
@@ -126,7 +119,7 @@ def official_rednet_keys(model) -> Dict[str, Tuple[int, ...]]:
     """The official key names and shapes that the tokenmix ``model`` expects."""
     out = {}
     for k, v in model.state_dict().items():
-        off = _ours_to_official(k)
+        off = _rename(k, to_ours=False)
         if off is None:
             raise ValueError(f"model key {k!r} has no official RedNet counterpart "
                              f"(is the model a tokenmix rednet with involution mixers?)")

@@ -2,8 +2,8 @@
 // their backward formulas are written. The ops' schemas, fake (meta) kernels and FLOP
 // formulas are registered from Python (tokenmix/ops/library.py); their device kernels pick a
 // backend (reference, cpu, triton). This file registers, for the Autograd dispatch key, a
-// torch::autograd::Function per op whose forward calls the op below autograd and whose
-// backward calls the ops again through the dispatcher:
+// torch::autograd::Function per op (OpFunction<Aggregate> ...) whose forward calls the op below
+// autograd and whose backward calls the ops again through the dispatcher:
 //
 //   aggregate(x, w):            gx = aggregate_transpose(gy, w)
 //                               gw = correlate(gy, x), summed over the broadcast dims of w
@@ -94,94 +94,86 @@ struct Geometry {
   }
 };
 
-struct AggregateFunction : torch::autograd::Function<AggregateFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const Geometry& g) {
-    ctx->save_for_backward({x, w});
+// What differs between the ops: the gradient formulas for their two tensor inputs (a, b),
+// given the output's gradient.
+struct Aggregate {  // a = x, b = w
+  static at::Tensor grad_a(const Geometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy) {
+    return g.aggregate_transpose(gy, w, x.sym_sizes().slice(2));
+  }
+  static at::Tensor grad_b(const Geometry& g, const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy) {
+    return g.weight_grad(gy, x, w);
+  }
+};
+
+struct Correlate {  // a = q, b = k
+  static at::Tensor grad_a(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& go) {
+    return g.aggregate(k, go);
+  }
+  static at::Tensor grad_b(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& go) {
+    return g.aggregate_transpose(q, go, k.sym_sizes().slice(2));
+  }
+};
+
+struct AggregateTranspose {  // a = y, b = w
+  static at::Tensor grad_a(const Geometry& g, const at::Tensor& y, const at::Tensor& w, const at::Tensor& gz) {
+    return g.aggregate(gz, w);
+  }
+  static at::Tensor grad_b(const Geometry& g, const at::Tensor& y, const at::Tensor& w, const at::Tensor& gz) {
+    return g.weight_grad(y, gz, w);
+  }
+};
+
+// The autograd node of op Op: the forward runs `call` (the op below autograd) and keeps a, b
+// and the geometry; the backward applies Op's formulas to the inputs that need a gradient.
+template <class Op>
+struct OpFunction : torch::autograd::Function<OpFunction<Op>> {
+  template <class Call>
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b, const Geometry& g,
+                            const Call& call) {
+    ctx->save_for_backward({a, b});
     g.save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
-    return g.aggregate(x, w);
+    return call();
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &gy = grads[0];
     const Geometry g(ctx);
-    at::Tensor gx, gw;
-    if (ctx->needs_input_grad(0)) gx = g.aggregate_transpose(gy, w, x.sym_sizes().slice(2));
-    if (ctx->needs_input_grad(1)) gw = g.weight_grad(gy, x, w);
-    return {gx, gw, at::Tensor()};
+    at::Tensor grad_a, grad_b;
+    if (ctx->needs_input_grad(0)) grad_a = Op::grad_a(g, saved[0], saved[1], grads[0]);
+    if (ctx->needs_input_grad(1)) grad_b = Op::grad_b(g, saved[0], saved[1], grads[0]);
+    return {grad_a, grad_b, at::Tensor(), at::Tensor()};
   }
 };
 
-struct CorrelateFunction : torch::autograd::Function<CorrelateFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const Geometry& g,
-                            int64_t groups, bool sum_batch, bool sum_space) {
-    ctx->save_for_backward({q, k});
-    g.save(ctx);
-    at::AutoDispatchBelowADInplaceOrView below;
-    return g.correlate(q, k, groups, sum_batch, sum_space);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &go = grads[0];
-    const Geometry g(ctx);
-    at::Tensor gq, gk;
-    if (ctx->needs_input_grad(0)) gq = g.aggregate(k, go);
-    if (ctx->needs_input_grad(1)) gk = g.aggregate_transpose(q, go, k.sym_sizes().slice(2));
-    return {gq, gk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-struct AggregateTransposeFunction : torch::autograd::Function<AggregateTransposeFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& w, const Geometry& g,
-                            SymInts input_size) {
-    ctx->save_for_backward({y, w});
-    g.save(ctx);
-    at::AutoDispatchBelowADInplaceOrView below;
-    return g.aggregate_transpose(y, w, input_size);
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &y = saved[0], &w = saved[1], &gz = grads[0];
-    const Geometry g(ctx);
-    at::Tensor gy, gw;
-    if (ctx->needs_input_grad(0)) gy = g.aggregate(gz, w);
-    if (ctx->needs_input_grad(1)) gw = g.weight_grad(y, gz, w);
-    return {gy, gw, at::Tensor(), at::Tensor()};
-  }
-};
-
-// Whether the call records a node; if not, it goes straight to the device kernel.
-bool records(const at::Tensor& a, const at::Tensor& b) {
-  return at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
+// The Autograd-key kernel: records OpFunction<Op> when a gradient may be needed, else goes
+// straight to the device kernel.
+template <class Op, class Call>
+at::Tensor run(const at::Tensor& a, const at::Tensor& b, const Geometry& g, const Call& call) {
+  if (at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad()))
+    return OpFunction<Op>::apply(a, b, g, call);
+  at::AutoDispatchBelowADInplaceOrView below;
+  return call();
 }
 
 at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, Ints kernel_size, Ints stride, Ints dilation,
                      Ints padding, c10::string_view border, Backend backend) {
   const Geometry g(kernel_size, stride, dilation, padding, border, backend);
-  if (records(x, w)) return AggregateFunction::apply(x, w, g);
-  at::AutoDispatchBelowADInplaceOrView below;
-  return g.aggregate(x, w);
+  return run<Aggregate>(x, w, g, [&] { return g.aggregate(x, w); });
 }
 
 at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, Ints kernel_size, Ints stride, Ints dilation,
                      Ints padding, c10::string_view border, int64_t groups, bool sum_batch, bool sum_space,
                      Backend backend) {
   const Geometry g(kernel_size, stride, dilation, padding, border, backend);
-  if (records(q, k)) return CorrelateFunction::apply(q, k, g, groups, sum_batch, sum_space);
-  at::AutoDispatchBelowADInplaceOrView below;
-  return g.correlate(q, k, groups, sum_batch, sum_space);
+  return run<Correlate>(q, k, g, [&] { return g.correlate(q, k, groups, sum_batch, sum_space); });
 }
 
 at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, Ints kernel_size, Ints stride,
                                Ints dilation, Ints padding, c10::string_view border, SymInts input_size,
                                Backend backend) {
   const Geometry g(kernel_size, stride, dilation, padding, border, backend);
-  if (records(y, w)) return AggregateTransposeFunction::apply(y, w, g, input_size);
-  at::AutoDispatchBelowADInplaceOrView below;
-  return g.aggregate_transpose(y, w, input_size);
+  return run<AggregateTranspose>(y, w, g, [&] { return g.aggregate_transpose(y, w, input_size); });
 }
 
 }  // namespace tokenmix

@@ -97,13 +97,13 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window) -> torch.Tensor:
     """Launch :func:`aggregate_kernel`. x: (B, C, H, W), w: (B|1, G, K*K, Ho|1, Wo|1), both
     contiguous -> y: (B, C, Ho, Wo) in x's dtype."""
     B, C, H, W = x.shape
-    G = w.shape[1]
-    Cg = C // G
     Ho, Wo = window.output_size(H, W)
     check_plane(H, W, Ho, Wo)
     y = torch.empty(B, C, Ho, Wo, dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
+    G = w.shape[1]
+    Cg = C // G
     BLOCK_C, BLOCK_P, n_cblk, n_pblk, grid = channel_pixel_grid(B, G, Cg, Ho * Wo, x.dtype)
     (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
     aggregate_kernel[grid](
