@@ -76,18 +76,111 @@ def build_directory() -> str:
     return os.path.join(root, name())
 
 
-def _build() -> str:
-    """Compile (or load the cached build of) the library; returns the path of the loaded file.
-    The library registers its kernels with ``TORCH_LIBRARY`` (no pybind11), so
-    ``load(is_python_module=False)`` loads it into the process and returns its path."""
-    from torch.utils.cpp_extension import load
+class CacheNotWritable(RuntimeError):
+    """The build directory holds no complete build and cannot be written."""
 
-    directory, lib = build_directory(), name()
-    if not os.path.isfile(os.path.join(directory, lib + ".so")):
-        print("tokenmix: compiling the CPU kernels once, about 30-40 s ...", file=sys.stderr, flush=True)
-    os.makedirs(directory, exist_ok=True)
-    return load(name=lib, sources=sources(), extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-                build_directory=directory, is_python_module=False, verbose=False)
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _complete(library: str) -> bool:
+    """Whether ``library`` is a finished build: its marker ``<library>.sha256``, written only
+    after the build succeeded, holds the library's checksum (a truncated or overwritten file,
+    which could crash the process when loaded, fails this)."""
+    try:
+        with open(library + ".sha256") as f:
+            return f.read().strip() == _sha256(library)
+    except OSError:
+        return False
+
+
+class _BuildLock:
+    """An exclusive advisory lock (``fcntl.flock``) on ``<directory>/build.lock``. The kernel
+    releases it when its holder dies, so a build that was killed leaves no stale lock; a holder
+    that is alive but takes longer than ``timeout`` seconds is not waited for (TimeoutError).
+    Opening the lock file raises :class:`CacheNotWritable` where the directory cannot be written."""
+
+    def __init__(self, directory: str, timeout: float):
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self.fd = os.open(os.path.join(directory, "build.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            # inherited by the compiler processes: a build whose Python process was killed keeps
+            # the lock until the compilers it started have exited too
+            os.set_inheritable(self.fd, True)
+        except OSError as e:
+            raise CacheNotWritable(f"the extension cache {directory} holds no complete build and cannot be "
+                                   f"written ({e.strerror})") from e
+        self.directory, self.timeout = directory, timeout
+
+    def __enter__(self):
+        import fcntl
+
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(self.fd)
+                    raise TimeoutError(f"another process has been building in {self.directory} "
+                                       f"for more than {self.timeout:.0f} s") from None
+                time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing the descriptor releases the lock
+
+
+def build_and_load(lib: str, srcs: List[str], directory: str, cflags: List[str], ldflags: List[str],
+                   what: str = "the CPU kernels", timeout: float = 1200.0) -> str:
+    """Load the library ``lib`` from ``directory``, building it from ``srcs`` first unless the
+    directory holds a complete build (see :func:`_complete`); returns the library's path. A
+    build announces itself with one line on stderr naming ``what`` it compiles.
+
+    - A complete build is loaded without writing anything, so a read-only cache works.
+    - Builds are serialised across processes by :class:`_BuildLock`: processes that start
+      together build once, the others load that build; one killed while building leaves a
+      state the next process builds from: with the lock held, everything an unfinished build
+      left is deleted (torch's own lock file too, which would make every later build wait
+      forever) and the library is built from scratch.
+    - :class:`CacheNotWritable` when there is no complete build and the directory cannot be
+      written; TimeoutError when another live process holds the lock longer than ``timeout``.
+    """
+    from torch.utils.cpp_extension import load as torch_load
+
+    library = os.path.join(directory, lib + ".so")
+    if not _complete(library):
+        with _BuildLock(directory, timeout):
+            if not _complete(library):
+                for entry in os.listdir(directory):  # whatever an unfinished build left, torch's lock included
+                    path = os.path.join(directory, entry)
+                    if entry != "build.lock" and os.path.isfile(path):
+                        os.remove(path)
+                print(f"tokenmix: compiling {what} once, about 30-40 s ({directory}) ...", file=sys.stderr,
+                      flush=True)
+                torch_load(name=lib, sources=srcs, extra_cflags=list(cflags), extra_ldflags=list(ldflags),
+                           build_directory=directory, is_python_module=False, verbose=False)
+                marker = library + ".sha256"
+                with open(marker + ".tmp", "w") as f:
+                    f.write(_sha256(library))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(marker + ".tmp", marker)
+                return library  # torch's load has loaded it
+    torch.ops.load_library(library)
+    return library
+
+
+def _build() -> str:
+    """Build (or load the cached build of) this package's library; returns its path. The
+    library registers its kernels with ``TORCH_LIBRARY_IMPL`` (no pybind11), so loading it into
+    the process is all there is to do."""
+    return build_and_load(name(), sources(), build_directory(), CFLAGS, LDFLAGS)
 
 
 def load() -> bool:
@@ -101,7 +194,11 @@ def load() -> bool:
             try:
                 _state["library"] = _build()
                 _state["loaded"] = True
-            except Exception as exc:  # compiler missing, ninja missing, build error...
+            except CacheNotWritable as exc:
+                _state["error"] = (f"{exc}; build once where it can be written (`tokenmix build` with "
+                                   f"TORCH_EXTENSIONS_DIR set to a writable directory) and point "
+                                   f"TORCH_EXTENSIONS_DIR there")
+            except Exception as exc:  # compiler missing, ninja missing, build error, timeout...
                 lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
                 errors = [ln for ln in lines if "error" in ln.lower()]
                 detail = (errors or lines or [""])[0][:300]
