@@ -23,6 +23,8 @@ from tokenmix.ops.backends import cpu as cpu_backend
 from tokenmix.ops.backends.cpu import CpuBackend
 from tokenmix.ops.backends.reference import ReferenceBackend
 
+import native_test_hooks
+
 REF = ReferenceBackend()
 
 WINDOWS = [
@@ -71,7 +73,7 @@ def test_build_is_cached_and_reused_by_a_new_process():
             "assert not c._state['loaded'] and c._state['error'] is None, 'import built the kernels'\n"
             "info = c.build_info()\n"
             "assert info['error'] is None, info\n"
-            "print(info['library'], hasattr(torch.ops.tokenmix_cpu, 'aggregate'))\n")
+            "print(info['library'], torch._C._dispatch_has_kernel_for_dispatch_key('tokenmix::aggregate', 'CPU'))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
                          timeout=600)
     assert out.returncode == 0, out.stderr
@@ -433,17 +435,23 @@ def test_thread_count_independence_drawn(case, seed):
 
 
 class _lent_planes:
-    """Force correlate's lent planes (csrc/aggregate_cpu.cpp: lent_planes): n >= 0 of the last
-    planes computed by the scratch-free tail kernel, -1 = the kernel's own sizing."""
+    """Force correlate's lent planes (csrc/correlate.cpp: lent_planes) in the tests' build of the
+    kernels (tests/native_test_hooks.py): n >= 0 of the last planes computed by the scratch-free
+    tail kernel, -1 = the kernel's own sizing."""
 
     def __init__(self, n):
         self.n = n
 
     def __enter__(self):
-        self.prev = _cpu()._ext()._lent_planes_override(self.n)
+        self.prev = native_test_hooks.load().lent_planes_override(self.n)
 
     def __exit__(self, *exc):
-        _cpu()._ext()._lent_planes_override(self.prev)
+        native_test_hooks.load().lent_planes_override(self.prev)
+
+
+def _hooked_correlate(q, k, window, groups):
+    """correlate through the tests' build of the kernels (the one _lent_planes sets)."""
+    return native_test_hooks.load().correlate(q, k, *window.as_args(), groups, False, False, None)
 
 
 @settings(max_examples=80, deadline=None)
@@ -461,12 +469,13 @@ def test_correlate_tail_drawn(case, seed, part):
     k = torch.randn(B, C, H, W, generator=g).to(dtype)
     q = torch.randn(B, C, Ho, Wo, generator=g).to(dtype)
     with _lent_planes(0):
-        plain = b.correlate(q, k, window, G)
+        plain = _hooked_correlate(q, k, window, G)
     with _lent_planes(B * G - 1 if part else B * G):
-        tail = b.correlate(q, k, window, G)
+        tail = _hooked_correlate(q, k, window, G)
     lanes = 4 if dtype == torch.float64 else 8
     if not (2 * Wo <= lanes and (C // G) % lanes == 0):
         assert torch.equal(tail, plain)
+        assert torch.equal(plain, b.correlate(q, k, window, G))  # the tests' build is the shipping kernels
     btol = b.bwd_tol[dtype]
     torch.testing.assert_close(tail.double(), _ref("correlate", q, k, window, G), atol=btol[0] * (C // G) ** 0.5,
                                rtol=btol[1])

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, library, native  # noqa: F401  (library defines torch.ops.tokenmix)
-from .backends import select_backend
+from .backends import cpu_runs_first, select_backend
 from .window import Window
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
@@ -36,12 +36,14 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
 
 def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
     """Run ``torch.ops.tokenmix.<op>(*args)``, the one route of every call, whose autograd kernel
-    and CPU kernels are the native library's. Two cases run the op's Python device kernel
+    and CPU kernels are the native library's. Three cases run the op's Python device kernel
     (:data:`tokenmix.ops.library.KERNELS`) directly instead: a backend other than ``"cpu"``
-    forced on CPU tensors, and a process where the native library cannot be built. Inputs that
-    need a gradient then run the reference backend, whose pure-PyTorch composition autograd
-    differentiates by itself, or a forced backend's refusal is raised."""
-    native_cpu = backend is None or backend == "cpu" or tensors[0].device.type != "cpu"
+    forced on CPU tensors, a backend registered before "cpu" that runs on CPU tensors, and a
+    process where the native library cannot be built. Inputs that need a gradient then run the
+    reference backend, whose pure-PyTorch composition autograd differentiates by itself, or a
+    forced backend's refusal is raised."""
+    native_cpu = (backend == "cpu" or tensors[0].device.type != "cpu"
+                  or (backend is None and cpu_runs_first()))
     if native_cpu and native.load():
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

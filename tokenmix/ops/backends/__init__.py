@@ -92,6 +92,19 @@ def register_backend(backend: Backend, *, first: bool = False) -> Backend:
         return _BACKENDS.register(backend.name, backend, overwrite=True, first=first)
 
 
+def cpu_runs_first() -> bool:
+    """Whether no registered backend comes before "cpu" that runs on CPU tensors: then dispatch
+    picks the cpu backend for CPU tensors whenever it can, and the ops' native CPU kernels take
+    CPU calls directly. The built-ins named by import path before it (triton) run on CUDA only."""
+    for name in _BACKENDS.names():
+        if name == "cpu":
+            return True
+        entry = _BACKENDS[name]
+        if isinstance(entry, Backend) and "cpu" in entry.devices:
+            return False
+    return False
+
+
 def list_backends() -> List[str]:
     """Backend names in dispatch priority order."""
     return _BACKENDS.names()

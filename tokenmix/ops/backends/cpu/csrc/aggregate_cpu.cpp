@@ -1,8 +1,8 @@
 // Fast CPU kernels of the three tokenmix primitives (aggregate, correlate,
-// aggregate_transpose), compiled at first use by tokenmix/ops/cpu_backend.py.
+// aggregate_transpose), registered on the tokenmix:: ops by ops.cpp.
 //
-// Geometry arrives as per-axis tables computed in Python from Window.source_index, so the
-// index arithmetic here is exactly the reference's:
+// Geometry arrives as the per-axis tables of the window's plan (plan.h), computed as
+// Window.source_index computes them, so the index arithmetic here is exactly the reference's:
 //   rows (Kh, Ho), cols (Kw, Wo): source row / column of tap u / v, -1 = out of image.
 //   coff (Kw): column offset of tap v where the column map is affine, col = j*s + coff[v].
 //   fa, fb: output columns [fa, fb) on which every tap is affine (zero border: all of them).
@@ -86,6 +86,8 @@
 #include <vector>
 
 namespace {
+
+using tokenmix_cpu::Plan;
 
 template <typename T> struct VecOf;
 template <> struct VecOf<float> {
@@ -236,15 +238,16 @@ struct ColPlan {
 // Fast output columns [fa, fb). Zero border (pad_ok): all of [0, Wo), rounded up to whole
 // blocks whose tail lanes land in scratch, or ending exactly at Wo (exact_end, for kernels that
 // write output rows in place; their last block is shifted left, see for_blocks).
-ColPlan make_colplan(const at::Tensor& cols, const at::Tensor& coff, int64_t W, int64_t s, int64_t fa,
-                     int64_t fb, bool pad_ok, int64_t block, bool exact_end = false) {
+ColPlan make_colplan(const Plan& plan, int64_t block, bool exact_end = false) {
+  const int64_t W = plan.W, s = plan.col_stride, fa = plan.affine_begin, fb = plan.affine_end;
+  const bool pad_ok = plan.zero_border;
   ColPlan p;
-  p.Kw = cols.size(0);
-  p.Wo = cols.size(1);
+  p.Kw = plan.Kw;
+  p.Wo = plan.Wo;
   p.W = W;
   p.s = s;
-  p.cols = cols.data_ptr<int64_t>();
-  const int64_t* off = coff.data_ptr<int64_t>();
+  p.cols = plan.cols.data();
+  const int64_t* off = plan.col_offset.data();
   int64_t mn = 0;
   for (int64_t v = 0; v < p.Kw; ++v) mn = std::min(mn, off[v]);
   p.padc = -mn;
@@ -360,14 +363,18 @@ inline int64_t bytes_of(std::initializer_list<int64_t> ns, int64_t elem) {
 // peak of y + gx + gw. need: the scratch of all threads. None where the tail would take over an
 // eighth of the planes (narrow weights): the tail takes 1.0-1.9x the kernels' time per plane
 // (all planes through it, one thread, the RedNet stages).
-// Tests only (torch.ops.tokenmix_cpu._lent_planes_override): >= 0 forces that many lent
-// planes, the whole output included, so the tail kernel meets every geometry; -1 = sized.
+#ifdef TOKENMIX_TEST_HOOKS
+// The tests' build only (lent_planes_override): >= 0 forces that many lent planes, the whole
+// output included, so the tail kernel meets every geometry; -1 = sized.
 std::atomic<int64_t> lent_override{-1};
+#endif
 
 inline int64_t lent_planes(int64_t planes, int64_t plane_bytes, int64_t need) {
   if (plane_bytes <= 0) return 0;
+#ifdef TOKENMIX_TEST_HOOKS
   const int64_t forced = lent_override.load();
   if (forced >= 0) return std::min(forced, planes);
+#endif
   const int64_t n = ceil_div(need + 64, plane_bytes);
   return 8 * n <= planes ? n : 0;
 }
@@ -833,8 +840,8 @@ struct SourceWeights {
   int64_t Kw, Wo;
   std::vector<int64_t> lo, hi, shift;
   SourceWeights() : Kw(0), Wo(0) {}
-  explicit SourceWeights(const at::Tensor& cols_t) : Kw(cols_t.size(0)), Wo(cols_t.size(1)), lo(Kw), hi(Kw), shift(Kw) {
-    const int64_t* cols = cols_t.data_ptr<int64_t>();
+  explicit SourceWeights(const Plan& plan) : Kw(plan.Kw), Wo(plan.Wo), lo(Kw), hi(Kw), shift(Kw) {
+    const int64_t* cols = plan.cols.data();
     for (int64_t v = 0; v < Kw; ++v) {
       const int64_t* c = cols + v * Wo;
       int64_t a = 0;
@@ -1046,17 +1053,18 @@ bool affine_cl(int64_t Cg, bool per_pixel, int64_t Kw, int64_t s, const int64_t*
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t, const at::Tensor& cols_t,
-                        const at::Tensor& coff_t, int64_t s, bool pad_ok, bool wsrc) {
+at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool wsrc) {
+  const int64_t s = plan.col_stride;
+  const bool pad_ok = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  const int64_t* rows = rows_t.data_ptr<int64_t>();
-  const int64_t* cols = cols_t.data_ptr<int64_t>();
-  const int64_t* coff = coff_t.data_ptr<int64_t>();
+  const int64_t* rows = plan.rows.data();
+  const int64_t* cols = plan.cols.data();
+  const int64_t* coff = plan.col_offset.data();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
@@ -1069,7 +1077,7 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
                              pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
   const bool affine = affine_cl<scalar_t>(Cg, wsrc || wpix == 1, Kw, s, coff, pad_ok);
   // wsrc: the task's weights, copied from the source pixels as (K*K, ch, Wo)
-  const SourceWeights sw = wsrc ? SourceWeights(cols_t) : SourceWeights();
+  const SourceWeights sw = wsrc ? SourceWeights(plan) : SourceWeights();
   const int64_t wpitch = round_up(Wo, L), wts = ch * wpitch;
   ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg, wsrc ? KK * wts : 0}, sizeof(acc_t)));
   at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
@@ -1130,14 +1138,14 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const at::Tens
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows_t,
-                          const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
-                          bool pad_ok, bool wsrc = false) {
+at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool wsrc = false) {
+  const int64_t s = plan.col_stride;
+  const bool pad_ok = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4), wW = w.size(4);
   const int64_t block = L;  // one vector of columns per block (measured faster than two)
   // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (A/B, one
@@ -1145,9 +1153,9 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   // kernels measured faster on rows of two or more vectors), and on rows under four vectors
   // whenever the affine kernel covers the plane (against the column kernels, one thread:
   // 128@28x28 stride 1 -15%, 256@14x14 -10%; 64@56x56 +13%, so wider rows keep them)
-  const bool affine = !wsrc && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, coff.data_ptr<int64_t>(), pad_ok);
+  const bool affine = !wsrc && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), pad_ok);
   if ((Wo < L || (!wsrc && s > 1 && Wo < 4 * L) || (affine && Wo < 4 * L)) && Cg % L == 0)
-    return aggregate_cl<scalar_t>(x, w, rows_t, cols_t, coff, s, pad_ok, wsrc);
+    return aggregate_cl<scalar_t>(x, w, plan, wsrc);
   // direct: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
@@ -1155,8 +1163,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   // ceiling). Narrower rows are packed (below).
   const bool direct = !wsrc && std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
   const bool odirect = direct || (wsrc && std::is_same<scalar_t, acc_t>::value && Wo >= L);
-  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, block, odirect);
-  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  ColPlan p = make_colplan(plan, block, odirect);
+  const int64_t* rows = plan.rows.data();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
@@ -1166,7 +1174,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t most = wsrc ? std::min<int64_t>(16, std::max<int64_t>(2, (96 << 10) / (KK * p.wbw * sizeof(acc_t)))) : 16;
   const int64_t ch = chunk_rows(B * G, Ho, most), nch = ceil_div(Ho, ch);
   const int64_t wbw = p.wbw, rowstride = s * p.pw;
-  const SourceWeights sw = wsrc ? SourceWeights(cols_t) : SourceWeights();
+  const SourceWeights sw = wsrc ? SourceWeights(plan) : SourceWeights();
 
   const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
   p.plan_fill(nrr_max);
@@ -1734,15 +1742,14 @@ __attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow,
 }
 
 template <typename scalar_t>
-at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows_t, const at::Tensor& cols_t,
-                        const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, int64_t G) {
+at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
-  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
   const int64_t KK = Kh * Kw, KKp = round_up(KK + 7, 8);  // a block starting at any tap < K*K fits
-  const int64_t* rows = rows_t.data_ptr<int64_t>();
-  const int64_t* cols = cols_t.data_ptr<int64_t>();
+  const int64_t* rows = plan.rows.data();
+  const int64_t* cols = plan.cols.data();
   at::Tensor out = at::empty({B, G, KK, Ho, Wo}, q.options());
   const scalar_t* qd = q.data_ptr<scalar_t>();
   const scalar_t* kd = k.data_ptr<scalar_t>();
@@ -1793,27 +1800,26 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
   if (lent > 0)
     correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh,
-                   cols, Kw, coff.data_ptr<int64_t>(), s, fa, fb);
+                   cols, Kw, plan.col_offset.data(), plan.col_stride, plan.affine_begin, plan.affine_end);
   return out;
 }
 
 template <typename scalar_t>
-at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows_t,
-                          const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb,
-                          bool pad_ok, int64_t G, bool sum_batch, bool sum_space) {
+at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G, bool sum_batch,
+                          bool sum_space) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
-  const int64_t Kh = rows_t.size(0), Ho = rows_t.size(1), Kw = cols_t.size(0), Wo = cols_t.size(1);
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
   const int64_t KK = Kh * Kw;
   // rows of at most half a vector (the column layout leaves half the lanes idle): channels-last
   if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space)
-    return correlate_cl<scalar_t>(q, k, rows_t, cols_t, coff, s, fa, fb, G);
+    return correlate_cl<scalar_t>(q, k, plan, G);
   // direct: q rows are read in place (one dtype, rows of a vector or more; the last block of a row
   // is shifted left to end at Wo, so no read leaves the row)
   const bool direct = std::is_same<scalar_t, acc_t>::value && Wo >= L;
-  ColPlan p = make_colplan(cols_t, coff, W, s, fa, fb, pad_ok, L, direct);
-  const int64_t* rows = rows_t.data_ptr<int64_t>();
+  ColPlan p = make_colplan(plan, L, direct);
+  const int64_t* rows = plan.rows.data();
   const int64_t nb = sum_batch ? 1 : B;
   at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
   const scalar_t* qd = q.data_ptr<scalar_t>();
@@ -1822,7 +1828,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   // rows per task: up to 16 where the packed result buffer stays within about 96 KiB (it is
   // part of the scratch the result's last planes lend), fewer rows re-copy more shared input rows
   const int64_t most = std::min<int64_t>(16, std::max<int64_t>(8, (96 << 10) / (KK * Wo * sizeof(acc_t))));
-  const int64_t wbw = p.wbw, rowstride = s * p.pw;
+  const int64_t wbw = p.wbw, rowstride = p.s * p.pw;
   // packed: per-pixel results go to a per-task buffer of pitch Wo (a block's lanes past Wo land
   // on the next row, which is computed after it, or in the slack), so each tap's rows are one
   // contiguous copy out; measured faster than storing rows in place into the K*K planes. A
@@ -2054,7 +2060,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   }
   if (lent > 0)
     correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
-                   cols_t.data_ptr<int64_t>(), Kw, coff.data_ptr<int64_t>(), s, fa, fb);
+                   plan.cols.data(), Kw, plan.col_offset.data(), plan.col_stride, plan.affine_begin, plan.affine_end);
   return out;
 }
 
@@ -2193,22 +2199,23 @@ __attribute__((noinline)) void tr_pixels_cl_affine(acc_t* gs, const int64_t* rr,
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const at::Tensor& rows_t,
-                                  const at::Tensor& cols_t, const at::Tensor& coff_t, int64_t s, bool pad_ok, int64_t H,
-                                  int64_t W) {
+at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const Plan& plan) {
+  const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
+  const bool pad_ok = plan.zero_border;
+  const int64_t* coff = plan.col_offset.data();
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = rows_t.size(0), Kw = cols_t.size(0);
+  const int64_t Kh = plan.Kh, Kw = plan.Kw;
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  const int64_t* rows = rows_t.data_ptr<int64_t>();
-  const int64_t* cols = cols_t.data_ptr<int64_t>();
+  const int64_t* rows = plan.rows.data();
+  const int64_t* cols = plan.cols.data();
   at::Tensor gx = at::empty({B, C, H, W}, gy.options());
   const scalar_t* gyd = gy.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* gxd = gx.data_ptr<scalar_t>();
-  const LastRows lr = LastRows::for_taps(W, Cg, coff_t.data_ptr<int64_t>(), s, Kw, Wo, pad_ok);
+  const LastRows lr = LastRows::for_taps(W, Cg, coff, s, Kw, Wo, pad_ok);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
   // output rows [olo[k], ohi[k]) read input band k (empty: olo = ohi)
@@ -2221,9 +2228,9 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
     }
   int64_t onmax = 0;
   for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff_t.data_ptr<int64_t>(), s),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff, s),
                              xoff = lr.elements(band), pix = strided(onmax * Wo, Cg);
-  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, coff_t.data_ptr<int64_t>(), pad_ok);
+  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, coff, pad_ok);
   ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
   at::parallel_for(0, B * G * nband, 1, [&](int64_t t0, int64_t t1) {
     at::Tensor own;
@@ -2268,15 +2275,15 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows_t,
-                                    const at::Tensor& cols_t, const at::Tensor& coff, int64_t s, bool pad_ok,
-                                    int64_t ca, int64_t cb, const at::Tensor& rptr_t, const at::Tensor& rpair_t,
-                                    const at::Tensor& cptr_t, const at::Tensor& cpair_t, int64_t H, int64_t W) {
+at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const Plan& plan) {
+  const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
+  const int64_t ca = plan.affine_input_begin, cb = plan.affine_input_end;
+  const bool pad_ok = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = VecOf<acc_t>::N;
   const int64_t B = y.size(0), C = y.size(1), Ho = y.size(2), Wo = y.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = rows_t.size(0), Kw = cols_t.size(0);
+  const int64_t Kh = plan.Kh, Kw = plan.Kw;
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
   // Channels-last (bands of input rows) on rows under four vectors: measured faster than the
   // column kernels there (A/B, one thread: 64@56x56 stride 2 -37%, 128@28x28 -17% (stride 1)
@@ -2284,7 +2291,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // scratch than their per-task row copies.
   // Every row when the affine kernel covers the plane (against the wsrc aggregate below, one
   // thread: 64@56x56 stride 1 -34%, 256@14x14 -50%).
-  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, coff.data_ptr<int64_t>(), pad_ok);
+  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), pad_ok);
   const bool last = (Wo < 4 * L || affine) && Cg % L == 0;
   // Stride 1, zero border: x's gradient is an aggregate of y over the mirrored window, input
   // pixel (r, q) reading y at each output (i, j) whose tap (u, v) reads (r, q), with that
@@ -2294,33 +2301,15 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // -16..-30%, 256@14x14 -43..-59%). Rows of two to four vectors, rows under a vector and the
   // planes of the affine kernel keep the channels-last scatter where it applies (128@28x28
   // +0..+20%, 512@7x7 +5..+36% with wsrc there).
-  if (s == 1 && pad_ok && W >= L && !(last && (Wo >= 2 * L || affine))) {
-    const int64_t* rows = rows_t.data_ptr<int64_t>();
-    const int64_t* cols = cols_t.data_ptr<int64_t>();
-    const int64_t* off = coff.data_ptr<int64_t>();
-    at::Tensor rT = at::empty({Kh, H}, rows_t.options()), cT = at::empty({Kw, W}, cols_t.options()),
-               oT = at::empty({Kw}, coff.options());
-    int64_t* rt = rT.data_ptr<int64_t>();
-    int64_t* ct = cT.data_ptr<int64_t>();
-    std::fill(rt, rt + Kh * H, int64_t(-1));
-    std::fill(ct, ct + Kw * W, int64_t(-1));
-    for (int64_t u = 0; u < Kh; ++u)
-      for (int64_t i = 0; i < Ho; ++i)
-        if (rows[u * Ho + i] >= 0) rt[u * H + rows[u * Ho + i]] = i;
-    for (int64_t v = 0; v < Kw; ++v) {
-      for (int64_t j = 0; j < Wo; ++j)
-        if (cols[v * Wo + j] >= 0) ct[v * W + cols[v * Wo + j]] = j;
-      oT.data_ptr<int64_t>()[v] = -off[v];
-    }
-    return aggregate_impl<scalar_t>(y, w, rT, cT, oT, 1, 0, W, true, true);
-  }
-  if (last) return aggregate_transpose_cl<scalar_t>(y, w, rows_t, cols_t, coff, s, pad_ok, H, W);
-  const int64_t* off = coff.data_ptr<int64_t>();
-  const int64_t* rptr = rptr_t.data_ptr<int64_t>();
-  const int64_t* rpair = rpair_t.data_ptr<int64_t>();  // (n, 2): u, i
-  const int64_t* cptr = cptr_t.data_ptr<int64_t>();
-  const int64_t* cpair = cpair_t.data_ptr<int64_t>();  // (n, 3): v, j, affine
-  const int64_t npair = rpair_t.size(0);
+  if (s == 1 && pad_ok && W >= L && !(last && (Wo >= 2 * L || affine)))
+    return aggregate_impl<scalar_t>(y, w, *plan.mirrored, true);
+  if (last) return aggregate_transpose_cl<scalar_t>(y, w, plan);
+  const int64_t* off = plan.col_offset.data();
+  const int64_t* rptr = plan.row_readers_begin.data();
+  const int64_t* rpair = plan.row_readers.data();  // (n, 2): u, i
+  const int64_t* cptr = plan.col_readers_begin.data();
+  const int64_t* cpair = plan.col_readers.data();  // (n, 3): v, j, affine
+  const int64_t npair = static_cast<int64_t>(plan.row_readers.size()) / 2;
   std::vector<int64_t> ru(npair), ri(npair);
   for (int64_t a = 0; a < npair; ++a) ru[a] = rpair[2 * a], ri[a] = rpair[2 * a + 1];
 
@@ -2595,65 +2584,37 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   return x;
 }
 
-void check_inputs(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "tokenmix cpu kernels need CPU tensors");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "tokenmix cpu kernels need contiguous tensors");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "tokenmix cpu kernels need one dtype");
-}
-
 }  // namespace
 
 namespace tokenmix_cpu {
 
-at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
-                     const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, bool pad_ok) {
-  check_inputs(x, w);
+at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const Plan& plan) {
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tokenmix_aggregate", [&] {
-    out = aggregate_impl<scalar_t>(x, w, rows, cols, coff, s, fa, fb, pad_ok);
+    out = aggregate_impl<scalar_t>(x, w, plan);
   });
   return out;
 }
 
-at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows, const at::Tensor& cols,
-                     const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, bool pad_ok, int64_t groups,
-                     bool sum_batch, bool sum_space) {
-  check_inputs(q, k);
+at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t groups, bool sum_batch,
+                     bool sum_space) {
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tokenmix_correlate", [&] {
-    out = correlate_impl<scalar_t>(q, k, rows, cols, coff, s, fa, fb, pad_ok, groups, sum_batch, sum_space);
+    out = correlate_impl<scalar_t>(q, k, plan, groups, sum_batch, sum_space);
   });
   return out;
 }
 
-at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows,
-                               const at::Tensor& cols, const at::Tensor& coff, int64_t s, bool pad_ok, int64_t ca,
-                               int64_t cb, const at::Tensor& rptr, const at::Tensor& rpair, const at::Tensor& cptr,
-                               const at::Tensor& cpair, int64_t H, int64_t W) {
-  check_inputs(y, w);
+at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const Plan& plan) {
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "tokenmix_aggregate_transpose", [&] {
-    out = aggregate_transpose_impl<scalar_t>(y, w, rows, cols, coff, s, pad_ok, ca, cb, rptr, rpair, cptr, cpair,
-                                             H, W);
+    out = aggregate_transpose_impl<scalar_t>(y, w, plan);
   });
   return out;
 }
 
-// Tests only: sets lent_planes' override (see there), returns the previous one.
+#ifdef TOKENMIX_TEST_HOOKS
 int64_t lent_planes_override(int64_t n) { return lent_override.exchange(n); }
+#endif
 
 }  // namespace tokenmix_cpu
-
-// Registered as torch.ops.tokenmix_cpu.* (no pybind11: keeps the first-use compile short);
-// autograd_cpu.cpp adds the eager path's autograd op to the same library.
-TORCH_LIBRARY(tokenmix_cpu, m) {
-  using namespace tokenmix_cpu;
-  m.def("aggregate(Tensor x, Tensor w, Tensor rows, Tensor cols, Tensor coff, int s, int fa, int fb, bool pad_ok)"
-        " -> Tensor", &aggregate);
-  m.def("correlate(Tensor q, Tensor k, Tensor rows, Tensor cols, Tensor coff, int s, int fa, int fb, bool pad_ok,"
-        " int groups, bool sum_batch, bool sum_space) -> Tensor", &correlate);
-  m.def("aggregate_transpose(Tensor y, Tensor w, Tensor rows, Tensor cols, Tensor coff, int s, bool pad_ok, int ca,"
-        " int cb, Tensor rptr, Tensor rpair, Tensor cptr, Tensor cpair, int H, int W) -> Tensor",
-        &aggregate_transpose);
-  m.def("_lent_planes_override(int n) -> int", &lent_planes_override);
-}

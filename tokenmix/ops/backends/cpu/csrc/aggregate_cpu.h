@@ -1,7 +1,8 @@
-// The three CPU kernels of aggregate_cpu.cpp, for autograd_cpu.cpp. Arguments as the
-// torch.ops.tokenmix_cpu ops of the same names (see the geometry notes in aggregate_cpu.cpp);
-// inputs must be contiguous and of one dtype.
+// The CPU kernels of the three ops, for ops.cpp: inputs contiguous, of one floating dtype and
+// checked against the plan (shapes consistent, the window fits).
 #pragma once
+
+#include "plan.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -9,16 +10,17 @@
 
 namespace tokenmix_cpu {
 
-at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const at::Tensor& rows, const at::Tensor& cols,
-                     const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, bool pad_ok);
+at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const Plan& plan);
 
-at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rows, const at::Tensor& cols,
-                     const at::Tensor& coff, int64_t s, int64_t fa, int64_t fb, bool pad_ok, int64_t groups,
-                     bool sum_batch, bool sum_space);
+at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t groups, bool sum_batch,
+                     bool sum_space);
 
-at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const at::Tensor& rows,
-                               const at::Tensor& cols, const at::Tensor& coff, int64_t s, bool pad_ok, int64_t ca,
-                               int64_t cb, const at::Tensor& rptr, const at::Tensor& rpair, const at::Tensor& cptr,
-                               const at::Tensor& cpair, int64_t H, int64_t W);
+at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const Plan& plan);
+
+#ifdef TOKENMIX_TEST_HOOKS
+// Forces how many of correlate's last planes lend their memory as scratch (n >= 0; -1: the
+// kernel's own sizing); returns the previous setting.
+int64_t lent_planes_override(int64_t n);
+#endif
 
 }  // namespace tokenmix_cpu
