@@ -1,7 +1,7 @@
 """Same-process A/B of the CPU kernels: an earlier git revision's against the working tree's.
 
-On a shared machine two runs of benchmarks/ops.py a minute apart differ by 20-80%, far more
-than most kernel changes; and building the other revision in place does not help either, since
+On a shared machine two runs of benchmarks/ops.py a minute apart can differ by far more than
+most kernel changes do; and building the other revision in place does not help either, since
 torch's extension cache rebuilds whatever sources are checked out. This script takes the base
 revision's C++ sources with `git show`, renames their `tokenmix_cpu` library to
 `tokenmix_cpu_base`, builds them beside the current kernels, and times the raw kernels of both

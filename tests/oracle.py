@@ -1,8 +1,8 @@
 """Independent float64 brute-force oracle and hypothesis strategies for the op tests.
 
-The loops below follow DESIGN.md 2.1/2.2 literally, pixel by pixel, and do not use any
-index map of tokenmix (only the Window's normalised fields), so they can catch a wrong
-index in Window as well as in a backend.
+The loops below follow the definitions of ``docs/design.md`` ("The op") literally, pixel by
+pixel, and do not use any index map of tokenmix (only the Window's normalised fields), so they
+can catch a wrong index in Window as well as in a backend.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Kernel generators (DESIGN.md 3): ``nn.Module``s with channels first in the constructor and
-``forward(x, window) -> w: (B|1, G, K*K, Ho|1, Wo|1)``, registered by name."""
+"""Kernel generators (``docs/design.md``, "Around the op" and "Extending"): ``nn.Module``s with
+channels first in the constructor and ``forward(x, window) -> w: (B|1, G, K*K, Ho|1, Wo|1)``,
+registered by name."""
 
 from .registry import create_kernel_gen, get_kernel_gen, list_kernel_gens, register_kernel_gen
 from .base import KernelGenerator

@@ -1,5 +1,6 @@
-"""Mixers (DESIGN.md 4): ``Mixer`` = kernel generator + shared aggregation op, and the named
-presets through ``create_mixer(name, dim, kernel_size=7, stride=1, **kw)``."""
+"""Mixers (``docs/design.md``, "Around the op"): ``Mixer`` = kernel generator + shared
+aggregation op, and the named presets through ``create_mixer(name, dim, kernel_size=7,
+stride=1, **kw)``."""
 
 from .mixer import Mixer
 from .registry import create_mixer, list_mixers, register_mixer

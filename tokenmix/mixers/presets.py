@@ -1,5 +1,5 @@
-"""The named mixer presets of DESIGN.md 4. Each builder maps (B, dim, H, W) to
-(B, dim, ceil(H/s), ceil(W/s)) for every H, W (odd sizes included)."""
+"""The named mixer presets (``README.md``, "Mixers and kernel generators"). Each builder maps
+(B, dim, H, W) to (B, dim, ceil(H/s), ceil(W/s)) for every H, W (odd sizes included)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""Triton GPU backend of the three primitives (DESIGN.md 2.3).
+"""Triton GPU backend of the three primitives (``docs/triton-backend.md``; the backend
+contract: ``docs/design.md``, "Backends").
 
-One file per kernel (``triton_aggregate.py``, ``triton_correlate.py``,
-``triton_aggregate_transpose.py``): the ``@triton.jit`` kernel, whose docstring states the
-grid and the work per program, then its launcher. This module holds the backend class and
-the small tile heuristics the launchers share. It never imports Triton at import time:
-``import tokenmix`` works without Triton or a GPU; the kernel modules are imported on the
-first call.
+One file per kernel (``aggregate.py``, ``correlate.py``, ``aggregate_transpose.py``): the
+``@triton.jit`` kernel, whose docstring states the grid and the work per program, then its
+launcher. This module holds the backend class; the tile heuristics the launchers share are in
+``common.py``, the device helpers the kernels share in ``device.py``. It never imports Triton
+at import time: ``import tokenmix`` works without Triton or a GPU; the kernel modules are
+imported on the first call.
 
 Properties of every kernel: float32 accumulation (float64 for float64 inputs); shapes,
 strides, stride/dilation/padding are runtime arguments, only the kernel size, the border,

@@ -1,4 +1,4 @@
-"""Triton kernel of ``aggregate`` (DESIGN.md 2.2), then its launcher.
+"""Triton kernel of ``aggregate`` (``docs/design.md``, "The op"), then its launcher.
 
 ``y[b, c, i, j] = sum_t w[b, g(c), t, i, j] * x[b, c, src_t(i, j)]``
 

@@ -1,4 +1,4 @@
-"""Triton kernel of ``aggregate_transpose`` (DESIGN.md 2.2), then its launcher.
+"""Triton kernel of ``aggregate_transpose`` (``docs/design.md``, "The op"), then its launcher.
 
 The adjoint of ``aggregate`` in x, computed as a gather so that it is deterministic:
 ``x[b, c, h, w] = sum over (t, i, j) with src_t(i, j) = (h, w) of w[b, g(c), t, i, j] * y[b, c, i, j]``.

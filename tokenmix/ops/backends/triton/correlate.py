@@ -1,4 +1,4 @@
-"""Triton kernel of ``correlate`` (DESIGN.md 2.2), then its launcher.
+"""Triton kernel of ``correlate`` (``docs/design.md``, "The op"), then its launcher.
 
 ``out[b, g, t, i, j] = sum_{c in g} q[b, c, i, j] * k[b, c, src_t(i, j)]`` (0 on invalid taps),
 optionally summed over the batch and/or space (the gradient of a broadcast weight).

@@ -10,8 +10,9 @@ import triton.language as tl
 @triton.jit
 def clamp_start(i, L, K: tl.constexpr, d):
     """First source pixel of the clamp-border window of output ``i`` along an axis of length
-    ``L`` (DESIGN.md 2.1): on the sub-grid ``r = i mod d`` of length ``ceil((L - r) / d)``,
-    ``start' = clamp(i // d - K // 2, 0, L_r - K)``; tap ``u`` then reads ``start + u*d``."""
+    ``L`` (``docs/design.md``, "The window"): on the sub-grid ``r = i mod d`` of length
+    ``ceil((L - r) / d)``, ``start' = clamp(i // d - K // 2, 0, L_r - K)``; tap ``u`` then reads
+    ``start + u*d``."""
     r = i % d
     Lr = (L - r + d - 1) // d
     return r + d * tl.minimum(tl.maximum(i // d - K // 2, 0), Lr - K)
