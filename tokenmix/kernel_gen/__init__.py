@@ -9,6 +9,7 @@ from .bottleneck import BottleneckKernel
 from .query_key import QueryKeyKernel
 from .positional import PositionalKernel
 from .patch import PatchKernel
+from .pool import PoolKernel
 
 __all__ = [
     "register_kernel_gen",
@@ -21,4 +22,5 @@ __all__ = [
     "QueryKeyKernel",
     "PositionalKernel",
     "PatchKernel",
+    "PoolKernel",
 ]

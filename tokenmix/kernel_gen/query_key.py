@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.functional import correlate
@@ -30,12 +31,16 @@ class QueryKeyKernel(KernelGenerator):
         heads: number of heads (= groups G), dividing C.
         qkv_bias: bias in the q and k projections.
         rel_pos: learn the relative position bias.
+        fused_qkv: one ``qkv = nn.Linear(C, 3C)`` projection applied as a 1x1 conv (NATTEN's
+            layout: output channels [0, C) are q, [C, 2C) k, [2C, 3C) v, head h at channels
+            h*d .. h*d+d-1 of each) instead of ``query``/``key``; the generator uses its q and k
+            rows, and :meth:`split_qkv` gives a mixer all three from one projection.
 
     Shapes: ``forward(x: (B, C, H, W), window) -> (B, heads, K*K, Ho, Wo)``.
     """
 
     def __init__(self, channels: int, kernel_size=7, *, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
-                 rel_pos: bool = True, device=None, dtype=None):
+                 rel_pos: bool = True, fused_qkv: bool = False, device=None, dtype=None):
         super().__init__()
         heads = check_int("heads", heads)
         G = resolve_groups(channels, heads, None, what="heads")
@@ -44,8 +49,12 @@ class QueryKeyKernel(KernelGenerator):
         self.head_dim = channels // heads
         self.scale = self.head_dim ** -0.5
         fk = dict(device=device, dtype=dtype)
-        self.query = nn.Conv2d(channels, channels, 1, bias=qkv_bias, **fk)
-        self.key = nn.Conv2d(channels, channels, 1, bias=qkv_bias, **fk)
+        self.fused_qkv = bool(fused_qkv)
+        if self.fused_qkv:
+            self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias, **fk)
+        else:
+            self.query = nn.Conv2d(channels, channels, 1, bias=qkv_bias, **fk)
+            self.key = nn.Conv2d(channels, channels, 1, bias=qkv_bias, **fk)
         Kh, Kw = self.kernel_size
         if rel_pos:
             self.rel_pos = nn.Parameter(torch.empty(heads, 2 * Kh - 1, 2 * Kw - 1, **fk))
@@ -55,8 +64,8 @@ class QueryKeyKernel(KernelGenerator):
 
     def reset_parameters(self) -> None:
         """PyTorch defaults for q, k; relative bias ~ N(0, 0.02) truncated at 2 std."""
-        self.query.reset_parameters()
-        self.key.reset_parameters()
+        for m in (self.qkv,) if self.fused_qkv else (self.query, self.key):
+            m.reset_parameters()
         if self.rel_pos is not None:
             nn.init.trunc_normal_(self.rel_pos, std=0.02)
 
@@ -66,17 +75,41 @@ class QueryKeyKernel(KernelGenerator):
         b = self.rel_pos[:, ri[:, None, :, None], ci[None, :, None, :]]  # (heads, Kh, Kw, Ho|1, Wo|1)
         return b.reshape(1, self.heads, window.taps, b.shape[-2], b.shape[-1])
 
+    def split_qkv(self, x: torch.Tensor, rows: int = 3):
+        """Fused projection only: x (B, C, H, W) -> (q, k[, v]), each (B, C, H, W), from the
+        first ``rows`` thirds of ``qkv`` (2: q and k only)."""
+        if not self.fused_qkv:
+            raise ValueError("split_qkv needs a generator built with fused_qkv=True")
+        n = rows * self.channels
+        bias = None if self.qkv.bias is None else self.qkv.bias[:n]
+        return F.conv2d(x, self.qkv.weight[:n, :, None, None], bias).chunk(rows, dim=1)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, window, height: int, width: int) -> torch.Tensor:
+        """Pre-softmax scores (B, heads, K*K, Ho, Wo) of projected queries ``q: (B, C, Ho, Wo)``
+        (at the output pixels) against keys ``k: (B, C, H, W)``: ``q.k / sqrt(d)`` plus the
+        relative position bias; out-of-image taps are 0 (not yet masked)."""
+        s = correlate(q * self.scale, k, window, self.heads)
+        if self.rel_pos is not None:
+            s = s + self.position_bias(window, height, width, device=k.device)
+        return s
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, window, height: int, width: int) -> torch.Tensor:
+        """The kernel (B, heads, K*K, Ho, Wo) from projected q and k (see :meth:`scores`)."""
+        return masked_softmax(self.scores(q, k, window, height, width), window, height, width)
+
     def logits(self, x: torch.Tensor, window) -> torch.Tensor:
         """Pre-softmax scores (B, heads, K*K, Ho, Wo); out-of-image taps are 0 (not yet masked)."""
         self.check_window(x, window)
-        q = self.query(strided_queries(x, window)) * self.scale
-        s = correlate(q, self.key(x), window, self.heads)
-        if self.rel_pos is not None:
-            s = s + self.position_bias(window, x.shape[2], x.shape[3], device=x.device)
-        return s
+        if self.fused_qkv:
+            q, k = self.split_qkv(x, rows=2)
+            q = strided_queries(q, window)
+        else:
+            q, k = self.query(strided_queries(x, window)), self.key(x)
+        return self.scores(q, k, window, x.shape[2], x.shape[3])
 
     def forward(self, x: torch.Tensor, window) -> torch.Tensor:
         return masked_softmax(self.logits(x, window), window, x.shape[2], x.shape[3])
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", heads={self.heads}, rel_pos={self.rel_pos is not None}"
+        return (super().extra_repr() + f", heads={self.heads}, rel_pos={self.rel_pos is not None}"
+                + (", fused_qkv=True" if self.fused_qkv else ""))

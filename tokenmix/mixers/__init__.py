@@ -3,7 +3,10 @@ aggregation op, and the named presets through ``create_mixer(name, dim, kernel_s
 stride=1, **kw)``."""
 
 from .mixer import Mixer
+from .attention import AttentionMixer
+from .layers import PointwiseLinear, StarReLU
 from .registry import create_mixer, list_mixers, register_mixer
 from . import presets  # noqa: F401  (registers the presets)
+from . import metaformer_presets  # noqa: F401  (registers pooling and sepconv)
 
-__all__ = ["Mixer", "create_mixer", "register_mixer", "list_mixers"]
+__all__ = ["Mixer", "AttentionMixer", "PointwiseLinear", "StarReLU", "create_mixer", "register_mixer", "list_mixers"]

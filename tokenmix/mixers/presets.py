@@ -15,6 +15,8 @@ from ..kernel_gen.positional import PositionalKernel
 from ..kernel_gen.query_key import QueryKeyKernel
 from ..kernel_gen.static import StaticKernel
 from ..ops.window import Window
+from .attention import AttentionMixer
+from .layers import PointwiseLinear
 from .mixer import Mixer
 from .registry import register_mixer
 
@@ -75,34 +77,45 @@ def _check_heads(dim: int, heads) -> int:
     return heads
 
 
-def _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, border, device, dtype) -> Mixer:
+def _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, border, device, dtype, *,
+               fused_qkv=False, proj=False, pad_to_window=False) -> AttentionMixer:
     heads = _check_heads(dim, heads)
     window = _window(kernel_size, stride, dilation, border)
+    fk = dict(device=device, dtype=dtype)
     gen = QueryKeyKernel(dim, kernel_size, stride=stride, heads=heads, qkv_bias=qkv_bias, rel_pos=rel_pos,
-                         device=device, dtype=dtype)
-    value = nn.Conv2d(dim, dim, 1, bias=qkv_bias, device=device, dtype=dtype)
-    return Mixer(dim, gen, window, value=value, device=device, dtype=dtype)
+                         fused_qkv=fused_qkv, **fk)
+    value = None if fused_qkv else nn.Conv2d(dim, dim, 1, bias=qkv_bias, **fk)
+    out = PointwiseLinear(dim, dim, bias=True, **fk) if proj else None
+    return AttentionMixer(dim, gen, window, value=value, proj=out, pad_to_window=pad_to_window, **fk)
 
 
 @register_mixer("local_attention")
 def local_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
-                    rel_pos: bool = True, dilation: int = 1, device=None, dtype=None) -> Mixer:
+                    rel_pos: bool = True, dilation: int = 1, fused_qkv: bool = False, proj: bool = False,
+                    device=None, dtype=None) -> AttentionMixer:
     """Stand-alone local self-attention (SASA-style, zero border): ``query_key`` generator
     (q, k 1x1 projections, learned relative position bias by true offset, out-of-image taps
     masked), value = a 1x1 v projection, no output projection. Stride s: queries at the
-    strided positions ``x[..., ::s, ::s]``, keys and values at every pixel."""
-    return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "zero", device, dtype)
+    strided positions ``x[..., ::s, ::s]``, keys and values at every pixel.
+    ``fused_qkv=True``: one (3*dim, dim) ``generator.qkv`` projection instead of three;
+    ``proj=True``: an output projection ``proj`` (a 1x1 ``PointwiseLinear`` with bias)."""
+    return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "zero", device, dtype,
+                      fused_qkv=fused_qkv, proj=proj)
 
 
 @register_mixer("neighborhood_attention")
 def neighborhood_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
-                           rel_pos: bool = True, dilation: int = 1, device=None, dtype=None) -> Mixer:
+                           rel_pos: bool = True, dilation: int = 1, fused_qkv: bool = False, proj: bool = False,
+                           pad_to_window: bool = False, device=None, dtype=None) -> AttentionMixer:
     """Neighborhood attention (NATTEN semantics): ``local_attention`` with the clamp border,
     so every query attends to exactly K*K in-image keys. Stride must be 1; the input must be
-    at least K*dilation in each dimension."""
+    at least K*dilation in each dimension, or, with ``pad_to_window=True``, is zero-padded to
+    it as NATTEN < 0.20 did. ``fused_qkv``/``proj`` as ``local_attention``; NAT's layer is
+    ``qkv_bias=True, fused_qkv=True, proj=True``."""
     if stride != 1:
         raise ValueError(f"neighborhood_attention uses border='clamp', which needs stride=1, got stride={stride}")
-    return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "clamp", device, dtype)
+    return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "clamp", device, dtype,
+                      fused_qkv=fused_qkv, proj=proj, pad_to_window=pad_to_window)
 
 
 @register_mixer("positional_attention")
