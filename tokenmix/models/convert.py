@@ -87,8 +87,10 @@ def _rename(key: str, to_ours: bool) -> Optional[str]:
 def _unwrap(state_dict: Mapping) -> Dict[str, torch.Tensor]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]
+    for wrapper in ("state_dict", "model"):  # mmcls / timm training checkpoints
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+            break
     out = {}
     for k, v in state_dict.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
@@ -144,27 +146,36 @@ def load_official_rednet(path_or_state_dict: Union[str, "os.PathLike[str]", Mapp
 
     if depth not in DEPTHS:
         raise ValueError(f"depth={depth!r} is not a RedNet depth; known: {sorted(DEPTHS)}")
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        loaded = torch.load(os.fspath(path_or_state_dict), map_location="cpu", weights_only=True)
-        what = f"official RedNet checkpoint {os.fspath(path_or_state_dict)!r}"
-    else:
-        loaded, what = path_or_state_dict, "official RedNet state_dict"
-    sd = _unwrap(loaded)
+    sd, what = read_official(path_or_state_dict, "RedNet")
     if num_classes is None:
         fc = sd.get("head.fc.weight")
         num_classes = int(fc.shape[0]) if isinstance(fc, torch.Tensor) and fc.dim() == 2 else 1000
     model = create_model(f"rednet{depth}", num_classes=num_classes)
-    expected = official_rednet_keys(model)
+    check_official_keys(official_rednet_keys(model), sd, f"{what} does not match tokenmix rednet{depth} "
+                        f"(num_classes={num_classes})")
+    load_state_dict_strict(model, convert_official_rednet(sd), what=what)
+    return model.eval()
+
+
+def check_official_keys(expected: Mapping[str, Tuple[int, ...]], sd: Mapping[str, torch.Tensor], headline: str) -> None:
+    """ValueError starting with ``headline`` and listing the missing keys, unexpected keys
+    and shape mismatches of the official-layout ``sd`` against ``expected`` (name -> shape)."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     shapes = sorted(f"{k}: got {tuple(sd[k].shape)}, expected {s}" for k, s in expected.items()
-                    if k in sd and tuple(sd[k].shape) != s)
+                    if k in sd and tuple(sd[k].shape) != tuple(s))
     if missing or unexpected or shapes:
-        lines = [f"{what} does not match tokenmix rednet{depth} (num_classes={num_classes}):",
-                 f"missing keys ({len(missing)}): {missing}",
+        lines = [headline + ":", f"missing keys ({len(missing)}): {missing}",
                  f"unexpected keys ({len(unexpected)}): {unexpected}"]
         if shapes:
             lines.append(f"shape mismatches ({len(shapes)}): {shapes}")
         raise ValueError("\n".join(lines))
-    load_state_dict_strict(model, convert_official_rednet(sd), what=what)
-    return model.eval()
+
+
+def read_official(path_or_state_dict, family: str) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(unwrapped state dict, description for errors) of a checkpoint path (read with
+    ``torch.load(weights_only=True)``) or an already loaded dict."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        loaded = torch.load(os.fspath(path_or_state_dict), map_location="cpu", weights_only=True)
+        return _unwrap(loaded), f"official {family} checkpoint {os.fspath(path_or_state_dict)!r}"
+    return _unwrap(path_or_state_dict), f"official {family} state_dict"

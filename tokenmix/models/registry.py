@@ -9,8 +9,12 @@ from .._registry import Registry
 from .backbone import Backbone
 from .config import (DEPTHS, ModelConfig, StageConfig, StemConfig, rednet_config, resnet_config,
                      sasa_resnet_config)
+from .metaformer import MetaFormer
+from .metaformer_config import MetaFormerConfig, apply_metaformer_overrides, metaformer_configs
 
-ConfigLike = Union[ModelConfig, Callable[[], ModelConfig]]
+AnyConfig = Union[ModelConfig, MetaFormerConfig]
+ConfigLike = Union[AnyConfig, Callable[[], AnyConfig]]
+_CONFIG_TYPES = (ModelConfig, MetaFormerConfig)
 
 _MODELS = Registry("model")
 
@@ -25,10 +29,10 @@ _CONVENIENCE = {
 
 
 def register_model(name: str, config: ConfigLike, *, overwrite: bool = False) -> ConfigLike:
-    """Register ``config`` (a ModelConfig, or a zero-argument callable returning one) as
-    ``name``. Re-registering a name raises ValueError unless ``overwrite=True``."""
-    if not (isinstance(config, ModelConfig) or callable(config)):
-        raise TypeError(f"config={config!r} must be a ModelConfig or a callable returning one")
+    """Register ``config`` (a ModelConfig or MetaFormerConfig, or a zero-argument callable
+    returning one) as ``name``. Re-registering a name raises ValueError unless ``overwrite=True``."""
+    if not (isinstance(config, _CONFIG_TYPES) or callable(config)):
+        raise TypeError(f"config={config!r} must be a ModelConfig, a MetaFormerConfig or a callable returning one")
     return _MODELS.register(name, config, overwrite=overwrite)
 
 
@@ -37,12 +41,12 @@ def list_models() -> List[str]:
     return _MODELS.names()
 
 
-def get_config(name: str, **overrides: Any) -> ModelConfig:
+def get_config(name: str, **overrides: Any) -> AnyConfig:
     """The registered config of ``name`` with ``overrides`` applied (see :func:`create_model`)."""
     entry = _MODELS.lookup(name)
-    cfg = entry if isinstance(entry, ModelConfig) else entry()
-    if not isinstance(cfg, ModelConfig):
-        raise TypeError(f"registered config of {name!r} returned {type(cfg).__name__}, not ModelConfig")
+    cfg = entry if isinstance(entry, _CONFIG_TYPES) else entry()
+    if not isinstance(cfg, _CONFIG_TYPES):
+        raise TypeError(f"registered config of {name!r} returned {type(cfg).__name__}, not a ModelConfig or MetaFormerConfig")
     return apply_overrides(cfg, **overrides)
 
 
@@ -55,8 +59,9 @@ def _per_stage(name: str, value: Any, n: int, single: type) -> List[Any]:
     raise ValueError(f"{name}={value!r} must be a {single.__name__} or a sequence of {n} of them (one per stage)")
 
 
-def apply_overrides(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
-    """Return ``cfg`` with overrides: any ModelConfig field (``num_classes``, ``stem``,
+def apply_overrides(cfg: AnyConfig, **overrides: Any) -> AnyConfig:
+    """Return ``cfg`` with overrides (a MetaFormerConfig: see
+    :func:`~tokenmix.models.metaformer_config.apply_metaformer_overrides`): any ModelConfig field (``num_classes``, ``stem``,
     ``stages``, ``expansion``, ``in_chans``, ``zero_init_last_bn``, ``name``) and
 
     - ``mixer``: a mixer name for all stages, or one per stage. A stage whose mixer changes keeps
@@ -70,6 +75,8 @@ def apply_overrides(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
     - ``depths`` / ``widths``: one int per stage.
     Unknown names raise ValueError listing the accepted ones.
     """
+    if isinstance(cfg, MetaFormerConfig):
+        return apply_metaformer_overrides(cfg, **overrides)
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
     unknown = sorted(set(overrides) - set(fields) - set(_CONVENIENCE))
     if unknown:
@@ -110,16 +117,19 @@ def apply_overrides(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
     return dataclasses.replace(cfg, stages=tuple(stages))
 
 
-def create_model(name: Union[str, ModelConfig], **overrides: Any) -> Backbone:
-    """Build a registered model (or a :class:`ModelConfig`) with ``overrides``.
+def create_model(name: Union[str, AnyConfig], **overrides: Any) -> Union[Backbone, MetaFormer]:
+    """Build a registered model (or a :class:`ModelConfig` / :class:`MetaFormerConfig`) with
+    ``overrides``: a :class:`Backbone` or a :class:`MetaFormer`.
 
     >>> m = create_model("rednet50", num_classes=10,
     ...                  mixer_kwargs={"kernel_size": 5, "group_channels": 4, "reduction": 16})
     >>> m = create_model("resnet50", mixer="involution")       # 3x3 involution in every block
     >>> feats = m.forward_stages(torch.randn(1, 3, 224, 224))   # strides 4, 8, 16, 32
+    >>> m = create_model("nat_mini", mixer=("dwconv", "involution", "neighborhood_attention",
+    ...                                     "neighborhood_attention"))
     """
-    cfg = apply_overrides(name, **overrides) if isinstance(name, ModelConfig) else get_config(name, **overrides)
-    return Backbone(cfg)
+    cfg = apply_overrides(name, **overrides) if isinstance(name, _CONFIG_TYPES) else get_config(name, **overrides)
+    return MetaFormer(cfg) if isinstance(cfg, MetaFormerConfig) else Backbone(cfg)
 
 
 for _depth in DEPTHS:
@@ -128,6 +138,8 @@ for _depth in DEPTHS:
     register_model(f"resnet{_depth}", resnet_config(_depth))
 for _depth in (26, 38, 50):
     register_model(f"sasa_resnet{_depth}", sasa_resnet_config(_depth))
+for _name, _cfg in metaformer_configs().items():
+    register_model(_name, _cfg)
 
 __all__ = ["register_model", "list_models", "get_config", "apply_overrides", "create_model",
            "ModelConfig", "StageConfig", "StemConfig"]

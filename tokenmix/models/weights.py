@@ -12,6 +12,7 @@ from torch import nn
 PathLike = Union[str, "os.PathLike[str]"]
 
 CONFIG_KEY = "tokenmix.config"
+CONFIG_CLASS_KEY = "tokenmix.config_class"  # "ModelConfig" (also when absent) or "MetaFormerConfig"
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "state_dict") -> None:
@@ -48,6 +49,7 @@ def save_weights(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, 
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         meta.setdefault(CONFIG_KEY, json.dumps(config.to_dict()))
+        meta.setdefault(CONFIG_CLASS_KEY, type(config).__name__)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata=meta)
 
@@ -77,9 +79,14 @@ def config_from_weights(path: PathLike):
     from safetensors import safe_open
 
     from .config import ModelConfig
+    from .metaformer_config import MetaFormerConfig
 
     with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
     if CONFIG_KEY not in meta:
         raise ValueError(f"weights file {os.fspath(path)!r} has no {CONFIG_KEY!r} metadata")
-    return ModelConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    classes = {"ModelConfig": ModelConfig, "MetaFormerConfig": MetaFormerConfig}
+    name = meta.get(CONFIG_CLASS_KEY, "ModelConfig")
+    if name not in classes:
+        raise ValueError(f"weights file {os.fspath(path)!r}: unknown config class {name!r}; known: {', '.join(classes)}")
+    return classes[name].from_dict(json.loads(meta[CONFIG_KEY]))
