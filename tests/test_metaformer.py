@@ -6,6 +6,7 @@ converters against functional re-implementations of the official forwards writte
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -190,3 +191,214 @@ def test_every_mixer_in_a_metaformer_backward_compile_and_strict_flops(name):
     assert r.unsupported == {} and r.total > 0
     if name not in ("conv",):
         assert r.by_operator.get("aggregate", 0) > 0, r.by_operator
+
+
+# ---------------------------------------------------------------------------------------------
+# official checkpoints: functional re-implementations of the official forwards
+
+
+def synthetic_official(shapes, seed=0):
+    """float64 tensors with exactly the official names and shapes, scaled so that every part
+    matters: norms and layer scales around 1 (not the 1e-5 init), relative position biases of
+    order 1 (so that a wrongly indexed table shows), weights ~ N(0, 1/fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in shapes.items():
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "rpb":
+            sd[key] = torch.randn(shape, generator=g, dtype=torch.float64)
+        elif leaf == "bias":
+            sd[key] = 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)
+        elif len(shape) == 1:                       # norm weights, layer scales (gamma, layer_scale_*)
+            sd[key] = torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
+        else:
+            sd[key] = torch.randn(shape, generator=g, dtype=torch.float64) / math.sqrt(math.prod(shape[1:]))
+    return sd
+
+
+def official_poolformer_forward(sd, x):
+    """sail-sg/poolformer PoolFormer.forward (eval), from the official state dict."""
+    def gn(t, p):
+        return F.group_norm(t, 1, sd[p + ".weight"], sd[p + ".bias"], 1e-5)
+
+    x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=4, padding=2)
+    for n in range(7):
+        if n % 2:
+            x = F.conv2d(x, sd[f"network.{n}.proj.weight"], sd[f"network.{n}.proj.bias"], stride=2, padding=1)
+            continue
+        j = 0
+        while f"network.{n}.{j}.norm1.weight" in sd:
+            p = f"network.{n}.{j}"
+            y = gn(x, p + ".norm1")
+            x = x + sd[p + ".layer_scale_1"].view(1, -1, 1, 1) * (F.avg_pool2d(y, 3, 1, 1, count_include_pad=False) - y)
+            y = F.gelu(F.conv2d(gn(x, p + ".norm2"), sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"]))
+            y = F.conv2d(y, sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
+            x = x + sd[p + ".layer_scale_2"].view(1, -1, 1, 1) * y
+            j += 1
+    x = gn(x, "norm").mean((-2, -1))
+    return F.linear(x, sd["head.weight"], sd["head.bias"])
+
+
+def legacy_neighborhood(length, K, d):
+    """NATTEN < 0.20 (CPU/CUDA kernels' get_window_start / get_pb_start), for every query i of
+    an axis: the keys it attends to, (length, K), and their rows of the bias table, (length, K)."""
+    r = K // 2
+    keys, rows = [], []
+    for i in range(length):
+        if d == 1:
+            start = max(i - r, 0) + (length - i - r - 1 if i + r >= length else 0)
+            pb = r + (r - i if i < r else 0) + (length - i - 1 - r if i + r >= length else 0)
+        elif i - r * d < 0:
+            start, pb = i % d, K - 1 - i // d
+        elif i + r * d >= length:
+            a = (length // d) * d
+            b = length - a
+            start = length - b + i % d - 2 * r * d if i % d < b else a + i % d - K * d
+            pb = (length - i - 1) // d
+        else:
+            start, pb = i - r * d, r
+        keys.append([start + u * d for u in range(K)])
+        rows.append([pb + u for u in range(K)])
+    return torch.tensor(keys), torch.tensor(rows)
+
+
+def official_na2d(sd, p, x, K, d):
+    """NATTEN < 0.20 NeighborhoodAttention2D.forward on channels-last x: (B, H, W, C)."""
+    B, H0, W0, C = x.shape
+    x = F.pad(x, (0, 0, 0, max(0, K * d - W0), 0, max(0, K * d - H0)))
+    _, H, W, _ = x.shape
+    heads = sd[p + ".rpb"].shape[0]
+    hd = C // heads
+    qkv = F.linear(x, sd[p + ".qkv.weight"], sd[p + ".qkv.bias"]).reshape(B, H, W, 3, heads, hd).permute(3, 0, 4, 1, 2, 5)
+    q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]                        # (B, heads, H, W, hd)
+    (ki, kb), (kj, lb) = legacy_neighborhood(H, K, d), legacy_neighborhood(W, K, d)
+    flat = ki[:, None, :, None] * W + kj[None, :, None, :]               # (H, W, K, K) key pixels
+    kk = k.flatten(2, 3)[:, :, flat]                                      # (B, heads, H, W, K, K, hd)
+    vv = v.flatten(2, 3)[:, :, flat]
+    attn = torch.einsum("bhxyc,bhxyuvc->bhxyuv", q, kk)
+    attn = attn + sd[p + ".rpb"][:, kb[:, None, :, None], lb[None, :, None, :]]  # (heads, H, W, K, K)
+    attn = attn.reshape(B, heads, H, W, K * K).softmax(-1).reshape(B, heads, H, W, K, K)
+    out = torch.einsum("bhxyuv,bhxyuvc->bxyhc", attn, vv).reshape(B, H, W, C)[:, :H0, :W0]
+    return F.linear(out, sd[p + ".proj.weight"], sd[p + ".proj.bias"])
+
+
+def official_nat_forward(sd, x, dilations=None, K=7):
+    """SHI-Labs NAT / DiNAT forward (eval), channels-last as the official code."""
+    def ln(t, p):
+        return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], 1e-5)
+
+    x = F.conv2d(x, sd["patch_embed.proj.0.weight"], sd["patch_embed.proj.0.bias"], stride=2, padding=1)
+    x = F.conv2d(x, sd["patch_embed.proj.1.weight"], sd["patch_embed.proj.1.bias"], stride=2, padding=1)
+    x = ln(x.permute(0, 2, 3, 1), "patch_embed.norm")
+    for L in range(4):
+        j = 0
+        while f"levels.{L}.blocks.{j}.norm1.weight" in sd:
+            p = f"levels.{L}.blocks.{j}"
+            g1, g2 = sd.get(p + ".gamma1", 1.0), sd.get(p + ".gamma2", 1.0)
+            x = x + g1 * official_na2d(sd, p + ".attn", ln(x, p + ".norm1"), K, dilations[L][j] if dilations else 1)
+            y = F.gelu(F.linear(ln(x, p + ".norm2"), sd[p + ".mlp.fc1.weight"], sd[p + ".mlp.fc1.bias"]))
+            x = x + g2 * F.linear(y, sd[p + ".mlp.fc2.weight"], sd[p + ".mlp.fc2.bias"])
+            j += 1
+        if f"levels.{L}.downsample.reduction.weight" in sd:
+            x = F.conv2d(x.permute(0, 3, 1, 2), sd[f"levels.{L}.downsample.reduction.weight"], stride=2, padding=1)
+            x = ln(x.permute(0, 2, 3, 1), f"levels.{L}.downsample.norm")
+    x = ln(x, "norm").mean((1, 2))
+    return F.linear(x, sd["head.weight"], sd["head.bias"])
+
+
+DILATIONS = {"nat_mini": None, "dinat_mini": DINAT_MINI_DILATIONS, "poolformer_s12": None}
+
+
+@pytest.fixture(scope="module")
+def official():
+    """Per model name (built on first use): a synthetic float64 official checkpoint, the model
+    converted from its float32 copy, and the official forward's output per input size."""
+    cache = {}
+
+    def get(name, size=None):
+        if name not in cache:
+            sd = synthetic_official(official_shapes(name), seed=len(cache))
+            sd32 = {k: v.float() for k, v in sd.items()}
+            model = (load_official_poolformer({"state_dict": sd32}, "s12") if name.startswith("pool")
+                     else load_official_nat(sd32, name))
+            cache[name] = {"sd": sd, "model": model, "refs": {}}
+        entry = cache[name]
+        if size is not None and size not in entry["refs"]:
+            x = torch.randn(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(size))
+            with torch.no_grad():
+                ref = (official_poolformer_forward(entry["sd"], x) if name.startswith("pool")
+                       else official_nat_forward(entry["sd"], x, DILATIONS[name]))
+            entry["refs"][size] = (x, ref)
+        return entry
+
+    return get
+
+
+def assert_matches_official(model, x, ref):
+    """The converted model (float32) equals the official forward (float64) to 1e-5 of its scale."""
+    with torch.no_grad():
+        got = model(x.float()).double()
+    assert ref.abs().max() > 1e-2                                         # not a comparison of zeros
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name,size", [("poolformer_s12", 224), ("poolformer_s12", 97), ("nat_mini", 224),
+                                       ("nat_mini", 97), ("dinat_mini", 224), ("dinat_mini", 97), ("dinat_mini", 231)])
+def test_converter_matches_official_forward(official, name, size):
+    """224: NAT windows clamped at every border; 97: DiNAT's dilated windows are larger than
+    the maps of stages 1-3 (padded as NATTEN < 0.20 did); 231: dilation groups of unequal
+    length (58 = 7 * 8 + 2 pixels at stage 1)."""
+    entry = official(name, size)
+    assert not entry["model"].training
+    assert_matches_official(entry["model"], *entry["refs"][size])
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_mini"])
+def test_converter_check_can_fail(official, name):
+    """Two entries of one head's relative position table swapped: the comparison fails."""
+    entry = official(name, 97)
+    model = copy.deepcopy(entry["model"])
+    with torch.no_grad():
+        rel = model.stages[0][0].mixer.generator.rel_pos
+        rel[0, 0, 0], rel[0, 12, 12] = rel[0, 12, 12].clone(), rel[0, 0, 0].clone()
+    with pytest.raises(AssertionError):
+        assert_matches_official(model, *entry["refs"][97])
+
+
+def test_nat_small_layer_scale_converts(tmp_path):
+    sd = synthetic_official(official_shapes("nat_small"), seed=1)
+    path = tmp_path / "nat_small.pth"
+    torch.save({k: v.float() for k, v in sd.items()}, path)
+    model = load_official_nat(path, "nat_small")
+    state = model.state_dict()
+    for ours, theirs in [("stages.2.17.ls2.scale", "levels.2.blocks.17.gamma2"),
+                         ("stages.1.3.mixer.generator.rel_pos", "levels.1.blocks.3.attn.rpb"),
+                         ("stages.3.4.mixer.proj.weight", "levels.3.blocks.4.attn.proj.weight"),
+                         ("downsamples.2.norm.bias", "levels.2.downsample.norm.bias"),
+                         ("stem.conv2.weight", "patch_embed.proj.1.weight")]:
+        assert torch.equal(state[ours], sd[theirs].float()), ours
+    x = torch.randn(1, 3, 65, 65, dtype=torch.float64)
+    with torch.no_grad():
+        assert_matches_official(model, x, official_nat_forward(sd, x))
+
+
+def test_bad_official_checkpoints_list_the_keys():
+    sd = {k: v.float() for k, v in synthetic_official(official_shapes("nat_mini")).items()}
+    bad = dict(sd)
+    del bad["levels.1.blocks.2.attn.rpb"]
+    bad["levels.4.blocks.0.norm1.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as e:
+        load_official_nat(bad, "nat_mini")
+    assert "missing keys (1): ['levels.1.blocks.2.attn.rpb']" in str(e.value)
+    assert "unexpected keys (1): ['levels.4.blocks.0.norm1.weight']" in str(e.value)
+    bad = {**sd, "levels.0.blocks.0.attn.rpb": torch.zeros(2, 9, 9)}
+    with pytest.raises(ValueError, match=r"shape mismatches \(1\).*levels\.0\.blocks\.0\.attn\.rpb"):
+        load_official_nat(bad, "nat_mini")
+    with pytest.raises(ValueError, match="missing keys"):
+        load_official_nat(sd, "nat_tiny")
+    with pytest.raises(ValueError, match="variant='nat_huge'"):
+        load_official_nat(sd, "nat_huge")
+    with pytest.raises(ValueError, match="variant='s10'"):
+        load_official_poolformer(sd, "s10")
+    with pytest.raises(ValueError, match="no conversion rule.*neck.weight"):
+        convert_official_poolformer({"neck.weight": torch.zeros(1)})
