@@ -7,6 +7,7 @@ converters against functional re-implementations of the official forwards writte
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import re
@@ -402,3 +403,26 @@ def test_bad_official_checkpoints_list_the_keys():
         load_official_poolformer(sd, "s10")
     with pytest.raises(ValueError, match="no conversion rule.*neck.weight"):
         convert_official_poolformer({"neck.weight": torch.zeros(1)})
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenmix compare --backbone metaformer
+
+
+def test_compare_in_a_tiny_metaformer(tmp_path):
+    from tokenmix.cli import main
+    from tokenmix.compare import build_backbone
+
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--mixers", "pooling,involution", "--backbone", "metaformer", "--epochs", "1",
+               "--width", "16", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    payload = json.loads((out / "compare.json").read_text())
+    assert payload["config"]["backbone"] == "metaformer"
+    for r in payload["results"]:
+        model = build_backbone("metaformer", r["mixer"], 10, 1, 16, 1, 3)
+        assert isinstance(model, MetaFormer) and r["params"] == n_params(model)
+        assert [f["reduction"] for f in model.feature_info] == [1, 2]
+    assert payload["plots"]["kernels"] == {"involution": {"file": "kernels_involution.png", "reduce": "sum"}}
+    with pytest.raises(ValueError, match="backbone='big'"):
+        build_backbone("big", "conv", 10, 1, 16, 1, 3)

@@ -45,17 +45,36 @@ def _parse_mixers(text: str) -> List[str]:
     return names
 
 
-def train_one(mixer: str, split, *, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
-              width: int, depth: int, kernel_size: int, progress: Optional[bool]) -> Dict[str, Any]:
-    """Train ``SmallNet(mixer)`` on ``split`` in this process; returns numbers, history and the
-    trained model (key ``"model"``)."""
+BACKBONES = ("small", "metaformer")
+
+
+def build_backbone(backbone: str, mixer: str, num_classes: int, in_channels: int, width: int, depth: int,
+                   kernel_size: int) -> nn.Module:
+    """``"small"``: :class:`~tokenmix.small_net.SmallNet`; ``"metaformer"``: the two-stage
+    MetaFormer of :func:`~tokenmix.models.metaformer_config.tiny_metaformer_config` (the same
+    resolutions and widths, the mixer inside ``norm -> mixer -> + ; norm -> MLP -> +`` blocks)."""
+    if backbone == "metaformer":
+        from .models import create_model
+        from .models.metaformer_config import tiny_metaformer_config
+
+        return create_model(tiny_metaformer_config(mixer, num_classes, in_channels, width, depth, kernel_size))
+    if backbone != "small":
+        raise ValueError(f"backbone={backbone!r} is not known; known: {', '.join(BACKBONES)}")
     from .small_net import SmallNet
+
+    return SmallNet(mixer, num_classes=num_classes, in_channels=in_channels, width=width, depth=depth,
+                    kernel_size=kernel_size)
+
+
+def train_one(mixer: str, split, *, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
+              width: int, depth: int, kernel_size: int, progress: Optional[bool], backbone: str = "small") -> Dict[str, Any]:
+    """Train ``backbone`` (see :func:`build_backbone`) with ``mixer`` on ``split`` in this
+    process; returns numbers, history and the trained model (key ``"model"``)."""
     from .train import Dist, count_macs, evaluate, make_optimizer, make_scheduler, make_train_loader, train_epoch
 
     info = Dist()
     torch.manual_seed(seed)
-    model = SmallNet(mixer, num_classes=split.num_classes, in_channels=split.in_channels, width=width, depth=depth,
-                     kernel_size=kernel_size)
+    model = build_backbone(backbone, mixer, split.num_classes, split.in_channels, width, depth, kernel_size)
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model, split.test.tensors[0][:1])
     loader = make_train_loader(split.train, batch_size, info, seed)
@@ -123,12 +142,12 @@ def plot_curves(results: Sequence[Dict[str, Any]], path: Path) -> None:
 def choose_reduction(w: torch.Tensor, batch: int) -> Optional[str]:
     """How to draw a generated kernel ``w: (B|1, G, K*K, Ho|1, Wo|1)`` as a heat map.
 
-    None: the kernel does not depend on the input (batch 1 and spatial 1x1 for a batch of
-    ``batch`` > 1 inputs: convolution-like), nothing to draw. ``"max"``: the taps sum to 1 at
+    None: the kernel does not depend on the input (batch 1 for a batch of ``batch`` > 1
+    inputs: convolution-like, or pooling's border-aware static kernel), nothing to draw. ``"max"``: the taps sum to 1 at
     every pixel (softmax attention), so the paper's tap sum would be a flat map; the largest
     tap weight shows how peaked the attention is. ``"sum"`` otherwise (paper figure 3).
     """
-    if batch > 1 and w.shape[0] == 1 and w.shape[-2:] == (1, 1):
+    if batch > 1 and w.shape[0] == 1:
         return None
     s = w.sum(2)
     if torch.allclose(s, torch.ones_like(s), atol=1e-4):
@@ -211,6 +230,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=32, help="channels of stage 1 (stage 2: twice)")
     p.add_argument("--depth", type=int, default=1, help="blocks per stage")
     p.add_argument("--kernel-size", type=int, default=3, help="K of every mixer")
+    p.add_argument("--backbone", choices=BACKBONES, default="small",
+                   help="small: the residual SmallNet (default); metaformer: a two-stage MetaFormer of the same widths")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: these tiny models run fastest single-threaded)")
@@ -247,7 +268,7 @@ def _run(args: argparse.Namespace, mixers: List[str]) -> int:
     for mixer in mixers:
         r = train_one(mixer, split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, seed=args.seed, width=args.width, depth=args.depth,
-                      kernel_size=args.kernel_size, progress=args.progress)
+                      kernel_size=args.kernel_size, progress=args.progress, backbone=args.backbone)
         models[mixer] = r.pop("model")
         results.append(r)
     table = format_table(results)
@@ -275,4 +296,4 @@ def _run(args: argparse.Namespace, mixers: List[str]) -> int:
 COMMAND = Command(help="train one small backbone per mixer on built-in data and compare", configure=configure,
                   run=run)
 
-__all__ = ["COMMAND", "train_one", "format_table", "plot_curves", "plot_kernels", "choose_reduction"]
+__all__ = ["COMMAND", "build_backbone", "train_one", "format_table", "plot_curves", "plot_kernels", "choose_reduction"]

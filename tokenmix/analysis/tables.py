@@ -21,6 +21,8 @@ from .params import count_params
 __all__ = [
     "PaperEntry",
     "PAPER_TABLE1",
+    "PUBLISHED_METAFORMER",
+    "PUBLISHED",
     "ZooRow",
     "MixerRow",
     "zoo_rows",
@@ -33,11 +35,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PaperEntry:
-    """One row of the involution paper's Table 1 (Li et al., CVPR 2021).
+    """Published numbers of one model: a row of the involution paper's Table 1 (Li et al.,
+    CVPR 2021), or of an official repository's model table (MetaFormer families).
 
     Attributes:
         params_m: parameters in millions.
-        gmacs: GFLOPs as printed in the paper (multiply-adds, 224x224).
+        gmacs: GFLOPs as printed in the paper / table (multiply-adds, 224x224).
         readme_gmacs: the official repository README's more precise value (RedNet only).
     """
 
@@ -67,6 +70,32 @@ PAPER_TABLE1: Dict[str, PaperEntry] = {
     "sasa_resnet50": PaperEntry(18.0, 3.6),
 }
 """Paper Table 1 (params M / GMACs at 224x224), with the official README's RedNet GFLOPs."""
+
+PUBLISHED_METAFORMER: Dict[str, PaperEntry] = {
+    # sail-sg/poolformer README (params rounded to 1 M; MACs counted with fvcore, which skips
+    # the pooling itself: no fvcore handle for avg_pool2d)
+    "poolformer_s12": PaperEntry(12, 1.8),
+    "poolformer_s24": PaperEntry(21, 3.4),
+    "poolformer_s36": PaperEntry(31, 5.0),
+    "poolformer_m36": PaperEntry(56, 8.8),
+    "poolformer_m48": PaperEntry(73, 11.6),
+    # sail-sg/metaformer README
+    "convformer_s18": PaperEntry(27, 3.9),
+    # SHI-Labs/Neighborhood-Attention-Transformer NAT.md / DiNAT.md (fvcore + NATTEN's handles
+    # for q.k (+ bias) and attn.v)
+    "nat_mini": PaperEntry(20, 2.7),
+    "nat_tiny": PaperEntry(28, 4.3),
+    "nat_small": PaperEntry(51, 7.8),
+    "nat_base": PaperEntry(90, 13.7),
+    "dinat_mini": PaperEntry(20, 2.7),
+    "dinat_tiny": PaperEntry(28, 4.3),
+    "dinat_small": PaperEntry(51, 7.8),
+    "dinat_base": PaperEntry(90, 13.7),
+}
+"""The MetaFormer families' published params (M) and GMACs at 224x224 (official READMEs)."""
+
+PUBLISHED: Dict[str, PaperEntry] = {**PAPER_TABLE1, **PUBLISHED_METAFORMER}
+"""Every model's published numbers: :data:`PAPER_TABLE1` and :data:`PUBLISHED_METAFORMER`."""
 
 
 def cpu_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> float:
@@ -123,7 +152,7 @@ def _select(names: Optional[Iterable[str]], known: List[str], kind: str) -> List
 def zoo_rows(names: Optional[Iterable[str]] = None, *, size: int = 224, latency: bool = False,
              progress: Optional[Callable[[str], None]] = None) -> List[ZooRow]:
     """Build every model of ``names`` (default: all registered), count params and flops on a
-    (1, 3, size, size) input, and pair them with :data:`PAPER_TABLE1`.
+    (1, 3, size, size) input, and pair them with their published numbers (:data:`PUBLISHED`).
 
     Raises:
         ValueError: an unknown model name (listing the known ones) or a bad ``size``.
@@ -142,7 +171,7 @@ def zoo_rows(names: Optional[Iterable[str]] = None, *, size: int = 224, latency:
             x = torch.randn(1, 3, size, size)
         flops = count_flops(model, x)
         lat = cpu_latency_ms(model, x) if latency else None
-        rows.append(ZooRow(name, size, count_params(model), flops, PAPER_TABLE1.get(name), lat))
+        rows.append(ZooRow(name, size, count_params(model), flops, PUBLISHED.get(name), lat))
         del model
     return rows
 

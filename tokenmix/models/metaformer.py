@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import _mixer
-from .metaformer_config import MetaFormerConfig, MetaStageConfig
+from .metaformer_config import STEM_STRIDE, MetaFormerConfig, MetaStageConfig
 
 
 class LayerNorm2d(nn.Module):
@@ -122,13 +122,15 @@ class MetaFormerBlock(nn.Module):
 
 class Stem(nn.Module):
     """``"patch"``: 7x7 conv stride 4 padding 2 (``conv``); ``"conv3x2"``: 3x3 conv stride 2
-    to dim/2 (``conv1``), 3x3 conv stride 2 to dim (``conv2``); then ``norm``.
-    x: (B, in_chans, H, W) -> (B, dim, ~H/4, ~W/4)."""
+    to dim/2 (``conv1``), 3x3 conv stride 2 to dim (``conv2``); ``"conv3"``: 3x3 conv stride 1
+    (``conv``); then ``norm``. x: (B, in_chans, H, W) -> (B, dim, ~H/4, ~W/4) (stride 1: H, W)."""
 
     def __init__(self, kind: str, in_chans: int, dim: int, norm: Optional[str], eps: float):
         super().__init__()
         if kind == "patch":
             self.conv = nn.Conv2d(in_chans, dim, 7, 4, 2)
+        elif kind == "conv3":
+            self.conv = nn.Conv2d(in_chans, dim, 3, 1, 1)
         else:
             self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, 2, 1)
             self.conv2 = nn.Conv2d(dim // 2, dim, 3, 2, 1)
@@ -196,7 +198,7 @@ class MetaFormer(nn.Module):
             stages.append(nn.Sequential(*(MetaFormerBlock(cfg, s, j, rates[k + j], f"stage {i} block {j}")
                                           for j in range(s.depth))))
             k += s.depth
-            self.feature_info.append({"stage": i, "channels": s.dim, "reduction": 4 * 2 ** i})
+            self.feature_info.append({"stage": i, "channels": s.dim, "reduction": STEM_STRIDE[cfg.stem] * 2 ** i})
         self.stages = nn.ModuleList(stages)
         self.num_features = dims[-1]
         self.norm = (nn.LayerNorm(dims[-1], eps=cfg.norm_eps, bias=cfg.head_norm == "layer")
@@ -220,6 +222,10 @@ class MetaFormer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.LayerNorm, nn.GroupNorm, LayerNorm2d, Scale)):
                 m.reset_parameters()
+
+    def mixers(self) -> List[nn.Module]:
+        """The token mixers of all blocks, input side first."""
+        return [block.mixer for stage in self.stages for block in stage]
 
     def _stage_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x) if i == 0 else self.downsamples[i - 1](x)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 NORMS = ("group", "layer", "layer_nobias")
-STEMS = ("patch", "conv3x2")
+STEMS = ("patch", "conv3x2", "conv3")
+STEM_STRIDE = {"patch": 4, "conv3x2": 4, "conv3": 1}
 HEADS = ("linear", "mlp")
 ACTS = ("gelu", "star_relu")
 MLP_LAYERS = ("conv", "linear")
@@ -93,8 +94,9 @@ class MetaFormerConfig:
     """A MetaFormer backbone: stem -> [stage, downsample] x 4 -> final norm -> head.
 
     - ``stem``: ``"patch"`` (7x7 conv stride 4 padding 2 with bias: PoolFormer, MetaFormer
-      baselines) or ``"conv3x2"`` (two 3x3 stride-2 convs with bias, no activation: NAT's
-      tokenizer); ``stem_norm`` after it (a norm name or None).
+      baselines), ``"conv3x2"`` (two 3x3 stride-2 convs with bias, no activation: NAT's
+      tokenizer) or ``"conv3"`` (one 3x3 conv, stride 1: tiny images); ``stem_norm`` after it
+      (a norm name or None).
     - downsampling between stages: 3x3 conv stride 2 padding 1 (``down_bias``), with a norm
       ``down_norm`` before it (``down_norm_first``, ConvFormer) or after it (NAT), or none.
     - blocks: ``norm`` (``"group"``: GroupNorm with one group, PoolFormer; ``"layer"``: LayerNorm
@@ -223,6 +225,18 @@ def nat_config(variant: str, dilated: bool = False) -> MetaFormerConfig:
                             head_norm="layer", drop_path_rate=dpr)
 
 
+def tiny_metaformer_config(mixer: str, num_classes: int = 10, in_chans: int = 1, width: int = 32, depth: int = 1,
+                           kernel_size: int = 3, mixer_kwargs: Optional[Mapping[str, Any]] = None) -> MetaFormerConfig:
+    """A two-stage MetaFormer for tiny images (``tokenmix compare --backbone metaformer``): 3x3
+    stride-1 stem, ``depth`` blocks at ``width`` channels and at full resolution, a 3x3 stride-2
+    downsampling conv, ``depth`` blocks at 2 * width; GroupNorm(1) blocks (batch independent),
+    MLP ratio 2, no layer scale; ``mixer`` with ``kernel_size`` in every block."""
+    kw = {"kernel_size": kernel_size, **dict(mixer_kwargs or {})}
+    stages = tuple(MetaStageConfig(depth, w, mixer, kw, mlp_ratio=2.0) for w in (width, 2 * width))
+    return MetaFormerConfig(name=f"tiny_metaformer_{mixer}", stages=stages, stem="conv3", num_classes=num_classes,
+                            in_chans=in_chans)
+
+
 def apply_metaformer_overrides(cfg: MetaFormerConfig, **overrides: Any) -> MetaFormerConfig:
     """``cfg`` with overrides: any MetaFormerConfig field, and
 
@@ -279,4 +293,5 @@ def metaformer_configs() -> Dict[str, MetaFormerConfig]:
 
 
 __all__ = ["MetaStageConfig", "MetaFormerConfig", "poolformer_config", "convformer_s18_config", "nat_config",
+           "tiny_metaformer_config",
            "apply_metaformer_overrides", "metaformer_configs", "NORMS", "POOLFORMER", "NAT", "DINAT_DILATIONS"]
