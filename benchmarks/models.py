@@ -22,6 +22,7 @@ backend ran the aggregation (``tokenmix.ops.select_backend``) and the thread cou
 
     python benchmarks/models.py             # both pairs (a few minutes on 2 cores)
     python benchmarks/models.py --quick     # 26-layer pair only, fewer repeats
+    python benchmarks/models.py --pair nat_mini,convformer_s18   # any two registered models
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from tokenmix.models import create_model
+from tokenmix.models import ModelConfig, create_model, get_config, list_models
 from tokenmix.ops import select_backend
 
 
@@ -134,10 +135,11 @@ def backend_used(name: str = "rednet50") -> Dict[str, str]:
     return out
 
 
-def compare(red: str, res: str, args) -> Dict[str, object]:
-    row: Dict[str, object] = {"rednet": red, "resnet": res}
+def compare(a: str, b: str, args) -> Dict[str, object]:
+    """Latency, training step and memory of model ``a`` against model ``b`` (ratios a / b)."""
+    row: Dict[str, object] = {"model_a": a, "model_b": b}
     # inference latency, batch 1
-    models = {n: create_model(n).eval() for n in (red, res)}
+    models = {n: create_model(n).eval() for n in (a, b)}
     x1 = torch.randn(1, 3, args.size, args.size)
 
     def infer(m):
@@ -153,9 +155,11 @@ def compare(red: str, res: str, args) -> Dict[str, object]:
     row["latency_s"] = {n: statistics.median(t) for n, t in lat.items()}
     row["latency_all_s"] = lat
     # training step time, batch 8 (RedNet also with checkpoint_mixer=True)
-    ck = red + "+ckpt"
-    variants = [red, ck, res] if args.checkpoint_variant else [red, res]
-    trainers = {n: Trainer(n.split("+")[0], args.batch, args.size, checkpoint_mixer=n.endswith("+ckpt"))
+    ck = a + "+ckpt"
+    # the checkpoint_mixer=True variant exists for the bottleneck family (a ModelConfig field)
+    with_ck = args.checkpoint_variant and isinstance(get_config(a), ModelConfig)
+    variants = [a, ck, b] if with_ck else [a, b]
+    trainers = {n: Trainer(n.split("+")[0], args.batch, args.size, **({"checkpoint_mixer": True} if "+" in n else {}))
                 for n in variants}
     steps = interleaved_medians({n: t.step for n, t in trainers.items()}, args.train_reps, warmup=1)
     row["train_step_s"] = {n: statistics.median(t) for n, t in steps.items()}
@@ -174,15 +178,15 @@ def compare(red: str, res: str, args) -> Dict[str, object]:
         row["train_peak_bytes"] = {n: extra[n] + row["train_state_bytes"][n] for n in extra}
     row["latency_best_s"] = {n: min(t) for n, t in lat.items()}
     row["train_step_best_s"] = {n: min(t) for n, t in steps.items()}
-    r = {"latency": row["latency_s"][red] / row["latency_s"][res],
-         "latency_best": row["latency_best_s"][red] / row["latency_best_s"][res]}
+    r = {"latency": row["latency_s"][a] / row["latency_s"][b],
+         "latency_best": row["latency_best_s"][a] / row["latency_best_s"][b]}
     for v in variants[:-1]:
-        sfx = "" if v == red else "_ckpt"
-        r["train_step" + sfx] = row["train_step_s"][v] / row["train_step_s"][res]
-        r["train_step_best" + sfx] = row["train_step_best_s"][v] / row["train_step_best_s"][res]
+        sfx = "" if v == a else "_ckpt"
+        r["train_step" + sfx] = row["train_step_s"][v] / row["train_step_s"][b]
+        r["train_step_best" + sfx] = row["train_step_best_s"][v] / row["train_step_best_s"][b]
         if "train_peak_bytes" in row:
-            r["train_step_peak_extra" + sfx] = extra[v] / extra[res]
-            r["train_peak" + sfx] = row["train_peak_bytes"][v] / row["train_peak_bytes"][res]
+            r["train_step_peak_extra" + sfx] = extra[v] / extra[b]
+            r["train_peak" + sfx] = row["train_peak_bytes"][v] / row["train_peak_bytes"][b]
     row["variants"] = variants
     row["ratios"] = r
     return row
@@ -191,6 +195,8 @@ def compare(red: str, res: str, args) -> Dict[str, object]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", default="50,26", help="depths to compare, e.g. 50,26")
+    p.add_argument("--pair", default=None, metavar="A,B",
+                   help="compare any two registered models instead, e.g. nat_mini,convformer_s18 (ratios A / B)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8, help="training batch")
     p.add_argument("--reps", type=int, default=15, help="inference calls per model")
@@ -213,11 +219,18 @@ def main(argv=None) -> int:
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_count']} cpus, "
           f"load {info['load_average']}; tokenmix backend: {backends}")
+    if args.pair is not None:
+        pairs = [tuple(n.strip() for n in args.pair.split(","))]
+        known = list_models()
+        if len(pairs[0]) != 2 or any(n not in known for n in pairs[0]):
+            p.error(f"--pair {args.pair!r} must be two registered model names; known: {', '.join(known)}")
+    else:
+        pairs = [(f"rednet{d}", f"resnet{d}") for d in (int(v) for v in args.pairs.split(","))]
     rows = []
-    for d in [int(v) for v in args.pairs.split(",")]:
-        row = compare(f"rednet{d}", f"resnet{d}", args)
+    for pair in pairs:
+        row = compare(*pair, args)
         rows.append(row)
-        red, res = row["rednet"], row["resnet"]
+        red, res = row["model_a"], row["model_b"]
         r = row["ratios"]
         print(f"\n{red} vs {res}  (params {row['params'][red] / 1e6:.2f}M vs {row['params'][res] / 1e6:.2f}M)")
         print(f"  inference latency b1 {args.size}px : {row['latency_s'][red] * 1e3:8.1f} ms vs "
