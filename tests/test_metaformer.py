@@ -105,6 +105,19 @@ def test_stage_outputs_feature_info_and_odd_sizes():
         model.forward_stages(x, [4])
 
 
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_every_preset_forward_backward_at_odd_size(name):
+    """One block per stage (the full depths are checked by the parameter counts, the DiNAT
+    dilations by the converter tests): finite outputs and a gradient for every parameter."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, depths=(1, 1, 1, 1)).train()
+    y = model(torch.randn(2, 3, 65, 57))
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+    y.square().sum().backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+
+
 def test_any_mixer_in_any_family():
     x = torch.randn(1, 3, 64, 64)
     pf = create_model("poolformer_s12", mixer="involution", num_classes=5).eval()
@@ -426,3 +439,12 @@ def test_compare_in_a_tiny_metaformer(tmp_path):
     assert payload["plots"]["kernels"] == {"involution": {"file": "kernels_involution.png", "reduce": "sum"}}
     with pytest.raises(ValueError, match="backbone='big'"):
         build_backbone("big", "conv", 10, 1, 16, 1, 3)
+
+
+def test_docs_examples_run():
+    """The python blocks of docs/models.md (except the one reading checkpoint files)."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "models.md")).read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if ".pth" not in b]
+    assert blocks
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"docs/models.md[block {i}]", "exec"), {"__name__": "docs_models"})

@@ -27,9 +27,10 @@ reduce + norm. The rules, official -> tokenmix (``X`` a parameter/buffer name, L
 
 from __future__ import annotations
 
+import functools
 import os
 import re
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -103,28 +104,41 @@ def convert_official_rednet(state_dict: Mapping) -> Dict[str, torch.Tensor]:
     """Official (mmcls) RedNet state_dict -> tokenmix ``rednet*`` state_dict (same tensors,
     renamed; see the module docstring for the rules). Accepts the checkpoint dict with a
     ``state_dict`` wrapper. Keys no rule knows raise ValueError listing them."""
-    sd = _unwrap(state_dict)
+    return rename_official(_unwrap(state_dict), functools.partial(_rename, to_ours=True), "RedNet")
+
+
+def official_rednet_keys(model) -> Dict[str, Tuple[int, ...]]:
+    """The official key names and shapes that the tokenmix ``model`` expects."""
+    return expected_official_keys(model, functools.partial(_rename, to_ours=False), "RedNet",
+                                  "a tokenmix rednet with involution mixers")
+
+
+def rename_official(sd: Mapping[str, torch.Tensor], to_ours: Callable[[str], Optional[str]],
+                    family: str) -> Dict[str, torch.Tensor]:
+    """``{to_ours(k): v}`` for an official state dict; ValueError listing the keys that
+    ``to_ours`` maps to None (no conversion rule)."""
     out, unknown = {}, []
     for k, v in sd.items():
-        new = _rename(k, to_ours=True)
+        new = to_ours(k)
         if new is None:
             unknown.append(k)
         else:
             out[new] = v
     if unknown:
-        raise ValueError(f"official RedNet state_dict has keys no conversion rule knows "
+        raise ValueError(f"official {family} state_dict has keys no conversion rule knows "
                          f"(unexpected keys ({len(unknown)}): {sorted(unknown)})")
     return out
 
 
-def official_rednet_keys(model) -> Dict[str, Tuple[int, ...]]:
-    """The official key names and shapes that the tokenmix ``model`` expects."""
+def expected_official_keys(model, to_official: Callable[[str], Optional[str]], family: str,
+                           what: str) -> Dict[str, Tuple[int, ...]]:
+    """Official name -> shape of every tensor of ``model.state_dict()``; ValueError for a key
+    with no official counterpart (the model is not ``what``)."""
     out = {}
     for k, v in model.state_dict().items():
-        off = _rename(k, to_ours=False)
+        off = to_official(k)
         if off is None:
-            raise ValueError(f"model key {k!r} has no official RedNet counterpart "
-                             f"(is the model a tokenmix rednet with involution mixers?)")
+            raise ValueError(f"model key {k!r} has no official {family} counterpart (is the model {what}?)")
         out[off] = tuple(v.shape)
     return out
 

@@ -40,7 +40,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from .convert import check_official_keys, read_official
+from .convert import check_official_keys, expected_official_keys, read_official, rename_official
 from .weights import load_state_dict_strict
 
 _FIELDS = {"S": r"\d+", "L": r"\d+", "N": r"\d*[02468]", "M": r"\d*[13579]", "j": r"\d+", "p": r"weight|bias",
@@ -97,44 +97,28 @@ class RenameRules:
             g.update(L=str(s), N=str(2 * s), M=str(2 * s + 1))
         return g
 
-    def to_ours(self, key: str) -> Optional[str]:
-        for official, _, _, ours in self.rules:
-            m = official.match(key)
+    def _rename(self, key: str, to_ours: bool) -> Optional[str]:
+        for official, ours, official_t, ours_t in self.rules:
+            m = (official if to_ours else ours).match(key)
             if m:
-                return ours.format(**self._stage_fields(m.groupdict(), True))
+                return (ours_t if to_ours else official_t).format(**self._stage_fields(m.groupdict(), to_ours))
         return None
 
+    def to_ours(self, key: str) -> Optional[str]:
+        """Our name of an official key (None: no rule)."""
+        return self._rename(key, True)
+
     def to_official(self, key: str) -> Optional[str]:
-        for _, ours, official, _ in self.rules:
-            m = ours.match(key)
-            if m:
-                return official.format(**self._stage_fields(m.groupdict(), False))
-        return None
+        """The official name of one of our keys (None: no rule)."""
+        return self._rename(key, False)
 
     def convert(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Official state dict -> ours (same tensors, renamed); ValueError listing unknown keys."""
-        out, unknown = {}, []
-        for k, v in state_dict.items():
-            new = self.to_ours(k)
-            if new is None:
-                unknown.append(k)
-            else:
-                out[new] = v
-        if unknown:
-            raise ValueError(f"official {self.family} state_dict has keys no conversion rule knows "
-                             f"(unexpected keys ({len(unknown)}): {sorted(unknown)})")
-        return out
+        return rename_official(state_dict, self.to_ours, self.family)
 
     def official_keys(self, model) -> Dict[str, Tuple[int, ...]]:
         """Official names and shapes that the tokenmix ``model`` expects."""
-        out = {}
-        for k, v in model.state_dict().items():
-            off = self.to_official(k)
-            if off is None:
-                raise ValueError(f"model key {k!r} has no official {self.family} counterpart "
-                                 f"(is the model the tokenmix preset with its own mixers?)")
-            out[off] = tuple(v.shape)
-        return out
+        return expected_official_keys(model, self.to_official, self.family, "the tokenmix preset with its own mixers")
 
 
 POOLFORMER_RULES = RenameRules("PoolFormer", _POOLFORMER)

@@ -248,21 +248,12 @@ def apply_metaformer_overrides(cfg: MetaFormerConfig, **overrides: Any) -> MetaF
       per-block kwargs).
     Unknown names raise ValueError listing the accepted ones.
     """
-    from .registry import _per_stage
+    from .registry import _per_stage, replace_fields
 
     convenience = {"mixer": "mixer name for every stage (str) or one per stage",
                    "mixer_kwargs": "kwargs merged into every stage's mixer kwargs (dict) or one dict per stage",
                    "depths": "blocks per stage", "dims": "channels per stage"}
-    fields = [f.name for f in dataclasses.fields(MetaFormerConfig)]
-    unknown = sorted(set(overrides) - set(fields) - set(convenience))
-    if unknown:
-        raise ValueError(f"unknown override(s) {unknown!r}; accepted: MetaFormerConfig fields {fields!r} and "
-                         + "; ".join(f"{k} ({v})" for k, v in convenience.items()))
-    direct = {k: v for k, v in overrides.items() if k in fields}
-    try:
-        cfg = dataclasses.replace(cfg, **direct) if direct else cfg
-    except TypeError as e:
-        raise ValueError(f"bad override: {e}") from e
+    cfg = replace_fields(cfg, overrides, convenience)
     stages = list(cfg.stages)
     n = len(stages)
     if "depths" in overrides:

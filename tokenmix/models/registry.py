@@ -59,6 +59,22 @@ def _per_stage(name: str, value: Any, n: int, single: type) -> List[Any]:
     raise ValueError(f"{name}={value!r} must be a {single.__name__} or a sequence of {n} of them (one per stage)")
 
 
+def replace_fields(cfg: Any, overrides: Mapping[str, Any], convenience: Mapping[str, str]) -> Any:
+    """``cfg`` (a config dataclass) with those ``overrides`` that are its fields replaced;
+    ValueError listing the accepted names for an override that is neither a field nor one of
+    ``convenience`` (name -> help), or for a field value the config rejects."""
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    unknown = sorted(set(overrides) - set(fields) - set(convenience))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown!r}; accepted: {type(cfg).__name__} fields {fields!r} and "
+                         + "; ".join(f"{k} ({v})" for k, v in convenience.items()))
+    direct = {k: v for k, v in overrides.items() if k in fields}
+    try:
+        return dataclasses.replace(cfg, **direct) if direct else cfg
+    except TypeError as e:  # wrong types inside the config's checks
+        raise ValueError(f"bad override: {e}") from e
+
+
 def apply_overrides(cfg: AnyConfig, **overrides: Any) -> AnyConfig:
     """Return ``cfg`` with overrides (a MetaFormerConfig: see
     :func:`~tokenmix.models.metaformer_config.apply_metaformer_overrides`): any ModelConfig field (``num_classes``, ``stem``,
@@ -77,16 +93,7 @@ def apply_overrides(cfg: AnyConfig, **overrides: Any) -> AnyConfig:
     """
     if isinstance(cfg, MetaFormerConfig):
         return apply_metaformer_overrides(cfg, **overrides)
-    fields = [f.name for f in dataclasses.fields(ModelConfig)]
-    unknown = sorted(set(overrides) - set(fields) - set(_CONVENIENCE))
-    if unknown:
-        raise ValueError(f"unknown override(s) {unknown!r}; accepted: ModelConfig fields {fields!r} and "
-                         + "; ".join(f"{k} ({v})" for k, v in _CONVENIENCE.items()))
-    direct = {k: v for k, v in overrides.items() if k in fields}
-    try:
-        cfg = dataclasses.replace(cfg, **direct) if direct else cfg
-    except TypeError as e:  # wrong types inside ModelConfig checks
-        raise ValueError(f"bad override: {e}") from e
+    cfg = replace_fields(cfg, overrides, _CONVENIENCE)
     stages = list(cfg.stages)
     n = len(stages)
     if "depths" in overrides:
