@@ -24,7 +24,7 @@ class PoolKernel(KernelGenerator):
     Args:
         channels: C (only checked against the input).
         kernel_size: K (odd).
-        stride: accepted for a uniform constructor; the window's stride is used.
+        stride: s, the stride of the windows it serves.
         subtract_input: subtract the centre tap (PoolFormer); False gives plain average pooling.
 
     Shapes: ``forward(x: (B, C, H, W), window) -> (1, 1, K*K, Ho, Wo)``.
@@ -34,7 +34,7 @@ class PoolKernel(KernelGenerator):
                  device=None, dtype=None):
         super().__init__()
         check_odd_kernel(kernel_size, "the pooled window needs a centre tap")
-        self._setup(channels, 1, kernel_size)
+        self._setup(channels, 1, kernel_size, stride)
         self.subtract_input = bool(subtract_input)
 
     def reset_parameters(self) -> None:

@@ -8,7 +8,8 @@ from torch import nn
 
 from tokenmix.ops import Window
 
-from ..kernel_gen.base import check_int, check_odd_kernel
+from .._args import check_int
+from ..kernel_gen.base import check_odd_kernel
 from ..kernel_gen.pool import PoolKernel
 from .layers import PointwiseLinear, StarReLU
 from .mixer import Mixer
@@ -24,7 +25,7 @@ def pooling(dim: int, *, kernel_size=3, stride: int = 1, dilation: int = 1, subt
     uses K = 3; ``create_mixer`` passes its own default K = 7 unless told.)"""
     check_odd_kernel(kernel_size, "the pooled window needs a centre tap")
     window = Window(kernel_size, stride=stride, dilation=dilation)
-    gen = PoolKernel(dim, kernel_size, subtract_input=subtract_input)
+    gen = PoolKernel(dim, kernel_size, stride=stride, subtract_input=subtract_input)
     return Mixer(dim, gen, window, device=device, dtype=dtype)
 
 
