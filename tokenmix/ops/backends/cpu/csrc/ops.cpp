@@ -6,7 +6,7 @@
 // Built with -DTOKENMIX_TEST_HOOKS (the tests' own build of these sources, see
 // tests/native_test_hooks.py) the same kernels are registered as the ops of tokenmix_test_hooks
 // instead, together with the hooks that the tests use.
-#include "aggregate_cpu.h"
+#include "kernels.h"
 #include "plan.h"
 
 #include <ATen/core/Tensor.h>

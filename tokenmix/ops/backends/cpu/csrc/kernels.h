@@ -1,4 +1,4 @@
-// The CPU kernels of the three ops, for ops.cpp: inputs contiguous, of one floating dtype and
+// The CPU kernels of the three ops, for ops.cpp (one source file each): inputs contiguous, of one floating dtype and
 // checked against the plan (shapes consistent, the window fits).
 #pragma once
 
@@ -16,6 +16,10 @@ at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const Plan& plan,
                      bool sum_space);
 
 at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const Plan& plan);
+
+// aggregate_transpose at column stride 1 with a zero border: an aggregate of y over the
+// mirrored window (Plan::mirrored) with each weight taken at the source pixel its tap reads.
+at::Tensor aggregate_source_weights(const at::Tensor& y, const at::Tensor& w, const Plan& mirrored);
 
 #ifdef TOKENMIX_TEST_HOOKS
 // Forces how many of correlate's last planes lend their memory as scratch (n >= 0; -1: the

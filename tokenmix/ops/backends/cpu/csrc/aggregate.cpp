@@ -1,0 +1,539 @@
+// aggregate: y[b, c, i, j] = sum over taps t of w[b, g(c), t, i, j] * x[b, c, src_t(i, j)].
+// Column kernels (agg_block, agg_block2) over phase-split scratch rows, two output rows at once
+// where it can; channels-last kernels (aggregate_cl) for narrow planes. Also runs
+// aggregate_transpose at column stride 1 with a zero border, as an aggregate over the mirrored
+// window with the weights taken at their source pixels (SourceWeights).
+#include "kernels.h"
+#include "layout.h"
+#include "scratch.h"
+#include "vec.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace tokenmix_cpu {
+namespace {
+
+// One vector of output columns [j0, j0 + L) for CB channels over all taps. wpf / opf > 0:
+// also prefetch the weights / outputs that many elements ahead (the next row, when they are
+// read / written in place).
+template <typename acc_t, int CB>
+__attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
+                      const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob,
+                      int64_t wpf, int64_t opf) {
+  using V = typename VecOf<acc_t>::type;
+  V acc[CB];
+  for (int c = 0; c < CB; ++c) acc[c] = V{};
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rru[u] < 0) continue;
+    const acc_t* xr = xs + rru[u] * rowstride + j0;
+    const acc_t* wr = wb + u * Kw * wts + j0;
+    for (int64_t v = 0; v < Kw; ++v) {
+      const V wv = loadu(wr + v * wts);
+      if (wpf) __builtin_prefetch(wr + v * wts + wpf, 0, 3);
+      const acc_t* xp = xr + phoff[v];
+      for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(xp + c * cstride);
+    }
+  }
+  if (opf)
+    for (int c = 0; c < CB; ++c) __builtin_prefetch(ob + c * wbw + j0 + opf, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, acc[c]);
+}
+
+// Two output rows at once (their weights wrow apart, outputs orow2 apart), over the steps of
+// row_steps (key: scratch input row): where both rows read a scratch row, each input vector is loaded once for two
+// FMAs (12 accumulators, 2 weight vectors, 1 input vector in registers for CB = 6).
+template <typename acc_t, int CB>
+__attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts,
+                                          int64_t wrow, int64_t wbw, int64_t orow2, const int64_t* steps, int64_t nsteps,
+                                          int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob, int64_t wpf,
+                                          int64_t opf) {
+  using V = typename VecOf<acc_t>::type;
+  V a0[CB], a1[CB];
+  for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
+  for (int64_t k = 0; k < nsteps; ++k) {
+    const int64_t u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
+    const acc_t* xr = xs + steps[3 * k] * rowstride + j0;
+    const acc_t* w0r = wb + std::max<int64_t>(u0, 0) * Kw * wts + j0;  // read only if u0 >= 0
+    const acc_t* w1r = wb + wrow + std::max<int64_t>(u1, 0) * Kw * wts + j0;
+    if (u0 >= 0 && u1 >= 0) {
+      for (int64_t v = 0; v < Kw; ++v) {
+        const V w0 = loadu(w0r + v * wts), w1 = loadu(w1r + v * wts);
+        if (wpf) __builtin_prefetch(w0r + v * wts + wpf, 0, 3), __builtin_prefetch(w1r + v * wts + wpf, 0, 3);
+        const acc_t* xp = xr + phoff[v];
+        for (int c = 0; c < CB; ++c) {
+          const V xv = in_register(loadu(xp + c * cstride));
+          a0[c] += w0 * xv;
+          a1[c] += w1 * xv;
+        }
+      }
+    } else {  // a row read by one of the two only
+      auto one = [&](V(&a)[CB], const acc_t* wr) {
+        for (int64_t v = 0; v < Kw; ++v) {
+          const V wv = loadu(wr + v * wts);
+          if (wpf) __builtin_prefetch(wr + v * wts + wpf, 0, 3);
+          const acc_t* xp = xr + phoff[v];
+          for (int c = 0; c < CB; ++c) a[c] += wv * loadu(xp + c * cstride);
+        }
+      };
+      if (u0 >= 0)
+        one(a0, w0r);
+      else
+        one(a1, w1r);
+    }
+  }
+  if (opf)
+    for (int c = 0; c < CB; ++c)
+      __builtin_prefetch(ob + c * wbw + j0 + opf, 1, 3), __builtin_prefetch(ob + orow2 + c * wbw + j0 + opf, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, a0[c]), storeu(ob + orow2 + c * wbw + j0, a1[c]);
+}
+
+// Weights at the source pixel (aggregate's wsrc mode): the weight of output (i, j) and tap
+// (u, v) is the one stored at the pixel that tap reads, w[u * Kw + v][rows[u][i]][cols[v][j]],
+// and 0 where that pixel is outside the image. This is the stride-1 zero-border
+// aggregate_transpose written as an aggregate of y (see aggregate_transpose_impl). Its columns
+// are affine, cols[v][j] = j + shift[v] on [lo[v], hi[v]) and -1 elsewhere, so each tap row of
+// the weights is one shifted copy, zero-filled at the ends.
+struct SourceWeights {
+  int64_t Kw, Wo;
+  std::vector<int64_t> lo, hi, shift;
+  SourceWeights() : Kw(0), Wo(0) {}
+  explicit SourceWeights(const Plan& plan) : Kw(plan.Kw), Wo(plan.Wo), lo(Kw), hi(Kw), shift(Kw) {
+    const int64_t* cols = plan.cols.data();
+    for (int64_t v = 0; v < Kw; ++v) {
+      const int64_t* c = cols + v * Wo;
+      int64_t a = 0;
+      while (a < Wo && c[a] < 0) ++a;
+      int64_t e = a;
+      while (e < Wo && c[e] >= 0) ++e;
+      lo[v] = a, hi[v] = e, shift[v] = a < Wo ? c[a] - a : 0;
+      for (int64_t j = 0; j < Wo; ++j)
+        TORCH_CHECK(j >= a && j < e ? c[j] == j + shift[v] : c[j] < 0, "tokenmix: source weights need affine columns");
+    }
+  }
+  // rows [ia, ib) of the KK taps of one (batch, group), wg: its weights (planes wHW apart, rows
+  // wW apart); tap t of row i goes to dst + t * tstride + (i - ia) * rstride: Wo entries, or
+  // Wo rounded up to whole vectors (zeros past Wo) when per-pixel weights are already in the
+  // accumulation type (masked vector loads: one or two per row on narrow planes, where
+  // per-row fills and copies would cost more than the FMAs)
+  template <typename scalar_t, typename acc_t>
+  void copy(acc_t* dst0, int64_t tstride, int64_t rstride, const scalar_t* wg, int64_t KK, int64_t wHW, int64_t wW,
+            const int64_t* rows, int64_t Ho, int64_t ia, int64_t ib) const {
+    constexpr int L = VecOf<acc_t>::N;
+    for (int64_t t = 0; t < KK; ++t) {
+      const int64_t u = t / Kw, v = t % Kw, a = lo[v], e = hi[v];
+      for (int64_t i = ia; i < ib; ++i) {
+        acc_t* dst = dst0 + t * tstride + (i - ia) * rstride;
+        const int64_t r = rows[u * Ho + i];
+        if (r < 0 || e <= a) {
+          std::fill(dst, dst + Wo, acc_t(0));
+          continue;
+        }
+        if constexpr (std::is_same<scalar_t, acc_t>::value) {
+          if (wHW > 1) {
+            const acc_t* src = wg + t * wHW + r * wW + shift[v];
+            for (int64_t j = 0; j < Wo; j += L) {
+              if (src + j >= wg && src + j + L <= wg + KK * wHW) {
+                storeu(dst + j, keep_lanes(src + j, a - j, e - j));
+              } else {
+                for (int64_t k = j; k < j + L; ++k) dst[k] = k >= a && k < e ? src[k] : acc_t(0);
+              }
+            }
+            continue;
+          }
+        }
+        std::fill(dst, dst + a, acc_t(0));
+        if (wHW == 1)
+          std::fill(dst + a, dst + e, static_cast<acc_t>(wg[t]));
+        else
+          convert(dst + a, wg + t * wHW + r * wW + a + shift[v], e - a);
+        std::fill(dst + e, dst + Wo, acc_t(0));
+      }
+    }
+  }
+};
+
+// Output rows under a vector (Wo < L) waste lanes when vectorised over columns (half of them
+// at Wo = 4), and the per-task copies around the FMAs dominate. When a group's channels fill
+// whole vectors (Cg % L == 0), vectorise over channels instead: each task copies its input rows
+// channels-last into scratch, (row, W + 1 columns, Cg), column W left zero for taps outside the
+// image, and every output pixel sums, per tap, the broadcast weight times its input pixel's
+// channel vectors. Indices come straight from the tables (any geometry, both borders).
+// NP consecutive output pixels of one row x NB channel vectors over all taps (NP * NB
+// independent accumulators: one pixel's 2 would wait on the FMA latency). rr[u]: scratch row
+// offset (elements) of tap row u, or -1; cidx[p * Kw + v]: scratch column offset of tap
+// column v of pixel p; w[(u * Kw + v) * wstep + p * wpix]: its weight; out + p * ostep: its
+// channels.
+template <typename scalar_t, typename acc_t, int NB, int NP>
+__attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr, const int64_t* cidx, int64_t Kh,
+                                             int64_t Kw, const scalar_t* w, int64_t wstep, int64_t wpix, acc_t* out,
+                                             int64_t ostep) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  V acc[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) acc[p][k] = V{};
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    const acc_t* xr = xs + rr[u];
+    const scalar_t* wr = w + u * Kw * wstep;
+    for (int64_t v = 0; v < Kw; ++v) {
+      for (int p = 0; p < NP; ++p) {
+        const acc_t* xp = xr + cidx[p * Kw + v];
+        const V wv = splat(static_cast<acc_t>(wr[v * wstep + p * wpix]));
+        for (int k = 0; k < NB; ++k) acc[p][k] += wv * loadu(xp + k * L);
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) storeu(out + p * ostep + k * L, acc[p][k]);
+}
+
+// The same sums for NP pixels whose taps read the columns p * S + v of a row (tap v of pixel
+// p, unit dilation): a zero border's pixels, whose rows keep their zero padding. With K and S
+// known at compile time the loop runs over the block's S * (NP - 1) + K columns, loading each
+// column's channel vectors once for every (pixel, tap) that reads it (K * NP / (S * (NP - 1) +
+// K) multiply-adds per load: 2.15 at K = 7, S = 2, NP = 4) and reading no column table; the
+// column pitch is CG, the group's channels. Loads, not multiply-adds, bound the general kernel
+// above (a column offset, a weight and NB input vectors per NB multiply-adds). Each pixel still
+// adds its taps in the order (u, v), so the results are bit-identical to agg_pixels_cl's.
+// xs + rr[u] + c0: the block's first column in tap row u's scratch row; w + (u * K + v) * wstep
+// + p: the weight of tap (u, v) of pixel p; out + p * CG: pixel p's channels.
+template <typename scalar_t, typename acc_t, int CG, int NP, int K, int S>
+__attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64_t* rr, int64_t c0, int64_t Kh,
+                                                    const scalar_t* w, int64_t wstep, acc_t* out) {
+  using AV = AffineVec<acc_t, CG>;
+  using V = typename AV::type;
+  constexpr int L = AV::L, NB = AV::NB, NC = S * (NP - 1) + K;
+  V acc[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) acc[p][k] = V{};
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    const acc_t* xr = xs + rr[u] + c0;
+    const scalar_t* wv[K];
+    for (int v = 0; v < K; ++v) wv[v] = w + (u * K + v) * wstep;
+    static_for<NC>([&](auto c) {
+      V xv[NB];
+      for (int k = 0; k < NB; ++k) xv[k] = in_register(AV::load(xr + c * CG + k * L));
+      static_for<NP>([&](auto p) {
+        constexpr int v = decltype(c)::value - decltype(p)::value * S;
+        if constexpr (v >= 0 && v < K) {
+          const V wvv = AV::splat(static_cast<acc_t>(wv[v][decltype(p)::value]));
+          for (int k = 0; k < NB; ++k) acc[decltype(p)::value][k] += wvv * xv[k];
+        }
+      });
+    });
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) AV::store(out + p * CG + k * L, acc[p][k]);
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool wsrc) {
+  const int64_t s = plan.col_stride;
+  const bool pad_ok = plan.zero_border;
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int64_t* rows = plan.rows.data();
+  const int64_t* cols = plan.cols.data();
+  const int64_t* coff = plan.col_offset.data();
+  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* yd = y.data_ptr<scalar_t>();
+  const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  const LastRows lr = LastRows::for_taps(W, Cg, coff, s, Kw, Wo, pad_ok);
+  const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff, s), xoff = lr.elements(nrr_max),
+                             pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
+  const bool affine = affine_cl<scalar_t>(Cg, wsrc || wpix == 1, Kw, s, coff, pad_ok);
+  // wsrc: the task's weights, copied from the source pixels as (K*K, ch, Wo)
+  const SourceWeights sw = wsrc ? SourceWeights(plan) : SourceWeights();
+  const int64_t wpitch = round_up(Wo, L), wts = ch * wpitch;
+  ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg, wsrc ? KK * wts : 0}, sizeof(acc_t)));
+  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> xs = cv.take<acc_t>(nrr_max * pitch), ob = cv.take<acc_t>(ch * Wo * Cg),
+               ws = cv.take<acc_t>(wsrc ? KK * wts : 0);
+    std::vector<int64_t> rr(Kh);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      const scalar_t* xg = xd + ((b * C + g * Cg) * H + rmin) * W;
+      to_last(xs.data(), xoff.data(), xg, H * W, Cg, nrr * W);
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
+      if (wsrc) sw.copy(ws.data(), wts, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t u = 0; u < Kh; ++u) {
+          const int64_t r = rows[u * Ho + i];
+          rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
+        }
+        acc_t* orow = ob.data() + (i - i0) * Wo * Cg;
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          if (affine) {
+            with_affine(Cg, Kw, s, [&](auto cg, auto kc, auto sc) {
+              constexpr int CG = decltype(cg)::value, KA = decltype(kc)::value, SA = decltype(sc)::value;
+              affine_blocks<AffineVec<acc_t, CG>::NP>(Wo, [&](auto np, int64_t j) {
+                constexpr int NP = decltype(np)::value;
+                if (wsrc)
+                  agg_pixels_cl_affine<acc_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
+                                                                     ws.data() + (i - i0) * wpitch + j, wts,
+                                                                     orow + j * CG);
+                else
+                  agg_pixels_cl_affine<scalar_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
+                                                                        wg + i * Wo + j, wHW, orow + j * CG);
+              });
+            });
+            continue;
+          }
+        }
+        pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
+          constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
+          acc_t* o = orow + j * Cg + k * L;
+          if (wsrc)
+            agg_pixels_cl<acc_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
+                                                ws.data() + (i - i0) * wpitch + j, wts, 1, o, Cg);
+          else
+            agg_pixels_cl<scalar_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
+                                                   wg + (i * Wo + j) * wpix, wHW, wpix, o, Cg);
+        });
+      }
+      from_last(yg + i0 * Wo, Ho * Wo, ob.data(), pix.data(), Cg, (i1 - i0) * Wo);
+    }
+  });
+  return y;
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool wsrc = false) {
+  const int64_t s = plan.col_stride;
+  const bool pad_ok = plan.zero_border;
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4), wW = w.size(4);
+  const int64_t block = L;  // one vector of columns per block (measured faster than two)
+  // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (A/B, one
+  // thread: 128@28x28 stride 2 -11..-20%, 64@56x56 stride 2 -3..-5%; at stride 1 the column
+  // kernels measured faster on rows of two or more vectors), and on rows under four vectors
+  // whenever the affine kernel covers the plane (against the column kernels, one thread:
+  // 128@28x28 stride 1 -15%, 256@14x14 -10%; 64@56x56 +13%, so wider rows keep them)
+  const bool affine = !wsrc && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), pad_ok);
+  if ((Wo < L || (!wsrc && s > 1 && Wo < 4 * L) || (affine && Wo < 4 * L)) && Cg % L == 0)
+    return aggregate_cl<scalar_t>(x, w, plan, wsrc);
+  // direct: weights are read and outputs written in place (no scratch copies) when they are
+  // already in the accumulation type and every output row holds a vector (the last block of a
+  // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
+  // prefetched a row ahead this measured faster than copying (256@14x14: 2.86x -> 2.21x the
+  // ceiling). Narrower rows are packed (below).
+  const bool direct = !wsrc && std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
+  const bool odirect = direct || (wsrc && std::is_same<scalar_t, acc_t>::value && Wo >= L);
+  ColPlan p = make_colplan(plan, block, odirect);
+  const int64_t* rows = plan.rows.data();
+  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* yd = y.data_ptr<scalar_t>();
+  // wsrc: rows per task such that the task's weight copy stays within about 96 KiB (the
+  // transpose's peak memory is output-sized plus this per-thread scratch)
+  const int64_t most = wsrc ? std::min<int64_t>(16, std::max<int64_t>(2, (96 << 10) / (KK * p.wbw * sizeof(acc_t)))) : 16;
+  const int64_t ch = chunk_rows(B * G, Ho, most), nch = ceil_div(Ho, ch);
+  const int64_t wbw = p.wbw, rowstride = s * p.pw;
+  const SourceWeights sw = wsrc ? SourceWeights(plan) : SourceWeights();
+
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
+  p.plan_fill(nrr_max);
+  // copied weights of a task: (K*K, ch, wbw), so each tap plane streams ch rows
+  // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets). Rows under
+  // a vector are packed (pitch Wo): a tap's rows are then one contiguous copy, and the lanes
+  // past Wo that a block reads (the next rows, or the slack) only reach output columns that
+  // are dropped.
+  const bool packed = !wsrc && !direct && wHW > 1 && Wo < L;
+  const int64_t wpitch = packed ? Wo : wbw;
+  const int64_t wts = ch * wpitch + 64 / static_cast<int64_t>(sizeof(acc_t));
+  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, odirect ? 0 : 2 * Cg * wbw},
+                                 sizeof(acc_t)));
+
+  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(direct ? 0 : KK * wts),
+               ob = cv.take<acc_t>(odirect ? 0 : 2 * Cg * wbw);
+    std::vector<int64_t> rru(2 * Kh), steps(6 * Kh);
+    std::vector<char> used(Kh);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      if (nrr > 0) {
+        fill_rows<scalar_t, acc_t>(xs.data(), cstride, xd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+      }
+      // the next task's input rows and (when copied) weights, fetched a slice per row below
+      Prefetch pfx, pfw;
+      if (task + 1 < t1) {
+        const TaskAt nt(task + 1, G, nch);
+        const int64_t nb = nt.b, ng = nt.g, ni0 = nt.c * ch, ni1 = std::min(Ho, ni0 + ch);
+        const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
+        pfx = Prefetch(xd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
+        if (wsrc && wHW > 1)
+          pfw = Prefetch(wd + ((wB == 1 ? 0 : nb) * G + ng) * KK * wHW + nspan.first * wW, KK, wHW, nspan.second * wW);
+        else if (!direct && wHW > 1)
+          pfw = Prefetch(wd + ((wB == 1 ? 0 : nb) * G + ng) * KK * wHW + ni0 * Wo, KK, wHW, (ni1 - ni0) * Wo);
+      }
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
+      if (packed) {
+        for (int64_t t = 0; t < KK; ++t) {
+          const scalar_t* src = wg + t * wHW + i0 * Wo;
+          acc_t* dst = wbig.data() + t * wts;
+          convert(dst, src, (i1 - i0) * Wo);
+        }
+      } else if (wsrc) {
+        sw.copy(wbig.data(), wts, wbw, wg, KK, wHW, wW, rows, Ho, i0, i1);
+      } else if (!direct) {
+        for (int64_t t = 0; t < KK; ++t) {
+          for (int64_t i = i0; i < i1; ++i) {
+            acc_t* dst = wbig.data() + t * wts + (i - i0) * wbw;
+            if (wHW == 1) {
+              std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
+            } else {
+              const scalar_t* src = wg + t * wHW + i * Wo;
+              convert(dst, src, Wo);
+            }  // columns [Wo, wbw) stay zero
+          }
+        }
+      }
+      for (int64_t i = i0; i < i1;) {
+        const int64_t n = i + 1 < i1 ? 2 : 1;  // output rows computed together
+        for (int64_t k = 0; k < n; ++k) {
+          pfx.slice(i + k - i0, i1 - i0);
+          pfw.slice(i + k - i0, i1 - i0);
+        }
+        tap_scratch_rows(rows, Kh, Ho, i, n, rmin, rru.data());
+        // weights of row i + k: tap t at wb + k * wrow + t * wstep + j; outputs of channel c at
+        // orow + k * orow2 + c * ostep + j
+        const acc_t* wb;
+        int64_t wstep, ostep, wrow, orow2;
+        acc_t* orow;
+        if (direct) {
+          wb = reinterpret_cast<const acc_t*>(wg) + i * Wo;
+          wstep = wHW;
+          wrow = Wo;
+        } else {
+          wb = wbig.data() + (i - i0) * wpitch;
+          wstep = wts;
+          wrow = wpitch;
+        }
+        if (odirect) {
+          orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
+          ostep = Ho * Wo;
+          orow2 = Wo;
+        } else {
+          orow = ob.data();
+          ostep = wbw;
+          orow2 = Cg * wbw;
+        }
+        if (nrr == 0) {
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t c = 0; c < Cg; ++c)
+              std::fill(orow + k * orow2 + c * ostep, orow + k * orow2 + c * ostep + Wo, acc_t(0));
+        } else {
+          // channel blocks outer, column blocks inner: the x rows of one channel block (a few
+          // KiB) and the weights of the rows stay in L1 while the blocks sweep the rows
+          // in place: the first channel block prefetches the next rows' weights, every block
+          // its outputs' next rows
+          const int64_t ahead = odirect && i + n < Ho ? n * Wo : 0, wahead = direct ? ahead : 0;
+          if (n == 2) {
+            const int64_t nsteps = row_steps({rru.data(), nullptr, Kh}, {rru.data() + Kh, nullptr, Kh}, true,
+                                             used.data(), steps.data());
+            channel_blocks2(Cg, [&](auto cb, int64_t c) {
+              for_blocks(p, block, [&](int64_t j0) {
+                agg_block2<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
+                                                       orow2, steps.data(), nsteps, Kw, p.phoff.data(), j0,
+                                                       orow + c * ostep, c == 0 ? wahead : 0, ahead);
+              });
+            });
+          } else {
+            channel_blocks(Cg, [&](auto cb, int64_t c) {
+              for_blocks(p, block, [&](int64_t j0) {
+                agg_block<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
+                                                      rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep,
+                                                      c == 0 ? wahead : 0, ahead);
+              });
+            });
+          }
+          // scalar path: columns outside the affine range (clamp-border edges)
+          for (int64_t k = 0; k < n && !p.all_fast(); ++k) {
+            const int64_t* rk = rru.data() + k * Kh;
+            const acc_t* wk = wb + k * wrow;
+            acc_t* ok = orow + k * orow2;
+            for (int64_t j = 0; j < Wo; ++j) {
+              if (in_fast(p, j)) continue;
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t* xc = xs.data() + c * cstride;
+                acc_t acc = 0;
+                for (int64_t u = 0; u < Kh; ++u) {
+                  if (rk[u] < 0) continue;
+                  for (int64_t v = 0; v < Kw; ++v) {
+                    int64_t col = p.cols[v * Wo + j];
+                    if (col < 0) continue;
+                    acc += wk[(u * Kw + v) * wstep + j] * xc[rk[u] * rowstride + p.pos(col)];
+                  }
+                }
+                ok[c * ostep + j] = acc;
+              }
+            }
+          }
+        }
+        if (!odirect) {
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t c = 0; c < Cg; ++c) {
+              scalar_t* dst = yg + (c * Ho + i + k) * Wo;
+              const acc_t* src = ob.data() + k * orow2 + c * wbw;
+              convert(dst, src, Wo);
+            }
+        }
+        i += n;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const Plan& plan) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tokenmix_aggregate", [&] {
+    out = aggregate_impl<scalar_t>(x, w, plan);
+  });
+  return out;
+}
+
+at::Tensor aggregate_source_weights(const at::Tensor& y, const at::Tensor& w, const Plan& mirrored) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "tokenmix_aggregate_transpose", [&] {
+    out = aggregate_impl<scalar_t>(y, w, mirrored, true);
+  });
+  return out;
+}
+
+}  // namespace tokenmix_cpu

@@ -1,0 +1,550 @@
+// aggregate_transpose, the adjoint of aggregate in x: a gather (every input pixel sums the
+// (tap, output) pairs that read it, from the plan's inverse tables), so results are
+// deterministic and need no atomics. Column kernels (tr_block, tr_block2) per stride phase;
+// channels-last (aggregate_transpose_cl) scattering into bands of input rows that each task
+// owns; at column stride 1 with a zero border, an aggregate over the mirrored window.
+#include "kernels.h"
+#include "layout.h"
+#include "scratch.h"
+#include "vec.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace tokenmix_cpu {
+namespace {
+
+// x[c, h, col] = sum over (u, i) with rows[u][i] = h and (v, j) with cols[v][j] = col of
+// w[t, i, j] * y[c, i, j]. Affine columns: col + padc = s*m + phase_v with j = m - e_v, so for
+// a fixed phase the sum over taps is unit-stride in m. Output-side scratch (y and w rows of
+// the task) is zero-padded by lp on the left so that j = m - e_v outside [0, Wo) reads 0.
+// One vector of phase-row entries [m0, m0 + L) for CB channels over the (tap, output) pairs.
+template <typename acc_t, int CB>
+__attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
+                     const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
+                     int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t obw) {
+  using V = typename VecOf<acc_t>::type;
+  V acc[CB];
+  for (int c = 0; c < CB; ++c) acc[c] = V{};
+  for (int64_t pp = p0; pp < p1; ++pp) {
+    const int64_t u = ru[pp], ii = ri[pp] - imin;
+    for (int64_t a = 0; a < nv; ++a) {
+      const int64_t v = vl[a];
+      const int64_t off = ii * lpw + base[v] + m0;
+      const acc_t* wp = wb + (u * Kw + v) * tplane + off;
+      const acc_t* yp = ys + off;
+      const V wv = loadu(wp);
+      for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * cplane);
+    }
+  }
+  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
+}
+
+// tr_block for two input rows (outputs x2 apart) over the steps of row_steps (key: output row).
+template <typename acc_t, int CB>
+__attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
+                                         const int64_t* steps, int64_t nsteps, int64_t imin, const int64_t* vl,
+                                         int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo,
+                                         int64_t obw, int64_t x2) {
+  using V = typename VecOf<acc_t>::type;
+  V a0[CB], a1[CB];
+  for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
+  for (int64_t k = 0; k < nsteps; ++k) {
+    const int64_t ii = steps[3 * k] - imin, u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
+    if (u0 >= 0 && u1 >= 0) {
+      for (int64_t a = 0; a < nv; ++a) {
+        const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+        const V w0 = loadu(wb + (u0 * Kw + v) * tplane + off), w1 = loadu(wb + (u1 * Kw + v) * tplane + off);
+        const acc_t* yp = ys + off;
+        for (int c = 0; c < CB; ++c) {
+          const V yv = in_register(loadu(yp + c * cplane));
+          a0[c] += w0 * yv;
+          a1[c] += w1 * yv;
+        }
+      }
+    } else {  // an output row read by one of the two only
+      auto one = [&](V(&acc)[CB], int64_t u) {
+        for (int64_t a = 0; a < nv; ++a) {
+          const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+          const V wv = loadu(wb + (u * Kw + v) * tplane + off);
+          for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(ys + off + c * cplane);
+        }
+      };
+      if (u0 >= 0)
+        one(a0, u0);
+      else
+        one(a1, u1);
+    }
+  }
+  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
+}
+
+// The same layout for the transpose (gradient of x): a task owns a band of input rows of one
+// (batch, group), accumulated channels-last in scratch (rows of W + 1 pixels; taps outside the
+// image land in column W, taps on rows outside the band are skipped, and neither is read
+// back). Every output row reading the band adds its taps that land there: each output pixel's
+// gradient vectors stay in registers while its taps add weight x gradient to their input
+// pixels. Each (pixel, tap) product is computed once, in the band of its input row, and every
+// input pixel sums its terms in the same order (output row, tap, ...) whatever the bands.
+template <typename scalar_t, typename acc_t, int NB, int NP>
+__attribute__((noinline)) void tr_pixels_cl(acc_t* gs, const int64_t* rr, const int64_t* cidx, int64_t Kh, int64_t Kw,
+                                            const scalar_t* w, int64_t wstep, int64_t wpix, const acc_t* gy,
+                                            int64_t gstep) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  V q[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) q[p][k] = loadu(gy + p * gstep + k * L);
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    acc_t* xr = gs + rr[u];
+    const scalar_t* wr = w + u * Kw * wstep;
+    for (int64_t v = 0; v < Kw; ++v) {
+      for (int p = 0; p < NP; ++p) {
+        acc_t* xp = xr + cidx[p * Kw + v];
+        const V wv = splat(static_cast<acc_t>(wr[v * wstep + p * wpix]));
+        for (int k = 0; k < NB; ++k) storeu(xp + k * L, loadu(xp + k * L) + wv * q[p][k]);
+      }
+    }
+  }
+}
+
+// The same scatter for NP pixels whose taps land on the columns p * S + v of a band row (tap v
+// of pixel p, unit dilation; the layout and vectors of agg_pixels_cl_affine): each of the
+// block's S * (NP - 1) + K columns is loaded and stored once per tap row, with the terms of
+// every (pixel, tap) that lands on it added in registers, instead of one load and store per
+// term. A column adds its terms in a fixed order (tap row, then block, then v ascending within
+// the block): blocks depend on Wo only, so results do not depend on the bands or threads.
+// gs + rr[u] + c0: the block's first column in tap row u's band row; gy + p * CG: pixel p's
+// gradient channels.
+template <typename scalar_t, typename acc_t, int CG, int NP, int K, int S>
+__attribute__((noinline)) void tr_pixels_cl_affine(acc_t* gs, const int64_t* rr, int64_t c0, int64_t Kh,
+                                                   const scalar_t* w, int64_t wstep, const acc_t* gy) {
+  using AV = AffineVec<acc_t, CG>;
+  using V = typename AV::type;
+  constexpr int L = AV::L, NB = AV::NB, NC = S * (NP - 1) + K;
+  V q[NP][NB];
+  for (int p = 0; p < NP; ++p)
+    for (int k = 0; k < NB; ++k) q[p][k] = AV::load(gy + p * CG + k * L);
+  for (int64_t u = 0; u < Kh; ++u) {
+    if (rr[u] < 0) continue;
+    acc_t* xr = gs + rr[u] + c0;
+    const scalar_t* wv[K];
+    for (int v = 0; v < K; ++v) wv[v] = w + (u * K + v) * wstep;
+    static_for<NC>([&](auto c) {
+      V a[NB];
+      for (int k = 0; k < NB; ++k) a[k] = AV::load(xr + c * CG + k * L);
+      static_for<NP>([&](auto pr) {  // p descending: v = c - p * S ascending
+        constexpr int p = NP - 1 - decltype(pr)::value, v = decltype(c)::value - p * S;
+        if constexpr (v >= 0 && v < K) {
+          const V wvv = AV::splat(static_cast<acc_t>(wv[v][p]));
+          for (int k = 0; k < NB; ++k) a[k] += wvv * q[p][k];
+        }
+      });
+      for (int k = 0; k < NB; ++k) AV::store(xr + c * CG + k * L, a[k]);
+    });
+  }
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const Plan& plan) {
+  const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
+  const bool pad_ok = plan.zero_border;
+  const int64_t* coff = plan.col_offset.data();
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = plan.Kh, Kw = plan.Kw;
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int64_t* rows = plan.rows.data();
+  const int64_t* cols = plan.cols.data();
+  at::Tensor gx = at::empty({B, C, H, W}, gy.options());
+  const scalar_t* gyd = gy.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* gxd = gx.data_ptr<scalar_t>();
+  const LastRows lr = LastRows::for_taps(W, Cg, coff, s, Kw, Wo, pad_ok);
+  const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
+  const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
+  // output rows [olo[k], ohi[k]) read input band k (empty: olo = ohi)
+  std::vector<int64_t> olo(nband, Ho), ohi(nband, 0);
+  for (int64_t u = 0; u < Kh; ++u)
+    for (int64_t i = 0; i < Ho; ++i) {
+      const int64_t r = rows[u * Ho + i];
+      if (r < 0) continue;
+      olo[r / band] = std::min(olo[r / band], i), ohi[r / band] = std::max(ohi[r / band], i + 1);
+    }
+  int64_t onmax = 0;
+  for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff, s),
+                             xoff = lr.elements(band), pix = strided(onmax * Wo, Cg);
+  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, coff, pad_ok);
+  ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
+  at::parallel_for(0, B * G * nband, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> gs = cv.take<acc_t>(band * pitch), gys = cv.take<acc_t>(onmax * Wo * Cg);
+    std::vector<int64_t> rr(Kh);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nband);
+      const int64_t b = at.b, g = at.g, r0 = at.c * band, r1 = std::min(H, r0 + band);
+      const int64_t i0 = olo[at.c], i1 = std::max(ohi[at.c], i0);
+      std::fill(gs.begin(), gs.begin() + (r1 - r0) * pitch, acc_t(0));
+      to_last(gys.data(), pix.data(), gyd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t u = 0; u < Kh; ++u) {
+          const int64_t r = rows[u * Ho + i];
+          rr[u] = r >= r0 && r < r1 ? (r - r0) * pitch : -1;
+        }
+        const acc_t* qrow = gys.data() + (i - i0) * Wo * Cg;
+        if constexpr (std::is_same<scalar_t, float>::value) {
+          if (affine) {
+            with_affine(Cg, Kw, s, [&](auto cg, auto kc, auto sc) {
+              constexpr int CG = decltype(cg)::value, KA = decltype(kc)::value, SA = decltype(sc)::value;
+              affine_blocks<AffineVec<acc_t, CG>::NP>(Wo, [&](auto np, int64_t j) {
+                tr_pixels_cl_affine<scalar_t, acc_t, CG, decltype(np)::value, KA, SA>(
+                    gs.data(), rr.data(), cidx[j * Kw], Kh, wg + i * Wo + j, wHW, qrow + j * CG);
+              });
+            });
+            continue;
+          }
+        }
+        pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
+          tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
+              gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wg + (i * Wo + j) * wpix, wHW, wpix,
+              qrow + j * Cg + k * L, Cg);
+        });
+      }
+      from_last(gxd + ((b * C + g * Cg) * H + r0) * W, H * W, gs.data(), xoff.data(), Cg, (r1 - r0) * W);
+    }
+  });
+  return gx;
+}
+
+template <typename scalar_t>
+at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const Plan& plan) {
+  const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
+  const int64_t ca = plan.affine_input_begin, cb = plan.affine_input_end;
+  const bool pad_ok = plan.zero_border;
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = y.size(0), C = y.size(1), Ho = y.size(2), Wo = y.size(3);
+  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
+  const int64_t Kh = plan.Kh, Kw = plan.Kw;
+  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  // Channels-last (bands of input rows) on rows under four vectors: measured faster than the
+  // column kernels there (A/B, one thread: 64@56x56 stride 2 -37%, 128@28x28 -17% (stride 1)
+  // and -18..-31% (stride 2), 512@7x7 stride 2 -68%; 256@14x14 stride 1 equal), with less
+  // scratch than their per-task row copies.
+  // Every row when the affine kernel covers the plane (against the wsrc aggregate below, one
+  // thread: 64@56x56 stride 1 -34%, 256@14x14 -50%).
+  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), pad_ok);
+  const bool last = (Wo < 4 * L || affine) && Cg % L == 0;
+  // Stride 1, zero border: x's gradient is an aggregate of y over the mirrored window, input
+  // pixel (r, q) reading y at each output (i, j) whose tap (u, v) reads (r, q), with that
+  // output's weight (aggregate_impl's wsrc mode: the weights at the source pixel). It runs the
+  // aggregate's two-row kernels on aligned shifted weight copies, with no masked edges (A/B
+  // against the column and channels-last kernels, one thread, paired medians: 64@56x56
+  // -16..-30%, 256@14x14 -43..-59%). Rows of two to four vectors, rows under a vector and the
+  // planes of the affine kernel keep the channels-last scatter where it applies (128@28x28
+  // +0..+20%, 512@7x7 +5..+36% with wsrc there).
+  if (s == 1 && pad_ok && W >= L && !(last && (Wo >= 2 * L || affine)))
+    return aggregate_source_weights(y, w, *plan.mirrored);
+  if (last) return aggregate_transpose_cl<scalar_t>(y, w, plan);
+  const int64_t* off = plan.col_offset.data();
+  const int64_t* rptr = plan.row_readers_begin.data();
+  const int64_t* rpair = plan.row_readers.data();  // (n, 2): u, i
+  const int64_t* cptr = plan.col_readers_begin.data();
+  const int64_t* cpair = plan.col_readers.data();  // (n, 3): v, j, affine
+  const int64_t npair = static_cast<int64_t>(plan.row_readers.size()) / 2;
+  std::vector<int64_t> ru(npair), ri(npair);
+  for (int64_t a = 0; a < npair; ++a) ru[a] = rpair[2 * a], ri[a] = rpair[2 * a + 1];
+
+  int64_t mn = 0;
+  for (int64_t v = 0; v < Kw; ++v) mn = std::min(mn, off[v]);
+  const int64_t padc = -mn;
+  std::vector<int64_t> e(Kw), ph(Kw);
+  int64_t emax = 0;
+  for (int64_t v = 0; v < Kw; ++v) {
+    e[v] = (off[v] + padc) / s;
+    ph[v] = (off[v] + padc) % s;
+    emax = std::max(emax, e[v]);
+  }
+  const int64_t mw = (W - 1 + padc) / s + 1;  // phase-row length covering every input column
+  const int64_t block = L;  // one vector of columns per block
+  // fast m range per phase: all of [0, mw) (zero border) or the clamp interior
+  int64_t m_a = 0, m_b = round_up(mw, block);
+  if (!pad_ok) {
+    m_a = ca + padc;
+    m_b = cb + padc;
+    if (m_b - m_a < block) m_a = m_b = 0;
+  }
+  // stride 1, zero border: only m = col + padc of image columns is needed; a row narrower
+  // than a block takes one block from padc (writing a few phase-row entries past the row)
+  if (s == 1 && pad_ok) m_a = padc, m_b = padc + std::max(W, block);
+  // the entries of phase f that are image columns: m in [plo[f], plo[f] + pcnt[f]) (pair mode
+  // computes only these: at W=14, s=2 one block per phase instead of two)
+  std::vector<int64_t> plo(s), pcnt(s);
+  int64_t pend = 0;
+  for (int64_t f = 0; f < s; ++f) {
+    plo[f] = ceil_div(std::max<int64_t>(padc - f, 0), s);
+    const int64_t col = plo[f] * s + f - padc;
+    pcnt[f] = col < W ? (W - 1 - col) / s + 1 : 0;
+    pend = std::max(pend, plo[f] + round_up(pcnt[f], block));
+  }
+  const int64_t obw = round_up(std::max({mw, m_b, pend}), block);
+  // direct: stride 1, one dtype and rows at least a block wide: the blocks store straight into
+  // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
+  // block shifted left to end there), with no phase row, scatter or row copy
+  const bool direct = std::is_same<scalar_t, acc_t>::value && s == 1 && W >= block;
+  // pair: stride 2, or stride 1 on rows narrower than a block (zero border, so every column is
+  // covered by the blocks): each phase keeps its own row, and the rows are interleaved (stride
+  // 2) or copied (stride 1) into x at the end, without the scalar scatter
+  const bool pair = std::is_same<scalar_t, acc_t>::value && (s == 2 || (s == 1 && !direct)) && pad_ok;
+  const int64_t lp = emax, lpw = lp + std::max(obw, Wo) + 1;
+  std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
+  for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
+  // taps per phase
+  std::vector<int64_t> vptr(s + 1, 0), vlist;
+  for (int64_t f = 0; f < s; ++f) {
+    for (int64_t v = 0; v < Kw; ++v)
+      if (ph[v] == f) vlist.push_back(v);
+    vptr[f + 1] = static_cast<int64_t>(vlist.size());
+  }
+
+  at::Tensor x = at::empty({B, C, H, W}, y.options());
+  const scalar_t* yd = y.data_ptr<scalar_t>();
+  const scalar_t* wd = w.data_ptr<scalar_t>();
+  scalar_t* xd = x.data_ptr<scalar_t>();
+  // 16 input rows per task: the y and w rows a task copies (its rows plus the window's reach)
+  // are re-read by the next task less often than with 8
+  const int64_t ch = chunk_rows(B * G, H, 16), nch = ceil_div(H, ch);
+
+  auto out_span = [&](int64_t h0, int64_t h1) {
+    int64_t imin = Ho, imax = -1;
+    for (int64_t a = rptr[h0]; a < rptr[h1]; ++a) imin = std::min(imin, ri[a]), imax = std::max(imax, ri[a]);
+    return imax >= imin ? std::make_pair(imin, imax - imin + 1) : std::make_pair<int64_t, int64_t>(0, 0);
+  };
+  // per tap row u: the output rows [first, second) its pairs with input rows [h0, h1) read
+  // (empty: first == second)
+  auto tap_rows = [&](int64_t h0, int64_t h1, std::vector<std::pair<int64_t, int64_t>>& r) {
+    for (auto& q : r) q = {Ho, 0};
+    for (int64_t a = rptr[h0]; a < rptr[h1]; ++a) {
+      auto& q = r[ru[a]];
+      q.first = std::min(q.first, ri[a]), q.second = std::max(q.second, ri[a] + 1);
+    }
+    for (auto& q : r) q.second = std::max(q.first, q.second);
+  };
+  int64_t nri_max = 0;
+  for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
+  const int64_t cplane = nri_max * lpw, tplane = nri_max * lpw;
+  // y and w rows copied per task
+  const int64_t ysize = Cg * cplane, wsize = KK * tplane;
+  ThreadScratch scratch(
+      bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 * s : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
+
+  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> ys = cv.take<acc_t>(ysize), wb = cv.take<acc_t>(wsize),
+               xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 * s : 1) * Cg * obw),
+               xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
+    std::vector<std::pair<int64_t, int64_t>> urows(Kh), nrows(Kh);
+    std::vector<Prefetch> pfw(Kh);
+    int64_t most = 0;  // the most (tap, output) pairs of an input row
+    for (int64_t h = 0; h < H; ++h) most = std::max(most, rptr[h + 1] - rptr[h]);
+    std::vector<int64_t> steps(6 * most);
+    std::vector<char> used(most);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, h0 = at.c * ch, h1 = std::min(H, h0 + ch);
+      const auto span = out_span(h0, h1);
+      const int64_t imin = span.first, nri = span.second;
+      const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
+      if (nri > 0) {
+        // rows land at fixed positions (row slot ii, columns [lp, lp + Wo)); everything around
+        // them stays as zeroed once per thread, which is the zero padding the blocks read
+        for (int64_t c = 0; c < Cg; ++c)
+          for (int64_t ii = 0; ii < nri; ++ii) {
+            const scalar_t* src = yd + ((b * C + g * Cg + c) * Ho + imin + ii) * Wo;
+            acc_t* dst = ys.data() + c * cplane + ii * lpw + lp;
+            convert(dst, src, Wo);
+          }
+        // weights: only the rows the task's (u, i) pairs read, [urows[u].first, urows[u].second)
+        // of the tap row u planes (each weight is read by exactly one input row, so tasks do not
+        // copy the same weight twice)
+        tap_rows(h0, h1, urows);
+        for (int64_t u = 0; u < Kh; ++u)
+          for (int64_t t = u * Kw; t < (u + 1) * Kw; ++t)
+            for (int64_t i = urows[u].first; i < urows[u].second; ++i) {
+              acc_t* dst = wb.data() + t * tplane + (i - imin) * lpw + lp;
+              if (wHW == 1) {
+                std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
+              } else {
+                const scalar_t* src = wg + t * wHW + i * Wo;
+                convert(dst, src, Wo);
+              }
+            }
+      }
+      // the next task's y and w rows, fetched a slice per input row below
+      Prefetch pfy;
+      if (task + 1 < t1) {
+        const TaskAt nt(task + 1, G, nch);
+        const int64_t nb = nt.b, ng = nt.g, nh0 = nt.c * ch, nh1 = std::min(H, nh0 + ch);
+        const auto next = out_span(nh0, nh1);
+        pfy = Prefetch(yd + ((nb * C + ng * Cg) * Ho + next.first) * Wo, Cg, Ho * Wo, next.second * Wo);
+        tap_rows(nh0, nh1, nrows);
+        for (int64_t u = 0; u < Kh; ++u)
+          pfw[u] = wHW > 1 ? Prefetch(wd + (((wB == 1 ? 0 : nb) * G + ng) * KK + u * Kw) * wHW + nrows[u].first * Wo, Kw,
+                                      wHW, (nrows[u].second - nrows[u].first) * Wo)
+                           : Prefetch();
+      } else {
+        for (auto& f : pfw) f = Prefetch();
+      }
+      for (int64_t h = h0; h < h1;) {
+        // two input rows at once where the rows are written in place or per phase (direct,
+        // pair): both read most of the same output rows, so each y vector feeds two FMAs
+        const int64_t n = (direct || pair) && h + 1 < h1 ? 2 : 1;
+        for (int64_t k = 0; k < n; ++k) {
+          pfy.slice(h + k - h0, h1 - h0);
+          for (const auto& f : pfw) f.slice(h + k - h0, h1 - h0);
+        }
+        // input row h of channel c at xout[c * xstep + col], row h + 1 (n = 2) W further; in
+        // direct mode the blocks write column m - padc through bout = xout - padc
+        acc_t* xout;
+        int64_t xstep;
+        if (direct || pair) {
+          xout = reinterpret_cast<acc_t*>(xd) + ((b * C + g * Cg) * H + h) * W;
+          xstep = H * W;
+        } else {
+          xout = xrow.data();
+          xstep = W;
+          std::fill(xrow.begin(), xrow.end(), acc_t(0));
+        }
+        acc_t* bout = direct ? xout - padc : xo.data();
+        const int64_t bstep = direct ? xstep : obw;
+        const int64_t x2 = direct ? W : s * Cg * obw;  // the blocks' second row (pair: own phase rows)
+        const int64_t p0 = rptr[h], p2 = rptr[h + n];
+        const int64_t p1 = rptr[h + 1];
+        const int64_t nsteps =
+            n == 2 ? row_steps({ri.data() + p0, ru.data() + p0, p1 - p0}, {ri.data() + p1, ru.data() + p1, p2 - p1}, true,
+                               used.data(), steps.data())
+                   : 0;
+        if (p2 <= p0 && (direct || pair)) {
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t c = 0; c < Cg; ++c) std::fill(xout + k * W + c * xstep, xout + k * W + c * xstep + W, acc_t(0));
+        } else if (p2 > p0) {
+          for (int64_t f = 0; f < s; ++f) {
+            const int64_t* vl = vlist.data() + vptr[f];
+            const int64_t nv = vptr[f + 1] - vptr[f];
+            if (pair) bout = xo.data() + f * Cg * obw;  // this phase's own rows
+            if (nv == 0 || m_b <= m_a) {
+              if (pair)  // a phase no tap reads
+                for (int64_t k = 0; k < n; ++k) std::fill(bout + k * x2, bout + k * x2 + Cg * obw, acc_t(0));
+              continue;
+            }
+            auto run = [&](int64_t m0) {
+              if (n == 2) {
+                channel_blocks2(Cg, [&](auto cb, int64_t c) {
+                  tr_block2<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                                                        steps.data(), nsteps, imin, vl, nv, Kw, base.data(), m0,
+                                                        bout + c * bstep, bstep, x2);
+                });
+                return;
+              }
+              channel_blocks(Cg, [&](auto cb, int64_t c) {
+                tr_block<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                                                         ru.data(), ri.data(), p0, p2, imin, vl, nv, Kw, base.data(),
+                                                         m0, bout + c * bstep, bstep);
+              });
+            };
+            if (pair) {
+              for (int64_t m0 = plo[f]; m0 < plo[f] + pcnt[f]; m0 += block) run(m0);
+              continue;
+            }
+            auto for_m = [&](auto&& g) {
+              int64_t m0 = m_a;
+              for (; m0 + block <= m_b; m0 += block) g(m0);
+              if (m0 < m_b) g(m_b - block);
+            };
+            for_m(run);
+            if (direct) continue;
+            // scatter the phase row into the input row: col = s*m + f - padc (n = 1 here)
+            const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(padc - f, 0), s));
+            for (int64_t c = 0; c < Cg; ++c) {
+              const acc_t* src = xo.data() + c * obw;
+              acc_t* dst = xrow.data() + c * W;
+              for (int64_t m = mlo; m < m_b; ++m) {
+                const int64_t col = s * m + f - padc;
+                if (col >= W) break;
+                if (col >= 0) dst[col] = src[m];
+              }
+            }
+          }
+          if (pair && s == 1) {  // column col = m - padc
+            for (int64_t k = 0; k < n; ++k)
+              for (int64_t c = 0; c < Cg; ++c) convert(xout + k * W + c * xstep, xo.data() + k * x2 + c * obw + padc, W);
+          } else if (pair) {
+            // column col = 2m + f - padc: even columns from the phase of padc, odd from the other
+            const int64_t f0 = padc % 2, m0 = padc / 2, m1 = (padc + 1) / 2;
+            for (int64_t k = 0; k < n; ++k)
+              for (int64_t c = 0; c < Cg; ++c) {
+                const acc_t* pe = xo.data() + k * x2 + (f0 * Cg + c) * obw + m0;
+                const acc_t* po = xo.data() + k * x2 + ((1 - f0) * Cg + c) * obw + m1;
+                acc_t* dst = xout + k * W + c * xstep;
+                interleave2(dst, pe, po, W / 2);
+                if (W % 2) dst[W - 1] = pe[W / 2];
+              }
+          }
+          // scalar path: pairs the affine blocks did not cover (clamp-border edges)
+          const int64_t ca_used = m_b > m_a ? m_a - padc : 0, cb_used = m_b > m_a ? m_b - padc : 0;
+          for (int64_t k = 0; k < n; ++k) {
+            acc_t* xk = xout + k * W;
+            if (direct)  // the blocks wrote columns [ca_used, cb_used); the scalar path adds to the rest
+              for (int64_t c = 0; c < Cg; ++c)
+                for (int64_t col = 0; col < W; ++col)
+                  if (col < ca_used || col >= cb_used) xk[c * xstep + col] = 0;
+            for (int64_t col = 0; col < W; ++col) {
+              const bool fast = pad_ok || (col >= ca_used && col < cb_used);
+              for (int64_t a = cptr[col]; a < cptr[col + 1]; ++a) {
+                const int64_t v = cpair[3 * a], j = cpair[3 * a + 1], aff = cpair[3 * a + 2];
+                if (fast && aff) continue;
+                for (int64_t pp = rptr[h + k]; pp < rptr[h + k + 1]; ++pp) {
+                  const int64_t u = ru[pp], ii = ri[pp] - imin;
+                  const acc_t wv = wb[(u * Kw + v) * tplane + ii * lpw + lp + j];
+                  for (int64_t c = 0; c < Cg; ++c) xk[c * xstep + col] += wv * ys[c * cplane + ii * lpw + lp + j];
+                }
+              }
+            }
+          }
+        }
+        if (!direct && !pair)
+          for (int64_t c = 0; c < Cg; ++c) {
+            scalar_t* dst = xd + ((b * C + g * Cg + c) * H + h) * W;
+            const acc_t* src = xrow.data() + c * W;
+            convert(dst, src, W);
+          }
+        h += n;
+      }
+    }
+  });
+  return x;
+}
+
+}  // namespace
+
+at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const Plan& plan) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "tokenmix_aggregate_transpose", [&] {
+    out = aggregate_transpose_impl<scalar_t>(y, w, plan);
+  });
+  return out;
+}
+
+}  // namespace tokenmix_cpu

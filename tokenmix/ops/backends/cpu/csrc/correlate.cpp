@@ -1,0 +1,647 @@
+// correlate: out[b, g, t, i, j] = sum over c in g of q[b, c, i, j] * k[b, c, src_t(i, j)].
+// Column kernels (corr_block, corr_block2) keeping up to 8 taps in registers; channels-last
+// (correlate_cl) for the narrowest planes; the scratch-free tail (correlate_tail) for the
+// planes whose memory the other tasks borrow as scratch (lent_planes).
+#include "kernels.h"
+#include "layout.h"
+#include "scratch.h"
+#include "vec.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace tokenmix_cpu {
+namespace {
+
+template <typename acc_t, int TV>
+__attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
+                       const int64_t* phoff, int64_t j0, acc_t* rb, int64_t rstep) {
+  using V = typename VecOf<acc_t>::type;
+  V acc[TV];
+  for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
+  for (int64_t c = 0; c < Cg; ++c) {
+    const V qv = loadu(qs + c * qstep + j0);
+    const acc_t* kc = ks + c * cstride + j0;
+    for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + phoff[tv]), acc[tv]);
+  }
+  for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * rstep + j0, acc[tv]);
+}
+
+// Two output rows i and i + 1 that read input row ks with tap rows u0 and u1: a0 / a1 hold TV
+// taps of each row, and each input vector loaded feeds both (8 accumulators, 2 query vectors, 1
+// input vector in registers for TV = 4). r0 / r1: the two rows' results of the first tap.
+template <typename acc_t, int TV>
+__attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t q2,
+                                           int64_t Cg, const int64_t* phoff, int64_t j0, acc_t* r0, acc_t* r1,
+                                           int64_t rstep) {
+  using V = typename VecOf<acc_t>::type;
+  V a0[TV], a1[TV];
+  for (int tv = 0; tv < TV; ++tv) a0[tv] = a1[tv] = V{};
+  for (int64_t c = 0; c < Cg; ++c) {
+    const V q0 = in_register(loadu(qs + c * qstep + j0)), q1 = in_register(loadu(qs + q2 + c * qstep + j0));
+    const acc_t* kc = ks + c * cstride + j0;
+    for (int tv = 0; tv < TV; ++tv) {
+      const V kv = in_register(loadu(kc + phoff[tv]));
+      a0[tv] = fmadd(q0, kv, a0[tv]);
+      a1[tv] = fmadd(q1, kv, a1[tv]);
+    }
+  }
+  for (int tv = 0; tv < TV; ++tv) storeu(r0 + tv * rstep + j0, a0[tv]), storeu(r1 + tv * rstep + j0, a1[tv]);
+}
+
+// A block of L output columns of NT taps of one tap row, for correlate_tail: out[m * ostep + l]
+// = sum over c of q[c * qstep + l] * k[c * kstep + coff[m] + l * s], one fused multiply-add
+// chain per output in channel order, in the accumulation type. S = 1 or 2: s compiled in
+// (stride 2 loads 2L elements and keeps the even ones: the caller makes sure the odd last one
+// is inside the tensor); S = -1: any s, each tap's lanes outside the row's W columns read as
+// zeros (a zero border's edge blocks, as the column kernels' zero padding: the same chains),
+// with masked loads (the 16-bit types: a plain load with the lanes cleared where it stays
+// inside k's tensor [kbeg, kend), else lane by lane). The 16-bit types store lane by lane.
+template <typename scalar_t, int NT, int S>
+__attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, const scalar_t* k, int64_t kstep,
+                                          int64_t Cg, const int64_t* coff, int64_t s, scalar_t* out, int64_t ostep,
+                                          int64_t col0 = 0, int64_t W = 0, const scalar_t* kbeg = nullptr,
+                                          const scalar_t* kend = nullptr) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  constexpr bool same = std::is_same<scalar_t, acc_t>::value;
+  V acc[NT];
+  int64_t lo[NT], hi[NT];
+  for (int m = 0; m < NT; ++m) {
+    acc[m] = V{};
+    if constexpr (S == -1) {  // lanes l with 0 <= col0 + coff[m] + l * s < W
+      const int64_t c0 = col0 + coff[m];
+      lo[m] = c0 >= 0 ? 0 : ceil_div(-c0, s);
+      hi[m] = W - 1 - c0 >= 0 ? std::min<int64_t>(L, (W - 1 - c0) / s + 1) : 0;
+    }
+  }
+  for (int64_t c = 0; c < Cg; ++c) {
+    const V qv = load_acc<1>(q + c * qstep);
+    const scalar_t* kc = k + c * kstep;
+    for (int m = 0; m < NT; ++m) {
+      V kv;
+      if constexpr (S == 1) {
+        kv = load_acc<1>(kc + coff[m]);
+      } else if constexpr (S == 2) {
+        kv = load_acc<2>(kc + coff[m]);
+      } else if constexpr (S == -1 && same) {
+        kv = masked_step(kc + coff[m], s, lo[m], hi[m]);
+      } else if constexpr (S == -1) {  // the 16-bit types
+        const scalar_t* p = kc + coff[m];
+        bool loaded = false;
+#if defined(__AVX2__)
+        if (p >= kbeg && p + s * L <= kend && (s == 1 || s == 2)) {
+          const V all = s == 1 ? load_acc<1>(p) : load_acc<2>(p);
+          kv = (V)_mm256_and_ps((__m256)all, _mm256_castsi256_ps(lane_range<float>(lo[m], hi[m])));
+          loaded = true;
+        }
+#endif
+        for (int l = 0; l < L && !loaded; ++l)
+          kv[l] = l >= lo[m] && l < hi[m] ? static_cast<acc_t>(p[l * s]) : acc_t(0);
+      }
+      acc[m] = fmadd(qv, kv, acc[m]);
+    }
+  }
+  for (int m = 0; m < NT; ++m) {
+    if constexpr (same) {
+      storeu(out + m * ostep, acc[m]);
+    } else {
+      for (int l = 0; l < L; ++l) out[m * ostep + l] = static_cast<scalar_t>(acc[m][l]);
+    }
+  }
+}
+
+// correlate of the planes [p0, p1) of (batch x group) with no scratch at all (the planes
+// correlate lent to its other tasks, see lent_planes): q and k are read in place, each output
+// row written once. Every result is the same fused multiply-add chain over the channels, in
+// channel order from 0, as the column kernels' (corr_block, corr_block2 and the scalar path),
+// so the tail is bit-identical to them. Per (plane, output row, tap row):
+// - float rows of at most 8 output and 16 input columns (the 7x7 and 14x14 stages): the whole
+//   row at once, each tap's k columns picked by a lane permutation of the k row (index tables
+//   from the column table, so any border, stride and dilation);
+// - else blocks of L output columns (tail_block), each q vector serving up to 8 taps: where
+//   every tap column of the block is affine and inside the image (columns [ja, jb)) plain or
+//   stride-2 loads; a zero border's edge blocks with masked loads (taps outside the row read 0);
+// - the other columns (the clamp border's edges) through the tables.
+// The 16-bit types sum in float32, as the column kernels do; they load and store lane by lane.
+template <typename scalar_t>
+void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd, const scalar_t* kend, scalar_t* od,
+                    int64_t p0, int64_t p1, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                    const int64_t* rows, int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s,
+                    int64_t fa, int64_t fb) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t KK = Kh * Kw;
+  int64_t ja = std::max<int64_t>(fa, 0), jb = std::min(fb, Wo);
+  for (int64_t v = 0; v < Kw; ++v) {  // in the image: 0 <= j * s + coff[v] < W
+    ja = std::max(ja, ceil_div(std::max<int64_t>(-coff[v], 0), s));
+    jb = std::min(jb, W - 1 - coff[v] >= 0 ? (W - 1 - coff[v]) / s + 1 : 0);
+  }
+  const bool vec = jb - ja >= L;
+  if (!vec) ja = jb = 0;
+  // a zero border's table (every column affine, -1 outside the image): the edge blocks mask
+  bool zero_affine = Wo >= L;
+  for (int64_t v = 0; v < Kw && zero_affine; ++v)
+    for (int64_t j = 0; j < Wo; ++j) {
+      const int64_t col = j * s + coff[v];
+      zero_affine = zero_affine && cols[v * Wo + j] == (col >= 0 && col < W ? col : -1);
+    }
+#if defined(__AVX2__)
+  const bool narrow = std::is_same<acc_t, float>::value && Wo <= 8 && W <= 16;
+  std::vector<int32_t> pidx(narrow ? Kw * 8 : 0);  // per tap column v, lane j: its input column, -1 = none
+  for (int64_t v = 0; v < (narrow ? Kw : 0); ++v)
+    for (int64_t j = 0; j < 8; ++j) pidx[v * 8 + j] = j < Wo ? static_cast<int32_t>(cols[v * Wo + j]) : -1;
+#else
+  const bool narrow = false;
+#endif
+  // per (plane, output row): its tap rows one after the other, so its q rows and the k rows
+  // (shared with the next output row) stay in L1
+  at::parallel_for(0, (p1 - p0) * Ho, 1, [&](int64_t a0, int64_t a1) {
+    for (int64_t au = a0 * Kh; au < a1 * Kh; ++au) {
+      const int64_t pl = p0 + au / (Kh * Ho), i = (au / Kh) % Ho, u = au % Kh;
+      const int64_t r = rows[u * Ho + i];
+      scalar_t* o = od + ((pl * KK + u * Kw) * Ho + i) * Wo;  // tap (u, v) at o + v * Ho * Wo
+      if (r < 0) {
+        for (int64_t v = 0; v < Kw; ++v) std::fill(o + v * Ho * Wo, o + v * Ho * Wo + Wo, scalar_t(0));
+        continue;
+      }
+      const scalar_t* q = qd + pl * Cg * Ho * Wo + i * Wo;  // channel c at q + c * Ho * Wo
+      const scalar_t* k = kd + pl * Cg * H * W + r * W;     // channel c at k + c * H * W
+#if defined(__AVX2__)
+      if constexpr (std::is_same<acc_t, float>::value) {
+        if (narrow) {
+          // the n <= 8 elements at p (the 16-bit types converted), zeros after them; reads
+          // past them only inside the tensor (end)
+          auto row8 = [](const scalar_t* p, int64_t n, const scalar_t* end) {
+            if constexpr (std::is_same<scalar_t, float>::value) {
+              return _mm256_maskload_ps(p, lane_range<float>(0, n));
+            } else {
+              if (p + 8 <= end)
+                return _mm256_and_ps((__m256)load_acc<1>(p), _mm256_castsi256_ps(lane_range<float>(0, n)));
+              alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+              for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(p[j]);
+              return _mm256_load_ps(t);
+            }
+          };
+          for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+            with_count<8>(Kw - v0, [&](auto tv) {
+              constexpr int NT = decltype(tv)::value;
+              __m256i idx[NT], hi[NT], ok[NT];
+              for (int m = 0; m < NT; ++m) {
+                const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pidx.data() + (v0 + m) * 8));
+                idx[m] = c;  // permutevar uses the low 3 bits
+                hi[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(7));
+                ok[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(-1));
+              }
+              __m256 acc[NT];
+              for (int m = 0; m < NT; ++m) acc[m] = _mm256_setzero_ps();
+              for (int64_t c = 0; c < Cg; ++c) {
+                const __m256 qv = row8(q + c * Ho * Wo, Wo, qend);
+                const scalar_t* kc = k + c * H * W;
+                const __m256 k0 = row8(kc, std::min<int64_t>(W, 8), kend);
+                const __m256 k1 = row8(kc + 8, std::max<int64_t>(W - 8, 0), kend);
+                for (int m = 0; m < NT; ++m) {
+                  const __m256 kv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(k0, idx[m]),
+                                                     _mm256_permutevar8x32_ps(k1, idx[m]), _mm256_castsi256_ps(hi[m]));
+                  acc[m] = _mm256_fmadd_ps(qv, _mm256_and_ps(kv, _mm256_castsi256_ps(ok[m])), acc[m]);
+                }
+              }
+              for (int m = 0; m < NT; ++m) {
+                alignas(32) float t[8];
+                _mm256_store_ps(t, acc[m]);
+                std::copy(t, t + Wo, o + (v0 + m) * Ho * Wo);
+              }
+            });
+          continue;
+        }
+      }
+#endif
+      if (vec || zero_affine) {
+        auto block = [&](int64_t j0) {
+          // stride 2 reads one element past a block's last column: past the tensor only on
+          // its very last row, which then goes through masked loads
+          const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + coff[Kw - 1] + 2 * L <= kend;
+          const bool edge = j0 < ja || j0 + L > jb;
+          for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+            with_count<8>(Kw - v0, [&](auto tv) {
+              constexpr int NT = decltype(tv)::value;
+              const scalar_t* qj = q + j0;
+              const scalar_t* kj = k + j0 * s;
+              scalar_t* oj = o + v0 * Ho * Wo + j0;
+              if (!edge && s == 1)
+                tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+              else if (!edge && two)
+                tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+              else  // edges, other strides (every lane inside the row: none cleared)
+                tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W, kd,
+                                             kend);
+            });
+        };
+        if (zero_affine) {  // blocks over the whole row, the edge ones masked
+          int64_t j0 = 0;
+          for (; j0 + L <= Wo; j0 += L) block(j0);
+          if (j0 < Wo) block(Wo - L);  // the last block shifted left: recomputes a few columns
+          continue;
+        }
+        int64_t j0 = ja;
+        for (; j0 + L <= jb; j0 += L) block(j0);
+        if (j0 < jb) block(jb - L);
+      }
+      for (int64_t j = 0; j < Wo; ++j) {
+        if (j >= ja && j < jb) continue;
+        for (int64_t v = 0; v < Kw; ++v) {
+          const int64_t col = cols[v * Wo + j];
+          acc_t acc = 0;
+          if (col >= 0)
+            for (int64_t c = 0; c < Cg; ++c)
+              acc = std::fma(static_cast<acc_t>(q[c * Ho * Wo + j]), static_cast<acc_t>(k[c * H * W + col]), acc);
+          o[v * Ho * Wo + j] = static_cast<scalar_t>(acc);
+        }
+      }
+    }
+  });
+}
+
+// The taps of Wo pixels of one output row, 8 at a time: each tap's NV channel vectors of the
+// pixel's q (the gradient) times its input pixel's, summed over lanes. trow[t] + tcol[j * KKp
+// + t]: scratch offset of tap t of pixel j (taps outside the image and the padding taps
+// t >= K*K read a zero pixel); results at out[j * KKp + t].
+// Only the blocks from tap ta on, up to tap tb, are computed (the taps before ta and from the
+// end of the last block on read zeros only): out holds zeros there.
+template <typename acc_t>
+__attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow, const int64_t* tcol, int64_t KKp,
+                                           int64_t ta, int64_t tb, int64_t Wo, const acc_t* q, int64_t NV,
+                                           acc_t* out) {
+  using V = typename VecOf<acc_t>::type;
+  constexpr int L = VecOf<acc_t>::N;
+  for (int64_t j = 0; j < Wo; ++j) {
+    const acc_t* qj = q + j * NV * L;
+    const int64_t* tc = tcol + j * KKp;
+    std::fill(out + j * KKp, out + j * KKp + ta, acc_t(0));
+    int64_t t0 = ta;
+    for (; t0 < tb; t0 += 8) {
+      V a[8];
+      for (int m = 0; m < 8; ++m) a[m] = V{};
+      int64_t k = 0;
+      for (; k + 2 <= NV; k += 2) {
+        const V q0 = in_register(loadu(qj + k * L)), q1 = in_register(loadu(qj + (k + 1) * L));
+        for (int m = 0; m < 8; ++m) {
+          const acc_t* xp = xs + trow[t0 + m] + tc[t0 + m] + k * L;
+          a[m] += q0 * loadu(xp) + q1 * loadu(xp + L);
+        }
+      }
+      if (k < NV) {
+        const V q0 = loadu(qj + k * L);
+        for (int m = 0; m < 8; ++m) a[m] += q0 * loadu(xs + trow[t0 + m] + tc[t0 + m] + k * L);
+      }
+      lane_sums8(a, out + j * KKp + t0);
+    }
+    std::fill(out + j * KKp + t0, out + (j + 1) * KKp, acc_t(0));
+  }
+}
+
+template <typename scalar_t>
+at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
+  const int64_t KK = Kh * Kw, KKp = round_up(KK + 7, 8);  // a block starting at any tap < K*K fits
+  const int64_t* rows = plan.rows.data();
+  const int64_t* cols = plan.cols.data();
+  at::Tensor out = at::empty({B, G, KK, Ho, Wo}, q.options());
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  const LastRows lr(W, Cg);
+  const int64_t pitch = lr.pitch, zero_row = nrr_max * pitch;  // never written: zeros
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
+                             qoff = strided(ch * Wo, Cg), roff = strided(ch * Wo, KKp);
+  std::vector<int64_t> tcol(Wo * KKp, 0);  // per tap t = u * Kw + v: its column's offset
+  for (int64_t j = 0; j < Wo; ++j)
+    for (int64_t t = 0; t < KK; ++t) tcol[j * KKp + t] = cidx[j * Kw + t % Kw];
+  auto per_thread = [&](int64_t rows_per_task, int64_t nrr) {
+    return bytes_of({(nrr + 1) * pitch, rows_per_task * Wo * Cg, rows_per_task * Wo * KKp}, sizeof(acc_t));
+  };
+  const int64_t ch_max = max_chunk_rows(Ho, 16), plane = KK * Ho * Wo;
+  const int64_t need = kLendThreads * per_thread(ch_max, max_row_span(rows, Kh, Ho, ch_max));
+  const int64_t lent = lent_planes(B * G, plane * sizeof(scalar_t), need);
+  ThreadScratch scratch(per_thread(ch, nrr_max), reinterpret_cast<char*>(od + (B * G - lent) * plane),
+                        lent * plane * sizeof(scalar_t));
+  at::parallel_for(0, (B * G - lent) * nch, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> xs = cv.take<acc_t>((nrr_max + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
+               rb = cv.take<acc_t>(ch * Wo * KKp);
+    std::vector<int64_t> trow(KKp, zero_row);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nch);
+      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      to_last(xs.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, nrr * W);
+      to_last(qs.data(), qoff.data(), qd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t ta = KK, tb = 0;  // taps of the first and past the last tap row inside the image
+        for (int64_t t = 0; t < KK; ++t) {
+          const int64_t r = rows[(t / Kw) * Ho + i];
+          trow[t] = r >= 0 ? (r - rmin) * pitch : zero_row;
+          if (r >= 0) ta = std::min(ta, t), tb = t + 1;
+        }
+        ta = std::min(ta, tb);
+        corr_row_cl(xs.data(), trow.data(), tcol.data(), KKp, ta, tb, Wo, qs.data() + (i - i0) * Wo * Cg, Cg / L,
+                    rb.data() + (i - i0) * Wo * KKp);
+      }
+      from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, rb.data(), roff.data(), KK, (i1 - i0) * Wo);
+    }
+  });
+  if (lent > 0)
+    correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh,
+                   cols, Kw, plan.col_offset.data(), plan.col_stride, plan.affine_begin, plan.affine_end);
+  return out;
+}
+
+template <typename scalar_t>
+at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G, bool sum_batch,
+                          bool sum_space) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int L = VecOf<acc_t>::N;
+  const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
+  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
+  const int64_t KK = Kh * Kw;
+  // rows of at most half a vector (the column layout leaves half the lanes idle): channels-last
+  if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space)
+    return correlate_cl<scalar_t>(q, k, plan, G);
+  // direct: q rows are read in place (one dtype, rows of a vector or more; the last block of a row
+  // is shifted left to end at Wo, so no read leaves the row)
+  const bool direct = std::is_same<scalar_t, acc_t>::value && Wo >= L;
+  ColPlan p = make_colplan(plan, L, direct);
+  const int64_t* rows = plan.rows.data();
+  const int64_t nb = sum_batch ? 1 : B;
+  at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  // rows per task: up to 16 where the packed result buffer stays within about 96 KiB (it is
+  // part of the scratch the result's last planes lend), fewer rows re-copy more shared input rows
+  const int64_t most = std::min<int64_t>(16, std::max<int64_t>(8, (96 << 10) / (KK * Wo * sizeof(acc_t))));
+  const int64_t wbw = p.wbw, rowstride = p.s * p.pw;
+  // packed: per-pixel results go to a per-task buffer of pitch Wo (a block's lanes past Wo land
+  // on the next row, which is computed after it, or in the slack), so each tap's rows are one
+  // contiguous copy out; measured faster than storing rows in place into the K*K planes. A
+  // large float32 result is written with streaming stores (no read of the lines it replaces).
+  const bool packed = !sum_batch && !sum_space;
+  const bool stream = std::is_same<scalar_t, float>::value && out.numel() * 4 > (8 << 20);
+  const bool narrow_in_place = std::is_same<scalar_t, acc_t>::value && packed && Wo < L;
+  // scratch per thread for tasks of `rows_per_task` output rows: the input rows they read, two
+  // rows of q (when copied), the results (packed: all of the task's; else two rows, for the
+  // two-row blocks) and a batch sum's accumulators
+  auto per_thread = [&](int64_t rows_per_task) {
+    const int64_t nrr = max_row_span(rows, Kh, Ho, rows_per_task);
+    const int64_t tp = packed ? rows_per_task * Wo + L : wbw;
+    const int64_t nacc = sum_batch && !sum_space ? KK * rows_per_task * Wo : 0;
+    return bytes_of({Cg * nrr * rowstride, direct ? 0 : 2 * Cg * wbw, KK * tp * (packed ? 1 : 2), nacc},
+                    sizeof(acc_t));
+  };
+  // per-pixel results: the last planes lend the scratch (lent_planes; the tail sums in this
+  // kernel's order, so how many it takes may depend on the thread count). Where the threads'
+  // scratch needs too many planes, fewer rows per task (halved down to 2: the results do not
+  // depend on the chunking) make it fit; the rows per task otherwise only trade row copies.
+  int64_t ch = chunk_rows(nb * G, Ho, most), lent = 0;
+  const int64_t plane = KK * Ho * Wo, nthreads = std::max<int64_t>(1, at::get_num_threads());
+  for (int64_t c = ch; packed; c = std::max<int64_t>(2, (c / 2) & ~int64_t(1))) {
+    lent = lent_planes(nb * G, plane * sizeof(scalar_t), nthreads * per_thread(c));
+    if (lent > 0) ch = c;
+    if (lent > 0 || c <= 2) break;
+  }
+  const int64_t nch = ceil_div(Ho, ch), ntask = nb * G * nch;
+  // spatial sums: one partial per (output row, tap), reduced over the rows in a fixed order
+  // afterwards (not per task: the rows per task depend on the thread count, the sums must not)
+  at::Tensor part_t;  // (none otherwise: not even an element, the peak is the output's alone)
+  double* part = nullptr;
+  if (sum_space) {
+    part_t = at::zeros({nb * G * Ho * KK}, at::TensorOptions().dtype(at::kDouble));
+    part = part_t.data_ptr<double>();
+  }
+  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
+  p.plan_fill(nrr_max);
+  const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
+  const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
+  ThreadScratch scratch(per_thread(ch), reinterpret_cast<char*>(od + (nb * G - lent) * plane),
+                        lent * plane * sizeof(scalar_t));
+
+  at::parallel_for(0, ntask - lent * nch, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver cv{scratch.base(own)};
+    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw),
+               rb = cv.take<acc_t>(KK * rtp * (packed ? 1 : 2)), accb = cv.take<acc_t>(nacc);
+    std::vector<int64_t> rru(2 * Kh), steps(6 * Kh), order(2 * Kh);
+    std::vector<char> used(Kh);
+    for (int64_t task = t0; task < t1; ++task) {
+      const TaskAt at(task, G, nch);
+      const int64_t bb = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+      const auto span = row_span(rows, Kh, Ho, i0, i1);
+      const int64_t rmin = span.first, nrr = span.second;
+      std::fill(accb.begin(), accb.end(), acc_t(0));
+      const int64_t b0 = sum_batch ? 0 : bb, b1 = sum_batch ? B : bb + 1;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (nrr > 0) {
+          fill_rows<scalar_t, acc_t>(ks.data(), cstride, kd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+        }
+        // what comes next (the next batch element of a batch sum, else the next task): its k and
+        // q rows, fetched a slice per row below
+        Prefetch pfk, pfq;
+        {
+          int64_t nb = -1, ng = g, ni0 = i0, ni1 = i1;
+          if (b + 1 < b1) {
+            nb = b + 1;
+          } else if (task + 1 < t1) {
+            const TaskAt nt(task + 1, G, nch);
+            nb = sum_batch ? 0 : nt.b, ng = nt.g;
+            ni0 = nt.c * ch, ni1 = std::min(Ho, ni0 + ch);
+          }
+          if (nb >= 0) {
+            const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
+            pfk = Prefetch(kd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
+            pfq = Prefetch(qd + ((nb * C + ng * Cg) * Ho + ni0) * Wo, Cg, Ho * Wo, (ni1 - ni0) * Wo);
+          }
+        }
+        for (int64_t i = i0; i < i1;) {
+          const int64_t n = i + 1 < i1 ? 2 : 1;  // output rows computed together
+          for (int64_t k = 0; k < n; ++k) {
+            pfk.slice(i + k - i0, i1 - i0);
+            pfq.slice(i + k - i0, i1 - i0);
+          }
+          // q row i + k of channel c at qrow[k * q2 + c * qstep + j]; tap t of row i + k of the
+          // result at rrow[k * rrow2 + t * rstep + j]
+          const acc_t* qrow = qs.data();
+          int64_t qstep = wbw, q2 = Cg * wbw;
+          // rows under a vector (packed results) are read in place too, where a block's full
+          // vector stays inside q: the lanes past Wo only reach results that are overwritten
+          const bool over = !direct && narrow_in_place &&
+                            ((b * C + g * Cg + Cg - 1) * Ho + i + n - 1) * Wo + L <= q.numel();
+          if (direct || over) {
+            qrow = reinterpret_cast<const acc_t*>(qd) + ((b * C + g * Cg) * Ho + i) * Wo;
+            qstep = Ho * Wo;
+            q2 = Wo;
+          } else {
+            for (int64_t k = 0; k < n; ++k)
+              for (int64_t c = 0; c < Cg; ++c) {
+                const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i + k) * Wo;
+                acc_t* dst = qs.data() + k * q2 + c * wbw;
+                convert(dst, src, Wo);
+              }  // columns [Wo, wbw) stay zero
+          }
+          acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
+          const int64_t rstep = rtp, rrow2 = packed ? Wo : KK * rtp;
+          tap_scratch_rows(rows, Kh, Ho, i, n, rmin, rru.data());
+          // (input row, tap row of row i, of row i + 1): paired where both rows read the row.
+          // Blocks that overrun a packed row write into the next row's start, which must then be
+          // computed later: (i, t) no later than (i + 1, t). That holds for both borders of
+          // Window (rows non-decreasing in i); a geometry where it did not goes one row at a time
+          const TapList r0{rru.data(), nullptr, Kh}, r1{rru.data() + Kh, nullptr, n == 2 ? Kh : 0};
+          int64_t nsteps = row_steps(r0, r1, true, used.data(), steps.data());
+          if (n == 2 && p.fb > Wo && packed && !later_rows_later(steps.data(), nsteps, Kh, order.data()))
+            nsteps = row_steps(r0, r1, false, used.data(), steps.data());
+          for (int64_t a = 0; a < nsteps; ++a) {
+            const int64_t u0 = steps[3 * a + 1], u1 = steps[3 * a + 2];
+            const acc_t* kr = ks.data() + steps[3 * a] * rowstride;
+            acc_t* rb0 = rrow + u0 * Kw * rstep;
+            acc_t* rb1 = rrow + rrow2 + u1 * Kw * rstep;
+            for_blocks(p, L, [&](int64_t j0) {
+              if (u0 >= 0 && u1 >= 0) {
+                // taps in near-equal chunks of at most 6 (7 = 4 + 3)
+                const int64_t nchunk = ceil_div(Kw, 6);
+                for (int64_t q = 0, v0 = 0; q < nchunk; ++q) {
+                  const int64_t v1 = (q + 1) * Kw / nchunk;
+                  with_count<6>(v1 - v0, [&](auto tv) {
+                    corr_block2<acc_t, decltype(tv)::value>(kr, cstride, qrow, qstep, q2, Cg, p.phoff.data() + v0, j0,
+                                                            rb0 + v0 * rstep, rb1 + v0 * rstep, rstep);
+                  });
+                  v0 = v1;
+                }
+                return;
+              }
+              const acc_t* qk = u0 >= 0 ? qrow : qrow + q2;
+              acc_t* rk = u0 >= 0 ? rb0 : rb1;
+              for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+                with_count<8>(Kw - v0, [&](auto tv) {
+                  corr_block<acc_t, decltype(tv)::value>(kr, cstride, qk, qstep, Cg, p.phoff.data() + v0, j0,
+                                                         rk + v0 * rstep, rstep);
+                });
+            });
+          }
+          for (int64_t k = 0; k < n; ++k) {
+            const acc_t* qk = qrow + k * q2;
+            acc_t* rk = rrow + k * rrow2;
+            for (int64_t u = 0; u < Kh; ++u) {
+              const int64_t r = rru[k * Kh + u];
+              acc_t* rbu = rk + u * Kw * rstep;
+              if (r < 0) {
+                for (int64_t v = 0; v < Kw; ++v) std::fill(rbu + v * rstep, rbu + v * rstep + Wo, acc_t(0));
+                continue;
+              }
+              // scalar path: columns outside the affine range (clamp-border edges)
+              const acc_t* kr = ks.data() + r * rowstride;
+              for (int64_t j = 0; j < Wo && !p.all_fast(); ++j) {
+                if (in_fast(p, j)) continue;
+                for (int64_t v = 0; v < Kw; ++v) {
+                  const int64_t col = p.cols[v * Wo + j];
+                  acc_t acc = 0;
+                  if (col >= 0) {
+                    const int64_t pc = p.pos(col);
+                    for (int64_t c = 0; c < Cg; ++c) acc = std::fma(qk[c * qstep + j], kr[c * cstride + pc], acc);
+                  }
+                  rbu[v * rstep + j] = acc;
+                }
+              }
+            }
+            // per-pixel results stay in the packed buffer until the task's rows are done (below)
+            if (sum_space) {
+              double* pt = part + ((at.b * G + g) * Ho + i + k) * KK;
+              for (int64_t t = 0; t < KK; ++t) {
+                double sacc = 0;
+                const acc_t* r = rk + t * rstep;
+                for (int64_t j = 0; j < Wo; ++j) sacc += static_cast<double>(r[j]);
+                pt[t] += sacc;
+              }
+            } else if (sum_batch) {
+              for (int64_t t = 0; t < KK; ++t) {
+                acc_t* dst = accb.data() + (t * ch + (i + k - i0)) * Wo;
+                const acc_t* r = rk + t * rstep;
+                for (int64_t j = 0; j < Wo; ++j) dst[j] += r[j];
+              }
+            }
+          }
+          i += n;
+        }
+        if (packed)
+          for (int64_t t = 0; t < KK; ++t) {
+            scalar_t* dst = od + (((b * G + g) * KK + t) * Ho + i0) * Wo;
+            const acc_t* r = rb.data() + t * rtp;
+            const int64_t n = (i1 - i0) * Wo;
+            int64_t j = 0;
+#if defined(__AVX2__)
+            if constexpr (std::is_same<scalar_t, float>::value) {
+              if (stream) {
+                float* d = reinterpret_cast<float*>(dst);
+                for (; j < n && (reinterpret_cast<uintptr_t>(d + j) & 31); ++j) d[j] = r[j];
+                for (; j + 8 <= n; j += 8) _mm256_stream_ps(d + j, _mm256_loadu_ps(r + j));
+              }
+            }
+#endif
+            convert(dst + j, r + j, n - j);
+          }
+#if defined(__AVX2__)
+        if (stream) _mm_sfence();  // streaming stores are weakly ordered: drain them in this task
+#endif
+      }
+      if (sum_batch && !sum_space) {
+        for (int64_t t = 0; t < KK; ++t)
+          for (int64_t i = i0; i < i1; ++i) {
+            scalar_t* dst = od + ((g * KK + t) * Ho + i) * Wo;
+            const acc_t* src = accb.data() + (t * ch + (i - i0)) * Wo;
+            convert(dst, src, Wo);
+          }
+      }
+    }
+  });
+  if (sum_space) {
+    for (int64_t bb = 0; bb < nb; ++bb)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t t = 0; t < KK; ++t) {
+          double sacc = 0;
+          for (int64_t i = 0; i < Ho; ++i) sacc += part[((bb * G + g) * Ho + i) * KK + t];
+          od[(bb * G + g) * KK + t] = static_cast<scalar_t>(sacc);
+        }
+  }
+  if (lent > 0)
+    correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
+                   plan.cols.data(), Kw, plan.col_offset.data(), plan.col_stride, plan.affine_begin, plan.affine_end);
+  return out;
+}
+
+}  // namespace
+
+at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t groups, bool sum_batch,
+                     bool sum_space) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tokenmix_correlate", [&] {
+    out = correlate_impl<scalar_t>(q, k, plan, groups, sum_batch, sum_space);
+  });
+  return out;
+}
+
+#ifdef TOKENMIX_TEST_HOOKS
+int64_t lent_planes_override(int64_t n) { return lent_override.exchange(n); }
+#endif
+
+}  // namespace tokenmix_cpu

@@ -1,0 +1,348 @@
+// Scratch layouts and loop shapes shared by the kernels: the phase-split input rows of the
+// column kernels (ColPlan, fill_rows), the channels-last rows of the narrow-plane kernels
+// (LastRows), and the register-block iterations (channel, pixel and tap blocks, row pairs).
+#pragma once
+
+#include "plan.h"
+#include "scratch.h"
+#include "vec.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace tokenmix_cpu {
+
+// Column layout of the input-side scratch: input column col lives at phase
+// (col + padc) % s, index (col + padc) / s of a row of s phases of pw entries each.
+struct ColPlan {
+  int64_t Kw, Wo, W, s, padc, pw, fa, fb, wbw;
+  std::vector<int64_t> phoff;  // per v: phase * pw + e_v (scratch offset of output column 0)
+  // per phase f (s > 1): input columns col0[f] + k*s, k < cnt[f], go to scratch dst0[f] + k
+  std::vector<int64_t> col0, cnt, dst0;
+  std::vector<int64_t> fpos;  // scatter fill: scratch offset of element k of a channel's rows
+  const int64_t* cols;
+  // fill_rows scatters (stride > 2, or 2 on rows under 12 columns) rather than copying rows
+  bool scatter() const { return s > 2 || (s == 2 && W < 12); }
+  // fpos for up to nrr rows of rowstride s * pw: a channel's nrr*W contiguous source elements
+  // go to fpos[k] in one loop (per-row loops cost more than the copy on 7-column rows)
+  void plan_fill(int64_t nrr) {
+    if (!scatter()) return;
+    fpos.resize(nrr * W);
+    for (int64_t k = 0; k < nrr * W; ++k) fpos[k] = (k / W) * s * pw + pos(k % W);
+  }
+  bool all_fast() const { return fa == 0 && fb >= Wo; }  // no column for the scalar path
+  int64_t pos(int64_t col) const {
+    int64_t q = col + padc;
+    return (q % s) * pw + q / s;
+  }
+};
+
+// Fast output columns [fa, fb). Zero border (pad_ok): all of [0, Wo), rounded up to whole
+// blocks whose tail lanes land in scratch, or ending exactly at Wo (exact_end, for kernels that
+// write output rows in place; their last block is shifted left, see for_blocks).
+inline ColPlan make_colplan(const Plan& plan, int64_t block, bool exact_end = false) {
+  const int64_t W = plan.W, s = plan.col_stride, fa = plan.affine_begin, fb = plan.affine_end;
+  const bool pad_ok = plan.zero_border;
+  ColPlan p;
+  p.Kw = plan.Kw;
+  p.Wo = plan.Wo;
+  p.W = W;
+  p.s = s;
+  p.cols = plan.cols.data();
+  const int64_t* off = plan.col_offset.data();
+  int64_t mn = 0;
+  for (int64_t v = 0; v < p.Kw; ++v) mn = std::min(mn, off[v]);
+  p.padc = -mn;
+  if (pad_ok) {
+    p.fa = 0;
+    p.fb = exact_end ? p.Wo : round_up(p.Wo, block);
+  } else if (fb - fa >= block) {
+    p.fa = fa;
+    p.fb = fb;
+  } else {
+    p.fa = p.fb = 0;  // too narrow for a vector block: everything through the scalar path
+  }
+  p.wbw = round_up(std::max(p.Wo, p.fb), block);
+  int64_t emax = 0;
+  for (int64_t v = 0; v < p.Kw; ++v) emax = std::max(emax, (off[v] + p.padc) / s);
+  p.pw = std::max(p.wbw + emax, (W - 1 + p.padc) / s + 1) + 1;
+  for (int64_t f = 0; f < s; ++f) {
+    const int64_t idx = ceil_div(std::max<int64_t>(p.padc - f, 0), s);
+    const int64_t col = idx * s + f - p.padc;
+    p.col0.push_back(col);
+    p.cnt.push_back(col < W ? (W - 1 - col) / s + 1 : 0);
+    p.dst0.push_back(f * p.pw + idx);
+  }
+  p.phoff.resize(p.Kw);
+  for (int64_t v = 0; v < p.Kw; ++v) {
+    int64_t q = off[v] + p.padc;
+    p.phoff[v] = (q % s) * p.pw + q / s;
+  }
+  return p;
+}
+
+// Block start columns covering [fa, fb): full blocks, the last one shifted left to end at fb
+// (recomputes a few columns; every fast path writes, never accumulates, so that is exact).
+template <typename F>
+inline void for_blocks(const ColPlan& p, int64_t block, F&& f) {
+  if (p.fb <= p.fa) return;
+  int64_t j0 = p.fa;
+  for (; j0 + block <= p.fb; j0 += block) f(j0);
+  if (j0 < p.fb) f(p.fb - block);
+}
+
+inline bool in_fast(const ColPlan& p, int64_t j) { return j >= p.fa && j < p.fb; }
+
+// Range of valid source rows read by output rows [i0, i1): (rmin, count).
+inline std::pair<int64_t, int64_t> row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t i0, int64_t i1) {
+  int64_t rmin = INT64_MAX, rmax = -1;
+  for (int64_t u = 0; u < Kh; ++u)
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t r = rows[u * Ho + i];
+      if (r >= 0) rmin = std::min(rmin, r), rmax = std::max(rmax, r);
+    }
+  return rmax >= 0 ? std::make_pair(rmin, rmax - rmin + 1) : std::make_pair<int64_t, int64_t>(0, 0);
+}
+
+inline int64_t max_row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t ch) {
+  int64_t m = 0;
+  for (int64_t i0 = 0; i0 < Ho; i0 += ch) m = std::max(m, row_span(rows, Kh, Ho, i0, std::min(Ho, i0 + ch)).second);
+  return m;
+}
+
+// Copy rows [rmin, rmin + nrr) of ncg channels (channel stride cstride) into the phase-split
+// scratch. Only the positions of image columns are written, and they are the same for every
+// task, so the padding around them stays as zeroed once per thread (ThreadScratch::zeroed).
+template <typename scalar_t, typename acc_t>
+void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t nrr,
+               const ColPlan& p) {
+  const int64_t W = p.W, s = p.s, rs = s * p.pw;
+  for (int64_t c = 0; c < ncg; ++c) {
+    const scalar_t* rows = src + (c * H + rmin) * W;
+    if (p.scatter()) {
+      // other strides and narrow rows: one scattered store per element, positions from plan_fill
+      acc_t* dst = xs + c * cstride;
+      const int64_t* fp = p.fpos.data();
+      for (int64_t k = 0; k < nrr * W; ++k) dst[fp[k]] = static_cast<acc_t>(rows[k]);
+      continue;
+    }
+    for (int64_t rr = 0; rr < nrr; ++rr) {
+      acc_t* dst = xs + c * cstride + rr * rs;
+      const scalar_t* row = rows + rr * W;
+      if (s == 1) {
+        convert(dst + p.padc, row, W);
+      } else {
+        // s == 2: the phase holding the row's first column (f0) interleaves with the other (f1)
+        const int f0 = p.col0[0] < p.col0[1] ? 0 : 1, f1 = 1 - f0;
+        const int64_t npair = std::min(p.cnt[f0], p.cnt[f1]);
+        deinterleave2(dst + p.dst0[f0], dst + p.dst0[f1], row + p.col0[f0], npair);
+        if (p.cnt[f0] > npair) dst[p.dst0[f0] + npair] = static_cast<acc_t>(row[p.col0[f0] + 2 * npair]);
+      }
+    }
+  }
+}
+
+// Channel blocks covering [0, Cg), largest first: f(integral_constant<CB>, c0) for as many
+// blocks of each size CB in Sizes (descending, ending in 1) as still fit.
+template <int CB, int... Rest, typename F>
+inline void channel_blocks_of(int64_t Cg, F&& f, int64_t c = 0) {
+  for (; c + CB <= Cg; c += CB) f(std::integral_constant<int, CB>{}, c);
+  if constexpr (sizeof...(Rest) > 0)
+    channel_blocks_of<Rest...>(Cg, f, c);
+  else
+    static_assert(CB == 1, "the last block size must be 1 to cover every channel");
+}
+
+// Blocks of 12, 8, 4, 1 channels, the register-block sizes of the aggregate and transpose
+// kernels (one vector of columns x CB channels in registers, the weight vector reused across
+// the channels).
+template <typename F>
+inline void channel_blocks(int64_t Cg, F&& f) {
+  channel_blocks_of<12, 8, 4, 1>(Cg, f);
+}
+
+// f(integral_constant<int, n>) for a run-time count 1 <= n <= N (N for larger n): the tap
+// counts of the correlate blocks.
+template <int N, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return with_count<N - 1>(n, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
+
+// f(integral_constant<int, i>) for i = 0, 1, ..., N - 1, unrolled at compile time.
+template <int N, typename F, int... I>
+inline void static_for_impl(F&& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void static_for(F&& f) {
+  static_for_impl<N>(f, std::make_integer_sequence<int, N>{});
+}
+
+// Channel blocks for the two-row kernels: 6 channels x 2 rows = 12 accumulators (+ 2 weight
+// vectors + 1 input vector = 15 of the 16 AVX registers), then 4, 2, 1.
+template <typename F>
+inline void channel_blocks2(int64_t Cg, F&& f) {
+  channel_blocks_of<6, 4, 2, 1>(Cg, f);
+}
+
+// One row's (key, tap) entries, for the two-row blocks: entry k of [0, n) has key[k] (the row
+// both rows' blocks index: a scratch input row, or an output row for the transpose; < 0 = none)
+// and tap row tap[k] (k itself when tap is null).
+struct TapList {
+  const int64_t* key;
+  const int64_t* tap;
+  int64_t n;
+  int64_t tap_of(int64_t k) const { return tap ? tap[k] : k; }
+};
+
+// Steps (key, tap row of row a or -1, tap row of row b or -1) covering each entry of both lists
+// once: with match, an entry of b joins the first unpaired entry of a with its key, so a vector
+// loaded once feeds both rows' FMAs; without, a's entries come first, then b's. Every step of a
+// comes before the entries of b left unpaired. used: scratch of b.n. Returns the step count.
+inline int64_t row_steps(TapList a, TapList b, bool match, char* used, int64_t* steps) {
+  int64_t n = 0;
+  std::fill(used, used + b.n, char(0));
+  for (int64_t k = 0; k < a.n; ++k) {
+    if (a.key[k] < 0) continue;
+    int64_t m = -1;
+    for (int64_t t = 0; match && t < b.n && m < 0; ++t)
+      if (b.key[t] == a.key[k] && !used[t]) m = t;
+    if (m >= 0) used[m] = 1;
+    steps[3 * n] = a.key[k], steps[3 * n + 1] = a.tap_of(k), steps[3 * n + 2] = m >= 0 ? b.tap_of(m) : -1, ++n;
+  }
+  for (int64_t t = 0; t < b.n; ++t)
+    if (b.key[t] >= 0 && !used[t]) steps[3 * n] = b.key[t], steps[3 * n + 1] = -1, steps[3 * n + 2] = b.tap_of(t), ++n;
+  return n;
+}
+
+// rr[k * Kh + u] = scratch row (source row - rmin, or -1) of tap row u of output row i + k, k < n.
+inline void tap_scratch_rows(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t i, int64_t n, int64_t rmin,
+                             int64_t* rr) {
+  for (int64_t k = 0; k < n; ++k)
+    for (int64_t u = 0; u < Kh; ++u) {
+      const int64_t r = rows[u * Ho + i + k];
+      rr[k * Kh + u] = r >= 0 ? r - rmin : -1;
+    }
+}
+
+// Whether, in the step order, every tap row t of the first output row is computed no later than
+// tap row t of the second (pos: scratch of 2 * Kh).
+inline bool later_rows_later(const int64_t* steps, int64_t nsteps, int64_t Kh, int64_t* pos) {
+  std::fill(pos, pos + 2 * Kh, int64_t(-1));
+  for (int64_t a = 0; a < nsteps; ++a)
+    for (int k = 0; k < 2; ++k)
+      if (steps[3 * a + 1 + k] >= 0) pos[k * Kh + steps[3 * a + 1 + k]] = a;
+  for (int64_t t = 0; t < Kh; ++t)
+    if (pos[t] >= 0 && pos[Kh + t] >= 0 && pos[t] > pos[Kh + t]) return false;
+  return true;
+}
+
+// Channels-last scratch of a group's rows: rows of lp + W + rp pixels of Cg channels (pitch
+// elements apart), image column col at lp + col; the columns outside the image never hold
+// image data (zeros the kernels read for taps outside the image, or where the transpose drops
+// them). Column lp + W is the zero column the tables send those taps to (rp >= 1); a zero
+// border's taps can instead read their own column when lp and rp cover the padding
+// (affine_columns).
+struct LastRows {
+  int64_t W, Cg, lp, pitch;
+  bool padded;  // lp and the right padding hold every column a zero border's taps read
+  LastRows(int64_t W_, int64_t Cg_, int64_t lp_ = 0, int64_t rp = 1, bool padded_ = false)
+      : W(W_), Cg(Cg_), lp(lp_), pitch((lp_ + W_ + std::max<int64_t>(rp, 1)) * Cg_), padded(padded_) {}
+  // The rows for the taps of a window whose columns are col = j * s + coff[v] (zero border,
+  // pad_ok: with its padding, so every tap reads a column of its own) or given by the tables
+  // only (clamp border: every tap is inside the image)
+  static LastRows for_taps(int64_t W, int64_t Cg, const int64_t* coff, int64_t s, int64_t Kw, int64_t Wo,
+                           bool pad_ok) {
+    if (!pad_ok) return LastRows(W, Cg);
+    return LastRows(W, Cg, std::max<int64_t>(0, -coff[0]), (Wo - 1) * s + coff[Kw - 1] - (W - 1), true);
+  }
+  // [j * Kw + v]: offset of tap column v of output column j within a row: its own column
+  // j * s + coff[v] when padded, else the table's (the zero column lp + W for taps outside the
+  // image; coff and s are then unused)
+  std::vector<int64_t> tap_columns(const int64_t* cols, int64_t Kw, int64_t Wo, const int64_t* coff = nullptr,
+                                   int64_t s = 1) const {
+    std::vector<int64_t> c(Wo * Kw);
+    for (int64_t j = 0; j < Wo; ++j)
+      for (int64_t v = 0; v < Kw; ++v) {
+        const int64_t col = padded ? j * s + coff[v] : cols[v * Wo + j];
+        c[j * Kw + v] = (lp + (col >= 0 || padded ? col : W)) * Cg;
+      }
+    return c;
+  }
+  // [k]: offset of element k of a channel's nrows * W contiguous image elements (to_last and
+  // from_last positions)
+  std::vector<int64_t> elements(int64_t nrows) const {
+    std::vector<int64_t> e(nrows * W);
+    for (int64_t k = 0; k < nrows * W; ++k) e[k] = (k / W) * pitch + (lp + k % W) * Cg;
+    return e;
+  }
+};
+
+// [k] = k * step, k < n: offsets of packed positions (to_last and from_last).
+inline std::vector<int64_t> strided(int64_t n, int64_t step) {
+  std::vector<int64_t> o(n);
+  for (int64_t k = 0; k < n; ++k) o[k] = k * step;
+  return o;
+}
+
+// Register blocks of the channels-last pixel kernels covering Wo pixels x NV channel vectors:
+// f(integral_constant NP, integral_constant NB, first pixel, first vector), NP <= 4, NB <= 2.
+template <typename F>
+inline void pixel_blocks(int64_t Wo, int64_t NV, F&& f) {
+  channel_blocks_of<4, 3, 2, 1>(Wo, [&](auto np, int64_t j) {
+    channel_blocks_of<2, 1>(NV, [&](auto nb, int64_t k) { f(np, nb, j, k); });
+  });
+}
+
+// f(integral_constant CG, integral_constant K, integral_constant S) for the channels per group,
+// kernel widths and column strides the affine kernels are compiled for; false for the others.
+template <typename F>
+inline bool with_affine(int64_t Cg, int64_t K, int64_t S, F&& f) {
+  auto ks = [&](auto cg) {
+    auto k = [&](auto kc) {
+      if (S == 1) return f(cg, kc, std::integral_constant<int, 1>{}), true;
+      if (S == 2) return f(cg, kc, std::integral_constant<int, 2>{}), true;
+      return false;
+    };
+    if (K == 3) return k(std::integral_constant<int, 3>{});
+    if (K == 5) return k(std::integral_constant<int, 5>{});
+    if (K == 7) return k(std::integral_constant<int, 7>{});
+    return false;
+  };
+  if (Cg == 8) return ks(std::integral_constant<int, 8>{});
+  if (Cg == 16) return ks(std::integral_constant<int, 16>{});
+  return false;
+}
+
+// Blocks of NP, NP / 2, ..., 1 pixels covering a row of Wo: f(integral_constant np, first pixel).
+template <int NP, typename F>
+inline void affine_blocks(int64_t Wo, F&& f) {
+  if constexpr (NP == 8)
+    channel_blocks_of<8, 4, 2, 1>(Wo, f);
+  else if constexpr (NP == 4)
+    channel_blocks_of<4, 2, 1>(Wo, f);
+  else if constexpr (NP == 2)
+    channel_blocks_of<2, 1>(Wo, f);
+  else
+    channel_blocks_of<1>(Wo, f);
+}
+
+// Whether the affine channels-last kernels run a plane (every pixel: its rows keep their zero
+// padding, LastRows::for_taps): float, a zero border at unit column dilation (tap v at column
+// j * s + coff[0] + v), per-pixel weights, and channels per group, a kernel width and a column
+// stride they are compiled for (with_affine).
+template <typename scalar_t>
+bool affine_cl(int64_t Cg, bool per_pixel, int64_t Kw, int64_t s, const int64_t* coff, bool pad_ok) {
+  if (!std::is_same<scalar_t, float>::value || !pad_ok || !per_pixel) return false;
+  for (int64_t v = 0; v < Kw; ++v)
+    if (coff[v] != coff[0] + v) return false;
+  return with_affine(Cg, Kw, s, [](auto, auto, auto) {});
+}
+
+}  // namespace tokenmix_cpu
