@@ -26,7 +26,7 @@ template <typename acc_t, int CB>
 __attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
                       const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob,
                       int64_t wpf, int64_t opf) {
-  using V = typename VecOf<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t u = 0; u < Kh; ++u) {
@@ -53,7 +53,7 @@ __attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int6
                                           int64_t wrow, int64_t wbw, int64_t orow2, const int64_t* steps, int64_t nsteps,
                                           int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob, int64_t wpf,
                                           int64_t opf) {
-  using V = typename VecOf<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   V a0[CB], a1[CB];
   for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
   for (int64_t k = 0; k < nsteps; ++k) {
@@ -124,7 +124,7 @@ struct SourceWeights {
   template <typename scalar_t, typename acc_t>
   void copy(acc_t* dst0, int64_t tstride, int64_t rstride, const scalar_t* wg, int64_t KK, int64_t wHW, int64_t wW,
             const int64_t* rows, int64_t Ho, int64_t ia, int64_t ib) const {
-    constexpr int L = VecOf<acc_t>::N;
+    constexpr int L = Vec<acc_t>::N;
     for (int64_t t = 0; t < KK; ++t) {
       const int64_t u = t / Kw, v = t % Kw, a = lo[v], e = hi[v];
       for (int64_t i = ia; i < ib; ++i) {
@@ -173,8 +173,8 @@ template <typename scalar_t, typename acc_t, int NB, int NP>
 __attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr, const int64_t* cidx, int64_t Kh,
                                              int64_t Kw, const scalar_t* w, int64_t wstep, int64_t wpix, acc_t* out,
                                              int64_t ostep) {
-  using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::N;
   V acc[NP][NB];
   for (int p = 0; p < NP; ++p)
     for (int k = 0; k < NB; ++k) acc[p][k] = V{};
@@ -239,7 +239,7 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& pl
   const int64_t s = plan.col_stride;
   const bool pad_ok = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = VecOf<acc_t>::N;
+  constexpr int L = Vec<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
@@ -262,15 +262,12 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& pl
   const SourceWeights sw = wsrc ? SourceWeights(plan) : SourceWeights();
   const int64_t wpitch = round_up(Wo, L), wts = ch * wpitch;
   ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg, wsrc ? KK * wts : 0}, sizeof(acc_t)));
-  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor own;
-    Carver cv{scratch.base(own)};
+  for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> xs = cv.take<acc_t>(nrr_max * pitch), ob = cv.take<acc_t>(ch * Wo * Cg),
                ws = cv.take<acc_t>(wsrc ? KK * wts : 0);
     std::vector<int64_t> rr(Kh);
-    for (int64_t task = t0; task < t1; ++task) {
-      const TaskAt at(task, G, nch);
-      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+    for (const Task task : tasks) {
+      const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
       const scalar_t* xg = xd + ((b * C + g * Cg) * H + rmin) * W;
@@ -324,7 +321,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
   const int64_t s = plan.col_stride;
   const bool pad_ok = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = VecOf<acc_t>::N;
+  constexpr int L = Vec<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
@@ -371,16 +368,13 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
   ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, odirect ? 0 : 2 * Cg * wbw},
                                  sizeof(acc_t)));
 
-  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor own;
-    Carver cv{scratch.base(own)};
+  for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(direct ? 0 : KK * wts),
                ob = cv.take<acc_t>(odirect ? 0 : 2 * Cg * wbw);
     std::vector<int64_t> rru(2 * Kh), steps(6 * Kh);
     std::vector<char> used(Kh);
-    for (int64_t task = t0; task < t1; ++task) {
-      const TaskAt at(task, G, nch);
-      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+    for (const Task task : tasks) {
+      const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
       if (nrr > 0) {
@@ -388,9 +382,9 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
       }
       // the next task's input rows and (when copied) weights, fetched a slice per row below
       Prefetch pfx, pfw;
-      if (task + 1 < t1) {
-        const TaskAt nt(task + 1, G, nch);
-        const int64_t nb = nt.b, ng = nt.g, ni0 = nt.c * ch, ni1 = std::min(Ho, ni0 + ch);
+      if (task.has_next()) {
+        const Task nt = task.next();
+        const int64_t nb = nt.batch, ng = nt.group, ni0 = nt.chunk * ch, ni1 = std::min(Ho, ni0 + ch);
         const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
         pfx = Prefetch(xd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
         if (wsrc && wHW > 1)

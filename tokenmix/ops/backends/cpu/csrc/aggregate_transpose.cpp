@@ -28,7 +28,7 @@ template <typename acc_t, int CB>
 __attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
                      const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
                      int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t obw) {
-  using V = typename VecOf<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t pp = p0; pp < p1; ++pp) {
@@ -51,7 +51,7 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
                                          const int64_t* steps, int64_t nsteps, int64_t imin, const int64_t* vl,
                                          int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo,
                                          int64_t obw, int64_t x2) {
-  using V = typename VecOf<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   V a0[CB], a1[CB];
   for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
   for (int64_t k = 0; k < nsteps; ++k) {
@@ -95,8 +95,8 @@ template <typename scalar_t, typename acc_t, int NB, int NP>
 __attribute__((noinline)) void tr_pixels_cl(acc_t* gs, const int64_t* rr, const int64_t* cidx, int64_t Kh, int64_t Kw,
                                             const scalar_t* w, int64_t wstep, int64_t wpix, const acc_t* gy,
                                             int64_t gstep) {
-  using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::N;
   V q[NP][NB];
   for (int p = 0; p < NP; ++p)
     for (int k = 0; k < NB; ++k) q[p][k] = loadu(gy + p * gstep + k * L);
@@ -157,7 +157,7 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
   const bool pad_ok = plan.zero_border;
   const int64_t* coff = plan.col_offset.data();
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = VecOf<acc_t>::N;
+  constexpr int L = Vec<acc_t>::N;
   const int64_t B = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = plan.Kh, Kw = plan.Kw;
@@ -185,15 +185,12 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
                              xoff = lr.elements(band), pix = strided(onmax * Wo, Cg);
   const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, coff, pad_ok);
   ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
-  at::parallel_for(0, B * G * nband, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor own;
-    Carver cv{scratch.base(own)};
+  for_each_task(B * G * nband, G, nband, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> gs = cv.take<acc_t>(band * pitch), gys = cv.take<acc_t>(onmax * Wo * Cg);
     std::vector<int64_t> rr(Kh);
-    for (int64_t task = t0; task < t1; ++task) {
-      const TaskAt at(task, G, nband);
-      const int64_t b = at.b, g = at.g, r0 = at.c * band, r1 = std::min(H, r0 + band);
-      const int64_t i0 = olo[at.c], i1 = std::max(ohi[at.c], i0);
+    for (const Task task : tasks) {
+      const int64_t b = task.batch, g = task.group, r0 = task.chunk * band, r1 = std::min(H, r0 + band);
+      const int64_t i0 = olo[task.chunk], i1 = std::max(ohi[task.chunk], i0);
       std::fill(gs.begin(), gs.begin() + (r1 - r0) * pitch, acc_t(0));
       to_last(gys.data(), pix.data(), gyd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
@@ -233,7 +230,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   const int64_t ca = plan.affine_input_begin, cb = plan.affine_input_end;
   const bool pad_ok = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = VecOf<acc_t>::N;
+  constexpr int L = Vec<acc_t>::N;
   const int64_t B = y.size(0), C = y.size(1), Ho = y.size(2), Wo = y.size(3);
   const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
   const int64_t Kh = plan.Kh, Kw = plan.Kw;
@@ -349,9 +346,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   ThreadScratch scratch(
       bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 * s : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
 
-  at::parallel_for(0, B * G * nch, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor own;
-    Carver cv{scratch.base(own)};
+  for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> ys = cv.take<acc_t>(ysize), wb = cv.take<acc_t>(wsize),
                xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 * s : 1) * Cg * obw),
                xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
@@ -361,9 +356,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     for (int64_t h = 0; h < H; ++h) most = std::max(most, rptr[h + 1] - rptr[h]);
     std::vector<int64_t> steps(6 * most);
     std::vector<char> used(most);
-    for (int64_t task = t0; task < t1; ++task) {
-      const TaskAt at(task, G, nch);
-      const int64_t b = at.b, g = at.g, h0 = at.c * ch, h1 = std::min(H, h0 + ch);
+    for (const Task task : tasks) {
+      const int64_t b = task.batch, g = task.group, h0 = task.chunk * ch, h1 = std::min(H, h0 + ch);
       const auto span = out_span(h0, h1);
       const int64_t imin = span.first, nri = span.second;
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
@@ -394,9 +388,9 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       }
       // the next task's y and w rows, fetched a slice per input row below
       Prefetch pfy;
-      if (task + 1 < t1) {
-        const TaskAt nt(task + 1, G, nch);
-        const int64_t nb = nt.b, ng = nt.g, nh0 = nt.c * ch, nh1 = std::min(H, nh0 + ch);
+      if (task.has_next()) {
+        const Task nt = task.next();
+        const int64_t nb = nt.batch, ng = nt.group, nh0 = nt.chunk * ch, nh1 = std::min(H, nh0 + ch);
         const auto next = out_span(nh0, nh1);
         pfy = Prefetch(yd + ((nb * C + ng * Cg) * Ho + next.first) * Wo, Cg, Ho * Wo, next.second * Wo);
         tap_rows(nh0, nh1, nrows);

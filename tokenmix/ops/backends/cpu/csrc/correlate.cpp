@@ -21,7 +21,7 @@ namespace {
 template <typename acc_t, int TV>
 __attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
                        const int64_t* phoff, int64_t j0, acc_t* rb, int64_t rstep) {
-  using V = typename VecOf<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   V acc[TV];
   for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
   for (int64_t c = 0; c < Cg; ++c) {
@@ -39,7 +39,7 @@ template <typename acc_t, int TV>
 __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t q2,
                                            int64_t Cg, const int64_t* phoff, int64_t j0, acc_t* r0, acc_t* r1,
                                            int64_t rstep) {
-  using V = typename VecOf<acc_t>::type;
+  using V = typename Vec<acc_t>::type;
   V a0[TV], a1[TV];
   for (int tv = 0; tv < TV; ++tv) a0[tv] = a1[tv] = V{};
   for (int64_t c = 0; c < Cg; ++c) {
@@ -68,8 +68,8 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
                                           int64_t col0 = 0, int64_t W = 0, const scalar_t* kbeg = nullptr,
                                           const scalar_t* kend = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
-  using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::N;
   constexpr bool same = std::is_same<scalar_t, acc_t>::value;
   V acc[NT];
   int64_t lo[NT], hi[NT];
@@ -136,7 +136,7 @@ void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd
                     const int64_t* rows, int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s,
                     int64_t fa, int64_t fb) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = VecOf<acc_t>::N;
+  constexpr int L = Vec<acc_t>::N;
   const int64_t KK = Kh * Kw;
   int64_t ja = std::max<int64_t>(fa, 0), jb = std::min(fb, Wo);
   for (int64_t v = 0; v < Kw; ++v) {  // in the image: 0 <= j * s + coff[v] < W
@@ -278,8 +278,8 @@ template <typename acc_t>
 __attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow, const int64_t* tcol, int64_t KKp,
                                            int64_t ta, int64_t tb, int64_t Wo, const acc_t* q, int64_t NV,
                                            acc_t* out) {
-  using V = typename VecOf<acc_t>::type;
-  constexpr int L = VecOf<acc_t>::N;
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::N;
   for (int64_t j = 0; j < Wo; ++j) {
     const acc_t* qj = q + j * NV * L;
     const int64_t* tc = tcol + j * KKp;
@@ -309,7 +309,7 @@ __attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow,
 template <typename scalar_t>
 at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = VecOf<acc_t>::N;
+  constexpr int L = Vec<acc_t>::N;
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
   const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
   const int64_t KK = Kh * Kw, KKp = round_up(KK + 7, 8);  // a block starting at any tap < K*K fits
@@ -336,15 +336,12 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& pl
   const int64_t lent = lent_planes(B * G, plane * sizeof(scalar_t), need);
   ThreadScratch scratch(per_thread(ch, nrr_max), reinterpret_cast<char*>(od + (B * G - lent) * plane),
                         lent * plane * sizeof(scalar_t));
-  at::parallel_for(0, (B * G - lent) * nch, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor own;
-    Carver cv{scratch.base(own)};
+  for_each_task((B * G - lent) * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> xs = cv.take<acc_t>((nrr_max + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
                rb = cv.take<acc_t>(ch * Wo * KKp);
     std::vector<int64_t> trow(KKp, zero_row);
-    for (int64_t task = t0; task < t1; ++task) {
-      const TaskAt at(task, G, nch);
-      const int64_t b = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+    for (const Task task : tasks) {
+      const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
       to_last(xs.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, nrr * W);
@@ -373,7 +370,7 @@ template <typename scalar_t>
 at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G, bool sum_batch,
                           bool sum_space) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int L = VecOf<acc_t>::N;
+  constexpr int L = Vec<acc_t>::N;
   const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
   const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
   const int64_t KK = Kh * Kw;
@@ -438,16 +435,13 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
   ThreadScratch scratch(per_thread(ch), reinterpret_cast<char*>(od + (nb * G - lent) * plane),
                         lent * plane * sizeof(scalar_t));
 
-  at::parallel_for(0, ntask - lent * nch, 1, [&](int64_t t0, int64_t t1) {
-    at::Tensor own;
-    Carver cv{scratch.base(own)};
+  for_each_task(ntask - lent * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw),
                rb = cv.take<acc_t>(KK * rtp * (packed ? 1 : 2)), accb = cv.take<acc_t>(nacc);
     std::vector<int64_t> rru(2 * Kh), steps(6 * Kh), order(2 * Kh);
     std::vector<char> used(Kh);
-    for (int64_t task = t0; task < t1; ++task) {
-      const TaskAt at(task, G, nch);
-      const int64_t bb = at.b, g = at.g, i0 = at.c * ch, i1 = std::min(Ho, i0 + ch);
+    for (const Task task : tasks) {
+      const int64_t bb = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, nrr = span.second;
       std::fill(accb.begin(), accb.end(), acc_t(0));
@@ -463,10 +457,10 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
           int64_t nb = -1, ng = g, ni0 = i0, ni1 = i1;
           if (b + 1 < b1) {
             nb = b + 1;
-          } else if (task + 1 < t1) {
-            const TaskAt nt(task + 1, G, nch);
-            nb = sum_batch ? 0 : nt.b, ng = nt.g;
-            ni0 = nt.c * ch, ni1 = std::min(Ho, ni0 + ch);
+          } else if (task.has_next()) {
+            const Task nt = task.next();
+            nb = sum_batch ? 0 : nt.batch, ng = nt.group;
+            ni0 = nt.chunk * ch, ni1 = std::min(Ho, ni0 + ch);
           }
           if (nb >= 0) {
             const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
@@ -566,7 +560,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
             }
             // per-pixel results stay in the packed buffer until the task's rows are done (below)
             if (sum_space) {
-              double* pt = part + ((at.b * G + g) * Ho + i + k) * KK;
+              double* pt = part + ((task.batch * G + g) * Ho + i + k) * KK;
               for (int64_t t = 0; t < KK; ++t) {
                 double sacc = 0;
                 const acc_t* r = rk + t * rstep;

@@ -129,11 +129,45 @@ inline int64_t lent_planes(int64_t planes, int64_t plane_bytes, int64_t need) {
 // the tail's size must not depend on the thread count (more threads allocate as usual).
 constexpr int64_t kLendThreads = 4;
 
-// Task t of the (batch, group, row chunk) grid with nch chunks per (batch, group).
-struct TaskAt {
-  int64_t b, g, c;
-  TaskAt(int64_t t, int64_t G, int64_t nch) : b(t / (G * nch)), g((t / nch) % G), c(t % nch) {}
+// A task of the (batch, group, chunk of rows) grid: task t has batch t / (G * chunks), group
+// (t / chunks) % G and chunk t % chunks. has_next / next: the task its thread runs after it
+// (what to prefetch).
+struct Task {
+  int64_t batch, group, chunk;
+  int64_t index, end, groups, chunks;
+  Task(int64_t t, int64_t end_, int64_t G, int64_t nchunks)
+      : batch(t / (G * nchunks)), group((t / nchunks) % G), chunk(t % nchunks), index(t), end(end_), groups(G),
+        chunks(nchunks) {}
+  bool has_next() const { return index + 1 < end; }
+  Task next() const { return Task(index + 1, end, groups, chunks); }
 };
+
+// The tasks [begin, end) that one thread runs, in order.
+struct TaskRange {
+  int64_t begin_, end_, groups, chunks;
+  struct iterator {
+    const TaskRange* range;
+    int64_t t;
+    Task operator*() const { return Task(t, range->end_, range->groups, range->chunks); }
+    iterator& operator++() { return ++t, *this; }
+    bool operator!=(const iterator& o) const { return t != o.t; }
+  };
+  iterator begin() const { return {this, begin_}; }
+  iterator end() const { return {this, end_}; }
+};
+
+// The one task loop of the kernels: the ntasks tasks of a grid of G groups x `chunks` chunks
+// (batches outermost) split over the threads by at::parallel_for; each thread calls
+// run(carver, tasks) once, with its slice of scratch (zeroed) to carve its buffers from and its
+// consecutive tasks to iterate.
+template <typename Run>
+void for_each_task(int64_t ntasks, int64_t G, int64_t chunks, const ThreadScratch& scratch, Run&& run) {
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor own;
+    Carver carver{scratch.base(own)};
+    run(carver, TaskRange{t0, t1, G, chunks});
+  });
+}
 
 // Software prefetch of a region a later task reads: `n` planes, `stride` elements apart, of
 // `len` contiguous elements each, issued in slices (slice(k, parts)) spread over the current

@@ -22,25 +22,55 @@
 
 namespace tokenmix_cpu {
 
-template <typename T> struct VecOf;
-template <> struct VecOf<float> {
-  typedef float type __attribute__((vector_size(32)));
-  static constexpr int N = 8;
-};
-template <> struct VecOf<double> {
-  typedef double type __attribute__((vector_size(32)));
-  static constexpr int N = 4;
+// A vector of Bytes bytes of T (a GCC/Clang vector extension): 32 bytes (8 floats, 4 doubles)
+// in every kernel, 64 (AVX-512) for a pixel's channels in the affine channels-last kernels
+// (AffineVec).
+template <typename T, int Bytes = 32>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int N = Bytes / int(sizeof(T));
+
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+  // Every lane = a (one broadcast instruction; a lane-by-lane fill compiles to insert chains).
+  static type splat(T a) {
+#if defined(__AVX512F__)
+    if constexpr (Bytes == 64) {
+      if constexpr (std::is_same<T, float>::value)
+        return (type)_mm512_set1_ps(a);
+      else
+        return (type)_mm512_set1_pd(a);
+    }
+#endif
+#if defined(__AVX2__)
+    if constexpr (Bytes == 32) {
+      if constexpr (std::is_same<T, float>::value)
+        return (type)_mm256_set1_ps(a);
+      else
+        return (type)_mm256_set1_pd(a);
+    }
+#endif
+    type v;
+    for (int k = 0; k < N; ++k) v[k] = a;
+    return v;
+  }
 };
 
 template <typename T>
-inline typename VecOf<T>::type loadu(const T* p) {
-  typename VecOf<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+inline typename Vec<T>::type loadu(const T* p) {
+  return Vec<T>::load(p);
 }
 template <typename T>
-inline void storeu(T* p, typename VecOf<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
+inline void storeu(T* p, typename Vec<T>::type v) {
+  Vec<T>::store(p, v);
+}
+template <typename T>
+inline typename Vec<T>::type splat(T a) {
+  return Vec<T>::splat(a);
 }
 
 // a * b + c rounded once, lane by lane: an explicit fused multiply-add where a sum's rounding
@@ -49,29 +79,13 @@ inline void storeu(T* p, typename VecOf<T>::type v) {
 template <typename V>
 inline V fmadd(V a, V b, V c) {
 #if defined(__FMA__)
-  if constexpr (std::is_same<V, VecOf<float>::type>::value)
+  if constexpr (std::is_same<V, Vec<float>::type>::value)
     return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
   else
     return (V)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
 #else
   for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(a[0])); ++l) c[l] = std::fma(a[l], b[l], c[l]);
   return c;
-#endif
-}
-
-// Every lane = a (one broadcast instruction; a lane-by-lane fill compiles to insert chains).
-template <typename T>
-inline typename VecOf<T>::type splat(T a) {
-  using V = typename VecOf<T>::type;
-#if defined(__AVX2__)
-  if constexpr (std::is_same<T, float>::value)
-    return (V)_mm256_set1_ps(a);
-  else
-    return (V)_mm256_set1_pd(a);
-#else
-  V v;
-  for (int k = 0; k < VecOf<T>::N; ++k) v[k] = a;
-  return v;
 #endif
 }
 
@@ -107,8 +121,8 @@ inline __m256d even4(__m256d x, __m256d y) { return _mm256_permute4x64_pd(_mm256
 // (inside the tensor). A plain load with the other lanes cleared: AVX2's masked loads measured
 // far slower on AMD Zen 3 (they took most of a narrow-row copy's time).
 template <typename T>
-inline typename VecOf<T>::type keep_lanes(const T* p, int64_t lo, int64_t hi) {
-  using V = typename VecOf<T>::type;
+inline typename Vec<T>::type keep_lanes(const T* p, int64_t lo, int64_t hi) {
+  using V = typename Vec<T>::type;
 #if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value)
     return (V)_mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(lane_range<T>(lo, hi)));
@@ -116,7 +130,7 @@ inline typename VecOf<T>::type keep_lanes(const T* p, int64_t lo, int64_t hi) {
     return (V)_mm256_and_pd(_mm256_loadu_pd(p), _mm256_castsi256_pd(lane_range<T>(lo, hi)));
 #else
   V v{};
-  for (int64_t k = std::max<int64_t>(lo, 0); k < std::min<int64_t>(hi, VecOf<T>::N); ++k) v[k] = p[k];
+  for (int64_t k = std::max<int64_t>(lo, 0); k < std::min<int64_t>(hi, Vec<T>::N); ++k) v[k] = p[k];
   return v;
 #endif
 }
@@ -275,15 +289,15 @@ inline void lane_sums8(V (&a)[8], acc_t* out) {
 #endif
   for (int m = 0; m < 8; ++m) {
     acc_t t = 0;
-    for (int l = 0; l < VecOf<acc_t>::N; ++l) t += a[m][l];
+    for (int l = 0; l < Vec<acc_t>::N; ++l) t += a[m][l];
     out[m] = t;
   }
 }
 
 // v[l] = p[2 * l], l < L, from the 2L elements at p (the last one unused).
 template <typename T>
-inline typename VecOf<T>::type even_lanes(const T* p) {
-  using V = typename VecOf<T>::type;
+inline typename Vec<T>::type even_lanes(const T* p) {
+  using V = typename Vec<T>::type;
 #if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value)
     return (V)phase8<0>(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8));
@@ -291,7 +305,7 @@ inline typename VecOf<T>::type even_lanes(const T* p) {
     return (V)even4(_mm256_loadu_pd(p), _mm256_loadu_pd(p + 4));
 #else
   V v;
-  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = p[2 * l];
+  for (int l = 0; l < Vec<T>::N; ++l) v[l] = p[2 * l];
   return v;
 #endif
 }
@@ -299,10 +313,10 @@ inline typename VecOf<T>::type even_lanes(const T* p) {
 // v[l] = p[l * s] for the lanes lo <= l < hi, 0 for the others, reading nothing else (the
 // other lanes' addresses may lie outside the tensor): masked loads / gathers.
 template <typename T>
-inline typename VecOf<T>::type masked_step(const T* p, int64_t s, int64_t lo, int64_t hi) {
-  using V = typename VecOf<T>::type;
+inline typename Vec<T>::type masked_step(const T* p, int64_t s, int64_t lo, int64_t hi) {
+  using V = typename Vec<T>::type;
 #if defined(__AVX2__)
-  constexpr int L = VecOf<T>::N;
+  constexpr int L = Vec<T>::N;
   const __m256i m = lane_range<T>(lo, hi);
   // stride 2: the elements 2 lo .. 2 (hi - 1) of both halves, then the even ones
   const __m256i m0 = lane_range<T>(2 * lo, 2 * hi - 1), m1 = lane_range<T>(2 * lo, 2 * hi - 1, L);
@@ -320,7 +334,7 @@ inline typename VecOf<T>::type masked_step(const T* p, int64_t s, int64_t lo, in
   }
 #else
   V v{};
-  for (int64_t l = std::max<int64_t>(lo, 0); l < std::min<int64_t>(hi, VecOf<T>::N); ++l) v[l] = p[l * s];
+  for (int64_t l = std::max<int64_t>(lo, 0); l < std::min<int64_t>(hi, Vec<T>::N); ++l) v[l] = p[l * s];
   return v;
 #endif
 }
@@ -351,7 +365,7 @@ inline __m256 half_to_float(__m256i low16) {
 // v[l] = p[S * l], l < L, in the accumulation type (the 16-bit types converted), S = 1 or 2
 // (stride 2 reads the 2L elements at p, the last one unused).
 template <int S, typename scalar_t>
-inline typename VecOf<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* p) {
+inline typename Vec<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* p) {
   static_assert(S == 1 || S == 2, "load_acc: stride 1 or 2");
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
@@ -361,14 +375,14 @@ inline typename VecOf<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* 
 #if defined(__AVX2__)
     if constexpr (S == 1) {
       const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-      return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_cvtepu16_epi32(h));
+      return (typename Vec<acc_t>::type)half_to_float<scalar_t>(_mm256_cvtepu16_epi32(h));
     } else {  // 16 values = 8 32-bit lanes, each holding elements 2l (low half) and 2l + 1
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      return (typename VecOf<acc_t>::type)half_to_float<scalar_t>(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
+      return (typename Vec<acc_t>::type)half_to_float<scalar_t>(_mm256_and_si256(x, _mm256_set1_epi32(0xFFFF)));
     }
 #else
-    typename VecOf<acc_t>::type v;
-    for (int l = 0; l < VecOf<acc_t>::N; ++l) v[l] = static_cast<acc_t>(p[S * l]);
+    typename Vec<acc_t>::type v;
+    for (int l = 0; l < Vec<acc_t>::N; ++l) v[l] = static_cast<acc_t>(p[S * l]);
     return v;
 #endif
   }
@@ -376,37 +390,21 @@ inline typename VecOf<at::opmath_type<scalar_t>>::type load_acc(const scalar_t* 
 
 // The vectors of the affine channels-last kernels: a pixel's CG channels in NB vectors of 64
 // bytes where AVX-512 is compiled in and they fill them (one per pixel at 16 floats: half the
-// loads and multiply-adds of two 32-byte vectors; A/B on an AVX-512 AMD EPYC, one thread:
-// aggregate and transpose -19% as geomeans over the RedNet stages),
-// else of VecOf's 32 bytes; NP pixels per block, so that NP * NB = 8 accumulators hide the
-// multiply-add latency.
+// loads and multiply-adds of two 32-byte vectors), else of 32 bytes; NP pixels per block, so
+// that NP * NB = 8 accumulators hide the multiply-add latency.
 template <typename T, int CG>
-struct AffineVec {
+constexpr int pixel_vector_bytes() {
 #if defined(__AVX512F__)
-  static constexpr int bytes = (CG * int(sizeof(T))) % 64 == 0 ? 64 : 32;
+  return (CG * int(sizeof(T))) % 64 == 0 ? 64 : 32;
 #else
-  static constexpr int bytes = 32;
+  return 32;
 #endif
-  typedef T type __attribute__((vector_size(bytes)));
-  static constexpr int L = bytes / int(sizeof(T)), NB = CG / L, NP = 8 / NB;
+}
+
+template <typename T, int CG>
+struct AffineVec : Vec<T, pixel_vector_bytes<T, CG>()> {
+  static constexpr int L = Vec<T, pixel_vector_bytes<T, CG>()>::N, NB = CG / L, NP = 8 / NB;
   static_assert(CG % L == 0 && NB <= 8, "a pixel's channels must fill whole vectors");
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
-  static type splat(T a) {
-#if defined(__AVX512F__)
-    if constexpr (bytes == 64) {
-      if constexpr (std::is_same<T, float>::value)
-        return (type)_mm512_set1_ps(a);
-      else
-        return (type)_mm512_set1_pd(a);
-    } else
-#endif
-      return tokenmix_cpu::splat<T>(a);  // 32 bytes: VecOf's vector
-  }
 };
 
 }  // namespace tokenmix_cpu
