@@ -19,53 +19,53 @@
 namespace tokenmix_cpu {
 namespace {
 
-// One vector of output columns [j0, j0 + L) for CB channels over all taps. wpf / opf > 0:
+// One vector of output columns [j0, j0 + L) for CB channels over all taps. weight_prefetch / out_prefetch > 0:
 // also prefetch the weights / outputs that many elements ahead (the next row, when they are
 // read / written in place).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts, int64_t wbw,
-                      const int64_t* rru, int64_t Kh, int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob,
-                      int64_t wpf, int64_t opf) {
+__attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch, int64_t block_width,
+                      const int64_t* scratch_row_of_tap, int64_t Kh, int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* ob,
+                      int64_t weight_prefetch, int64_t out_prefetch) {
   using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t u = 0; u < Kh; ++u) {
-    if (rru[u] < 0) continue;
-    const acc_t* xr = xs + rru[u] * rowstride + j0;
-    const acc_t* wr = wb + u * Kw * wts + j0;
+    if (scratch_row_of_tap[u] < 0) continue;
+    const acc_t* xr = xs + scratch_row_of_tap[u] * rowstride + j0;
+    const acc_t* wr = wb + u * Kw * tap_pitch + j0;
     for (int64_t v = 0; v < Kw; ++v) {
-      const V wv = loadu(wr + v * wts);
-      if (wpf) __builtin_prefetch(wr + v * wts + wpf, 0, 3);
-      const acc_t* xp = xr + phoff[v];
+      const V wv = loadu(wr + v * tap_pitch);
+      if (weight_prefetch) __builtin_prefetch(wr + v * tap_pitch + weight_prefetch, 0, 3);
+      const acc_t* xp = xr + tap_offset[v];
       for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(xp + c * cstride);
     }
   }
-  if (opf)
-    for (int c = 0; c < CB; ++c) __builtin_prefetch(ob + c * wbw + j0 + opf, 1, 3);
-  for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, acc[c]);
+  if (out_prefetch)
+    for (int c = 0; c < CB; ++c) __builtin_prefetch(ob + c * block_width + j0 + out_prefetch, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(ob + c * block_width + j0, acc[c]);
 }
 
 // Two output rows at once (their weights wrow apart, outputs orow2 apart), over the steps of
 // row_steps (key: scratch input row): where both rows read a scratch row, each input vector is loaded once for two
 // FMAs (12 accumulators, 2 weight vectors, 1 input vector in registers for CB = 6).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t wts,
-                                          int64_t wrow, int64_t wbw, int64_t orow2, const int64_t* steps, int64_t nsteps,
-                                          int64_t Kw, const int64_t* phoff, int64_t j0, acc_t* ob, int64_t wpf,
-                                          int64_t opf) {
+__attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch,
+                                          int64_t wrow, int64_t block_width, int64_t orow2, const int64_t* steps, int64_t nsteps,
+                                          int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* ob, int64_t weight_prefetch,
+                                          int64_t out_prefetch) {
   using V = typename Vec<acc_t>::type;
   V a0[CB], a1[CB];
   for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
   for (int64_t k = 0; k < nsteps; ++k) {
     const int64_t u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
     const acc_t* xr = xs + steps[3 * k] * rowstride + j0;
-    const acc_t* w0r = wb + std::max<int64_t>(u0, 0) * Kw * wts + j0;  // read only if u0 >= 0
-    const acc_t* w1r = wb + wrow + std::max<int64_t>(u1, 0) * Kw * wts + j0;
+    const acc_t* w0r = wb + std::max<int64_t>(u0, 0) * Kw * tap_pitch + j0;  // read only if u0 >= 0
+    const acc_t* w1r = wb + wrow + std::max<int64_t>(u1, 0) * Kw * tap_pitch + j0;
     if (u0 >= 0 && u1 >= 0) {
       for (int64_t v = 0; v < Kw; ++v) {
-        const V w0 = loadu(w0r + v * wts), w1 = loadu(w1r + v * wts);
-        if (wpf) __builtin_prefetch(w0r + v * wts + wpf, 0, 3), __builtin_prefetch(w1r + v * wts + wpf, 0, 3);
-        const acc_t* xp = xr + phoff[v];
+        const V w0 = loadu(w0r + v * tap_pitch), w1 = loadu(w1r + v * tap_pitch);
+        if (weight_prefetch) __builtin_prefetch(w0r + v * tap_pitch + weight_prefetch, 0, 3), __builtin_prefetch(w1r + v * tap_pitch + weight_prefetch, 0, 3);
+        const acc_t* xp = xr + tap_offset[v];
         for (int c = 0; c < CB; ++c) {
           const V xv = in_register(loadu(xp + c * cstride));
           a0[c] += w0 * xv;
@@ -75,9 +75,9 @@ __attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int6
     } else {  // a row read by one of the two only
       auto one = [&](V(&a)[CB], const acc_t* wr) {
         for (int64_t v = 0; v < Kw; ++v) {
-          const V wv = loadu(wr + v * wts);
-          if (wpf) __builtin_prefetch(wr + v * wts + wpf, 0, 3);
-          const acc_t* xp = xr + phoff[v];
+          const V wv = loadu(wr + v * tap_pitch);
+          if (weight_prefetch) __builtin_prefetch(wr + v * tap_pitch + weight_prefetch, 0, 3);
+          const acc_t* xp = xr + tap_offset[v];
           for (int c = 0; c < CB; ++c) a[c] += wv * loadu(xp + c * cstride);
         }
       };
@@ -87,13 +87,13 @@ __attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int6
         one(a1, w1r);
     }
   }
-  if (opf)
+  if (out_prefetch)
     for (int c = 0; c < CB; ++c)
-      __builtin_prefetch(ob + c * wbw + j0 + opf, 1, 3), __builtin_prefetch(ob + orow2 + c * wbw + j0 + opf, 1, 3);
-  for (int c = 0; c < CB; ++c) storeu(ob + c * wbw + j0, a0[c]), storeu(ob + orow2 + c * wbw + j0, a1[c]);
+      __builtin_prefetch(ob + c * block_width + j0 + out_prefetch, 1, 3), __builtin_prefetch(ob + orow2 + c * block_width + j0 + out_prefetch, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(ob + c * block_width + j0, a0[c]), storeu(ob + orow2 + c * block_width + j0, a1[c]);
 }
 
-// Weights at the source pixel (aggregate's wsrc mode): the weight of output (i, j) and tap
+// Weights at the source pixel (aggregate's source_weights mode): the weight of output (i, j) and tap
 // (u, v) is the one stored at the pixel that tap reads, w[u * Kw + v][rows[u][i]][cols[v][j]],
 // and 0 where that pixel is outside the image. This is the stride-1 zero-border
 // aggregate_transpose written as an aggregate of y (see aggregate_transpose_impl). Its columns
@@ -235,9 +235,9 @@ __attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool wsrc) {
+at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool source_weights) {
   const int64_t s = plan.col_stride;
-  const bool pad_ok = plan.zero_border;
+  const bool zero_border = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -246,35 +246,35 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& pl
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
   const int64_t* rows = plan.rows.data();
   const int64_t* cols = plan.cols.data();
-  const int64_t* coff = plan.col_offset.data();
+  const int64_t* col_offset = plan.col_offset.data();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
-  const LastRows lr = LastRows::for_taps(W, Cg, coff, s, Kw, Wo, pad_ok);
+  const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch);
+  const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, zero_border);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff, s), xoff = lr.elements(nrr_max),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, col_offset, s), xoff = lr.elements(max_rows_read),
                              pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
-  const bool affine = affine_cl<scalar_t>(Cg, wsrc || wpix == 1, Kw, s, coff, pad_ok);
-  // wsrc: the task's weights, copied from the source pixels as (K*K, ch, Wo)
-  const SourceWeights sw = wsrc ? SourceWeights(plan) : SourceWeights();
-  const int64_t wpitch = round_up(Wo, L), wts = ch * wpitch;
-  ThreadScratch scratch(bytes_of({nrr_max * pitch, ch * Wo * Cg, wsrc ? KK * wts : 0}, sizeof(acc_t)));
+  const bool affine = affine_cl<scalar_t>(Cg, source_weights || wpix == 1, Kw, s, col_offset, zero_border);
+  // source_weights: the task's weights, copied from the source pixels as (K*K, ch, Wo)
+  const SourceWeights sw = source_weights ? SourceWeights(plan) : SourceWeights();
+  const int64_t wpitch = round_up(Wo, L), tap_pitch = ch * wpitch;
+  ThreadScratch scratch(bytes_of({max_rows_read * pitch, ch * Wo * Cg, source_weights ? KK * tap_pitch : 0}, sizeof(acc_t)));
   for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
-    Buf<acc_t> xs = cv.take<acc_t>(nrr_max * pitch), ob = cv.take<acc_t>(ch * Wo * Cg),
-               ws = cv.take<acc_t>(wsrc ? KK * wts : 0);
+    Buf<acc_t> xs = cv.take<acc_t>(max_rows_read * pitch), ob = cv.take<acc_t>(ch * Wo * Cg),
+               ws = cv.take<acc_t>(source_weights ? KK * tap_pitch : 0);
     std::vector<int64_t> rr(Kh);
     for (const Task task : tasks) {
       const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
-      const int64_t rmin = span.first, nrr = span.second;
+      const int64_t rmin = span.first, rows_read = span.second;
       const scalar_t* xg = xd + ((b * C + g * Cg) * H + rmin) * W;
-      to_last(xs.data(), xoff.data(), xg, H * W, Cg, nrr * W);
+      to_last(xs.data(), xoff.data(), xg, H * W, Cg, rows_read * W);
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
-      if (wsrc) sw.copy(ws.data(), wts, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
+      if (source_weights) sw.copy(ws.data(), tap_pitch, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t u = 0; u < Kh; ++u) {
           const int64_t r = rows[u * Ho + i];
@@ -287,9 +287,9 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& pl
               constexpr int CG = decltype(cg)::value, KA = decltype(kc)::value, SA = decltype(sc)::value;
               affine_blocks<AffineVec<acc_t, CG>::NP>(Wo, [&](auto np, int64_t j) {
                 constexpr int NP = decltype(np)::value;
-                if (wsrc)
+                if (source_weights)
                   agg_pixels_cl_affine<acc_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
-                                                                     ws.data() + (i - i0) * wpitch + j, wts,
+                                                                     ws.data() + (i - i0) * wpitch + j, tap_pitch,
                                                                      orow + j * CG);
                 else
                   agg_pixels_cl_affine<scalar_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
@@ -302,9 +302,9 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& pl
         pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
           constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
           acc_t* o = orow + j * Cg + k * L;
-          if (wsrc)
+          if (source_weights)
             agg_pixels_cl<acc_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
-                                                ws.data() + (i - i0) * wpitch + j, wts, 1, o, Cg);
+                                                ws.data() + (i - i0) * wpitch + j, tap_pitch, 1, o, Cg);
           else
             agg_pixels_cl<scalar_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
                                                    wg + (i * Wo + j) * wpix, wHW, wpix, o, Cg);
@@ -317,9 +317,9 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& pl
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool wsrc = false) {
+at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool source_weights = false) {
   const int64_t s = plan.col_stride;
-  const bool pad_ok = plan.zero_border;
+  const bool zero_border = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -332,53 +332,53 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
   // kernels measured faster on rows of two or more vectors), and on rows under four vectors
   // whenever the affine kernel covers the plane (against the column kernels, one thread:
   // 128@28x28 stride 1 -15%, 256@14x14 -10%; 64@56x56 +13%, so wider rows keep them)
-  const bool affine = !wsrc && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), pad_ok);
-  if ((Wo < L || (!wsrc && s > 1 && Wo < 4 * L) || (affine && Wo < 4 * L)) && Cg % L == 0)
-    return aggregate_cl<scalar_t>(x, w, plan, wsrc);
-  // direct: weights are read and outputs written in place (no scratch copies) when they are
+  const bool affine = !source_weights && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), zero_border);
+  if ((Wo < L || (!source_weights && s > 1 && Wo < 4 * L) || (affine && Wo < 4 * L)) && Cg % L == 0)
+    return aggregate_cl<scalar_t>(x, w, plan, source_weights);
+  // weights_in_place: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
   // prefetched a row ahead this measured faster than copying (256@14x14: 2.86x -> 2.21x the
   // ceiling). Narrower rows are packed (below).
-  const bool direct = !wsrc && std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
-  const bool odirect = direct || (wsrc && std::is_same<scalar_t, acc_t>::value && Wo >= L);
-  ColPlan p = make_colplan(plan, block, odirect);
+  const bool weights_in_place = !source_weights && std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
+  const bool output_in_place = weights_in_place || (source_weights && std::is_same<scalar_t, acc_t>::value && Wo >= L);
+  ColPlan p = make_colplan(plan, block, output_in_place);
   const int64_t* rows = plan.rows.data();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
-  // wsrc: rows per task such that the task's weight copy stays within about 96 KiB (the
+  // source_weights: rows per task such that the task's weight copy stays within about 96 KiB (the
   // transpose's peak memory is output-sized plus this per-thread scratch)
-  const int64_t most = wsrc ? std::min<int64_t>(16, std::max<int64_t>(2, (96 << 10) / (KK * p.wbw * sizeof(acc_t)))) : 16;
+  const int64_t most = source_weights ? std::min<int64_t>(16, std::max<int64_t>(2, (96 << 10) / (KK * p.block_width * sizeof(acc_t)))) : 16;
   const int64_t ch = chunk_rows(B * G, Ho, most), nch = ceil_div(Ho, ch);
-  const int64_t wbw = p.wbw, rowstride = s * p.pw;
-  const SourceWeights sw = wsrc ? SourceWeights(plan) : SourceWeights();
+  const int64_t block_width = p.block_width, rowstride = s * p.phase_width;
+  const SourceWeights sw = source_weights ? SourceWeights(plan) : SourceWeights();
 
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
-  p.plan_fill(nrr_max);
-  // copied weights of a task: (K*K, ch, wbw), so each tap plane streams ch rows
+  const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch), cstride = max_rows_read * rowstride;
+  p.plan_fill(max_rows_read);
+  // copied weights of a task: (K*K, ch, block_width), so each tap plane streams ch rows
   // (+ one cache line, so the K*K tap rows do not all map to the same L1 sets). Rows under
   // a vector are packed (pitch Wo): a tap's rows are then one contiguous copy, and the lanes
   // past Wo that a block reads (the next rows, or the slack) only reach output columns that
   // are dropped.
-  const bool packed = !wsrc && !direct && wHW > 1 && Wo < L;
-  const int64_t wpitch = packed ? Wo : wbw;
-  const int64_t wts = ch * wpitch + 64 / static_cast<int64_t>(sizeof(acc_t));
-  ThreadScratch scratch(bytes_of({Cg * nrr_max * rowstride, direct ? 0 : KK * wts, odirect ? 0 : 2 * Cg * wbw},
+  const bool packed = !source_weights && !weights_in_place && wHW > 1 && Wo < L;
+  const int64_t wpitch = packed ? Wo : block_width;
+  const int64_t tap_pitch = ch * wpitch + 64 / static_cast<int64_t>(sizeof(acc_t));
+  ThreadScratch scratch(bytes_of({Cg * max_rows_read * rowstride, weights_in_place ? 0 : KK * tap_pitch, output_in_place ? 0 : 2 * Cg * block_width},
                                  sizeof(acc_t)));
 
   for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
-    Buf<acc_t> xs = cv.take<acc_t>(Cg * nrr_max * rowstride), wbig = cv.take<acc_t>(direct ? 0 : KK * wts),
-               ob = cv.take<acc_t>(odirect ? 0 : 2 * Cg * wbw);
-    std::vector<int64_t> rru(2 * Kh), steps(6 * Kh);
+    Buf<acc_t> xs = cv.take<acc_t>(Cg * max_rows_read * rowstride), wbig = cv.take<acc_t>(weights_in_place ? 0 : KK * tap_pitch),
+               ob = cv.take<acc_t>(output_in_place ? 0 : 2 * Cg * block_width);
+    std::vector<int64_t> scratch_row_of_tap(2 * Kh), steps(6 * Kh);
     std::vector<char> used(Kh);
     for (const Task task : tasks) {
       const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
-      const int64_t rmin = span.first, nrr = span.second;
-      if (nrr > 0) {
-        fill_rows<scalar_t, acc_t>(xs.data(), cstride, xd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+      const int64_t rmin = span.first, rows_read = span.second;
+      if (rows_read > 0) {
+        fill_rows<scalar_t, acc_t>(xs.data(), cstride, xd + (b * C + g * Cg) * H * W, Cg, H, rmin, rows_read, p);
       }
       // the next task's input rows and (when copied) weights, fetched a slice per row below
       Prefetch pfx, pfw;
@@ -387,9 +387,9 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
         const int64_t nb = nt.batch, ng = nt.group, ni0 = nt.chunk * ch, ni1 = std::min(Ho, ni0 + ch);
         const auto nspan = row_span(rows, Kh, Ho, ni0, ni1);
         pfx = Prefetch(xd + ((nb * C + ng * Cg) * H + nspan.first) * W, Cg, H * W, nspan.second * W);
-        if (wsrc && wHW > 1)
+        if (source_weights && wHW > 1)
           pfw = Prefetch(wd + ((wB == 1 ? 0 : nb) * G + ng) * KK * wHW + nspan.first * wW, KK, wHW, nspan.second * wW);
-        else if (!direct && wHW > 1)
+        else if (!weights_in_place && wHW > 1)
           pfw = Prefetch(wd + ((wB == 1 ? 0 : nb) * G + ng) * KK * wHW + ni0 * Wo, KK, wHW, (ni1 - ni0) * Wo);
       }
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
@@ -397,21 +397,21 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
       if (packed) {
         for (int64_t t = 0; t < KK; ++t) {
           const scalar_t* src = wg + t * wHW + i0 * Wo;
-          acc_t* dst = wbig.data() + t * wts;
+          acc_t* dst = wbig.data() + t * tap_pitch;
           convert(dst, src, (i1 - i0) * Wo);
         }
-      } else if (wsrc) {
-        sw.copy(wbig.data(), wts, wbw, wg, KK, wHW, wW, rows, Ho, i0, i1);
-      } else if (!direct) {
+      } else if (source_weights) {
+        sw.copy(wbig.data(), tap_pitch, block_width, wg, KK, wHW, wW, rows, Ho, i0, i1);
+      } else if (!weights_in_place) {
         for (int64_t t = 0; t < KK; ++t) {
           for (int64_t i = i0; i < i1; ++i) {
-            acc_t* dst = wbig.data() + t * wts + (i - i0) * wbw;
+            acc_t* dst = wbig.data() + t * tap_pitch + (i - i0) * block_width;
             if (wHW == 1) {
               std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
             } else {
               const scalar_t* src = wg + t * wHW + i * Wo;
               convert(dst, src, Wo);
-            }  // columns [Wo, wbw) stay zero
+            }  // columns [Wo, block_width) stay zero
           }
         }
       }
@@ -421,31 +421,31 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
           pfx.slice(i + k - i0, i1 - i0);
           pfw.slice(i + k - i0, i1 - i0);
         }
-        tap_scratch_rows(rows, Kh, Ho, i, n, rmin, rru.data());
+        tap_scratch_rows(rows, Kh, Ho, i, n, rmin, scratch_row_of_tap.data());
         // weights of row i + k: tap t at wb + k * wrow + t * wstep + j; outputs of channel c at
         // orow + k * orow2 + c * ostep + j
         const acc_t* wb;
         int64_t wstep, ostep, wrow, orow2;
         acc_t* orow;
-        if (direct) {
+        if (weights_in_place) {
           wb = reinterpret_cast<const acc_t*>(wg) + i * Wo;
           wstep = wHW;
           wrow = Wo;
         } else {
           wb = wbig.data() + (i - i0) * wpitch;
-          wstep = wts;
+          wstep = tap_pitch;
           wrow = wpitch;
         }
-        if (odirect) {
+        if (output_in_place) {
           orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
           ostep = Ho * Wo;
           orow2 = Wo;
         } else {
           orow = ob.data();
-          ostep = wbw;
-          orow2 = Cg * wbw;
+          ostep = block_width;
+          orow2 = Cg * block_width;
         }
-        if (nrr == 0) {
+        if (rows_read == 0) {
           for (int64_t k = 0; k < n; ++k)
             for (int64_t c = 0; c < Cg; ++c)
               std::fill(orow + k * orow2 + c * ostep, orow + k * orow2 + c * ostep + Wo, acc_t(0));
@@ -454,29 +454,29 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
           // KiB) and the weights of the rows stay in L1 while the blocks sweep the rows
           // in place: the first channel block prefetches the next rows' weights, every block
           // its outputs' next rows
-          const int64_t ahead = odirect && i + n < Ho ? n * Wo : 0, wahead = direct ? ahead : 0;
+          const int64_t ahead = output_in_place && i + n < Ho ? n * Wo : 0, wahead = weights_in_place ? ahead : 0;
           if (n == 2) {
-            const int64_t nsteps = row_steps({rru.data(), nullptr, Kh}, {rru.data() + Kh, nullptr, Kh}, true,
+            const int64_t nsteps = row_steps({scratch_row_of_tap.data(), nullptr, Kh}, {scratch_row_of_tap.data() + Kh, nullptr, Kh}, true,
                                              used.data(), steps.data());
-            channel_blocks2(Cg, [&](auto cb, int64_t c) {
+            channel_blocks2(Cg, [&](auto channel_block, int64_t c) {
               for_blocks(p, block, [&](int64_t j0) {
-                agg_block2<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
-                                                       orow2, steps.data(), nsteps, Kw, p.phoff.data(), j0,
+                agg_block2<acc_t, decltype(channel_block)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
+                                                       orow2, steps.data(), nsteps, Kw, p.tap_offset.data(), j0,
                                                        orow + c * ostep, c == 0 ? wahead : 0, ahead);
               });
             });
           } else {
-            channel_blocks(Cg, [&](auto cb, int64_t c) {
+            channel_blocks(Cg, [&](auto channel_block, int64_t c) {
               for_blocks(p, block, [&](int64_t j0) {
-                agg_block<acc_t, decltype(cb)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
-                                                      rru.data(), Kh, Kw, p.phoff.data(), j0, orow + c * ostep,
+                agg_block<acc_t, decltype(channel_block)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
+                                                      scratch_row_of_tap.data(), Kh, Kw, p.tap_offset.data(), j0, orow + c * ostep,
                                                       c == 0 ? wahead : 0, ahead);
               });
             });
           }
           // scalar path: columns outside the affine range (clamp-border edges)
           for (int64_t k = 0; k < n && !p.all_fast(); ++k) {
-            const int64_t* rk = rru.data() + k * Kh;
+            const int64_t* rk = scratch_row_of_tap.data() + k * Kh;
             const acc_t* wk = wb + k * wrow;
             acc_t* ok = orow + k * orow2;
             for (int64_t j = 0; j < Wo; ++j) {
@@ -497,11 +497,11 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
             }
           }
         }
-        if (!odirect) {
+        if (!output_in_place) {
           for (int64_t k = 0; k < n; ++k)
             for (int64_t c = 0; c < Cg; ++c) {
               scalar_t* dst = yg + (c * Ho + i + k) * Wo;
-              const acc_t* src = ob.data() + k * orow2 + c * wbw;
+              const acc_t* src = ob.data() + k * orow2 + c * block_width;
               convert(dst, src, Wo);
             }
         }

@@ -20,19 +20,19 @@ namespace tokenmix_cpu {
 namespace {
 
 // x[c, h, col] = sum over (u, i) with rows[u][i] = h and (v, j) with cols[v][j] = col of
-// w[t, i, j] * y[c, i, j]. Affine columns: col + padc = s*m + phase_v with j = m - e_v, so for
+// w[t, i, j] * y[c, i, j]. Affine columns: col + pad_cols = s*m + phase_v with j = m - e_v, so for
 // a fixed phase the sum over taps is unit-stride in m. Output-side scratch (y and w rows of
 // the task) is zero-padded by lp on the left so that j = m - e_v outside [0, Wo) reads 0.
 // One vector of phase-row entries [m0, m0 + L) for CB channels over the (tap, output) pairs.
 template <typename acc_t, int CB>
 __attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
-                     const int64_t* ru, const int64_t* ri, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
+                     const int64_t* reader_tap, const int64_t* reader_row, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
                      int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t obw) {
   using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t pp = p0; pp < p1; ++pp) {
-    const int64_t u = ru[pp], ii = ri[pp] - imin;
+    const int64_t u = reader_tap[pp], ii = reader_row[pp] - imin;
     for (int64_t a = 0; a < nv; ++a) {
       const int64_t v = vl[a];
       const int64_t off = ii * lpw + base[v] + m0;
@@ -154,8 +154,8 @@ __attribute__((noinline)) void tr_pixels_cl_affine(acc_t* gs, const int64_t* rr,
 template <typename scalar_t>
 at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const Plan& plan) {
   const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
-  const bool pad_ok = plan.zero_border;
-  const int64_t* coff = plan.col_offset.data();
+  const bool zero_border = plan.zero_border;
+  const int64_t* col_offset = plan.col_offset.data();
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
   const int64_t B = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
@@ -168,7 +168,7 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
   const scalar_t* gyd = gy.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* gxd = gx.data_ptr<scalar_t>();
-  const LastRows lr = LastRows::for_taps(W, Cg, coff, s, Kw, Wo, pad_ok);
+  const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, zero_border);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
   // output rows [olo[k], ohi[k]) read input band k (empty: olo = ohi)
@@ -181,9 +181,9 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
     }
   int64_t onmax = 0;
   for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, coff, s),
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, col_offset, s),
                              xoff = lr.elements(band), pix = strided(onmax * Wo, Cg);
-  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, coff, pad_ok);
+  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, col_offset, zero_border);
   ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
   for_each_task(B * G * nband, G, nband, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> gs = cv.take<acc_t>(band * pitch), gys = cv.take<acc_t>(onmax * Wo * Cg);
@@ -227,8 +227,8 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
 template <typename scalar_t>
 at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const Plan& plan) {
   const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
-  const int64_t ca = plan.affine_input_begin, cb = plan.affine_input_end;
-  const bool pad_ok = plan.zero_border;
+  const int64_t affine_in_begin = plan.affine_input_begin, affine_in_end = plan.affine_input_end;
+  const bool zero_border = plan.zero_border;
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
   const int64_t B = y.size(0), C = y.size(1), Ho = y.size(2), Wo = y.size(3);
@@ -239,72 +239,72 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // column kernels there (A/B, one thread: 64@56x56 stride 2 -37%, 128@28x28 -17% (stride 1)
   // and -18..-31% (stride 2), 512@7x7 stride 2 -68%; 256@14x14 stride 1 equal), with less
   // scratch than their per-task row copies.
-  // Every row when the affine kernel covers the plane (against the wsrc aggregate below, one
+  // Every row when the affine kernel covers the plane (against the source_weights aggregate below, one
   // thread: 64@56x56 stride 1 -34%, 256@14x14 -50%).
-  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), pad_ok);
+  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), zero_border);
   const bool last = (Wo < 4 * L || affine) && Cg % L == 0;
   // Stride 1, zero border: x's gradient is an aggregate of y over the mirrored window, input
   // pixel (r, q) reading y at each output (i, j) whose tap (u, v) reads (r, q), with that
-  // output's weight (aggregate_impl's wsrc mode: the weights at the source pixel). It runs the
+  // output's weight (aggregate_impl's source_weights mode: the weights at the source pixel). It runs the
   // aggregate's two-row kernels on aligned shifted weight copies, with no masked edges (A/B
   // against the column and channels-last kernels, one thread, paired medians: 64@56x56
   // -16..-30%, 256@14x14 -43..-59%). Rows of two to four vectors, rows under a vector and the
   // planes of the affine kernel keep the channels-last scatter where it applies (128@28x28
-  // +0..+20%, 512@7x7 +5..+36% with wsrc there).
-  if (s == 1 && pad_ok && W >= L && !(last && (Wo >= 2 * L || affine)))
+  // +0..+20%, 512@7x7 +5..+36% with source_weights there).
+  if (s == 1 && zero_border && W >= L && !(last && (Wo >= 2 * L || affine)))
     return aggregate_source_weights(y, w, *plan.mirrored);
   if (last) return aggregate_transpose_cl<scalar_t>(y, w, plan);
   const int64_t* off = plan.col_offset.data();
-  const int64_t* rptr = plan.row_readers_begin.data();
-  const int64_t* rpair = plan.row_readers.data();  // (n, 2): u, i
-  const int64_t* cptr = plan.col_readers_begin.data();
-  const int64_t* cpair = plan.col_readers.data();  // (n, 3): v, j, affine
+  const int64_t* row_readers_begin = plan.row_readers_begin.data();
+  const int64_t* row_readers = plan.row_readers.data();  // (n, 2): u, i
+  const int64_t* col_readers_begin = plan.col_readers_begin.data();
+  const int64_t* col_readers = plan.col_readers.data();  // (n, 3): v, j, affine
   const int64_t npair = static_cast<int64_t>(plan.row_readers.size()) / 2;
-  std::vector<int64_t> ru(npair), ri(npair);
-  for (int64_t a = 0; a < npair; ++a) ru[a] = rpair[2 * a], ri[a] = rpair[2 * a + 1];
+  std::vector<int64_t> reader_tap(npair), reader_row(npair);
+  for (int64_t a = 0; a < npair; ++a) reader_tap[a] = row_readers[2 * a], reader_row[a] = row_readers[2 * a + 1];
 
   int64_t mn = 0;
   for (int64_t v = 0; v < Kw; ++v) mn = std::min(mn, off[v]);
-  const int64_t padc = -mn;
+  const int64_t pad_cols = -mn;
   std::vector<int64_t> e(Kw), ph(Kw);
-  int64_t emax = 0;
+  int64_t max_shift = 0;
   for (int64_t v = 0; v < Kw; ++v) {
-    e[v] = (off[v] + padc) / s;
-    ph[v] = (off[v] + padc) % s;
-    emax = std::max(emax, e[v]);
+    e[v] = (off[v] + pad_cols) / s;
+    ph[v] = (off[v] + pad_cols) % s;
+    max_shift = std::max(max_shift, e[v]);
   }
-  const int64_t mw = (W - 1 + padc) / s + 1;  // phase-row length covering every input column
+  const int64_t mw = (W - 1 + pad_cols) / s + 1;  // phase-row length covering every input column
   const int64_t block = L;  // one vector of columns per block
   // fast m range per phase: all of [0, mw) (zero border) or the clamp interior
   int64_t m_a = 0, m_b = round_up(mw, block);
-  if (!pad_ok) {
-    m_a = ca + padc;
-    m_b = cb + padc;
+  if (!zero_border) {
+    m_a = affine_in_begin + pad_cols;
+    m_b = affine_in_end + pad_cols;
     if (m_b - m_a < block) m_a = m_b = 0;
   }
-  // stride 1, zero border: only m = col + padc of image columns is needed; a row narrower
-  // than a block takes one block from padc (writing a few phase-row entries past the row)
-  if (s == 1 && pad_ok) m_a = padc, m_b = padc + std::max(W, block);
+  // stride 1, zero border: only m = col + pad_cols of image columns is needed; a row narrower
+  // than a block takes one block from pad_cols (writing a few phase-row entries past the row)
+  if (s == 1 && zero_border) m_a = pad_cols, m_b = pad_cols + std::max(W, block);
   // the entries of phase f that are image columns: m in [plo[f], plo[f] + pcnt[f]) (pair mode
   // computes only these: at W=14, s=2 one block per phase instead of two)
   std::vector<int64_t> plo(s), pcnt(s);
   int64_t pend = 0;
   for (int64_t f = 0; f < s; ++f) {
-    plo[f] = ceil_div(std::max<int64_t>(padc - f, 0), s);
-    const int64_t col = plo[f] * s + f - padc;
+    plo[f] = ceil_div(std::max<int64_t>(pad_cols - f, 0), s);
+    const int64_t col = plo[f] * s + f - pad_cols;
     pcnt[f] = col < W ? (W - 1 - col) / s + 1 : 0;
     pend = std::max(pend, plo[f] + round_up(pcnt[f], block));
   }
   const int64_t obw = round_up(std::max({mw, m_b, pend}), block);
   // direct: stride 1, one dtype and rows at least a block wide: the blocks store straight into
-  // the rows of x (m = col + padc; the zero border's range is exactly the image columns, the last
+  // the rows of x (m = col + pad_cols; the zero border's range is exactly the image columns, the last
   // block shifted left to end there), with no phase row, scatter or row copy
   const bool direct = std::is_same<scalar_t, acc_t>::value && s == 1 && W >= block;
   // pair: stride 2, or stride 1 on rows narrower than a block (zero border, so every column is
   // covered by the blocks): each phase keeps its own row, and the rows are interleaved (stride
   // 2) or copied (stride 1) into x at the end, without the scalar scatter
-  const bool pair = std::is_same<scalar_t, acc_t>::value && (s == 2 || (s == 1 && !direct)) && pad_ok;
-  const int64_t lp = emax, lpw = lp + std::max(obw, Wo) + 1;
+  const bool pair = std::is_same<scalar_t, acc_t>::value && (s == 2 || (s == 1 && !direct)) && zero_border;
+  const int64_t lp = max_shift, lpw = lp + std::max(obw, Wo) + 1;
   std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
   for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
   // taps per phase
@@ -325,16 +325,16 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
 
   auto out_span = [&](int64_t h0, int64_t h1) {
     int64_t imin = Ho, imax = -1;
-    for (int64_t a = rptr[h0]; a < rptr[h1]; ++a) imin = std::min(imin, ri[a]), imax = std::max(imax, ri[a]);
+    for (int64_t a = row_readers_begin[h0]; a < row_readers_begin[h1]; ++a) imin = std::min(imin, reader_row[a]), imax = std::max(imax, reader_row[a]);
     return imax >= imin ? std::make_pair(imin, imax - imin + 1) : std::make_pair<int64_t, int64_t>(0, 0);
   };
   // per tap row u: the output rows [first, second) its pairs with input rows [h0, h1) read
   // (empty: first == second)
   auto tap_rows = [&](int64_t h0, int64_t h1, std::vector<std::pair<int64_t, int64_t>>& r) {
     for (auto& q : r) q = {Ho, 0};
-    for (int64_t a = rptr[h0]; a < rptr[h1]; ++a) {
-      auto& q = r[ru[a]];
-      q.first = std::min(q.first, ri[a]), q.second = std::max(q.second, ri[a] + 1);
+    for (int64_t a = row_readers_begin[h0]; a < row_readers_begin[h1]; ++a) {
+      auto& q = r[reader_tap[a]];
+      q.first = std::min(q.first, reader_row[a]), q.second = std::max(q.second, reader_row[a] + 1);
     }
     for (auto& q : r) q.second = std::max(q.first, q.second);
   };
@@ -353,7 +353,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     std::vector<std::pair<int64_t, int64_t>> urows(Kh), nrows(Kh);
     std::vector<Prefetch> pfw(Kh);
     int64_t most = 0;  // the most (tap, output) pairs of an input row
-    for (int64_t h = 0; h < H; ++h) most = std::max(most, rptr[h + 1] - rptr[h]);
+    for (int64_t h = 0; h < H; ++h) most = std::max(most, row_readers_begin[h + 1] - row_readers_begin[h]);
     std::vector<int64_t> steps(6 * most);
     std::vector<char> used(most);
     for (const Task task : tasks) {
@@ -410,7 +410,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           for (const auto& f : pfw) f.slice(h + k - h0, h1 - h0);
         }
         // input row h of channel c at xout[c * xstep + col], row h + 1 (n = 2) W further; in
-        // direct mode the blocks write column m - padc through bout = xout - padc
+        // direct mode the blocks write column m - pad_cols through bout = xout - pad_cols
         acc_t* xout;
         int64_t xstep;
         if (direct || pair) {
@@ -421,13 +421,13 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           xstep = W;
           std::fill(xrow.begin(), xrow.end(), acc_t(0));
         }
-        acc_t* bout = direct ? xout - padc : xo.data();
+        acc_t* bout = direct ? xout - pad_cols : xo.data();
         const int64_t bstep = direct ? xstep : obw;
         const int64_t x2 = direct ? W : s * Cg * obw;  // the blocks' second row (pair: own phase rows)
-        const int64_t p0 = rptr[h], p2 = rptr[h + n];
-        const int64_t p1 = rptr[h + 1];
+        const int64_t p0 = row_readers_begin[h], p2 = row_readers_begin[h + n];
+        const int64_t p1 = row_readers_begin[h + 1];
         const int64_t nsteps =
-            n == 2 ? row_steps({ri.data() + p0, ru.data() + p0, p1 - p0}, {ri.data() + p1, ru.data() + p1, p2 - p1}, true,
+            n == 2 ? row_steps({reader_row.data() + p0, reader_tap.data() + p0, p1 - p0}, {reader_row.data() + p1, reader_tap.data() + p1, p2 - p1}, true,
                                used.data(), steps.data())
                    : 0;
         if (p2 <= p0 && (direct || pair)) {
@@ -445,16 +445,16 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             }
             auto run = [&](int64_t m0) {
               if (n == 2) {
-                channel_blocks2(Cg, [&](auto cb, int64_t c) {
-                  tr_block2<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                channel_blocks2(Cg, [&](auto channel_block, int64_t c) {
+                  tr_block2<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
                                                         steps.data(), nsteps, imin, vl, nv, Kw, base.data(), m0,
                                                         bout + c * bstep, bstep, x2);
                 });
                 return;
               }
-              channel_blocks(Cg, [&](auto cb, int64_t c) {
-                tr_block<acc_t, decltype(cb)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
-                                                         ru.data(), ri.data(), p0, p2, imin, vl, nv, Kw, base.data(),
+              channel_blocks(Cg, [&](auto channel_block, int64_t c) {
+                tr_block<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                                                         reader_tap.data(), reader_row.data(), p0, p2, imin, vl, nv, Kw, base.data(),
                                                          m0, bout + c * bstep, bstep);
               });
             };
@@ -469,24 +469,24 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             };
             for_m(run);
             if (direct) continue;
-            // scatter the phase row into the input row: col = s*m + f - padc (n = 1 here)
-            const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(padc - f, 0), s));
+            // scatter the phase row into the input row: col = s*m + f - pad_cols (n = 1 here)
+            const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(pad_cols - f, 0), s));
             for (int64_t c = 0; c < Cg; ++c) {
               const acc_t* src = xo.data() + c * obw;
               acc_t* dst = xrow.data() + c * W;
               for (int64_t m = mlo; m < m_b; ++m) {
-                const int64_t col = s * m + f - padc;
+                const int64_t col = s * m + f - pad_cols;
                 if (col >= W) break;
                 if (col >= 0) dst[col] = src[m];
               }
             }
           }
-          if (pair && s == 1) {  // column col = m - padc
+          if (pair && s == 1) {  // column col = m - pad_cols
             for (int64_t k = 0; k < n; ++k)
-              for (int64_t c = 0; c < Cg; ++c) convert(xout + k * W + c * xstep, xo.data() + k * x2 + c * obw + padc, W);
+              for (int64_t c = 0; c < Cg; ++c) convert(xout + k * W + c * xstep, xo.data() + k * x2 + c * obw + pad_cols, W);
           } else if (pair) {
-            // column col = 2m + f - padc: even columns from the phase of padc, odd from the other
-            const int64_t f0 = padc % 2, m0 = padc / 2, m1 = (padc + 1) / 2;
+            // column col = 2m + f - pad_cols: even columns from the phase of pad_cols, odd from the other
+            const int64_t f0 = pad_cols % 2, m0 = pad_cols / 2, m1 = (pad_cols + 1) / 2;
             for (int64_t k = 0; k < n; ++k)
               for (int64_t c = 0; c < Cg; ++c) {
                 const acc_t* pe = xo.data() + k * x2 + (f0 * Cg + c) * obw + m0;
@@ -497,20 +497,20 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               }
           }
           // scalar path: pairs the affine blocks did not cover (clamp-border edges)
-          const int64_t ca_used = m_b > m_a ? m_a - padc : 0, cb_used = m_b > m_a ? m_b - padc : 0;
+          const int64_t blocks_begin = m_b > m_a ? m_a - pad_cols : 0, blocks_end = m_b > m_a ? m_b - pad_cols : 0;
           for (int64_t k = 0; k < n; ++k) {
             acc_t* xk = xout + k * W;
-            if (direct)  // the blocks wrote columns [ca_used, cb_used); the scalar path adds to the rest
+            if (direct)  // the blocks wrote columns [blocks_begin, blocks_end); the scalar path adds to the rest
               for (int64_t c = 0; c < Cg; ++c)
                 for (int64_t col = 0; col < W; ++col)
-                  if (col < ca_used || col >= cb_used) xk[c * xstep + col] = 0;
+                  if (col < blocks_begin || col >= blocks_end) xk[c * xstep + col] = 0;
             for (int64_t col = 0; col < W; ++col) {
-              const bool fast = pad_ok || (col >= ca_used && col < cb_used);
-              for (int64_t a = cptr[col]; a < cptr[col + 1]; ++a) {
-                const int64_t v = cpair[3 * a], j = cpair[3 * a + 1], aff = cpair[3 * a + 2];
+              const bool fast = zero_border || (col >= blocks_begin && col < blocks_end);
+              for (int64_t a = col_readers_begin[col]; a < col_readers_begin[col + 1]; ++a) {
+                const int64_t v = col_readers[3 * a], j = col_readers[3 * a + 1], aff = col_readers[3 * a + 2];
                 if (fast && aff) continue;
-                for (int64_t pp = rptr[h + k]; pp < rptr[h + k + 1]; ++pp) {
-                  const int64_t u = ru[pp], ii = ri[pp] - imin;
+                for (int64_t pp = row_readers_begin[h + k]; pp < row_readers_begin[h + k + 1]; ++pp) {
+                  const int64_t u = reader_tap[pp], ii = reader_row[pp] - imin;
                   const acc_t wv = wb[(u * Kw + v) * tplane + ii * lpw + lp + j];
                   for (int64_t c = 0; c < Cg; ++c) xk[c * xstep + col] += wv * ys[c * cplane + ii * lpw + lp + j];
                 }

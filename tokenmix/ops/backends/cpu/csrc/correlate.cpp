@@ -20,14 +20,14 @@ namespace {
 
 template <typename acc_t, int TV>
 __attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
-                       const int64_t* phoff, int64_t j0, acc_t* rb, int64_t rstep) {
+                       const int64_t* tap_offset, int64_t j0, acc_t* rb, int64_t rstep) {
   using V = typename Vec<acc_t>::type;
   V acc[TV];
   for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
   for (int64_t c = 0; c < Cg; ++c) {
     const V qv = loadu(qs + c * qstep + j0);
     const acc_t* kc = ks + c * cstride + j0;
-    for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + phoff[tv]), acc[tv]);
+    for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + tap_offset[tv]), acc[tv]);
   }
   for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * rstep + j0, acc[tv]);
 }
@@ -37,7 +37,7 @@ __attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, cons
 // input vector in registers for TV = 4). r0 / r1: the two rows' results of the first tap.
 template <typename acc_t, int TV>
 __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t q2,
-                                           int64_t Cg, const int64_t* phoff, int64_t j0, acc_t* r0, acc_t* r1,
+                                           int64_t Cg, const int64_t* tap_offset, int64_t j0, acc_t* r0, acc_t* r1,
                                            int64_t rstep) {
   using V = typename Vec<acc_t>::type;
   V a0[TV], a1[TV];
@@ -46,7 +46,7 @@ __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, con
     const V q0 = in_register(loadu(qs + c * qstep + j0)), q1 = in_register(loadu(qs + q2 + c * qstep + j0));
     const acc_t* kc = ks + c * cstride + j0;
     for (int tv = 0; tv < TV; ++tv) {
-      const V kv = in_register(loadu(kc + phoff[tv]));
+      const V kv = in_register(loadu(kc + tap_offset[tv]));
       a0[tv] = fmadd(q0, kv, a0[tv]);
       a1[tv] = fmadd(q1, kv, a1[tv]);
     }
@@ -55,7 +55,7 @@ __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, con
 }
 
 // A block of L output columns of NT taps of one tap row, for correlate_tail: out[m * ostep + l]
-// = sum over c of q[c * qstep + l] * k[c * kstep + coff[m] + l * s], one fused multiply-add
+// = sum over c of q[c * qstep + l] * k[c * kstep + col_offset[m] + l * s], one fused multiply-add
 // chain per output in channel order, in the accumulation type. S = 1 or 2: s compiled in
 // (stride 2 loads 2L elements and keeps the even ones: the caller makes sure the odd last one
 // is inside the tensor); S = -1: any s, each tap's lanes outside the row's W columns read as
@@ -64,7 +64,7 @@ __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, con
 // inside k's tensor [kbeg, kend), else lane by lane). The 16-bit types store lane by lane.
 template <typename scalar_t, int NT, int S>
 __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, const scalar_t* k, int64_t kstep,
-                                          int64_t Cg, const int64_t* coff, int64_t s, scalar_t* out, int64_t ostep,
+                                          int64_t Cg, const int64_t* col_offset, int64_t s, scalar_t* out, int64_t ostep,
                                           int64_t col0 = 0, int64_t W = 0, const scalar_t* kbeg = nullptr,
                                           const scalar_t* kend = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -75,8 +75,8 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
   int64_t lo[NT], hi[NT];
   for (int m = 0; m < NT; ++m) {
     acc[m] = V{};
-    if constexpr (S == -1) {  // lanes l with 0 <= col0 + coff[m] + l * s < W
-      const int64_t c0 = col0 + coff[m];
+    if constexpr (S == -1) {  // lanes l with 0 <= col0 + col_offset[m] + l * s < W
+      const int64_t c0 = col0 + col_offset[m];
       lo[m] = c0 >= 0 ? 0 : ceil_div(-c0, s);
       hi[m] = W - 1 - c0 >= 0 ? std::min<int64_t>(L, (W - 1 - c0) / s + 1) : 0;
     }
@@ -87,13 +87,13 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
     for (int m = 0; m < NT; ++m) {
       V kv;
       if constexpr (S == 1) {
-        kv = load_acc<1>(kc + coff[m]);
+        kv = load_acc<1>(kc + col_offset[m]);
       } else if constexpr (S == 2) {
-        kv = load_acc<2>(kc + coff[m]);
+        kv = load_acc<2>(kc + col_offset[m]);
       } else if constexpr (S == -1 && same) {
-        kv = masked_step(kc + coff[m], s, lo[m], hi[m]);
+        kv = masked_step(kc + col_offset[m], s, lo[m], hi[m]);
       } else if constexpr (S == -1) {  // the 16-bit types
-        const scalar_t* p = kc + coff[m];
+        const scalar_t* p = kc + col_offset[m];
         bool loaded = false;
 #if defined(__AVX2__)
         if (p >= kbeg && p + s * L <= kend && (s == 1 || s == 2)) {
@@ -131,17 +131,24 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
 // - the other columns (the clamp border's edges) through the tables.
 // The 16-bit types sum in float32, as the column kernels do; they load and store lane by lane.
 template <typename scalar_t>
-void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd, const scalar_t* kend, scalar_t* od,
-                    int64_t p0, int64_t p1, int64_t Cg, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
-                    const int64_t* rows, int64_t Kh, const int64_t* cols, int64_t Kw, const int64_t* coff, int64_t s,
-                    int64_t fa, int64_t fb) {
+void correlate_tail(const at::Tensor& q_t, const at::Tensor& k_t, at::Tensor& out_t, int64_t p0, int64_t p1, int64_t Cg,
+                    const Plan& plan) {
+  const scalar_t* qd = q_t.data_ptr<scalar_t>();
+  const scalar_t* kd = k_t.data_ptr<scalar_t>();
+  const scalar_t *qend = qd + q_t.numel(), *kend = kd + k_t.numel();
+  scalar_t* od = out_t.data_ptr<scalar_t>();
+  const int64_t H = plan.H, W = plan.W, Ho = plan.Ho, Wo = plan.Wo, Kh = plan.Kh, Kw = plan.Kw, s = plan.col_stride;
+  const int64_t fast_begin = plan.affine_begin, fast_end = plan.affine_end;
+  const int64_t* rows = plan.rows.data();
+  const int64_t* cols = plan.cols.data();
+  const int64_t* col_offset = plan.col_offset.data();
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
   const int64_t KK = Kh * Kw;
-  int64_t ja = std::max<int64_t>(fa, 0), jb = std::min(fb, Wo);
-  for (int64_t v = 0; v < Kw; ++v) {  // in the image: 0 <= j * s + coff[v] < W
-    ja = std::max(ja, ceil_div(std::max<int64_t>(-coff[v], 0), s));
-    jb = std::min(jb, W - 1 - coff[v] >= 0 ? (W - 1 - coff[v]) / s + 1 : 0);
+  int64_t ja = std::max<int64_t>(fast_begin, 0), jb = std::min(fast_end, Wo);
+  for (int64_t v = 0; v < Kw; ++v) {  // in the image: 0 <= j * s + col_offset[v] < W
+    ja = std::max(ja, ceil_div(std::max<int64_t>(-col_offset[v], 0), s));
+    jb = std::min(jb, W - 1 - col_offset[v] >= 0 ? (W - 1 - col_offset[v]) / s + 1 : 0);
   }
   const bool vec = jb - ja >= L;
   if (!vec) ja = jb = 0;
@@ -149,7 +156,7 @@ void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd
   bool zero_affine = Wo >= L;
   for (int64_t v = 0; v < Kw && zero_affine; ++v)
     for (int64_t j = 0; j < Wo; ++j) {
-      const int64_t col = j * s + coff[v];
+      const int64_t col = j * s + col_offset[v];
       zero_affine = zero_affine && cols[v * Wo + j] == (col >= 0 && col < W ? col : -1);
     }
 #if defined(__AVX2__)
@@ -226,7 +233,7 @@ void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd
         auto block = [&](int64_t j0) {
           // stride 2 reads one element past a block's last column: past the tensor only on
           // its very last row, which then goes through masked loads
-          const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + coff[Kw - 1] + 2 * L <= kend;
+          const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + col_offset[Kw - 1] + 2 * L <= kend;
           const bool edge = j0 < ja || j0 + L > jb;
           for (int64_t v0 = 0; v0 < Kw; v0 += 8)
             with_count<8>(Kw - v0, [&](auto tv) {
@@ -235,11 +242,11 @@ void correlate_tail(const scalar_t* qd, const scalar_t* qend, const scalar_t* kd
               const scalar_t* kj = k + j0 * s;
               scalar_t* oj = o + v0 * Ho * Wo + j0;
               if (!edge && s == 1)
-                tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+                tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
               else if (!edge && two)
-                tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo);
+                tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
               else  // edges, other strides (every lane inside the row: none cleared)
-                tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, coff + v0, s, oj, Ho * Wo, j0 * s, W, kd,
+                tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo, j0 * s, W, kd,
                                              kend);
             });
         };
@@ -320,31 +327,31 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& pl
   const scalar_t* kd = k.data_ptr<scalar_t>();
   scalar_t* od = out.data_ptr<scalar_t>();
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch);
+  const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch);
   const LastRows lr(W, Cg);
-  const int64_t pitch = lr.pitch, zero_row = nrr_max * pitch;  // never written: zeros
-  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(nrr_max),
+  const int64_t pitch = lr.pitch, zero_row = max_rows_read * pitch;  // never written: zeros
+  const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo), xoff = lr.elements(max_rows_read),
                              qoff = strided(ch * Wo, Cg), roff = strided(ch * Wo, KKp);
   std::vector<int64_t> tcol(Wo * KKp, 0);  // per tap t = u * Kw + v: its column's offset
   for (int64_t j = 0; j < Wo; ++j)
     for (int64_t t = 0; t < KK; ++t) tcol[j * KKp + t] = cidx[j * Kw + t % Kw];
-  auto per_thread = [&](int64_t rows_per_task, int64_t nrr) {
-    return bytes_of({(nrr + 1) * pitch, rows_per_task * Wo * Cg, rows_per_task * Wo * KKp}, sizeof(acc_t));
+  auto per_thread = [&](int64_t rows_per_task, int64_t rows_read) {
+    return bytes_of({(rows_read + 1) * pitch, rows_per_task * Wo * Cg, rows_per_task * Wo * KKp}, sizeof(acc_t));
   };
   const int64_t ch_max = max_chunk_rows(Ho, 16), plane = KK * Ho * Wo;
   const int64_t need = kLendThreads * per_thread(ch_max, max_row_span(rows, Kh, Ho, ch_max));
   const int64_t lent = lent_planes(B * G, plane * sizeof(scalar_t), need);
-  ThreadScratch scratch(per_thread(ch, nrr_max), reinterpret_cast<char*>(od + (B * G - lent) * plane),
+  ThreadScratch scratch(per_thread(ch, max_rows_read), reinterpret_cast<char*>(od + (B * G - lent) * plane),
                         lent * plane * sizeof(scalar_t));
   for_each_task((B * G - lent) * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
-    Buf<acc_t> xs = cv.take<acc_t>((nrr_max + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
+    Buf<acc_t> xs = cv.take<acc_t>((max_rows_read + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
                rb = cv.take<acc_t>(ch * Wo * KKp);
     std::vector<int64_t> trow(KKp, zero_row);
     for (const Task task : tasks) {
       const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
-      const int64_t rmin = span.first, nrr = span.second;
-      to_last(xs.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, nrr * W);
+      const int64_t rmin = span.first, rows_read = span.second;
+      to_last(xs.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, rows_read * W);
       to_last(qs.data(), qoff.data(), qd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t ta = KK, tb = 0;  // taps of the first and past the last tap row inside the image
@@ -361,8 +368,7 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& pl
     }
   });
   if (lent > 0)
-    correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, B * G - lent, B * G, Cg, H, W, Ho, Wo, rows, Kh,
-                   cols, Kw, plan.col_offset.data(), plan.col_stride, plan.affine_begin, plan.affine_end);
+    correlate_tail<scalar_t>(q, k, out, B * G - lent, B * G, Cg, plan);
   return out;
 }
 
@@ -390,7 +396,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
   // rows per task: up to 16 where the packed result buffer stays within about 96 KiB (it is
   // part of the scratch the result's last planes lend), fewer rows re-copy more shared input rows
   const int64_t most = std::min<int64_t>(16, std::max<int64_t>(8, (96 << 10) / (KK * Wo * sizeof(acc_t))));
-  const int64_t wbw = p.wbw, rowstride = p.s * p.pw;
+  const int64_t block_width = p.block_width, rowstride = p.s * p.phase_width;
   // packed: per-pixel results go to a per-task buffer of pitch Wo (a block's lanes past Wo land
   // on the next row, which is computed after it, or in the slack), so each tap's rows are one
   // contiguous copy out; measured faster than storing rows in place into the K*K planes. A
@@ -402,10 +408,10 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
   // rows of q (when copied), the results (packed: all of the task's; else two rows, for the
   // two-row blocks) and a batch sum's accumulators
   auto per_thread = [&](int64_t rows_per_task) {
-    const int64_t nrr = max_row_span(rows, Kh, Ho, rows_per_task);
-    const int64_t tp = packed ? rows_per_task * Wo + L : wbw;
+    const int64_t rows_read = max_row_span(rows, Kh, Ho, rows_per_task);
+    const int64_t tp = packed ? rows_per_task * Wo + L : block_width;
     const int64_t nacc = sum_batch && !sum_space ? KK * rows_per_task * Wo : 0;
-    return bytes_of({Cg * nrr * rowstride, direct ? 0 : 2 * Cg * wbw, KK * tp * (packed ? 1 : 2), nacc},
+    return bytes_of({Cg * rows_read * rowstride, direct ? 0 : 2 * Cg * block_width, KK * tp * (packed ? 1 : 2), nacc},
                     sizeof(acc_t));
   };
   // per-pixel results: the last planes lend the scratch (lent_planes; the tail sums in this
@@ -428,27 +434,27 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
     part_t = at::zeros({nb * G * Ho * KK}, at::TensorOptions().dtype(at::kDouble));
     part = part_t.data_ptr<double>();
   }
-  const int64_t nrr_max = max_row_span(rows, Kh, Ho, ch), cstride = nrr_max * rowstride;
-  p.plan_fill(nrr_max);
+  const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch), cstride = max_rows_read * rowstride;
+  p.plan_fill(max_rows_read);
   const int64_t nacc = sum_batch && !sum_space ? KK * ch * Wo : 0;
-  const int64_t rtp = packed ? ch * Wo + L : wbw;  // tap pitch of the result rows
+  const int64_t rtp = packed ? ch * Wo + L : block_width;  // tap pitch of the result rows
   ThreadScratch scratch(per_thread(ch), reinterpret_cast<char*>(od + (nb * G - lent) * plane),
                         lent * plane * sizeof(scalar_t));
 
   for_each_task(ntask - lent * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
-    Buf<acc_t> ks = cv.take<acc_t>(Cg * nrr_max * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * wbw),
+    Buf<acc_t> ks = cv.take<acc_t>(Cg * max_rows_read * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * block_width),
                rb = cv.take<acc_t>(KK * rtp * (packed ? 1 : 2)), accb = cv.take<acc_t>(nacc);
-    std::vector<int64_t> rru(2 * Kh), steps(6 * Kh), order(2 * Kh);
+    std::vector<int64_t> scratch_row_of_tap(2 * Kh), steps(6 * Kh), order(2 * Kh);
     std::vector<char> used(Kh);
     for (const Task task : tasks) {
       const int64_t bb = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
-      const int64_t rmin = span.first, nrr = span.second;
+      const int64_t rmin = span.first, rows_read = span.second;
       std::fill(accb.begin(), accb.end(), acc_t(0));
       const int64_t b0 = sum_batch ? 0 : bb, b1 = sum_batch ? B : bb + 1;
       for (int64_t b = b0; b < b1; ++b) {
-        if (nrr > 0) {
-          fill_rows<scalar_t, acc_t>(ks.data(), cstride, kd + (b * C + g * Cg) * H * W, Cg, H, rmin, nrr, p);
+        if (rows_read > 0) {
+          fill_rows<scalar_t, acc_t>(ks.data(), cstride, kd + (b * C + g * Cg) * H * W, Cg, H, rmin, rows_read, p);
         }
         // what comes next (the next batch element of a batch sum, else the next task): its k and
         // q rows, fetched a slice per row below
@@ -477,7 +483,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
           // q row i + k of channel c at qrow[k * q2 + c * qstep + j]; tap t of row i + k of the
           // result at rrow[k * rrow2 + t * rstep + j]
           const acc_t* qrow = qs.data();
-          int64_t qstep = wbw, q2 = Cg * wbw;
+          int64_t qstep = block_width, q2 = Cg * block_width;
           // rows under a vector (packed results) are read in place too, where a block's full
           // vector stays inside q: the lanes past Wo only reach results that are overwritten
           const bool over = !direct && narrow_in_place &&
@@ -490,20 +496,20 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
             for (int64_t k = 0; k < n; ++k)
               for (int64_t c = 0; c < Cg; ++c) {
                 const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i + k) * Wo;
-                acc_t* dst = qs.data() + k * q2 + c * wbw;
+                acc_t* dst = qs.data() + k * q2 + c * block_width;
                 convert(dst, src, Wo);
-              }  // columns [Wo, wbw) stay zero
+              }  // columns [Wo, block_width) stay zero
           }
           acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
           const int64_t rstep = rtp, rrow2 = packed ? Wo : KK * rtp;
-          tap_scratch_rows(rows, Kh, Ho, i, n, rmin, rru.data());
+          tap_scratch_rows(rows, Kh, Ho, i, n, rmin, scratch_row_of_tap.data());
           // (input row, tap row of row i, of row i + 1): paired where both rows read the row.
           // Blocks that overrun a packed row write into the next row's start, which must then be
           // computed later: (i, t) no later than (i + 1, t). That holds for both borders of
           // Window (rows non-decreasing in i); a geometry where it did not goes one row at a time
-          const TapList r0{rru.data(), nullptr, Kh}, r1{rru.data() + Kh, nullptr, n == 2 ? Kh : 0};
+          const TapList r0{scratch_row_of_tap.data(), nullptr, Kh}, r1{scratch_row_of_tap.data() + Kh, nullptr, n == 2 ? Kh : 0};
           int64_t nsteps = row_steps(r0, r1, true, used.data(), steps.data());
-          if (n == 2 && p.fb > Wo && packed && !later_rows_later(steps.data(), nsteps, Kh, order.data()))
+          if (n == 2 && p.fast_end > Wo && packed && !later_rows_later(steps.data(), nsteps, Kh, order.data()))
             nsteps = row_steps(r0, r1, false, used.data(), steps.data());
           for (int64_t a = 0; a < nsteps; ++a) {
             const int64_t u0 = steps[3 * a + 1], u1 = steps[3 * a + 2];
@@ -517,7 +523,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
                 for (int64_t q = 0, v0 = 0; q < nchunk; ++q) {
                   const int64_t v1 = (q + 1) * Kw / nchunk;
                   with_count<6>(v1 - v0, [&](auto tv) {
-                    corr_block2<acc_t, decltype(tv)::value>(kr, cstride, qrow, qstep, q2, Cg, p.phoff.data() + v0, j0,
+                    corr_block2<acc_t, decltype(tv)::value>(kr, cstride, qrow, qstep, q2, Cg, p.tap_offset.data() + v0, j0,
                                                             rb0 + v0 * rstep, rb1 + v0 * rstep, rstep);
                   });
                   v0 = v1;
@@ -528,7 +534,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
               acc_t* rk = u0 >= 0 ? rb0 : rb1;
               for (int64_t v0 = 0; v0 < Kw; v0 += 8)
                 with_count<8>(Kw - v0, [&](auto tv) {
-                  corr_block<acc_t, decltype(tv)::value>(kr, cstride, qk, qstep, Cg, p.phoff.data() + v0, j0,
+                  corr_block<acc_t, decltype(tv)::value>(kr, cstride, qk, qstep, Cg, p.tap_offset.data() + v0, j0,
                                                          rk + v0 * rstep, rstep);
                 });
             });
@@ -537,7 +543,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
             const acc_t* qk = qrow + k * q2;
             acc_t* rk = rrow + k * rrow2;
             for (int64_t u = 0; u < Kh; ++u) {
-              const int64_t r = rru[k * Kh + u];
+              const int64_t r = scratch_row_of_tap[k * Kh + u];
               acc_t* rbu = rk + u * Kw * rstep;
               if (r < 0) {
                 for (int64_t v = 0; v < Kw; ++v) std::fill(rbu + v * rstep, rbu + v * rstep + Wo, acc_t(0));
@@ -618,8 +624,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
         }
   }
   if (lent > 0)
-    correlate_tail(qd, qd + q.numel(), kd, kd + k.numel(), od, nb * G - lent, nb * G, Cg, H, W, Ho, Wo, rows, Kh,
-                   plan.cols.data(), Kw, plan.col_offset.data(), plan.col_stride, plan.affine_begin, plan.affine_end);
+    correlate_tail<scalar_t>(q, k, out, nb * G - lent, nb * G, Cg, plan);
   return out;
 }
 

@@ -16,36 +16,36 @@
 namespace tokenmix_cpu {
 
 // Column layout of the input-side scratch: input column col lives at phase
-// (col + padc) % s, index (col + padc) / s of a row of s phases of pw entries each.
+// (col + pad_cols) % s, index (col + pad_cols) / s of a row of s phases of phase_width entries each.
 struct ColPlan {
-  int64_t Kw, Wo, W, s, padc, pw, fa, fb, wbw;
-  std::vector<int64_t> phoff;  // per v: phase * pw + e_v (scratch offset of output column 0)
+  int64_t Kw, Wo, W, s, pad_cols, phase_width, fast_begin, fast_end, block_width;
+  std::vector<int64_t> tap_offset;  // per v: phase * phase_width + e_v (scratch offset of output column 0)
   // per phase f (s > 1): input columns col0[f] + k*s, k < cnt[f], go to scratch dst0[f] + k
   std::vector<int64_t> col0, cnt, dst0;
   std::vector<int64_t> fpos;  // scatter fill: scratch offset of element k of a channel's rows
   const int64_t* cols;
   // fill_rows scatters (stride > 2, or 2 on rows under 12 columns) rather than copying rows
   bool scatter() const { return s > 2 || (s == 2 && W < 12); }
-  // fpos for up to nrr rows of rowstride s * pw: a channel's nrr*W contiguous source elements
+  // fpos for up to rows_read rows of rowstride s * phase_width: a channel's rows_read*W contiguous source elements
   // go to fpos[k] in one loop (per-row loops cost more than the copy on 7-column rows)
-  void plan_fill(int64_t nrr) {
+  void plan_fill(int64_t rows_read) {
     if (!scatter()) return;
-    fpos.resize(nrr * W);
-    for (int64_t k = 0; k < nrr * W; ++k) fpos[k] = (k / W) * s * pw + pos(k % W);
+    fpos.resize(rows_read * W);
+    for (int64_t k = 0; k < rows_read * W; ++k) fpos[k] = (k / W) * s * phase_width + pos(k % W);
   }
-  bool all_fast() const { return fa == 0 && fb >= Wo; }  // no column for the scalar path
+  bool all_fast() const { return fast_begin == 0 && fast_end >= Wo; }  // no column for the scalar path
   int64_t pos(int64_t col) const {
-    int64_t q = col + padc;
-    return (q % s) * pw + q / s;
+    int64_t q = col + pad_cols;
+    return (q % s) * phase_width + q / s;
   }
 };
 
-// Fast output columns [fa, fb). Zero border (pad_ok): all of [0, Wo), rounded up to whole
+// Fast output columns [fast_begin, fast_end). Zero border (zero_border): all of [0, Wo), rounded up to whole
 // blocks whose tail lanes land in scratch, or ending exactly at Wo (exact_end, for kernels that
 // write output rows in place; their last block is shifted left, see for_blocks).
 inline ColPlan make_colplan(const Plan& plan, int64_t block, bool exact_end = false) {
-  const int64_t W = plan.W, s = plan.col_stride, fa = plan.affine_begin, fb = plan.affine_end;
-  const bool pad_ok = plan.zero_border;
+  const int64_t W = plan.W, s = plan.col_stride, fast_begin = plan.affine_begin, fast_end = plan.affine_end;
+  const bool zero_border = plan.zero_border;
   ColPlan p;
   p.Kw = plan.Kw;
   p.Wo = plan.Wo;
@@ -55,46 +55,46 @@ inline ColPlan make_colplan(const Plan& plan, int64_t block, bool exact_end = fa
   const int64_t* off = plan.col_offset.data();
   int64_t mn = 0;
   for (int64_t v = 0; v < p.Kw; ++v) mn = std::min(mn, off[v]);
-  p.padc = -mn;
-  if (pad_ok) {
-    p.fa = 0;
-    p.fb = exact_end ? p.Wo : round_up(p.Wo, block);
-  } else if (fb - fa >= block) {
-    p.fa = fa;
-    p.fb = fb;
+  p.pad_cols = -mn;
+  if (zero_border) {
+    p.fast_begin = 0;
+    p.fast_end = exact_end ? p.Wo : round_up(p.Wo, block);
+  } else if (fast_end - fast_begin >= block) {
+    p.fast_begin = fast_begin;
+    p.fast_end = fast_end;
   } else {
-    p.fa = p.fb = 0;  // too narrow for a vector block: everything through the scalar path
+    p.fast_begin = p.fast_end = 0;  // too narrow for a vector block: everything through the scalar path
   }
-  p.wbw = round_up(std::max(p.Wo, p.fb), block);
-  int64_t emax = 0;
-  for (int64_t v = 0; v < p.Kw; ++v) emax = std::max(emax, (off[v] + p.padc) / s);
-  p.pw = std::max(p.wbw + emax, (W - 1 + p.padc) / s + 1) + 1;
+  p.block_width = round_up(std::max(p.Wo, p.fast_end), block);
+  int64_t max_shift = 0;
+  for (int64_t v = 0; v < p.Kw; ++v) max_shift = std::max(max_shift, (off[v] + p.pad_cols) / s);
+  p.phase_width = std::max(p.block_width + max_shift, (W - 1 + p.pad_cols) / s + 1) + 1;
   for (int64_t f = 0; f < s; ++f) {
-    const int64_t idx = ceil_div(std::max<int64_t>(p.padc - f, 0), s);
-    const int64_t col = idx * s + f - p.padc;
+    const int64_t idx = ceil_div(std::max<int64_t>(p.pad_cols - f, 0), s);
+    const int64_t col = idx * s + f - p.pad_cols;
     p.col0.push_back(col);
     p.cnt.push_back(col < W ? (W - 1 - col) / s + 1 : 0);
-    p.dst0.push_back(f * p.pw + idx);
+    p.dst0.push_back(f * p.phase_width + idx);
   }
-  p.phoff.resize(p.Kw);
+  p.tap_offset.resize(p.Kw);
   for (int64_t v = 0; v < p.Kw; ++v) {
-    int64_t q = off[v] + p.padc;
-    p.phoff[v] = (q % s) * p.pw + q / s;
+    int64_t q = off[v] + p.pad_cols;
+    p.tap_offset[v] = (q % s) * p.phase_width + q / s;
   }
   return p;
 }
 
-// Block start columns covering [fa, fb): full blocks, the last one shifted left to end at fb
+// Block start columns covering [fast_begin, fast_end): full blocks, the last one shifted left to end at fast_end
 // (recomputes a few columns; every fast path writes, never accumulates, so that is exact).
 template <typename F>
 inline void for_blocks(const ColPlan& p, int64_t block, F&& f) {
-  if (p.fb <= p.fa) return;
-  int64_t j0 = p.fa;
-  for (; j0 + block <= p.fb; j0 += block) f(j0);
-  if (j0 < p.fb) f(p.fb - block);
+  if (p.fast_end <= p.fast_begin) return;
+  int64_t j0 = p.fast_begin;
+  for (; j0 + block <= p.fast_end; j0 += block) f(j0);
+  if (j0 < p.fast_end) f(p.fast_end - block);
 }
 
-inline bool in_fast(const ColPlan& p, int64_t j) { return j >= p.fa && j < p.fb; }
+inline bool in_fast(const ColPlan& p, int64_t j) { return j >= p.fast_begin && j < p.fast_end; }
 
 // Range of valid source rows read by output rows [i0, i1): (rmin, count).
 inline std::pair<int64_t, int64_t> row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t i0, int64_t i1) {
@@ -113,27 +113,27 @@ inline int64_t max_row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t
   return m;
 }
 
-// Copy rows [rmin, rmin + nrr) of ncg channels (channel stride cstride) into the phase-split
+// Copy rows [rmin, rmin + rows_read) of ncg channels (channel stride cstride) into the phase-split
 // scratch. Only the positions of image columns are written, and they are the same for every
 // task, so the padding around them stays as zeroed once per thread (ThreadScratch::zeroed).
 template <typename scalar_t, typename acc_t>
-void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t nrr,
+void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t rows_read,
                const ColPlan& p) {
-  const int64_t W = p.W, s = p.s, rs = s * p.pw;
+  const int64_t W = p.W, s = p.s, rs = s * p.phase_width;
   for (int64_t c = 0; c < ncg; ++c) {
     const scalar_t* rows = src + (c * H + rmin) * W;
     if (p.scatter()) {
       // other strides and narrow rows: one scattered store per element, positions from plan_fill
       acc_t* dst = xs + c * cstride;
       const int64_t* fp = p.fpos.data();
-      for (int64_t k = 0; k < nrr * W; ++k) dst[fp[k]] = static_cast<acc_t>(rows[k]);
+      for (int64_t k = 0; k < rows_read * W; ++k) dst[fp[k]] = static_cast<acc_t>(rows[k]);
       continue;
     }
-    for (int64_t rr = 0; rr < nrr; ++rr) {
+    for (int64_t rr = 0; rr < rows_read; ++rr) {
       acc_t* dst = xs + c * cstride + rr * rs;
       const scalar_t* row = rows + rr * W;
       if (s == 1) {
-        convert(dst + p.padc, row, W);
+        convert(dst + p.pad_cols, row, W);
       } else {
         // s == 2: the phase holding the row's first column (f0) interleaves with the other (f1)
         const int f0 = p.col0[0] < p.col0[1] ? 0 : 1, f1 = 1 - f0;
@@ -254,23 +254,23 @@ struct LastRows {
   bool padded;  // lp and the right padding hold every column a zero border's taps read
   LastRows(int64_t W_, int64_t Cg_, int64_t lp_ = 0, int64_t rp = 1, bool padded_ = false)
       : W(W_), Cg(Cg_), lp(lp_), pitch((lp_ + W_ + std::max<int64_t>(rp, 1)) * Cg_), padded(padded_) {}
-  // The rows for the taps of a window whose columns are col = j * s + coff[v] (zero border,
-  // pad_ok: with its padding, so every tap reads a column of its own) or given by the tables
+  // The rows for the taps of a window whose columns are col = j * s + col_offset[v] (zero border,
+  // zero_border: with its padding, so every tap reads a column of its own) or given by the tables
   // only (clamp border: every tap is inside the image)
-  static LastRows for_taps(int64_t W, int64_t Cg, const int64_t* coff, int64_t s, int64_t Kw, int64_t Wo,
-                           bool pad_ok) {
-    if (!pad_ok) return LastRows(W, Cg);
-    return LastRows(W, Cg, std::max<int64_t>(0, -coff[0]), (Wo - 1) * s + coff[Kw - 1] - (W - 1), true);
+  static LastRows for_taps(int64_t W, int64_t Cg, const int64_t* col_offset, int64_t s, int64_t Kw, int64_t Wo,
+                           bool zero_border) {
+    if (!zero_border) return LastRows(W, Cg);
+    return LastRows(W, Cg, std::max<int64_t>(0, -col_offset[0]), (Wo - 1) * s + col_offset[Kw - 1] - (W - 1), true);
   }
   // [j * Kw + v]: offset of tap column v of output column j within a row: its own column
-  // j * s + coff[v] when padded, else the table's (the zero column lp + W for taps outside the
-  // image; coff and s are then unused)
-  std::vector<int64_t> tap_columns(const int64_t* cols, int64_t Kw, int64_t Wo, const int64_t* coff = nullptr,
+  // j * s + col_offset[v] when padded, else the table's (the zero column lp + W for taps outside the
+  // image; col_offset and s are then unused)
+  std::vector<int64_t> tap_columns(const int64_t* cols, int64_t Kw, int64_t Wo, const int64_t* col_offset = nullptr,
                                    int64_t s = 1) const {
     std::vector<int64_t> c(Wo * Kw);
     for (int64_t j = 0; j < Wo; ++j)
       for (int64_t v = 0; v < Kw; ++v) {
-        const int64_t col = padded ? j * s + coff[v] : cols[v * Wo + j];
+        const int64_t col = padded ? j * s + col_offset[v] : cols[v * Wo + j];
         c[j * Kw + v] = (lp + (col >= 0 || padded ? col : W)) * Cg;
       }
     return c;
@@ -335,13 +335,13 @@ inline void affine_blocks(int64_t Wo, F&& f) {
 
 // Whether the affine channels-last kernels run a plane (every pixel: its rows keep their zero
 // padding, LastRows::for_taps): float, a zero border at unit column dilation (tap v at column
-// j * s + coff[0] + v), per-pixel weights, and channels per group, a kernel width and a column
+// j * s + col_offset[0] + v), per-pixel weights, and channels per group, a kernel width and a column
 // stride they are compiled for (with_affine).
 template <typename scalar_t>
-bool affine_cl(int64_t Cg, bool per_pixel, int64_t Kw, int64_t s, const int64_t* coff, bool pad_ok) {
-  if (!std::is_same<scalar_t, float>::value || !pad_ok || !per_pixel) return false;
+bool affine_cl(int64_t Cg, bool per_pixel, int64_t Kw, int64_t s, const int64_t* col_offset, bool zero_border) {
+  if (!std::is_same<scalar_t, float>::value || !zero_border || !per_pixel) return false;
   for (int64_t v = 0; v < Kw; ++v)
-    if (coff[v] != coff[0] + v) return false;
+    if (col_offset[v] != col_offset[0] + v) return false;
   return with_affine(Cg, Kw, s, [](auto, auto, auto) {});
 }
 
