@@ -320,6 +320,39 @@ def test_affine_channels_last_kernels(case, seed):
     _three_ops_against_reference(case, seed, corr_terms=case[2] // case[3])
 
 
+@st.composite
+def _plan_cases(draw):
+    """Geometries for the C++ plan (csrc/plan.cpp): rectangular kernels, stride and dilation up
+    to 3 per axis, padding drawn per axis (asymmetric between the axes, up to the widest a tap
+    can still reach the image with), both borders, H != W including odd and prime sizes."""
+    border = draw(st.sampled_from(["zero", "clamp"]))
+    K = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    D = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    if border == "clamp":
+        S, pad = (1, 1), None
+    else:
+        S = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+        pad = (draw(st.integers(0, D[0] * (K[0] - 1))), draw(st.integers(0, D[1] * (K[1] - 1))))
+    window = Window(K, stride=S, dilation=D, padding=pad, border=border)
+    sizes = st.sampled_from([1, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31]) | st.integers(1, 33)
+    H, W = draw(sizes), draw(sizes)
+    try:
+        window.output_size(H, W)
+    except ValueError:
+        H, W = H + K[0] * D[0], W + K[1] * D[1]  # the window fits with room to spare
+    G = draw(st.sampled_from([1, 2]))
+    mode = draw(st.sampled_from(["full", "batch1", "space1", "both1"]))
+    return window, draw(st.integers(1, 2)), G * draw(st.sampled_from([1, 3, 8])), G, H, W, mode, torch.float64
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_plan_cases(), seed=st.integers(0, 2**16))
+def test_plan_geometries_against_reference(case, seed):
+    """The C++ plan of drawn geometries gives the reference's results for all three ops (the
+    plan's source tables, affine ranges and inverse tables are a port of Window.source_index)."""
+    _three_ops_against_reference(case, seed, corr_terms=case[2])
+
+
 @pytest.mark.parametrize("W", range(7, 42))
 def test_stride2_rows_every_width(W):
     """Every row width from 7 to 41 columns at stride 2 through the column kernels (3 channels

@@ -327,19 +327,18 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
   const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4), wW = w.size(4);
   const int64_t block = L;  // one vector of columns per block (measured faster than two)
-  // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (A/B, one
-  // thread: 128@28x28 stride 2 -11..-20%, 64@56x56 stride 2 -3..-5%; at stride 1 the column
-  // kernels measured faster on rows of two or more vectors), and on rows under four vectors
-  // whenever the affine kernel covers the plane (against the column kernels, one thread:
-  // 128@28x28 stride 1 -15%, 256@14x14 -10%; 64@56x56 +13%, so wider rows keep them)
+  // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (faster
+  // there; at stride 1 the column kernels are faster on rows of two or more vectors), and on rows
+  // under four vectors whenever the affine kernel covers the plane (faster than the column
+  // kernels there, slower on wider rows, which keep them)
   const bool affine = !source_weights && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), zero_border);
   if ((Wo < L || (!source_weights && s > 1 && Wo < 4 * L) || (affine && Wo < 4 * L)) && Cg % L == 0)
     return aggregate_cl<scalar_t>(x, w, plan, source_weights);
   // weights_in_place: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
-  // prefetched a row ahead this measured faster than copying (256@14x14: 2.86x -> 2.21x the
-  // ceiling). Narrower rows are packed (below).
+  // prefetched a row ahead this measured faster than copying them. Narrower rows are packed
+  // (below).
   const bool weights_in_place = !source_weights && std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
   const bool output_in_place = weights_in_place || (source_weights && std::is_same<scalar_t, acc_t>::value && Wo >= L);
   ColPlan p = make_colplan(plan, block, output_in_place);

@@ -236,21 +236,18 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   const int64_t Kh = plan.Kh, Kw = plan.Kw;
   const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
   // Channels-last (bands of input rows) on rows under four vectors: measured faster than the
-  // column kernels there (A/B, one thread: 64@56x56 stride 2 -37%, 128@28x28 -17% (stride 1)
-  // and -18..-31% (stride 2), 512@7x7 stride 2 -68%; 256@14x14 stride 1 equal), with less
-  // scratch than their per-task row copies.
-  // Every row when the affine kernel covers the plane (against the source_weights aggregate below, one
-  // thread: 64@56x56 stride 1 -34%, 256@14x14 -50%).
+  // column kernels there (equal at 256@14x14 stride 1), with less scratch than their per-task row
+  // copies. Every row when the affine kernel covers the plane (faster than the source-weights
+  // aggregate below).
   const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), zero_border);
   const bool last = (Wo < 4 * L || affine) && Cg % L == 0;
   // Stride 1, zero border: x's gradient is an aggregate of y over the mirrored window, input
   // pixel (r, q) reading y at each output (i, j) whose tap (u, v) reads (r, q), with that
-  // output's weight (aggregate_impl's source_weights mode: the weights at the source pixel). It runs the
-  // aggregate's two-row kernels on aligned shifted weight copies, with no masked edges (A/B
-  // against the column and channels-last kernels, one thread, paired medians: 64@56x56
-  // -16..-30%, 256@14x14 -43..-59%). Rows of two to four vectors, rows under a vector and the
-  // planes of the affine kernel keep the channels-last scatter where it applies (128@28x28
-  // +0..+20%, 512@7x7 +5..+36% with source_weights there).
+  // output's weight (aggregate_impl's source_weights mode: the weights at the source pixel). It
+  // runs the aggregate's two-row kernels on aligned shifted weight copies, with no masked edges
+  // (faster than the column and channels-last kernels on the 56x56 and 14x14 planes). Rows of two
+  // to four vectors, rows under a vector and the planes of the affine kernel keep the
+  // channels-last scatter where it applies (slower with source weights there).
   if (s == 1 && zero_border && W >= L && !(last && (Wo >= 2 * L || affine)))
     return aggregate_source_weights(y, w, *plan.mirrored);
   if (last) return aggregate_transpose_cl<scalar_t>(y, w, plan);

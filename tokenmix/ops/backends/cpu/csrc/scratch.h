@@ -107,8 +107,8 @@ inline int64_t bytes_of(std::initializer_list<int64_t> ns, int64_t elem) {
 // scratch after the others (correlate_tail): the kernel's peak memory is then its output alone.
 // That matters for the last kernel of a backward, whose scratch would otherwise add to the
 // peak of y + gx + gw. need: the scratch of all threads. None where the tail would take over an
-// eighth of the planes (narrow weights): the tail takes 1.0-1.9x the kernels' time per plane
-// (all planes through it, one thread, the RedNet stages).
+// eighth of the planes (narrow weights): the tail is slower per plane than the kernels it
+// stands in for.
 #ifdef TOKENMIX_TEST_HOOKS
 // The tests' build only (lent_planes_override): >= 0 forces that many lent planes, the whole
 // output included, so the tail kernel meets every geometry; -1 = sized.
