@@ -8,7 +8,6 @@
 #include "scratch.h"
 #include "vec.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -235,31 +234,27 @@ __attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool source_weights) {
-  const int64_t s = plan.col_stride;
-  const bool zero_border = plan.zero_border;
+at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& args, bool source_weights) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
-  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  const int64_t* rows = plan.rows.data();
-  const int64_t* cols = plan.cols.data();
-  const int64_t* col_offset = plan.col_offset.data();
+  const int64_t B = args.B, C = args.C, G = args.G, Cg = args.Cg, H = args.H, W = args.W, Ho = args.Ho, Wo = args.Wo;
+  const int64_t Kh = args.Kh, Kw = args.Kw, KK = args.KK, s = args.s, wB = args.wB, wHW = args.wHW;
+  const int64_t* rows = args.plan.rows.data();
+  const int64_t* cols = args.plan.cols.data();
+  const int64_t* col_offset = args.plan.col_offset.data();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* yd = y.data_ptr<scalar_t>();
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
   const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch);
-  const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, zero_border);
+  const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, args.zero_border);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, col_offset, s), xoff = lr.elements(max_rows_read),
                              pix = strided(ch * Wo, Cg);  // pix: output pixels in the packed buffer
-  const bool affine = affine_cl<scalar_t>(Cg, source_weights || wpix == 1, Kw, s, col_offset, zero_border);
+  const bool affine = affine_cl<scalar_t>(Cg, source_weights || wpix == 1, Kw, s, col_offset, args.zero_border);
   // source_weights: the task's weights, copied from the source pixels as (K*K, ch, Wo)
-  const SourceWeights sw = source_weights ? SourceWeights(plan) : SourceWeights();
+  const SourceWeights sw = source_weights ? SourceWeights(args.plan) : SourceWeights();
   const int64_t wpitch = round_up(Wo, L), tap_pitch = ch * wpitch;
   ThreadScratch scratch(bytes_of({max_rows_read * pitch, ch * Wo * Cg, source_weights ? KK * tap_pitch : 0}, sizeof(acc_t)));
   for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
@@ -317,23 +312,19 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Plan& pl
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& plan, bool source_weights = false) {
-  const int64_t s = plan.col_stride;
-  const bool zero_border = plan.zero_border;
+at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& args, bool source_weights = false) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
-  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4), wW = w.size(4);
+  const int64_t B = args.B, C = args.C, G = args.G, Cg = args.Cg, H = args.H, W = args.W, Ho = args.Ho, Wo = args.Wo;
+  const int64_t Kh = args.Kh, Kw = args.Kw, KK = args.KK, s = args.s, wB = args.wB, wHW = args.wHW, wW = args.wW;
   const int64_t block = L;  // one vector of columns per block (measured faster than two)
   // Channels-last on rows under a vector, and at stride > 1 on rows under four vectors (faster
   // there; at stride 1 the column kernels are faster on rows of two or more vectors), and on rows
   // under four vectors whenever the affine kernel covers the plane (faster than the column
   // kernels there, slower on wider rows, which keep them)
-  const bool affine = !source_weights && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), zero_border);
+  const bool affine = !source_weights && affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, args.plan.col_offset.data(), args.zero_border);
   if ((Wo < L || (!source_weights && s > 1 && Wo < 4 * L) || (affine && Wo < 4 * L)) && Cg % L == 0)
-    return aggregate_cl<scalar_t>(x, w, plan, source_weights);
+    return aggregate_cl<scalar_t>(x, w, args, source_weights);
   // weights_in_place: weights are read and outputs written in place (no scratch copies) when they are
   // already in the accumulation type and every output row holds a vector (the last block of a
   // row is shifted left to end at Wo, so no read or write leaves the row); with the weights
@@ -341,8 +332,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
   // (below).
   const bool weights_in_place = !source_weights && std::is_same<scalar_t, acc_t>::value && wHW > 1 && Wo >= L;
   const bool output_in_place = weights_in_place || (source_weights && std::is_same<scalar_t, acc_t>::value && Wo >= L);
-  ColPlan p = make_colplan(plan, block, output_in_place);
-  const int64_t* rows = plan.rows.data();
+  ColPlan p = make_colplan(args.plan, block, output_in_place);
+  const int64_t* rows = args.plan.rows.data();
   at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
   const scalar_t* xd = x.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
@@ -352,7 +343,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
   const int64_t most = source_weights ? std::min<int64_t>(16, std::max<int64_t>(2, (96 << 10) / (KK * p.block_width * sizeof(acc_t)))) : 16;
   const int64_t ch = chunk_rows(B * G, Ho, most), nch = ceil_div(Ho, ch);
   const int64_t block_width = p.block_width, rowstride = s * p.phase_width;
-  const SourceWeights sw = source_weights ? SourceWeights(plan) : SourceWeights();
+  const SourceWeights sw = source_weights ? SourceWeights(args.plan) : SourceWeights();
 
   const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch), cstride = max_rows_read * rowstride;
   p.plan_fill(max_rows_read);
@@ -514,19 +505,15 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Plan& 
 }  // namespace
 
 at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const Plan& plan) {
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tokenmix_aggregate", [&] {
-    out = aggregate_impl<scalar_t>(x, w, plan);
+  return dispatch_floating(x.scalar_type(), [&](auto type) {
+    return aggregate_impl<decltype(type)>(x, w, Args(x, w, plan));
   });
-  return out;
 }
 
 at::Tensor aggregate_source_weights(const at::Tensor& y, const at::Tensor& w, const Plan& mirrored) {
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "tokenmix_aggregate_transpose", [&] {
-    out = aggregate_impl<scalar_t>(y, w, mirrored, true);
+  return dispatch_floating(y.scalar_type(), [&](auto type) {
+    return aggregate_impl<decltype(type)>(y, w, Args(y, w, mirrored), true);
   });
-  return out;
 }
 
 }  // namespace tokenmix_cpu

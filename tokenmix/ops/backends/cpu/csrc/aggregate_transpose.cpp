@@ -8,7 +8,6 @@
 #include "scratch.h"
 #include "vec.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -152,23 +151,19 @@ __attribute__((noinline)) void tr_pixels_cl_affine(acc_t* gs, const int64_t* rr,
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const Plan& plan) {
-  const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
-  const bool zero_border = plan.zero_border;
-  const int64_t* col_offset = plan.col_offset.data();
+at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, const Args& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
-  const int64_t B = gy.size(0), C = gy.size(1), Ho = gy.size(2), Wo = gy.size(3);
-  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = plan.Kh, Kw = plan.Kw;
-  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
-  const int64_t* rows = plan.rows.data();
-  const int64_t* cols = plan.cols.data();
+  const int64_t B = args.B, C = args.C, G = args.G, Cg = args.Cg, H = args.H, W = args.W, Ho = args.Ho, Wo = args.Wo;
+  const int64_t Kh = args.Kh, Kw = args.Kw, KK = args.KK, s = args.s, wB = args.wB, wHW = args.wHW;
+  const int64_t* col_offset = args.plan.col_offset.data();
+  const int64_t* rows = args.plan.rows.data();
+  const int64_t* cols = args.plan.cols.data();
   at::Tensor gx = at::empty({B, C, H, W}, gy.options());
   const scalar_t* gyd = gy.data_ptr<scalar_t>();
   const scalar_t* wd = w.data_ptr<scalar_t>();
   scalar_t* gxd = gx.data_ptr<scalar_t>();
-  const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, zero_border);
+  const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, args.zero_border);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
   // output rows [olo[k], ohi[k]) read input band k (empty: olo = ohi)
@@ -183,7 +178,7 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
   for (int64_t k = 0; k < nband; ++k) onmax = std::max(onmax, ohi[k] - olo[k]);
   const std::vector<int64_t> cidx = lr.tap_columns(cols, Kw, Wo, col_offset, s),
                              xoff = lr.elements(band), pix = strided(onmax * Wo, Cg);
-  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, col_offset, zero_border);
+  const bool affine = affine_cl<scalar_t>(Cg, wpix == 1, Kw, s, col_offset, args.zero_border);
   ThreadScratch scratch(bytes_of({band * pitch, onmax * Wo * Cg}, sizeof(acc_t)));
   for_each_task(B * G * nband, G, nband, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> gs = cv.take<acc_t>(band * pitch), gys = cv.take<acc_t>(onmax * Wo * Cg);
@@ -225,21 +220,17 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
 }
 
 template <typename scalar_t>
-at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const Plan& plan) {
-  const int64_t s = plan.col_stride, H = plan.H, W = plan.W;
-  const int64_t affine_in_begin = plan.affine_input_begin, affine_in_end = plan.affine_input_end;
-  const bool zero_border = plan.zero_border;
+at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, const Args& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
-  const int64_t B = y.size(0), C = y.size(1), Ho = y.size(2), Wo = y.size(3);
-  const int64_t G = w.size(1), KK = w.size(2), Cg = C / G;
-  const int64_t Kh = plan.Kh, Kw = plan.Kw;
-  const int64_t wB = w.size(0), wHW = w.size(3) * w.size(4);
+  const int64_t B = args.B, C = args.C, G = args.G, Cg = args.Cg, H = args.H, W = args.W, Ho = args.Ho, Wo = args.Wo;
+  const int64_t Kh = args.Kh, Kw = args.Kw, KK = args.KK, s = args.s, wB = args.wB, wHW = args.wHW;
+  const int64_t affine_in_begin = args.plan.affine_input_begin, affine_in_end = args.plan.affine_input_end;
   // Channels-last (bands of input rows) on rows under four vectors: measured faster than the
   // column kernels there (equal at 256@14x14 stride 1), with less scratch than their per-task row
   // copies. Every row when the affine kernel covers the plane (faster than the source-weights
   // aggregate below).
-  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, plan.col_offset.data(), zero_border);
+  const bool affine = affine_cl<scalar_t>(Cg, wHW > 1, Kw, s, args.plan.col_offset.data(), args.zero_border);
   const bool last = (Wo < 4 * L || affine) && Cg % L == 0;
   // Stride 1, zero border: x's gradient is an aggregate of y over the mirrored window, input
   // pixel (r, q) reading y at each output (i, j) whose tap (u, v) reads (r, q), with that
@@ -248,15 +239,15 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // (faster than the column and channels-last kernels on the 56x56 and 14x14 planes). Rows of two
   // to four vectors, rows under a vector and the planes of the affine kernel keep the
   // channels-last scatter where it applies (slower with source weights there).
-  if (s == 1 && zero_border && W >= L && !(last && (Wo >= 2 * L || affine)))
-    return aggregate_source_weights(y, w, *plan.mirrored);
-  if (last) return aggregate_transpose_cl<scalar_t>(y, w, plan);
-  const int64_t* off = plan.col_offset.data();
-  const int64_t* row_readers_begin = plan.row_readers_begin.data();
-  const int64_t* row_readers = plan.row_readers.data();  // (n, 2): u, i
-  const int64_t* col_readers_begin = plan.col_readers_begin.data();
-  const int64_t* col_readers = plan.col_readers.data();  // (n, 3): v, j, affine
-  const int64_t npair = static_cast<int64_t>(plan.row_readers.size()) / 2;
+  if (s == 1 && args.zero_border && W >= L && !(last && (Wo >= 2 * L || affine)))
+    return aggregate_source_weights(y, w, *args.plan.mirrored);
+  if (last) return aggregate_transpose_cl<scalar_t>(y, w, args);
+  const int64_t* off = args.plan.col_offset.data();
+  const int64_t* row_readers_begin = args.plan.row_readers_begin.data();
+  const int64_t* row_readers = args.plan.row_readers.data();  // (n, 2): u, i
+  const int64_t* col_readers_begin = args.plan.col_readers_begin.data();
+  const int64_t* col_readers = args.plan.col_readers.data();  // (n, 3): v, j, affine
+  const int64_t npair = static_cast<int64_t>(args.plan.row_readers.size()) / 2;
   std::vector<int64_t> reader_tap(npair), reader_row(npair);
   for (int64_t a = 0; a < npair; ++a) reader_tap[a] = row_readers[2 * a], reader_row[a] = row_readers[2 * a + 1];
 
@@ -274,14 +265,14 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   const int64_t block = L;  // one vector of columns per block
   // fast m range per phase: all of [0, mw) (zero border) or the clamp interior
   int64_t m_a = 0, m_b = round_up(mw, block);
-  if (!zero_border) {
+  if (!args.zero_border) {
     m_a = affine_in_begin + pad_cols;
     m_b = affine_in_end + pad_cols;
     if (m_b - m_a < block) m_a = m_b = 0;
   }
   // stride 1, zero border: only m = col + pad_cols of image columns is needed; a row narrower
   // than a block takes one block from pad_cols (writing a few phase-row entries past the row)
-  if (s == 1 && zero_border) m_a = pad_cols, m_b = pad_cols + std::max(W, block);
+  if (s == 1 && args.zero_border) m_a = pad_cols, m_b = pad_cols + std::max(W, block);
   // the entries of phase f that are image columns: m in [plo[f], plo[f] + pcnt[f]) (pair mode
   // computes only these: at W=14, s=2 one block per phase instead of two)
   std::vector<int64_t> plo(s), pcnt(s);
@@ -300,7 +291,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // pair: stride 2, or stride 1 on rows narrower than a block (zero border, so every column is
   // covered by the blocks): each phase keeps its own row, and the rows are interleaved (stride
   // 2) or copied (stride 1) into x at the end, without the scalar scatter
-  const bool pair = std::is_same<scalar_t, acc_t>::value && (s == 2 || (s == 1 && !direct)) && zero_border;
+  const bool pair = std::is_same<scalar_t, acc_t>::value && (s == 2 || (s == 1 && !direct)) && args.zero_border;
   const int64_t lp = max_shift, lpw = lp + std::max(obw, Wo) + 1;
   std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
   for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
@@ -502,7 +493,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
                 for (int64_t col = 0; col < W; ++col)
                   if (col < blocks_begin || col >= blocks_end) xk[c * xstep + col] = 0;
             for (int64_t col = 0; col < W; ++col) {
-              const bool fast = zero_border || (col >= blocks_begin && col < blocks_end);
+              const bool fast = args.zero_border || (col >= blocks_begin && col < blocks_end);
               for (int64_t a = col_readers_begin[col]; a < col_readers_begin[col + 1]; ++a) {
                 const int64_t v = col_readers[3 * a], j = col_readers[3 * a + 1], aff = col_readers[3 * a + 2];
                 if (fast && aff) continue;
@@ -531,11 +522,9 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
 }  // namespace
 
 at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const Plan& plan) {
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "tokenmix_aggregate_transpose", [&] {
-    out = aggregate_transpose_impl<scalar_t>(y, w, plan);
+  return dispatch_floating(y.scalar_type(), [&](auto type) {
+    return aggregate_transpose_impl<decltype(type)>(y, w, Args(y, w, plan));
   });
-  return out;
 }
 
 }  // namespace tokenmix_cpu

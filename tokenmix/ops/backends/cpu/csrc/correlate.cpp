@@ -7,7 +7,6 @@
 #include "scratch.h"
 #include "vec.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -314,14 +313,14 @@ __attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow,
 }
 
 template <typename scalar_t>
-at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G) {
+at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Args& args) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
-  const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
-  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
-  const int64_t KK = Kh * Kw, KKp = round_up(KK + 7, 8);  // a block starting at any tap < K*K fits
-  const int64_t* rows = plan.rows.data();
-  const int64_t* cols = plan.cols.data();
+  const int64_t B = args.B, C = args.C, G = args.G, Cg = args.Cg, H = args.H, W = args.W, Ho = args.Ho, Wo = args.Wo;
+  const int64_t Kh = args.Kh, Kw = args.Kw, KK = args.KK, s = args.s;
+  const int64_t KKp = round_up(KK + 7, 8);  // a block starting at any tap < K*K fits
+  const int64_t* rows = args.plan.rows.data();
+  const int64_t* cols = args.plan.cols.data();
   at::Tensor out = at::empty({B, G, KK, Ho, Wo}, q.options());
   const scalar_t* qd = q.data_ptr<scalar_t>();
   const scalar_t* kd = k.data_ptr<scalar_t>();
@@ -368,26 +367,24 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Plan& pl
     }
   });
   if (lent > 0)
-    correlate_tail<scalar_t>(q, k, out, B * G - lent, B * G, Cg, plan);
+    correlate_tail<scalar_t>(q, k, out, B * G - lent, B * G, Cg, args.plan);
   return out;
 }
 
 template <typename scalar_t>
-at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t G, bool sum_batch,
-                          bool sum_space) {
+at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& args, bool sum_batch, bool sum_space) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int L = Vec<acc_t>::N;
-  const int64_t B = q.size(0), C = q.size(1), H = k.size(2), W = k.size(3), Cg = C / G;
-  const int64_t Kh = plan.Kh, Ho = plan.Ho, Kw = plan.Kw, Wo = plan.Wo;
-  const int64_t KK = Kh * Kw;
+  const int64_t B = args.B, C = args.C, G = args.G, Cg = args.Cg, H = args.H, W = args.W, Ho = args.Ho, Wo = args.Wo;
+  const int64_t Kh = args.Kh, Kw = args.Kw, KK = args.KK, s = args.s;
   // rows of at most half a vector (the column layout leaves half the lanes idle): channels-last
   if (2 * Wo <= L && Cg % L == 0 && !sum_batch && !sum_space)
-    return correlate_cl<scalar_t>(q, k, plan, G);
+    return correlate_cl<scalar_t>(q, k, args);
   // direct: q rows are read in place (one dtype, rows of a vector or more; the last block of a row
   // is shifted left to end at Wo, so no read leaves the row)
   const bool direct = std::is_same<scalar_t, acc_t>::value && Wo >= L;
-  ColPlan p = make_colplan(plan, L, direct);
-  const int64_t* rows = plan.rows.data();
+  ColPlan p = make_colplan(args.plan, L, direct);
+  const int64_t* rows = args.plan.rows.data();
   const int64_t nb = sum_batch ? 1 : B;
   at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
   const scalar_t* qd = q.data_ptr<scalar_t>();
@@ -624,7 +621,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
         }
   }
   if (lent > 0)
-    correlate_tail<scalar_t>(q, k, out, nb * G - lent, nb * G, Cg, plan);
+    correlate_tail<scalar_t>(q, k, out, nb * G - lent, nb * G, Cg, args.plan);
   return out;
 }
 
@@ -632,11 +629,9 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Plan& 
 
 at::Tensor correlate(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t groups, bool sum_batch,
                      bool sum_space) {
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "tokenmix_correlate", [&] {
-    out = correlate_impl<scalar_t>(q, k, plan, groups, sum_batch, sum_space);
+  return dispatch_floating(q.scalar_type(), [&](auto type) {
+    return correlate_impl<decltype(type)>(q, k, Args(q, groups, plan), sum_batch, sum_space);
   });
-  return out;
 }
 
 #ifdef TOKENMIX_TEST_HOOKS

@@ -7,6 +7,8 @@
 #include "scratch.h"
 #include "vec.h"
 
+#include <ATen/Dispatch.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -14,6 +16,36 @@
 #include <vector>
 
 namespace tokenmix_cpu {
+
+// The sizes of one call, named once (as ATen's depthwise convolution kernels take an Arguments
+// struct): the activation (x, y or q: B x C x . x .) in G groups of Cg channels, the weight
+// (B|1, G, K*K, Ho|1, Wo|1; correlate has none), and the plan's geometry. Built by an op's entry
+// point, passed to its kernels.
+// f(scalar_t{}) for the tensor dtype t (float32, float64, bfloat16, float16): the kernels'
+// entry points instantiate their templates for each.
+template <typename F>
+at::Tensor dispatch_floating(at::ScalarType t, F&& f) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t, "tokenmix_cpu", [&] { out = f(scalar_t{}); });
+  return out;
+}
+
+struct Args {
+  const Plan& plan;
+  int64_t B, C, G, Cg;  // batch, channels, groups, channels per group
+  int64_t H, W, Ho, Wo;  // input and output size
+  int64_t Kh, Kw, KK;    // kernel size and taps
+  int64_t s;             // column stride
+  bool zero_border;
+  int64_t wB, wHW, wW;   // the weight's batch (1 or B), plane size (Ho * Wo or 1) and row width
+
+  Args(const at::Tensor& act, int64_t groups, const Plan& p)
+      : plan(p), B(act.size(0)), C(act.size(1)), G(groups), Cg(C / G), H(p.H), W(p.W), Ho(p.Ho), Wo(p.Wo), Kh(p.Kh),
+        Kw(p.Kw), KK(p.Kh * p.Kw), s(p.col_stride), zero_border(p.zero_border), wB(0), wHW(0), wW(0) {}
+  Args(const at::Tensor& act, const at::Tensor& w, const Plan& p) : Args(act, w.size(1), p) {
+    wB = w.size(0), wHW = w.size(3) * w.size(4), wW = w.size(4);
+  }
+};
 
 // Column layout of the input-side scratch: input column col lives at phase
 // (col + pad_cols) % s, index (col + pad_cols) / s of a row of s phases of phase_width entries each.
