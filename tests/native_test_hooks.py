@@ -4,7 +4,7 @@
 (the same kernels as the shipping ``tokenmix::`` CPU kernels, called below autograd) together
 with the hooks the tests need and the shipping library leaves out:
 
-- ``lent_planes_override(n) -> previous``: correlate's lent planes (``correlate.cpp``:
+- ``lent_planes_override(n) -> previous``: correlate's lent planes (``scratch.h``:
   ``lent_planes``) forced to n >= 0 of the last planes, so the scratch-free tail kernel meets
   every geometry; -1 restores the kernel's own sizing.
 

@@ -468,7 +468,7 @@ def test_thread_count_independence_drawn(case, seed):
 
 
 class _lent_planes:
-    """Force correlate's lent planes (csrc/correlate.cpp: lent_planes) in the tests' build of the
+    """Force correlate's lent planes (csrc/scratch.h: lent_planes) in the tests' build of the
     kernels (tests/native_test_hooks.py): n >= 0 of the last planes computed by the scratch-free
     tail kernel, -1 = the kernel's own sizing."""
 
