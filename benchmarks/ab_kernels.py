@@ -5,11 +5,10 @@ most kernel changes do; and building the other revision in place does not help e
 torch's extension cache rebuilds whatever sources are checked out. This script takes the base
 revision's CPU kernel sources (``tokenmix/ops/backends/cpu/csrc``) with `git show`, builds them
 under another op namespace beside the current library (in the extension directory, once per
-base commit), and times both in one process,
-alternating call by call (the order alternating too), on the RedNet-50 stage shapes of
-benchmarks/ops.py. It prints, per shape and op, the median of the paired ratios new/base (below
-1: the working tree is faster) and whether the results are bit-identical, then the geometric
-means.
+base commit), and times both in one process, alternating call by call (the order alternating
+too), on the RedNet-50 stage shapes of benchmarks/ops.py. It prints, per shape and op, the
+median of the paired ratios new/base (below 1: the working tree is faster) and whether the
+results are bit-identical, then the geometric means.
 
 The working tree's kernels run as the ``tokenmix::`` ops' CPU kernels (below autograd, backend
 "cpu"). A base revision of either layout works:
@@ -41,7 +40,6 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
-from torch.utils.cpp_extension import load
 
 from tokenmix.ops import Window, native
 
@@ -75,14 +73,15 @@ def build_base(rev: str, out: str):
     names = [n for n in _git("ls-tree", "--name-only", f"{rev}:{CPU_SOURCES}/csrc").split() if n.endswith((".cpp", ".h"))]
     texts = {n: _git("show", f"{rev}:{CPU_SOURCES}/csrc/{n}") for n in names}
     raw = any("TORCH_LIBRARY(tokenmix_cpu" in t for t in texts.values())
+    src = os.path.join(out, "src")  # the build directory's own files are cleared before a build
+    os.makedirs(src, exist_ok=True)
     for n, t in texts.items():
-        with open(os.path.join(out, n), "w") as f:
+        with open(os.path.join(src, n), "w") as f:
             f.write(t.replace("tokenmix_cpu", "tokenmix_ab_base") if raw else t.replace("tokenmix_test_hooks",
                                                                                        "tokenmix_ab_base"))
     flags = list(native.CFLAGS) + ([] if raw else ["-DTOKENMIX_TEST_HOOKS", "-fvisibility=hidden"])
-    load(name="tokenmix_ab_base", sources=[os.path.join(out, n) for n in names if n.endswith(".cpp")],
-         extra_cflags=flags, extra_ldflags=list(native.LDFLAGS), is_python_module=False, build_directory=out,
-         verbose=False)
+    native.build_and_load("tokenmix_ab_base", [os.path.join(src, n) for n in names if n.endswith(".cpp")], out, flags,
+                          native.LDFLAGS, what=f"the kernels of {rev}")
     return torch.ops.tokenmix_ab_base, (_base_plan(rev) if raw else None)
 
 

@@ -24,14 +24,11 @@ _DEFINES = ["-DTOKENMIX_TEST_HOOKS", "-fvisibility=hidden"]  # hidden: no symbol
 
 def load():
     """torch.ops.tokenmix_test_hooks, built on first use."""
-    from torch.utils.cpp_extension import load as build
-
-    cpu = os.path.join("backends", "cpu", "csrc")
-    sources = [s for s in native.sources() if cpu in s]
-    name = native.name().replace("tokenmix_native_", "tokenmix_test_hooks_")
-    directory = os.path.join(os.path.dirname(native.build_directory()), name)
-    os.makedirs(directory, exist_ok=True)
     if not hasattr(torch.ops.tokenmix_test_hooks, "lent_planes_override"):
-        build(name=name, sources=sources, extra_cflags=native.CFLAGS + _DEFINES, extra_ldflags=list(native.LDFLAGS),
-              build_directory=directory, is_python_module=False, verbose=False)
+        cpu = os.path.join("backends", "cpu", "csrc")
+        sources = [s for s in native.sources() if cpu in s]
+        name = native.name().replace("tokenmix_native_", "tokenmix_test_hooks_")
+        directory = os.path.join(os.path.dirname(native.build_directory()), name)
+        native.build_and_load(name, sources, directory, native.CFLAGS + _DEFINES, native.LDFLAGS,
+                              what="the tests' build of the CPU kernels")
     return torch.ops.tokenmix_test_hooks
