@@ -1,5 +1,5 @@
-// The CPU kernels of the three ops, for ops.cpp (one source file each): inputs contiguous, of one floating dtype and
-// checked against the plan (shapes consistent, the window fits).
+// The CPU kernels of the three ops (one source file each), for ops.cpp: inputs contiguous, of
+// one floating dtype and checked against the plan (shapes consistent, the window fits).
 #pragma once
 
 #include "plan.h"
