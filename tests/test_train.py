@@ -69,14 +69,15 @@ def test_bad_dataset_path_is_a_clear_error(tmp_path):
         load_data("folder:")
 
 
-def test_empty_class_folder_is_a_clear_error(tmp_path):
+def test_empty_class_folder_is_a_clear_error(tmp_path, capsys):
     _write_images(tmp_path / "a", 2, (0, 0, 0))
     (tmp_path / "b").mkdir()
     with pytest.raises(ValueError, match=f"class folder '{tmp_path / 'b'}' has no images"):
         load_data(f"folder:{tmp_path}")
-    # the same error reaches the command line
-    with pytest.raises(ValueError, match="has no images"):
-        main(["--model", "small:conv", "--data", f"folder:{tmp_path}", "--out", str(tmp_path / "o"), *TINY])
+    # the same error reaches the command line as one line, exit code 2
+    assert main(["--model", "small:conv", "--data", f"folder:{tmp_path}", "--out", str(tmp_path / "o"), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokenmix.train: error: class folder") and "has no images" in err and "\n" not in err
 
 
 def test_unreadable_image_names_the_file(tmp_path):
@@ -126,9 +127,9 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted_run(tmp_path):
     steps_per_epoch = 1438 // 128  # 11 full global batches of the 1438 training digits
     with pytest.raises(_Interrupted):  # dies in the middle of epoch 2, after its checkpoint of epoch 1
         train(_cfg(tmp_path / "cut", stop_after_steps=steps_per_epoch + 4))
-    state = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "epoch-0001" / "train_state.pt", weights_only=True)
     assert state["epoch"] == 1
-    with pytest.raises(ValueError, match="already holds a checkpoint; pass --resume"):
+    with pytest.raises(ValueError, match="already holds a run .*; pass --resume"):
         train(_cfg(tmp_path / "cut"))
     resumed = train(_cfg(tmp_path / "cut", resume=True))
 
@@ -140,8 +141,8 @@ def test_resume_after_interrupted_epoch_matches_uninterrupted_run(tmp_path):
     assert resumed["test_acc"] == full["test_acc"]
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
-    s_full = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
-    s_cut = torch.load(tmp_path / "cut" / "train_state.pt", weights_only=True)
+    s_full = torch.load(tmp_path / "full" / "checkpoints" / "epoch-0003" / "train_state.pt", weights_only=True)
+    s_cut = torch.load(tmp_path / "cut" / "checkpoints" / "epoch-0003" / "train_state.pt", weights_only=True)
     assert s_full["scheduler"]["last_epoch"] == s_cut["scheduler"]["last_epoch"] == 3 * steps_per_epoch
     for pa, pb in zip(s_full["optimizer"]["state"].values(), s_cut["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
@@ -154,8 +155,8 @@ def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
 
 def test_resume_refuses_a_different_run(tmp_path):
     train(_cfg(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match="batch_size=128.*batch_size=64"):
-        train(_cfg(tmp_path, epochs=2, batch_size=64, resume=True))
+    with pytest.raises(ValueError, match="batch_size: checkpoint 128, this run 64"):
+        train(_cfg(tmp_path, epochs=1, batch_size=64, resume=True))
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -179,7 +180,8 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     assert [m["param_spread"] for m in ddp] == [0.0, 0.0]
     # only rank 0 wrote: one line per epoch, no stray temporary files
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "config.json", "metrics.jsonl", "model.safetensors", "train_state.pt"]
+        "checkpoints", "config.json", "metrics.jsonl", "model.safetensors"]
+    assert [p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()] == ["epoch-0002"]
     # the same global batches and the gradient average over ranks: the same training
     a = load_file(tmp_path / "ddp" / "model.safetensors")
     b = load_file(tmp_path / "single" / "model.safetensors")

@@ -20,7 +20,9 @@ independent: what a data-parallel equivalence test needs) or ``"none"``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -57,6 +59,34 @@ class MixerBlock(nn.Module):
         return self.act(x + y)
 
 
+@dataclass(frozen=True)
+class SmallNetConfig:
+    """Everything :class:`SmallNet` is built from (its constructor arguments), so a weights
+    file can carry it (``tokenmix.models.save_weights``) and rebuild the network."""
+
+    mixer: str = "conv"
+    num_classes: int = 10
+    in_channels: int = 1
+    width: int = 32
+    depth: int = 1
+    kernel_size: int = 3
+    norm: str = "batch"
+    mixer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"small:{self.mixer}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mixer_kwargs"] = dict(self.mixer_kwargs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SmallNetConfig":
+        return cls(**d)
+
+
 class SmallNet(nn.Module):
     """Small two-stage residual classifier; see the module docstring for the layout.
 
@@ -84,6 +114,7 @@ class SmallNet(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         kw = dict(mixer_kwargs or {})
         self.mixer_name = mixer
+        self.config = SmallNetConfig(mixer, num_classes, in_channels, width, depth, kernel_size, norm, kw)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), _norm(norm, width),
                                   nn.ReLU(inplace=True))
         self.stage1 = nn.Sequential(*[MixerBlock(width, mixer, kernel_size, norm, kw) for _ in range(depth)])
@@ -91,6 +122,10 @@ class SmallNet(nn.Module):
                                   _norm(norm, 2 * width))
         self.stage2 = nn.Sequential(*[MixerBlock(2 * width, mixer, kernel_size, norm, kw) for _ in range(depth)])
         self.head = nn.Linear(2 * width, num_classes)
+
+    @classmethod
+    def from_config(cls, config: SmallNetConfig) -> "SmallNet":
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
     def mixers(self):
         """The spatial mixers of all blocks, input side first."""
@@ -109,4 +144,4 @@ def parse_small_model(name: str) -> Optional[str]:
     return None
 
 
-__all__ = ["SmallNet", "MixerBlock", "parse_small_model", "NORMS"]
+__all__ = ["SmallNet", "SmallNetConfig", "MixerBlock", "parse_small_model", "NORMS"]

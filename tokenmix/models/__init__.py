@@ -16,7 +16,8 @@ from .convert_metaformer import (convert_official_nat, convert_official_poolform
 from .metaformer import MetaFormer, MetaFormerBlock
 from .metaformer_config import MetaFormerConfig, MetaStageConfig, convformer_s18_config, nat_config, poolformer_config
 from .registry import apply_overrides, create_model, get_config, list_models, register_model
-from .weights import check_state_dict, config_from_weights, load_weights, save_weights
+from .weights import (check_state_dict, config_from_weights, load_weights, model_from_config, model_from_weights,
+                      save_weights)
 
 __all__ = [
     "Backbone", "Bottleneck", "ConvStem", "RedNetStem", "MetaFormer", "MetaFormerBlock",
@@ -24,7 +25,8 @@ __all__ = [
     "DEPTHS", "ModelConfig", "StageConfig", "StemConfig", "make_stages",
     "resnet_config", "rednet_config", "sasa_resnet_config",
     "create_model", "list_models", "register_model", "get_config", "apply_overrides",
-    "save_weights", "load_weights", "config_from_weights", "check_state_dict",
+    "save_weights", "load_weights", "config_from_weights", "check_state_dict", "model_from_config",
+    "model_from_weights",
     "convert_official_rednet", "load_official_rednet", "official_rednet_keys",
     "convert_official_poolformer", "load_official_poolformer", "convert_official_nat", "load_official_nat",
 ]

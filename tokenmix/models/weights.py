@@ -12,7 +12,7 @@ from torch import nn
 PathLike = Union[str, "os.PathLike[str]"]
 
 CONFIG_KEY = "tokenmix.config"
-CONFIG_CLASS_KEY = "tokenmix.config_class"  # "ModelConfig" (also when absent) or "MetaFormerConfig"
+CONFIG_CLASS_KEY = "tokenmix.config_class"  # the config's class name; absent: a ModelConfig
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "state_dict") -> None:
@@ -46,23 +46,35 @@ def save_weights(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, 
     from safetensors.torch import save_file
 
     meta = dict(metadata or {})
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        meta.setdefault(CONFIG_KEY, json.dumps(config.to_dict()))
-        meta.setdefault(CONFIG_CLASS_KEY, type(config).__name__)
+    meta.update(config_metadata(model))
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
+def config_metadata(model: nn.Module) -> Dict[str, str]:
+    """The metadata entries that describe ``model``'s config (empty for a model without one):
+    ``tokenmix.config`` (JSON) and ``tokenmix.config_class`` (the config class name)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    return {CONFIG_KEY: json.dumps(config.to_dict()), CONFIG_CLASS_KEY: type(config).__name__}
+
+
 def read_weights(path: PathLike, device: Union[str, torch.device] = "cpu"):
-    """(state_dict, metadata) of a safetensors file."""
+    """(state_dict, metadata) of a safetensors file; ValueError naming the file if it is
+    missing, truncated or not safetensors."""
     from safetensors import safe_open
 
     tensors = {}
-    with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
+    try:
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except FileNotFoundError as e:
+        raise ValueError(f"weights file {os.fspath(path)!r} does not exist") from e
+    except Exception as e:  # safetensors' own error types differ across versions
+        raise ValueError(f"weights file {os.fspath(path)!r} is not a readable safetensors file: {e}") from e
     return tensors, meta
 
 
@@ -74,19 +86,62 @@ def load_weights(model: nn.Module, path: PathLike) -> nn.Module:
     return load_state_dict_strict(model, tensors, what=f"weights file {os.fspath(path)!r}")
 
 
-def config_from_weights(path: PathLike):
-    """The :class:`ModelConfig` stored in a safetensors file by :func:`save_weights`."""
-    from safetensors import safe_open
-
+def _config_types() -> Dict[str, type]:
+    from ..small_net import SmallNetConfig
     from .config import ModelConfig
     from .metaformer_config import MetaFormerConfig
 
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
+    return {"ModelConfig": ModelConfig, "MetaFormerConfig": MetaFormerConfig, "SmallNetConfig": SmallNetConfig}
+
+
+def config_from_metadata(meta: Mapping[str, str], what: str):
+    """The model config described by safetensors metadata (see :func:`config_metadata`);
+    ValueError naming ``what`` when it has none or it cannot be read."""
     if CONFIG_KEY not in meta:
-        raise ValueError(f"weights file {os.fspath(path)!r} has no {CONFIG_KEY!r} metadata")
-    classes = {"ModelConfig": ModelConfig, "MetaFormerConfig": MetaFormerConfig}
-    name = meta.get(CONFIG_CLASS_KEY, "ModelConfig")
-    if name not in classes:
-        raise ValueError(f"weights file {os.fspath(path)!r}: unknown config class {name!r}; known: {', '.join(classes)}")
-    return classes[name].from_dict(json.loads(meta[CONFIG_KEY]))
+        raise ValueError(f"{what} has no {CONFIG_KEY!r} metadata (it was not written by tokenmix's "
+                         "save_weights or tokenmix train); build the model by name and load it with load_weights")
+    kind = meta.get(CONFIG_CLASS_KEY, "ModelConfig")
+    types = _config_types()
+    if kind not in types:
+        raise ValueError(f"{what}: unknown config type {kind!r}; known: {', '.join(types)}")
+    try:
+        return types[kind].from_dict(json.loads(meta[CONFIG_KEY]))
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{what}: cannot read its {CONFIG_KEY!r} metadata: {e}") from e
+
+
+def config_from_weights(path: PathLike):
+    """The model config (a :class:`ModelConfig`, a :class:`MetaFormerConfig`, or a
+    :class:`tokenmix.small_net.SmallNetConfig` for ``small:MIXER`` networks) stored in a safetensors file by :func:`save_weights` or
+    ``tokenmix train``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError as e:
+        raise ValueError(f"weights file {os.fspath(path)!r} does not exist") from e
+    except Exception as e:
+        raise ValueError(f"weights file {os.fspath(path)!r} is not a readable safetensors file: {e}") from e
+    return config_from_metadata(meta, f"weights file {os.fspath(path)!r}")
+
+
+def model_from_config(config) -> nn.Module:
+    """A fresh model (random weights) built from a config :func:`config_from_weights` returns."""
+    from ..small_net import SmallNet, SmallNetConfig
+    from .registry import create_model
+
+    if isinstance(config, SmallNetConfig):
+        return SmallNet.from_config(config)
+    return create_model(config)
+
+
+def model_from_weights(path: PathLike) -> nn.Module:
+    """The model a safetensors file describes (:func:`config_from_weights`), with its weights
+    loaded (in the file's dtype). Needs the mixers it names to be registered (``--import``)."""
+    model = model_from_config(config_from_weights(path))
+    tensors, _ = read_weights(path)
+    dtypes = {v.dtype for v in tensors.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+    return load_state_dict_strict(model, tensors, what=f"weights file {os.fspath(path)!r}")
