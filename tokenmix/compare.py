@@ -1,27 +1,32 @@
 """``tokenmix compare``: train the same small backbone (:class:`tokenmix.small_net.SmallNet`)
-once per spatial mixer on built-in data, with a fixed seed and a held-out split, and compare::
+per spatial mixer from several seeds on built-in data, with a held-out split, and compare::
 
     tokenmix compare --mixers conv,dwconv,involution,local_attention,positional_attention,patch_involution
 
-Prints a table (parameters, multiply-adds per image, train time, time per epoch, test
-accuracy) and writes into ``--out`` (default ``runs/compare``):
+Every mixer is trained from each of ``--seeds N`` seeds (``--seed``, ``--seed + 1``, ...: the
+seed sets the initialisation and the data order; every mixer gets the same seeds, and the
+train/test split is the one of ``--seed`` for all runs). Prints a table (parameters,
+multiply-adds per image, time per epoch, test accuracy as mean and standard deviation over
+the seeds, and its range) and writes into ``--out`` (default ``runs/compare``):
 
-- ``compare.json``: the configuration and, per mixer, the numbers and the per-epoch history;
+- ``compare.json``: the configuration and, per mixer, the mean/std, every seed's numbers and
+  per-epoch history, and the per-epoch mean/std curves;
 - ``compare.md``: the table;
-- ``curves.png``: test accuracy and train loss per epoch, every mixer on one figure;
-- ``kernels_<mixer>.png``: heat maps of the generated kernels of the trained mixer on test
-  images (for mixers whose kernel depends on the input: involution, attention, ...).
+- ``curves.png``: test accuracy and train loss per epoch, mean over the seeds with a band of
+  one standard deviation, every mixer on one figure;
+- ``kernels_<mixer>.png``: heat maps of the generated kernels of the trained mixer (first
+  seed) on test images (for mixers whose kernel depends on the input: involution, attention, ...).
 
-Every mixer starts from ``torch.manual_seed(seed)`` and sees the same data order (the
-sampler's permutation depends on ``(seed, epoch)`` only).
+``--backbone metaformer`` trains a two-stage MetaFormer of the same widths instead of
+``SmallNet``. Training runs :class:`tokenmix.training.Loop`, the loop of ``tokenmix train``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -31,6 +36,8 @@ from torch import nn
 from .cli import Command
 
 DEFAULT_MIXERS = "conv,dwconv,involution,local_attention,positional_attention,patch_involution"
+DEFAULT_EPOCHS = 10
+DEFAULT_SEEDS = 3
 
 
 def _parse_mixers(text: str) -> List[str]:
@@ -59,7 +66,7 @@ def build_backbone(backbone: str, mixer: str, num_classes: int, in_channels: int
 
         return create_model(tiny_metaformer_config(mixer, num_classes, in_channels, width, depth, kernel_size))
     if backbone != "small":
-        raise ValueError(f"backbone={backbone!r} is not known; known: {', '.join(BACKBONES)}")
+        raise ValueError(f"--backbone {backbone!r} is not known; known: {', '.join(BACKBONES)}")
     from .small_net import SmallNet
 
     return SmallNet(mixer, num_classes=num_classes, in_channels=in_channels, width=width, depth=depth,
@@ -67,45 +74,70 @@ def build_backbone(backbone: str, mixer: str, num_classes: int, in_channels: int
 
 
 def train_one(mixer: str, split, *, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int,
-              width: int, depth: int, kernel_size: int, progress: Optional[bool], backbone: str = "small") -> Dict[str, Any]:
-    """Train ``backbone`` (see :func:`build_backbone`) with ``mixer`` on ``split`` in this
-    process; returns numbers, history and the trained model (key ``"model"``)."""
-    from .train import Dist, count_macs, evaluate, make_optimizer, make_scheduler, make_train_loader, train_epoch
+              width: int, depth: int, kernel_size: int, progress: Optional[bool],
+              backbone: str = "small") -> Dict[str, Any]:
+    """Train ``backbone`` (see :func:`build_backbone`) with ``mixer`` on ``split`` from ``seed``
+    in this process (the loop of ``tokenmix train``: AdamW, half an epoch of warm-up, cosine
+    decay); returns numbers, history and the trained model (key ``"model"``)."""
+    from .training import Loop, TrainConfig, count_macs
 
-    info = Dist()
+    config = TrainConfig(model=f"small:{mixer}", epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, seed=seed, progress=progress, warmup_epochs=min(0.5, epochs))
+    config.check()
     torch.manual_seed(seed)
     model = build_backbone(backbone, mixer, split.num_classes, split.in_channels, width, depth, kernel_size)
     params = sum(p.numel() for p in model.parameters())
     macs = count_macs(model, split.test.tensors[0][:1])
-    loader = make_train_loader(split.train, batch_size, info, seed)
-    optimizer = make_optimizer(model, "adamw", lr, weight_decay)
-    scheduler = make_scheduler(optimizer, epochs * len(loader), len(loader) // 2)
-    history = []
-    train_time = 0.0
-    for epoch in range(epochs):
-        loader.sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        m = train_epoch(model, loader, optimizer, scheduler, info, desc=f"{mixer} epoch {epoch + 1}/{epochs}",
-                        progress=progress)
-        dt = time.perf_counter() - t0
-        train_time += dt
-        m.update(evaluate(model, split.test, 256, info))
-        history.append({"epoch": epoch + 1, **m, "time_s": dt})
-        print(f"{mixer:>22s} epoch {epoch + 1:2d}/{epochs}  train loss {m['train_loss']:.4f}  "
-              f"test acc {m['test_acc']:.4f}  {dt:.1f}s", file=sys.stderr)
-    return {"mixer": mixer, "params": params, "macs": macs["macs"], "macs_counter": macs["counter"],
+
+    def report(loop, m):
+        print(f"{mixer:>22s} seed {seed} epoch {m['epoch']:2d}/{epochs}  train loss {m['train_loss']:.4f}  "
+              f"test acc {m['test_acc']:.4f}  {m['time_s']:.1f}s", file=sys.stderr)
+
+    history = Loop(model, split, config, eval_batch_size=256, label=f"{mixer} seed {seed} ").run(0, report)
+    history = [{k: h[k] for k in ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "time_s")}
+               for h in history]
+    train_time = sum(h["time_s"] for h in history)
+    return {"mixer": mixer, "seed": seed, "params": params, "macs": macs["macs"], "macs_counter": macs["counter"],
             "train_time_s": train_time, "time_per_epoch_s": train_time / epochs,
             "test_acc": history[-1]["test_acc"], "test_loss": history[-1]["test_loss"],
             "history": history, "model": model}
 
 
+def _mean_std(values: Sequence[float]) -> Dict[str, float]:
+    """Mean and sample standard deviation (0.0 for a single value)."""
+    values = list(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(runs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One mixer's runs (one per seed, as :func:`train_one` returns them without the model)
+    -> mean/std of the test accuracy, loss and times, and per-epoch mean/std curves."""
+    first = runs[0]
+    acc = [r["test_acc"] for r in runs]
+    curves = []
+    for i, h in enumerate(first["history"]):
+        curves.append({"epoch": h["epoch"],
+                       **{f"{k}_{stat}": v for k in ("test_acc", "train_loss")
+                          for stat, v in _mean_std([r["history"][i][k] for r in runs]).items()}})
+    return {"mixer": first["mixer"], "params": first["params"], "macs": first["macs"],
+            "macs_counter": first["macs_counter"], "seeds": [r["seed"] for r in runs],
+            "test_acc_mean": _mean_std(acc)["mean"], "test_acc_std": _mean_std(acc)["std"],
+            "test_acc_min": min(acc), "test_acc_max": max(acc),
+            "test_loss_mean": _mean_std([r["test_loss"] for r in runs])["mean"],
+            "train_time_s": _mean_std([r["train_time_s"] for r in runs])["mean"],
+            "time_per_epoch_s": _mean_std([r["time_per_epoch_s"] for r in runs])["mean"],
+            "curves": curves, "runs": list(runs)}
+
+
 def format_table(results: Sequence[Dict[str, Any]]) -> str:
-    """Markdown table: mixer, params, MACs per image, train time, time per epoch, test accuracy."""
-    rows = ["| mixer | params | MACs/image | train time (s) | time/epoch (s) | test acc (%) |",
-            "|---|---:|---:|---:|---:|---:|"]
+    """Markdown table of :func:`summarize` results: mixer, params, MACs per image, time per
+    epoch, test accuracy (mean ± std over the seeds, min-max, number of seeds)."""
+    rows = ["| mixer | params | MACs/image | time/epoch (s) | test acc (%), mean ± std | min - max | seeds |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        rows.append(f"| {r['mixer']} | {r['params']:,} | {r['macs'] / 1e6:.2f} M | {r['train_time_s']:.1f} | "
-                    f"{r['time_per_epoch_s']:.2f} | {100 * r['test_acc']:.2f} |")
+        rows.append(f"| {r['mixer']} | {r['params']:,} | {r['macs'] / 1e6:.2f} M | {r['time_per_epoch_s']:.2f} | "
+                    f"{100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
+                    f"{100 * r['test_acc_min']:.2f} - {100 * r['test_acc_max']:.2f} | {len(r['seeds'])} |")
     return "\n".join(rows)
 
 
@@ -123,14 +155,20 @@ def _figure(width: float, height: float):
 
 
 def plot_curves(results: Sequence[Dict[str, Any]], path: Path) -> None:
-    """Test accuracy and train loss per epoch of every mixer, one figure."""
+    """Test accuracy and train loss per epoch of every mixer (:func:`summarize` results): the
+    mean over the seeds, with a band of one standard deviation either side."""
     fig = _figure(11, 4.2)
     ax_acc, ax_loss = fig.subplots(1, 2)
     for r in results:
-        ep = [h["epoch"] for h in r["history"]]
-        ax_acc.plot(ep, [100 * h["test_acc"] for h in r["history"]], marker="o", ms=3, label=r["mixer"])
-        ax_loss.plot(ep, [h["train_loss"] for h in r["history"]], marker="o", ms=3, label=r["mixer"])
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="held-out accuracy")
+        ep = [c["epoch"] for c in r["curves"]]
+        for ax, key, scale in ((ax_acc, "test_acc", 100.0), (ax_loss, "train_loss", 1.0)):
+            mean = [scale * c[f"{key}_mean"] for c in r["curves"]]
+            std = [scale * c[f"{key}_std"] for c in r["curves"]]
+            line, = ax.plot(ep, mean, marker="o", ms=3, label=r["mixer"])
+            ax.fill_between(ep, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    n = len(results[0]["seeds"]) if results else 0
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"held-out accuracy (mean ± std, {n} seeds)")
     ax_loss.set(xlabel="epoch", ylabel="train loss (cross-entropy)", title="training loss", yscale="log")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
@@ -220,32 +258,29 @@ def _sample_images(split, n: int = 4) -> torch.Tensor:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
+    from .training import TrainConfig, add_config_arguments
+
     p.add_argument("--mixers", default=DEFAULT_MIXERS, help=f"comma-separated mixer presets (default {DEFAULT_MIXERS})")
-    p.add_argument("--data", default="digits", help="digits | folder:PATH (default digits)")
-    p.add_argument("--size", type=int, default=None, help="resize images (default: 8 for digits, 32 for folders)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"seeds per mixer: --seed, --seed + 1, ... (default {DEFAULT_SEEDS})")
+    add_config_arguments(p, TrainConfig, include=("data", "size", "epochs", "batch_size", "lr", "weight_decay", "seed",
+                                                  "threads", "progress"),
+                         defaults={"epochs": DEFAULT_EPOCHS, "threads": 1})
     p.add_argument("--width", type=int, default=32, help="channels of stage 1 (stage 2: twice)")
     p.add_argument("--depth", type=int, default=1, help="blocks per stage")
     p.add_argument("--kernel-size", type=int, default=3, help="K of every mixer")
     p.add_argument("--backbone", choices=BACKBONES, default="small",
                    help="small: the residual SmallNet (default); metaformer: a two-stage MetaFormer of the same widths")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: these tiny models run fastest single-threaded)")
     p.add_argument("--out", default="runs/compare", help="output directory (default runs/compare)")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None,
-                   help="always show progress bars (default: only on a terminal)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("epochs", "batch_size", "width", "depth", "threads"):
-        v = getattr(args, name)
-        if v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v!r}")
+    from ._checks import check_positive_int
+    from .training import TrainConfig, config_from_args
+
+    for name in ("seeds", "width", "depth", "kernel_size"):
+        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+    config_from_args(args, TrainConfig, warmup_epochs=min(0.5, args.epochs) if args.epochs > 0 else 0).check()
     mixers = _parse_mixers(args.mixers)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -261,16 +296,21 @@ def _run(args: argparse.Namespace, mixers: List[str]) -> int:
     split = load_data(args.data, size=args.size, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = [args.seed + i for i in range(args.seeds)]
     print(f"data {args.data!r}: {len(split.train)} train / {len(split.test)} test images "
           f"{split.in_channels}x{split.image_size[0]}x{split.image_size[1]}, {split.num_classes} classes; "
-          f"{args.epochs} epochs per mixer", file=sys.stderr)
+          f"{args.epochs} epochs per mixer and seed, seeds {seeds}", file=sys.stderr)
     results, models = [], {}
     for mixer in mixers:
-        r = train_one(mixer, split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, seed=args.seed, width=args.width, depth=args.depth,
-                      kernel_size=args.kernel_size, progress=args.progress, backbone=args.backbone)
-        models[mixer] = r.pop("model")
-        results.append(r)
+        runs = []
+        for seed in seeds:
+            r = train_one(mixer, split, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          weight_decay=args.weight_decay, seed=seed, width=args.width, depth=args.depth,
+                          kernel_size=args.kernel_size, progress=args.progress, backbone=args.backbone)
+            models.setdefault(mixer, r.pop("model"))
+            r.pop("model", None)
+            runs.append(r)
+        results.append(summarize(runs))
     table = format_table(results)
     print(table)
     (out / "compare.md").write_text(table + "\n")
@@ -282,8 +322,8 @@ def _run(args: argparse.Namespace, mixers: List[str]) -> int:
         reduce = plot_kernels(mixer, model, images, path)
         if reduce is not None:
             heatmaps[mixer] = {"file": path.name, "reduce": reduce}
-    config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "command"}
-    config.update(mixers=mixers, train_size=len(split.train), test_size=len(split.test),
+    config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "imports")}
+    config.update(mixers=mixers, seed_list=seeds, train_size=len(split.train), test_size=len(split.test),
                   torch=torch.__version__)
     payload = {"config": config, "results": results, "table": table, "plots": {"curves": "curves.png",
                                                                                    "kernels": heatmaps}}
@@ -293,7 +333,8 @@ def _run(args: argparse.Namespace, mixers: List[str]) -> int:
     return 0
 
 
-COMMAND = Command(help="train one small backbone per mixer on built-in data and compare", configure=configure,
-                  run=run)
+COMMAND = Command(help="train one small backbone per mixer and seed on built-in data and compare",
+                  configure=configure, run=run)
 
-__all__ = ["COMMAND", "build_backbone", "train_one", "format_table", "plot_curves", "plot_kernels", "choose_reduction"]
+__all__ = ["COMMAND", "build_backbone", "train_one", "summarize", "format_table", "plot_curves", "plot_kernels",
+           "choose_reduction"]
