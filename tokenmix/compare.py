@@ -275,11 +275,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._checks import check_positive_int
+    from ._args import check_int
     from .training import TrainConfig, config_from_args
 
     for name in ("seeds", "width", "depth", "kernel_size"):
-        check_positive_int(f"--{name.replace('_', '-')}", getattr(args, name))
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name))
     config_from_args(args, TrainConfig, warmup_epochs=min(0.5, args.epochs) if args.epochs > 0 else 0).check()
     mixers = _parse_mixers(args.mixers)
     threads_before = torch.get_num_threads()

@@ -86,8 +86,21 @@ def _load_digits() -> Tuple[torch.Tensor, np.ndarray, List[str]]:
     return x, bunch.target.astype(np.int64), [str(c) for c in bunch.target_names]
 
 
+def read_rgb_image(path) -> "PIL.Image.Image":
+    """The image at ``path`` decoded and converted to RGB; ValueError naming the file for
+    anything Pillow cannot decode (not an image, truncated, a decompression bomb: more pixels
+    than twice ``PIL.Image.MAX_IMAGE_PIXELS``, ...)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # UnidentifiedImageError, OSError, DecompressionBombError, SyntaxError, ...
+        raise ValueError(f"cannot read image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
 def _load_folder(path_text: str, size: int) -> Tuple[torch.Tensor, np.ndarray, List[str]]:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     root = Path(path_text).expanduser()
     if not path_text:
@@ -108,12 +121,8 @@ def _load_folder(path_text: str, size: int) -> Tuple[torch.Tensor, np.ndarray, L
         if not files:
             raise ValueError(f"class folder {str(d)!r} has no images (looked for {', '.join(IMAGE_SUFFIXES)})")
         for f in files:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as e:
-                raise ValueError(f"cannot read image {str(f)!r}: {e}") from e
+            im = read_rgb_image(f).resize((size, size), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0
             images.append(torch.from_numpy(arr).permute(2, 0, 1))
             labels.append(label)
     return torch.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
@@ -133,7 +142,8 @@ def load_data(spec: str, *, size: Optional[int] = None, test_fraction: float = 0
 
     Raises:
         ValueError: unknown spec, missing/non-directory path, no class folders, an empty class
-            folder or an unreadable image (the message names the path).
+            folder or an unreadable image (the message names the path), or a split that leaves a
+            class without test images (the message names the class).
     """
     if not isinstance(spec, str):
         raise TypeError(f"data must be a string such as 'digits' or 'folder:PATH', got {spec!r}")
@@ -147,6 +157,13 @@ def load_data(spec: str, *, size: Optional[int] = None, test_fraction: float = 0
     else:
         raise ValueError(f"unknown data {spec!r}; known: 'digits', 'folder:PATH'")
     train_idx, test_idx = stratified_split(y, test_fraction, seed)
+    counts = np.bincount(y[test_idx], minlength=len(classes))
+    empty = [classes[c] for c in range(len(classes)) if counts[c] == 0]
+    if empty:
+        n = np.bincount(y, minlength=len(classes))
+        raise ValueError(f"test_fraction={test_fraction} leaves class(es) without a test image: "
+                         + ", ".join(f"{c!r} ({n[classes.index(c)]} image(s))" for c in empty)
+                         + "; add images (a class needs at least 2) or raise --test-fraction")
     xt = x[torch.from_numpy(train_idx)]
     mean = xt.mean(dim=(0, 2, 3))
     std = xt.std(dim=(0, 2, 3)).clamp_min(1e-6)
@@ -162,4 +179,4 @@ def load_data(spec: str, *, size: Optional[int] = None, test_fraction: float = 0
                      mean=mean.tolist(), std=std.tolist())
 
 
-__all__ = ["DataSplit", "load_data", "stratified_split", "IMAGE_SUFFIXES"]
+__all__ = ["DataSplit", "load_data", "stratified_split", "read_rgb_image", "IMAGE_SUFFIXES"]

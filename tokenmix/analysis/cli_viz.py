@@ -5,9 +5,11 @@ Two sources of the kernel:
 - ``--mixer NAME``: a fresh preset (random init, ``--seed``) applied to the image as a
   first layer would see it: the normalised image, average-pooled by 4 and lifted to
   ``--dim`` channels by a fixed random 1x1 convolution (same seed).
-- ``--model NAME [--layer L] [--checkpoint FILE]``: the input that layer ``L`` (default: the
-  first kernel-generating layer) receives when the model runs on the normalised image;
-  random weights unless a safetensors checkpoint (``tokenmix.models.save_weights``) is given.
+- ``--model NAME [--layer L]``: the input that layer ``L`` (default: the first
+  kernel-generating layer) receives when the model runs on the normalised image, random
+  weights; ``--checkpoint FILE [--layer L]``: the same for the model a safetensors file
+  describes (written by ``tokenmix train`` or ``tokenmix.models.save_weights``: the model
+  config is in its metadata), with its weights.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from ..cli import Command
 def configure(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--mixer", help="a mixer preset name (fresh, random init)")
-    src.add_argument("--model", help="a registered model name; see --layer")
+    src.add_argument("--model", help="a registered model name (random weights); see --layer")
+    src.add_argument("--checkpoint", default=None,
+                     help="a safetensors file with a model config in its metadata (tokenmix train's "
+                          "model.safetensors, tokenmix.models.save_weights); the model is built from it")
     p.add_argument("--layer", default=None, help="model submodule to show (default: first mixer layer)")
-    p.add_argument("--checkpoint", default=None, help="safetensors weights for --model")
     p.add_argument("--image", default=None, help="image file (default: scikit-learn's bundled china.jpg)")
     p.add_argument("--size", type=int, default=224, help="image side length after centre crop (default 224)")
     p.add_argument("--dim", type=int, default=64, help="channels of the fresh --mixer (default 64)")
@@ -71,22 +75,27 @@ def run(args: argparse.Namespace) -> int:
             what = (f"fresh {args.mixer} (dim {args.dim}, K {args.kernel_size}, seed {args.seed}) on the image "
                     f"pooled by 4 and lifted by a random 1x1 conv")
         else:
-            from ..models import create_model, list_models, load_weights
+            from ..models import create_model, list_models, model_from_weights
 
-            if args.model not in list_models():
-                return _fail(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
-            model = create_model(args.model)
             if args.checkpoint is not None:
-                load_weights(model, args.checkpoint)
+                model = model_from_weights(args.checkpoint).float()
+                name = model.config.name
+                in_chans = getattr(model.config, "in_chans", getattr(model.config, "in_channels", 3))
+                if in_chans != 3:  # a grayscale network: the image's mean over RGB
+                    x_img = x_img.mean(1, keepdim=True).expand(-1, in_chans, -1, -1)
+            elif args.model not in list_models():
+                return _fail(f"unknown model {args.model!r}; known: {', '.join(list_models())}")
+            else:
+                model, name = create_model(args.model), args.model
             layers = mixer_layers(model)
             if not layers:
-                return _fail(f"model {args.model!r} has no kernel-generating layer (plain convolutions only)")
+                return _fail(f"model {name!r} has no kernel-generating layer (plain convolutions only)")
             layer = args.layer if args.layer is not None else layers[0]
             if layer not in layers:
-                return _fail(f"layer {layer!r} of {args.model} generates no kernel; choose one of: {', '.join(layers)}")
+                return _fail(f"--layer {layer!r} of {name} generates no kernel; choose one of: {', '.join(layers)}")
             mixer, x = layer_input(model, layer, x_img)
             weights = args.checkpoint if args.checkpoint else f"random weights, seed {args.seed}"
-            what = f"{args.model}.{layer} ({weights})"
+            what = f"{name}.{layer} ({weights})"
         maps = kernel_maps(mixer, x, reduce=args.reduce)
     except (ValueError, TypeError) as e:
         return _fail(str(e))

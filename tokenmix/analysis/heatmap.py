@@ -135,10 +135,9 @@ def load_image(path: Optional[Union[str, os.PathLike]] = None, size: int = 224) 
     else:
         if not os.path.isfile(path):
             raise ValueError(f"image path {str(path)!r} is not a file")
-        try:
-            img = Image.open(path).convert("RGB")
-        except OSError as e:
-            raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        from ..data import read_rgb_image
+
+        img = read_rgb_image(path)
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
