@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._args import check_int
@@ -16,13 +17,41 @@ from .base import KernelGenerator, resolve_groups
 from .registry import register_kernel_gen
 
 
-def stride_pool(stride: int) -> nn.Module:
-    """``nn.AvgPool2d(s, s, ceil_mode=True)`` for s > 1, else ``nn.Identity``.
+class CeilAvgPool2d(nn.Module):
+    """``nn.AvgPool2d(s, s, ceil_mode=True)``, bitwise, written so that ``torch.export`` can
+    keep the height and width symbolic: zero-pad the bottom/right to a multiple of s, sum
+    each s x s window, divide by the number of in-image pixels it covers. (The pooling op's
+    ceil mode drops a last window that would start outside the input, a condition export
+    cannot decide for a symbolic size; with stride = kernel no window starts outside.)
 
-    ``ceil_mode=True`` gives ceil(H/s) rows, the aggregation's output size, also for odd H
-    (the last, partial window averages the pixels it covers); for H divisible by s it is
-    the official ``nn.AvgPool2d(s, s)`` exactly."""
-    return nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+    x: (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s)).
+    """
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        H, W = x.shape[-2:]
+        total = F.avg_pool2d(F.pad(x, (0, (-W) % s, 0, (-H) % s)), s, s, divisor_override=1)
+        Ho, Wo = total.shape[-2:]
+        rows = (H - s * torch.arange(Ho, device=x.device, dtype=x.dtype)).clamp(max=s)  # pixels per window row
+        cols = (W - s * torch.arange(Wo, device=x.device, dtype=x.dtype)).clamp(max=s)
+        return total / (rows[:, None] * cols[None, :])
+
+    def extra_repr(self) -> str:
+        return f"stride={self.stride}"
+
+
+def stride_pool(stride: int) -> nn.Module:
+    """:class:`CeilAvgPool2d` (``nn.AvgPool2d(s, s, ceil_mode=True)``) for s > 1, else
+    ``nn.Identity``.
+
+    Ceil mode gives ceil(H/s) rows, the aggregation's output size, also for odd H (the last,
+    partial window averages the pixels it covers); for H divisible by s it is the official
+    ``nn.AvgPool2d(s, s)`` exactly."""
+    return CeilAvgPool2d(stride) if stride > 1 else nn.Identity()
 
 
 @register_kernel_gen("bottleneck")

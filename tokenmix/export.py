@@ -1,0 +1,139 @@
+"""Export of tokenmix models to ONNX: the ``tokenmix::`` custom ops written as standard
+PyTorch ops, applied to an exported program for export only.
+
+The CPU and Triton kernels behind ``tokenmix::aggregate``, ``tokenmix::correlate`` and
+``tokenmix::aggregate_transpose`` are not ONNX operators. :func:`decompositions` maps each op
+to standard PyTorch ops: one gather of every tap's source pixel from the input extended by a
+zero row and column (:func:`tap_index`, both borders), a product with the weight and a sum
+over the taps (``Pad``, ``Gather``, ``Mul``, ``ReduceSum`` in ONNX; the transpose is a
+scatter-add). It holds the K*K taps of the input at once: meant for export, not for running.
+Nothing changes outside an export: training and inference keep the native kernels.
+
+    >>> import torch, tokenmix.export
+    >>> model = tokenmix.models.create_model("rednet26").eval()
+    >>> x = torch.randn(1, 3, 224, 224)
+    >>> onnx_program = tokenmix.export.to_onnx(model, (x,))         # torch.onnx.ONNXProgram
+    >>> with tokenmix.export.onnx_decompositions():                  # or torch's own call
+    ...     onnx_program = torch.onnx.export(model, (x,), dynamo=True)
+
+``torch.export.export`` needs none of this (the ops have fake implementations for symbolic
+shapes), with dynamic height and width included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Sequence
+
+import torch
+
+from .ops import Window
+
+
+def _window(kernel_size, stride, dilation, padding, border) -> Window:
+    return Window.from_args(kernel_size, stride, dilation, padding, border)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def tap_index(window: Window, height: int, width: int, device=None) -> torch.Tensor:
+    """(K*K, Ho, Wo) int64: where tap t of output (i, j) reads, as a flat index into the
+    input with one zero row and one zero column appended, ``(H + 1) * (W + 1)`` positions
+    (out-of-image taps read the zero at row H / column W)."""
+    rows, cols = window.source_index(height, width, device=device)  # (Kh, Ho), (Kw, Wo); -1 outside
+    rows = torch.where(rows < 0, torch.full_like(rows, height), rows)
+    cols = torch.where(cols < 0, torch.full_like(cols, width), cols)
+    idx = rows[:, None, :, None] * (width + 1) + cols[None, :, None, :]  # (Kh, Kw, Ho, Wo)
+    return idx.reshape(window.taps, rows.shape[1], cols.shape[1])
+
+
+def _taps(x: torch.Tensor, window: Window) -> torch.Tensor:
+    """x: (..., H, W) -> (..., K*K, Ho, Wo), tap t of output (i, j) = x[..., src_t(i, j)] (0
+    outside the image): one Gather of the zero-extended input."""
+    H, W = x.shape[-2:]
+    idx = tap_index(window, H, W, x.device)
+    flat = torch.nn.functional.pad(x, (0, 1, 0, 1)).flatten(-2)  # (..., (H + 1) * (W + 1))
+    return flat[..., idx.flatten()].unflatten(-1, idx.shape)
+
+
+def _aggregate(x, w, kernel_size, stride, dilation, padding, border, backend=None):
+    """x: (B, C, H, W), w: (B|1, G, K*K, Ho|1, Wo|1) -> (B, C, Ho, Wo)."""
+    window = _window(kernel_size, stride, dilation, padding, border)
+    B, C, H, W = x.shape
+    G = w.shape[1]
+    cd = _compute_dtype(x.dtype)
+    cols = _taps(x.to(cd).reshape(B, G, C // G, H, W), window)  # (B, G, C/G, K*K, Ho, Wo)
+    y = (w.to(cd).unsqueeze(2) * cols).sum(3)
+    return y.reshape(B, C, y.shape[-2], y.shape[-1]).to(x.dtype)
+
+
+def _correlate(q, k, kernel_size, stride, dilation, padding, border, groups, sum_batch, sum_space, backend=None):
+    """q: (B, C, Ho, Wo), k: (B, C, H, W) -> (B|1, G, K*K, Ho|1, Wo|1)."""
+    window = _window(kernel_size, stride, dilation, padding, border)
+    B, C, Ho, Wo = q.shape
+    H, W = k.shape[-2:]
+    cd = _compute_dtype(q.dtype)
+    cols = _taps(k.to(cd).reshape(B, groups, C // groups, H, W), window)  # (B, G, C/G, K*K, Ho, Wo)
+    s = (q.to(cd).reshape(B, groups, C // groups, 1, Ho, Wo) * cols).sum(2)  # (B, G, K*K, Ho, Wo)
+    if sum_batch:
+        s = s.sum(0, keepdim=True)
+    if sum_space:
+        s = s.sum((3, 4), keepdim=True)
+    return s.to(q.dtype)
+
+
+def _aggregate_transpose(y, w, kernel_size, stride, dilation, padding, border, input_size, backend=None):
+    """y: (B, C, Ho, Wo), w: (B|1, G, K*K, Ho|1, Wo|1) -> (B, C, *input_size): the adjoint of
+    :func:`_aggregate` in x, one scatter-add into the zero-extended input."""
+    window = _window(kernel_size, stride, dilation, padding, border)
+    B, C, Ho, Wo = y.shape
+    H, W = input_size
+    G = w.shape[1]
+    cd = _compute_dtype(y.dtype)
+    idx = tap_index(window, H, W, y.device)
+    contrib = w.to(cd).unsqueeze(2) * y.to(cd).reshape(B, G, C // G, 1, Ho, Wo)  # (B, G, C/G, K*K, Ho, Wo)
+    out = torch.zeros(B, G, C // G, (H + 1) * (W + 1), dtype=cd, device=y.device)
+    out = out.index_add(-1, idx.flatten(), contrib.flatten(-3))
+    return out.unflatten(-1, (H + 1, W + 1))[..., :H, :W].reshape(B, C, H, W).to(y.dtype)
+
+
+def decompositions() -> Dict[Any, Callable]:
+    """``{op overload: decomposition}`` of the three ``tokenmix::`` ops, for
+    ``ExportedProgram.run_decompositions``."""
+    ops = torch.ops.tokenmix
+    return {ops.aggregate.default: _aggregate, ops.correlate.default: _correlate,
+            ops.aggregate_transpose.default: _aggregate_transpose}
+
+
+def decompose(program: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":
+    """``program`` with every ``tokenmix::`` op replaced by its standard-op form (the other
+    ops are left as they are)."""
+    return program.run_decompositions(decompositions())
+
+
+@contextlib.contextmanager
+def onnx_decompositions() -> Iterator[None]:
+    """Within the block, ``torch.onnx.export(..., dynamo=True)`` lowers the ``tokenmix::``
+    ops through :func:`decompositions` (the exporter reads torch's decomposition table; the
+    entries are removed again on exit, so nothing else sees them)."""
+    from torch._decomp import decomposition_table
+
+    added = {op: fn for op, fn in decompositions().items() if op not in decomposition_table}
+    decomposition_table.update(added)
+    try:
+        yield
+    finally:
+        for op in added:
+            decomposition_table.pop(op, None)
+
+
+def to_onnx(model: torch.nn.Module, args: Sequence[Any], **kwargs: Any):
+    """``torch.onnx.export(model, args, dynamo=True, **kwargs)`` with the ``tokenmix::`` ops
+    lowered to standard ONNX operators; returns the ``torch.onnx.ONNXProgram``."""
+    with onnx_decompositions():
+        return torch.onnx.export(model, tuple(args), dynamo=True, **kwargs)
+
+
+__all__ = ["decompositions", "decompose", "onnx_decompositions", "to_onnx", "tap_index"]
