@@ -22,7 +22,9 @@ class CeilAvgPool2d(nn.Module):
     keep the height and width symbolic: zero-pad the bottom/right to a multiple of s, sum
     each s x s window, divide by the number of in-image pixels it covers. (The pooling op's
     ceil mode drops a last window that would start outside the input, a condition export
-    cannot decide for a symbolic size; with stride = kernel no window starts outside.)
+    cannot decide for a symbolic size; with stride = kernel no window starts outside. The
+    padding is s - 1 so that the output size comes out as ``(H - 1) // s + 1``, the form of
+    the aggregation's output size, and export can match the two.)
 
     x: (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s)).
     """
@@ -34,7 +36,7 @@ class CeilAvgPool2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stride
         H, W = x.shape[-2:]
-        total = F.avg_pool2d(F.pad(x, (0, (-W) % s, 0, (-H) % s)), s, s, divisor_override=1)
+        total = F.avg_pool2d(F.pad(x, (0, s - 1, 0, s - 1)), s, s, divisor_override=1)
         Ho, Wo = total.shape[-2:]
         rows = (H - s * torch.arange(Ho, device=x.device, dtype=x.dtype)).clamp(max=s)  # pixels per window row
         cols = (W - s * torch.arange(Wo, device=x.device, dtype=x.dtype)).clamp(max=s)

@@ -1,0 +1,133 @@
+"""Export: the decompositions of the tokenmix ops against the ops, ONNX (checked with
+onnxruntime) and ``torch.export`` with dynamic height and width for the registered models.
+
+The registered models differ in their block counts within a family; what export has to
+handle is the set of stems and stage mixers. ``_family`` reduces a registered model to that
+(its config without the depths), one model per family is exported (one block per stage,
+narrow), and ``test_every_registered_model_has_an_exported_family`` checks that every
+registered model's family is among them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.export import Dim
+
+from tokenmix import export as tx
+from tokenmix.kernel_gen.bottleneck import CeilAvgPool2d
+from tokenmix.models import ModelConfig, create_model, get_config, list_models
+from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate
+
+WINDOWS = [Window(3), Window(5, stride=2), Window(3, stride=2, dilation=2), Window((3, 5), stride=(2, 1), padding=(0, 1)),
+           Window(3, border="clamp"), Window(3, border="clamp", dilation=2)]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=repr)
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_decompositions_match_the_ops(window, broadcast):
+    x = torch.randn(2, 8, 11, 10, dtype=torch.float64)
+    Ho, Wo = window.output_size(11, 10)
+    w = torch.randn(1, 2, window.taps, 1, 1, dtype=torch.float64) if broadcast else \
+        torch.randn(2, 2, window.taps, Ho, Wo, dtype=torch.float64)
+    q = torch.randn(2, 8, Ho, Wo, dtype=torch.float64)
+    args = window.as_args()
+    torch.testing.assert_close(tx._aggregate(x, w, *args), aggregate(x, w, window), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tx._aggregate_transpose(q, w, *args, (11, 10)),
+                               aggregate_transpose(q, w, window, (11, 10)), rtol=0, atol=1e-12)
+    for sums in ((False, False), (True, True), (True, False)):
+        torch.testing.assert_close(tx._correlate(q, x, *args, 4, *sums),
+                                   torch.ops.tokenmix.correlate(q, x, *args, 4, *sums, None), rtol=0, atol=1e-12)
+    assert torch.equal(tx._correlate(q, x, *args, 4, False, False), tx._correlate(q, x, *args, 4, False, False))
+    torch.testing.assert_close(tx._correlate(q, x, *args, 4, False, False), correlate(q, x, window, 4), rtol=0,
+                               atol=1e-12)
+
+
+def test_decompositions_are_registered_only_inside_the_context():
+    from torch._decomp import decomposition_table
+
+    op = torch.ops.tokenmix.aggregate.default
+    assert op not in decomposition_table
+    with tx.onnx_decompositions():
+        assert decomposition_table[op] is tx._aggregate
+    assert op not in decomposition_table
+
+
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("size", [(7, 9), (8, 8), (1, 5)])
+def test_ceil_avg_pool_is_bitwise_the_pooling_op(stride, size):
+    x = torch.randn(2, 3, *size)
+    want = torch.nn.AvgPool2d(stride, stride, ceil_mode=True)(x)
+    got = CeilAvgPool2d(stride)(x)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def _family(name: str):
+    """A registered model's config without its block counts (None if not a ModelConfig)."""
+    cfg = get_config(name)
+    if not isinstance(cfg, ModelConfig):
+        return None
+    return dataclasses.replace(cfg, name="", stages=tuple(dataclasses.replace(s, depth=1) for s in cfg.stages))
+
+
+def _families():
+    seen, names = [], []
+    for name in list_models():
+        fam = _family(name)
+        if fam is None or fam not in seen:
+            seen.append(fam)
+            names.append(name)
+    return names
+
+
+FAMILIES = _families()
+
+
+def _small(name: str) -> torch.nn.Module:
+    """``name`` with one block per stage and narrow stages (a family's every layer type)."""
+    torch.manual_seed(0)
+    if not isinstance(get_config(name), ModelConfig):
+        return create_model(name, num_classes=10).eval()
+    return create_model(name, num_classes=10, depths=(1, 1, 1, 1), widths=(16, 16, 32, 32)).eval()
+
+
+def test_every_registered_model_has_an_exported_family():
+    exported = [_family(n) for n in FAMILIES]
+    assert all(_family(n) in exported or _family(n) is None for n in list_models())
+    assert {"rednet26", "resnet26", "sasa_resnet26"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_onnx_export_matches_onnxruntime(name, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _small(name)
+    x = torch.randn(2, 3, 64, 48)
+    with tx.onnx_decompositions():
+        program = torch.onnx.export(model, (x,), dynamo=True)
+    ops = {n.op_type for n in program.model_proto.graph.node}
+    assert not any("tokenmix" in n.domain for n in program.model_proto.graph.node), ops
+    path = tmp_path / f"{name}.onnx"
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_torch_export_with_dynamic_height_and_width(name):
+    """Named dims: export fails (instead of quietly adding a guard) when any layer's sizes
+    cannot stay symbolic over the whole range. From 33 pixels up: below, the stride-32 stage
+    is 1 x 1, which the ops' checks cannot tell from a broadcast kernel."""
+    model = _small(name)
+    dims = {2: Dim("height", min=33, max=1024), 3: Dim("width", min=33, max=1024)}
+    program = torch.export.export(model, (torch.randn(1, 3, 64, 64),), dynamic_shapes=(dims,))
+    exported = program.module()
+    for size in ((64, 64), (70, 45), (33, 97), (96, 128)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            assert torch.equal(exported(x), model(x)), size
