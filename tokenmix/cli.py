@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -61,7 +62,12 @@ def add_import_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _import_path(path: Path):
-    name = f"tokenmix_user_{path.stem}"
+    """Import a .py file as module ``tokenmix_user_<stem>_<hash of its path>`` (once per
+    process: a second --import of the same file reuses the module, as ``import`` does)."""
+    path = path.resolve()
+    name = f"tokenmix_user_{path.stem}_{zlib.crc32(str(path).encode()):08x}"
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise UserCodeError(f"--import {str(path)!r}: not an importable Python file")
