@@ -126,6 +126,7 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, scheduler, epoch: in
     for e in checkpoint_epochs(out):
         if e < epoch:
             shutil.rmtree(checkpoint_dir(out, e))
+    _pause()
     write_file_atomically(out / WEIGHTS, lambda p: shutil.copyfile(final / WEIGHTS, p))
     return final
 
