@@ -71,7 +71,12 @@ def test_a_registered_model_with_model_args_is_rebuilt_by_viz_flops_and_resume(t
     assert cli(["viz", "--checkpoint", str(out / "model.safetensors"), "--size", "32",
                 "--out", str(tmp_path / "v.png")]) == 0
     assert (tmp_path / "v.png").exists()
-    capsys.readouterr()
+    # the call of the report: --model with a --checkpoint written with --model-arg
+    assert cli(["viz", "--model", "rednet26", "--checkpoint", str(out / "model.safetensors"), "--size", "32",
+                "--out", str(tmp_path / "w.png")]) == 0
+    assert cli(["viz", "--model", "rednet50", "--checkpoint", str(out / "model.safetensors"), "--size", "32",
+                "--out", str(tmp_path / "w.png")]) == 2
+    assert "holds a 'rednet26' model, not --model 'rednet50'" in capsys.readouterr().err
     # resuming with other model arguments names the difference
     changed = [a if a != "widths=[16,16,16,16]" else "widths=[16,16,16,32]" for a in args]
     assert cli([*changed, "--resume"]) == 2

@@ -50,7 +50,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_import_argument(parser)
     configure(parser)
     args = parser.parse_args(argv)
-    return report_errors("tokenmix.train", lambda: (import_user_modules(args.imports), run(args))[1])
+
+    def go() -> int:
+        import_user_modules(args.imports)
+        return run(args)
+
+    return report_errors("tokenmix.train", go)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,13 @@ from ..cli import Command
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--mixer", help="a mixer preset name (fresh, random init)")
-    src.add_argument("--model", help="a registered model name (random weights); see --layer")
-    src.add_argument("--checkpoint", default=None,
-                     help="a safetensors file with a model config in its metadata (tokenmix train's "
-                          "model.safetensors, tokenmix.models.save_weights); the model is built from it")
+    src.add_argument("--model", help="a registered model name (random weights unless --checkpoint); see --layer")
+    p.add_argument("--checkpoint", default=None,
+                   help="a safetensors file with a model config in its metadata (tokenmix train's "
+                        "model.safetensors, tokenmix.models.save_weights); the model is built from it "
+                        "(--model, if given, must be its name)")
     p.add_argument("--layer", default=None, help="model submodule to show (default: first mixer layer)")
     p.add_argument("--image", default=None, help="image file (default: scikit-learn's bundled china.jpg)")
     p.add_argument("--size", type=int, default=224, help="image side length after centre crop (default 224)")
@@ -51,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
 
     from .heatmap import kernel_maps, layer_input, load_image, mixer_layers, normalize, plot_heatmaps
 
+    if args.mixer is None and args.model is None and args.checkpoint is None:
+        return _fail("give --mixer NAME, --model NAME or --checkpoint FILE")
+    if args.mixer is not None and args.checkpoint is not None:
+        return _fail("--checkpoint holds a model; use it without --mixer")
     if args.size < 32:
         return _fail(f"--size must be >= 32, got {args.size}")
     if args.groups < 1:
@@ -80,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
             if args.checkpoint is not None:
                 model = model_from_weights(args.checkpoint).float()
                 name = model.config.name
+                if args.model is not None and args.model != name:
+                    return _fail(f"--checkpoint {args.checkpoint!r} holds a {name!r} model, not --model {args.model!r}")
                 in_chans = getattr(model.config, "in_chans", getattr(model.config, "in_channels", 3))
                 if in_chans != 3:  # a grayscale network: the image's mean over RGB
                     x_img = x_img.mean(1, keepdim=True).expand(-1, in_chans, -1, -1)

@@ -138,8 +138,9 @@ class Loop:
     state of epoch ``start`` replays exactly what an uninterrupted run does.
     """
 
-    def __init__(self, model: nn.Module, split, config: TrainConfig, info: Dist = Dist(),
+    def __init__(self, model: nn.Module, split, config: TrainConfig, info: Optional[Dist] = None,
                  net: Optional[nn.Module] = None, eval_batch_size: Optional[int] = None, label: str = ""):
+        info = info or Dist()
         self.model, self.net, self.split, self.config, self.info = model, net or model, split, config, info
         self.eval_batch_size = eval_batch_size or config.batch_size
         self.label = label
