@@ -86,7 +86,7 @@ def _load_digits() -> Tuple[torch.Tensor, np.ndarray, List[str]]:
     return x, bunch.target.astype(np.int64), [str(c) for c in bunch.target_names]
 
 
-def read_rgb_image(path) -> "PIL.Image.Image":
+def read_rgb_image(path):
     """The image at ``path`` decoded and converted to RGB; ValueError naming the file for
     anything Pillow cannot decode (not an image, truncated, a decompression bomb: more pixels
     than twice ``PIL.Image.MAX_IMAGE_PIXELS``, ...)."""

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from .config import RUN_FIELDS, TrainConfig
+from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS = "model.safetensors"
