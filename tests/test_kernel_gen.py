@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tokenmix.kernel_gen import (BottleneckKernel, create_kernel_gen, list_kernel_gens, register_kernel_gen)
+from tokenmix.kernel_gen.bottleneck import CeilAvgPool2d
 from tokenmix.kernel_gen.registry import _KERNEL_GENS
 from tokenmix.mixers import Mixer
 from tokenmix.ops import Window
@@ -109,7 +110,8 @@ def test_bottleneck_span_channel_layout():
 def test_bottleneck_defaults_match_official():
     gen = create_kernel_gen("bottleneck", 64, kernel_size=7, stride=2)
     assert gen.groups == 4 and gen.reduce.out_channels == 16
-    assert isinstance(gen.pool, nn.AvgPool2d) and gen.pool.ceil_mode
+    # nn.AvgPool2d(2, 2, ceil_mode=True), bitwise (tests/test_export.py), export-friendly
+    assert isinstance(gen.pool, CeilAvgPool2d) and gen.pool.stride == 2
     assert gen.reduce.bias is None and gen.span.bias is not None
     assert gen.span.out_channels == 4 * 49
     assert isinstance(create_kernel_gen("bottleneck", 64).pool, nn.Identity)
