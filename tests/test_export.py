@@ -1,16 +1,17 @@
 """Export: the decompositions of the tokenmix ops against the ops, ONNX (checked with
 onnxruntime) and ``torch.export`` with dynamic height and width for the registered models.
 
-The registered models differ in their block counts within a family; what export has to
-handle is the set of stems and stage mixers. ``_family`` reduces a registered model to that
-(its config without the depths), one model per family is exported (one block per stage,
-narrow), and ``test_every_registered_model_has_an_exported_family`` checks that every
+The registered models differ in their block counts (and MetaFormers in their widths) within a
+family; what export has to handle is the set of stems, stage mixers and their arguments.
+``_family`` reduces a registered model to that, one model per family is exported (one block
+per stage), and ``test_every_registered_model_has_an_exported_family`` checks that every
 registered model's family is among them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -66,11 +67,14 @@ def test_ceil_avg_pool_is_bitwise_the_pooling_op(stride, size):
 
 
 def _family(name: str):
-    """A registered model's config without its block counts (None if not a ModelConfig)."""
+    """A registered model's config without its block counts (and a MetaFormer's widths); the
+    per-block mixer arguments (DiNAT's dilations) as a set."""
     cfg = get_config(name)
-    if not isinstance(cfg, ModelConfig):
-        return None
-    return dataclasses.replace(cfg, name="", stages=tuple(dataclasses.replace(s, depth=1) for s in cfg.stages))
+    if isinstance(cfg, ModelConfig):
+        return dataclasses.replace(cfg, name="", stages=tuple(dataclasses.replace(s, depth=1) for s in cfg.stages))
+    blocks = sorted({json.dumps(dict(k), sort_keys=True) for s in cfg.stages for k in s.block_mixer_kwargs})
+    stages = tuple(dataclasses.replace(s, depth=1, dim=1, block_mixer_kwargs=()) for s in cfg.stages)
+    return dataclasses.replace(cfg, name="", stages=stages), tuple(blocks)
 
 
 def _families():
@@ -86,25 +90,31 @@ def _families():
 FAMILIES = _families()
 
 
-def _small(name: str) -> torch.nn.Module:
-    """``name`` with one block per stage and narrow stages (a family's every layer type)."""
+def _small(name: str):
+    """``name`` with one block per stage (bottleneck models: narrow stages too), and the
+    smallest input side it takes: (model, side)."""
     torch.manual_seed(0)
-    if not isinstance(get_config(name), ModelConfig):
-        return create_model(name, num_classes=10).eval()
-    return create_model(name, num_classes=10, depths=(1, 1, 1, 1), widths=(16, 16, 32, 32)).eval()
+    if isinstance(get_config(name), ModelConfig):
+        return create_model(name, num_classes=10, depths=(1, 1, 1, 1), widths=(16, 16, 32, 32)).eval(), 33
+    # MetaFormer: a clamp-border window (NAT) must fit in the stride-32 stage. With one block
+    # per stage a DiNAT loses its per-block dilations: its first stage gets dilation 2 instead
+    dilated = any("dilation" in k for s in get_config(name).stages for k in s.block_mixer_kwargs)
+    extra = {"mixer_kwargs": ({"dilation": 2}, {}, {}, {})} if dilated else {}
+    model = create_model(name, num_classes=10, depths=(1, 1, 1, 1), **extra).eval()
+    return model, 224 if any(s.mixer == "neighborhood_attention" for s in model.config.stages) else 64
 
 
 def test_every_registered_model_has_an_exported_family():
     exported = [_family(n) for n in FAMILIES]
-    assert all(_family(n) in exported or _family(n) is None for n in list_models())
+    assert all(_family(n) in exported for n in list_models())
     assert {"rednet26", "resnet26", "sasa_resnet26"} <= set(FAMILIES)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_onnx_export_matches_onnxruntime(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    model = _small(name)
-    x = torch.randn(2, 3, 64, 48)
+    model, side = _small(name)
+    x = torch.randn(2, 3, max(side, 64), max(side, 48))
     with tx.onnx_decompositions():
         program = torch.onnx.export(model, (x,), dynamo=True)
     ops = {n.op_type for n in program.model_proto.graph.node}
@@ -123,11 +133,11 @@ def test_torch_export_with_dynamic_height_and_width(name):
     """Named dims: export fails (instead of quietly adding a guard) when any layer's sizes
     cannot stay symbolic over the whole range. From 33 pixels up: below, the stride-32 stage
     is 1 x 1, which the ops' checks cannot tell from a broadcast kernel."""
-    model = _small(name)
-    dims = {2: Dim("height", min=33, max=1024), 3: Dim("width", min=33, max=1024)}
-    program = torch.export.export(model, (torch.randn(1, 3, 64, 64),), dynamic_shapes=(dims,))
+    model, side = _small(name)
+    dims = {2: Dim("height", min=side, max=1024), 3: Dim("width", min=side, max=1024)}
+    program = torch.export.export(model, (torch.randn(1, 3, side + 31, side + 31),), dynamic_shapes=(dims,))
     exported = program.module()
-    for size in ((64, 64), (70, 45), (33, 97), (96, 128)):
+    for size in ((side + 31, side + 31), (side + 37, side + 12), (side, side + 64), (side + 63, side + 95)):
         x = torch.randn(1, 3, *size)
         with torch.no_grad():
             assert torch.equal(exported(x), model(x)), size
