@@ -166,9 +166,9 @@ def test_a_class_without_test_images_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- SIGKILL
 
 
-# small:conv runs no tokenmix op, so no process loads the CPU kernels: a kill while torch's
-# extension loader holds its lock file would leave the lock behind and block the next load.
-KILL_ARGS = ["--model", "small:conv", "--model-arg", "width=8", "--data", "digits", "--epochs", "6",
+# small:dwconv runs the tokenmix ops (the CPU kernels, loaded by every process; a kill while
+# one loads them must not block the next).
+KILL_ARGS = ["--model", "small:dwconv", "--model-arg", "width=8", "--data", "digits", "--epochs", "6",
              "--batch-size", "256", "--seed", "2", "--threads", "1", "--no-progress"]
 
 
@@ -207,7 +207,7 @@ def _complete_epochs(out: Path):
     epochs = sorted(int(p.name.split("-")[1]) for p in ck.glob("epoch-*")) if ck.exists() else []
     for e in epochs:
         d = ck / f"epoch-{e:04d}"
-        assert config_from_weights(d / "model.safetensors").mixer == "conv"
+        assert config_from_weights(d / "model.safetensors").mixer == "dwconv"
         assert torch.load(d / "train_state.pt", weights_only=True)["epoch"] == e
     if (out / "model.safetensors").exists():
         config_from_weights(out / "model.safetensors")
