@@ -66,7 +66,7 @@ def build_backbone(backbone: str, mixer: str, num_classes: int, in_channels: int
 
         return create_model(tiny_metaformer_config(mixer, num_classes, in_channels, width, depth, kernel_size))
     if backbone != "small":
-        raise ValueError(f"--backbone {backbone!r} is not known; known: {', '.join(BACKBONES)}")
+        raise ValueError(f"backbone={backbone!r} is not known; known: {', '.join(BACKBONES)}")
     from .small_net import SmallNet
 
     return SmallNet(mixer, num_classes=num_classes, in_channels=in_channels, width=width, depth=depth,
