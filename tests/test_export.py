@@ -47,16 +47,6 @@ def test_decompositions_match_the_ops(window, broadcast):
                                atol=1e-12)
 
 
-def test_decompositions_are_registered_only_inside_the_context():
-    from torch._decomp import decomposition_table
-
-    op = torch.ops.tokenmix.aggregate.default
-    assert op not in decomposition_table
-    with tx.onnx_decompositions():
-        assert decomposition_table[op] is tx._aggregate
-    assert op not in decomposition_table
-
-
 @pytest.mark.parametrize("stride", [2, 3])
 @pytest.mark.parametrize("size", [(7, 9), (8, 8), (1, 5)])
 def test_ceil_avg_pool_is_bitwise_the_pooling_op(stride, size):
@@ -115,8 +105,7 @@ def test_onnx_export_matches_onnxruntime(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model, side = _small(name)
     x = torch.randn(2, 3, max(side, 64), max(side, 48))
-    with tx.onnx_decompositions():
-        program = torch.onnx.export(model, (x,), dynamo=True)
+    program = tx.to_onnx(model, (x,))
     ops = {n.op_type for n in program.model_proto.graph.node}
     assert not any("tokenmix" in n.domain for n in program.model_proto.graph.node), ops
     path = tmp_path / f"{name}.onnx"

@@ -13,8 +13,8 @@ Nothing changes outside an export: training and inference keep the native kernel
     >>> model = tokenmix.models.create_model("rednet26").eval()
     >>> x = torch.randn(1, 3, 224, 224)
     >>> onnx_program = tokenmix.export.to_onnx(model, (x,))         # torch.onnx.ONNXProgram
-    >>> with tokenmix.export.onnx_decompositions():                  # or torch's own call
-    ...     onnx_program = torch.onnx.export(model, (x,), dynamo=True)
+    >>> program = tokenmix.export.decompose(torch.export.export(model, (x,)))   # the same by hand
+    >>> onnx_program = torch.onnx.export(program, (x,), dynamo=True)
 
 ``torch.export.export`` needs none of this (the ops have fake implementations for symbolic
 shapes), with dynamic height and width included.
@@ -22,8 +22,7 @@ shapes), with dynamic height and width included.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Iterator, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 
@@ -113,27 +112,12 @@ def decompose(program: "torch.export.ExportedProgram") -> "torch.export.Exported
     return program.run_decompositions(decompositions())
 
 
-@contextlib.contextmanager
-def onnx_decompositions() -> Iterator[None]:
-    """Within the block, ``torch.onnx.export(..., dynamo=True)`` lowers the ``tokenmix::``
-    ops through :func:`decompositions` (the exporter reads torch's decomposition table; the
-    entries are removed again on exit, so nothing else sees them)."""
-    from torch._decomp import decomposition_table
-
-    added = {op: fn for op, fn in decompositions().items() if op not in decomposition_table}
-    decomposition_table.update(added)
-    try:
-        yield
-    finally:
-        for op in added:
-            decomposition_table.pop(op, None)
+def to_onnx(model: torch.nn.Module, args: Sequence[Any], *, dynamic_shapes: Any = None, **kwargs: Any):
+    """``model`` exported with ``torch.export`` (``dynamic_shapes`` as there), its ``tokenmix::``
+    ops lowered by :func:`decompose`, then converted by ``torch.onnx.export(..., dynamo=True,
+    **kwargs)``; returns the ``torch.onnx.ONNXProgram``."""
+    program = decompose(torch.export.export(model, tuple(args), dynamic_shapes=dynamic_shapes))
+    return torch.onnx.export(program, tuple(args), dynamo=True, **kwargs)
 
 
-def to_onnx(model: torch.nn.Module, args: Sequence[Any], **kwargs: Any):
-    """``torch.onnx.export(model, args, dynamo=True, **kwargs)`` with the ``tokenmix::`` ops
-    lowered to standard ONNX operators; returns the ``torch.onnx.ONNXProgram``."""
-    with onnx_decompositions():
-        return torch.onnx.export(model, tuple(args), dynamo=True, **kwargs)
-
-
-__all__ = ["decompositions", "decompose", "onnx_decompositions", "to_onnx", "tap_index"]
+__all__ = ["decompositions", "decompose", "to_onnx", "tap_index"]
