@@ -22,15 +22,15 @@ namespace {
 // also prefetch the weights / outputs that many elements ahead (the next row, when they are
 // read / written in place).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch, int64_t block_width,
-                      const int64_t* scratch_row_of_tap, int64_t Kh, int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* ob,
+__attribute__((noinline)) void agg_block(const acc_t* x_rows, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch, int64_t block_width,
+                      const int64_t* scratch_row_of_tap, int64_t Kh, int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* out_rows,
                       int64_t weight_prefetch, int64_t out_prefetch) {
   using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t u = 0; u < Kh; ++u) {
     if (scratch_row_of_tap[u] < 0) continue;
-    const acc_t* xr = xs + scratch_row_of_tap[u] * rowstride + j0;
+    const acc_t* xr = x_rows + scratch_row_of_tap[u] * rowstride + j0;
     const acc_t* wr = wb + u * Kw * tap_pitch + j0;
     for (int64_t v = 0; v < Kw; ++v) {
       const V wv = loadu(wr + v * tap_pitch);
@@ -40,24 +40,24 @@ __attribute__((noinline)) void agg_block(const acc_t* xs, int64_t cstride, int64
     }
   }
   if (out_prefetch)
-    for (int c = 0; c < CB; ++c) __builtin_prefetch(ob + c * block_width + j0 + out_prefetch, 1, 3);
-  for (int c = 0; c < CB; ++c) storeu(ob + c * block_width + j0, acc[c]);
+    for (int c = 0; c < CB; ++c) __builtin_prefetch(out_rows + c * block_width + j0 + out_prefetch, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(out_rows + c * block_width + j0, acc[c]);
 }
 
-// Two output rows at once (their weights wrow apart, outputs orow2 apart), over the steps of
+// Two output rows at once (their weights wrow apart, outputs out_row_pitch apart), over the steps of
 // row_steps (key: scratch input row): where both rows read a scratch row, each input vector is loaded once for two
 // FMAs (12 accumulators, 2 weight vectors, 1 input vector in registers for CB = 6).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch,
-                                          int64_t wrow, int64_t block_width, int64_t orow2, const int64_t* steps, int64_t nsteps,
-                                          int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* ob, int64_t weight_prefetch,
+__attribute__((noinline)) void agg_block2(const acc_t* x_rows, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch,
+                                          int64_t wrow, int64_t block_width, int64_t out_row_pitch, const int64_t* steps, int64_t nsteps,
+                                          int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* out_rows, int64_t weight_prefetch,
                                           int64_t out_prefetch) {
   using V = typename Vec<acc_t>::type;
   V a0[CB], a1[CB];
   for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
   for (int64_t k = 0; k < nsteps; ++k) {
     const int64_t u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
-    const acc_t* xr = xs + steps[3 * k] * rowstride + j0;
+    const acc_t* xr = x_rows + steps[3 * k] * rowstride + j0;
     const acc_t* w0r = wb + std::max<int64_t>(u0, 0) * Kw * tap_pitch + j0;  // read only if u0 >= 0
     const acc_t* w1r = wb + wrow + std::max<int64_t>(u1, 0) * Kw * tap_pitch + j0;
     if (u0 >= 0 && u1 >= 0) {
@@ -88,8 +88,8 @@ __attribute__((noinline)) void agg_block2(const acc_t* xs, int64_t cstride, int6
   }
   if (out_prefetch)
     for (int c = 0; c < CB; ++c)
-      __builtin_prefetch(ob + c * block_width + j0 + out_prefetch, 1, 3), __builtin_prefetch(ob + orow2 + c * block_width + j0 + out_prefetch, 1, 3);
-  for (int c = 0; c < CB; ++c) storeu(ob + c * block_width + j0, a0[c]), storeu(ob + orow2 + c * block_width + j0, a1[c]);
+      __builtin_prefetch(out_rows + c * block_width + j0 + out_prefetch, 1, 3), __builtin_prefetch(out_rows + out_row_pitch + c * block_width + j0 + out_prefetch, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(out_rows + c * block_width + j0, a0[c]), storeu(out_rows + out_row_pitch + c * block_width + j0, a1[c]);
 }
 
 // Weights at the source pixel (aggregate's source_weights mode): the weight of output (i, j) and tap
@@ -169,7 +169,7 @@ struct SourceWeights {
 // column v of pixel p; w[(u * Kw + v) * wstep + p * wpix]: its weight; out + p * ostep: its
 // channels.
 template <typename scalar_t, typename acc_t, int NB, int NP>
-__attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr, const int64_t* cidx, int64_t Kh,
+__attribute__((noinline)) void agg_pixels_cl(const acc_t* x_rows, const int64_t* rr, const int64_t* cidx, int64_t Kh,
                                              int64_t Kw, const scalar_t* w, int64_t wstep, int64_t wpix, acc_t* out,
                                              int64_t ostep) {
   using V = typename Vec<acc_t>::type;
@@ -179,7 +179,7 @@ __attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr,
     for (int k = 0; k < NB; ++k) acc[p][k] = V{};
   for (int64_t u = 0; u < Kh; ++u) {
     if (rr[u] < 0) continue;
-    const acc_t* xr = xs + rr[u];
+    const acc_t* xr = x_rows + rr[u];
     const scalar_t* wr = w + u * Kw * wstep;
     for (int64_t v = 0; v < Kw; ++v) {
       for (int p = 0; p < NP; ++p) {
@@ -201,10 +201,10 @@ __attribute__((noinline)) void agg_pixels_cl(const acc_t* xs, const int64_t* rr,
 // column pitch is CG, the group's channels. Loads, not multiply-adds, bound the general kernel
 // above (a column offset, a weight and NB input vectors per NB multiply-adds). Each pixel still
 // adds its taps in the order (u, v), so the results are bit-identical to agg_pixels_cl's.
-// xs + rr[u] + c0: the block's first column in tap row u's scratch row; w + (u * K + v) * wstep
+// x_rows + rr[u] + c0: the block's first column in tap row u's scratch row; w + (u * K + v) * wstep
 // + p: the weight of tap (u, v) of pixel p; out + p * CG: pixel p's channels.
 template <typename scalar_t, typename acc_t, int CG, int NP, int K, int S>
-__attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64_t* rr, int64_t c0, int64_t Kh,
+__attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* x_rows, const int64_t* rr, int64_t c0, int64_t Kh,
                                                     const scalar_t* w, int64_t wstep, acc_t* out) {
   using AV = AffineVec<acc_t, CG>;
   using V = typename AV::type;
@@ -214,7 +214,7 @@ __attribute__((noinline)) void agg_pixels_cl_affine(const acc_t* xs, const int64
     for (int k = 0; k < NB; ++k) acc[p][k] = V{};
   for (int64_t u = 0; u < Kh; ++u) {
     if (rr[u] < 0) continue;
-    const acc_t* xr = xs + rr[u] + c0;
+    const acc_t* xr = x_rows + rr[u] + c0;
     const scalar_t* wv[K];
     for (int v = 0; v < K; ++v) wv[v] = w + (u * K + v) * wstep;
     static_for<NC>([&](auto c) {
@@ -258,24 +258,24 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
   const int64_t wpitch = round_up(Wo, L), tap_pitch = ch * wpitch;
   ThreadScratch scratch(bytes_of({max_rows_read * pitch, ch * Wo * Cg, source_weights ? KK * tap_pitch : 0}, sizeof(acc_t)));
   for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
-    Buf<acc_t> xs = cv.take<acc_t>(max_rows_read * pitch), ob = cv.take<acc_t>(ch * Wo * Cg),
-               ws = cv.take<acc_t>(source_weights ? KK * tap_pitch : 0);
+    Buf<acc_t> x_rows = cv.take<acc_t>(max_rows_read * pitch), out_rows = cv.take<acc_t>(ch * Wo * Cg),
+               shifted_weights = cv.take<acc_t>(source_weights ? KK * tap_pitch : 0);
     std::vector<int64_t> rr(Kh);
     for (const Task task : tasks) {
       const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, rows_read = span.second;
       const scalar_t* xg = xd + ((b * C + g * Cg) * H + rmin) * W;
-      to_last(xs.data(), xoff.data(), xg, H * W, Cg, rows_read * W);
+      to_last(x_rows.data(), xoff.data(), xg, H * W, Cg, rows_read * W);
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
-      if (source_weights) sw.copy(ws.data(), tap_pitch, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
+      if (source_weights) sw.copy(shifted_weights.data(), tap_pitch, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t u = 0; u < Kh; ++u) {
           const int64_t r = rows[u * Ho + i];
           rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
         }
-        acc_t* orow = ob.data() + (i - i0) * Wo * Cg;
+        acc_t* orow = out_rows.data() + (i - i0) * Wo * Cg;
         if constexpr (std::is_same<scalar_t, float>::value) {
           if (affine) {
             with_affine(Cg, Kw, s, [&](auto cg, auto kc, auto sc) {
@@ -283,11 +283,11 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
               affine_blocks<AffineVec<acc_t, CG>::NP>(Wo, [&](auto np, int64_t j) {
                 constexpr int NP = decltype(np)::value;
                 if (source_weights)
-                  agg_pixels_cl_affine<acc_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
-                                                                     ws.data() + (i - i0) * wpitch + j, tap_pitch,
+                  agg_pixels_cl_affine<acc_t, acc_t, CG, NP, KA, SA>(x_rows.data(), rr.data(), cidx[j * Kw], Kh,
+                                                                     shifted_weights.data() + (i - i0) * wpitch + j, tap_pitch,
                                                                      orow + j * CG);
                 else
-                  agg_pixels_cl_affine<scalar_t, acc_t, CG, NP, KA, SA>(xs.data(), rr.data(), cidx[j * Kw], Kh,
+                  agg_pixels_cl_affine<scalar_t, acc_t, CG, NP, KA, SA>(x_rows.data(), rr.data(), cidx[j * Kw], Kh,
                                                                         wg + i * Wo + j, wHW, orow + j * CG);
               });
             });
@@ -298,14 +298,14 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
           constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
           acc_t* o = orow + j * Cg + k * L;
           if (source_weights)
-            agg_pixels_cl<acc_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
-                                                ws.data() + (i - i0) * wpitch + j, tap_pitch, 1, o, Cg);
+            agg_pixels_cl<acc_t, acc_t, NB, NP>(x_rows.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
+                                                shifted_weights.data() + (i - i0) * wpitch + j, tap_pitch, 1, o, Cg);
           else
-            agg_pixels_cl<scalar_t, acc_t, NB, NP>(xs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
+            agg_pixels_cl<scalar_t, acc_t, NB, NP>(x_rows.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
                                                    wg + (i * Wo + j) * wpix, wHW, wpix, o, Cg);
         });
       }
-      from_last(yg + i0 * Wo, Ho * Wo, ob.data(), pix.data(), Cg, (i1 - i0) * Wo);
+      from_last(yg + i0 * Wo, Ho * Wo, out_rows.data(), pix.data(), Cg, (i1 - i0) * Wo);
     }
   });
   return y;
@@ -359,8 +359,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
                                  sizeof(acc_t)));
 
   for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
-    Buf<acc_t> xs = cv.take<acc_t>(Cg * max_rows_read * rowstride), wbig = cv.take<acc_t>(weights_in_place ? 0 : KK * tap_pitch),
-               ob = cv.take<acc_t>(output_in_place ? 0 : 2 * Cg * block_width);
+    Buf<acc_t> x_rows = cv.take<acc_t>(Cg * max_rows_read * rowstride), weight_rows = cv.take<acc_t>(weights_in_place ? 0 : KK * tap_pitch),
+               out_rows = cv.take<acc_t>(output_in_place ? 0 : 2 * Cg * block_width);
     std::vector<int64_t> scratch_row_of_tap(2 * Kh), steps(6 * Kh);
     std::vector<char> used(Kh);
     for (const Task task : tasks) {
@@ -368,7 +368,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, rows_read = span.second;
       if (rows_read > 0) {
-        fill_rows<scalar_t, acc_t>(xs.data(), cstride, xd + (b * C + g * Cg) * H * W, Cg, H, rmin, rows_read, p);
+        fill_rows<scalar_t, acc_t>(x_rows.data(), cstride, xd + (b * C + g * Cg) * H * W, Cg, H, rmin, rows_read, p);
       }
       // the next task's input rows and (when copied) weights, fetched a slice per row below
       Prefetch pfx, pfw;
@@ -387,15 +387,15 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
       if (packed) {
         for (int64_t t = 0; t < KK; ++t) {
           const scalar_t* src = wg + t * wHW + i0 * Wo;
-          acc_t* dst = wbig.data() + t * tap_pitch;
+          acc_t* dst = weight_rows.data() + t * tap_pitch;
           convert(dst, src, (i1 - i0) * Wo);
         }
       } else if (source_weights) {
-        sw.copy(wbig.data(), tap_pitch, block_width, wg, KK, wHW, wW, rows, Ho, i0, i1);
+        sw.copy(weight_rows.data(), tap_pitch, block_width, wg, KK, wHW, wW, rows, Ho, i0, i1);
       } else if (!weights_in_place) {
         for (int64_t t = 0; t < KK; ++t) {
           for (int64_t i = i0; i < i1; ++i) {
-            acc_t* dst = wbig.data() + t * tap_pitch + (i - i0) * block_width;
+            acc_t* dst = weight_rows.data() + t * tap_pitch + (i - i0) * block_width;
             if (wHW == 1) {
               std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
             } else {
@@ -413,32 +413,32 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
         }
         tap_scratch_rows(rows, Kh, Ho, i, n, rmin, scratch_row_of_tap.data());
         // weights of row i + k: tap t at wb + k * wrow + t * wstep + j; outputs of channel c at
-        // orow + k * orow2 + c * ostep + j
+        // orow + k * out_row_pitch + c * ostep + j
         const acc_t* wb;
-        int64_t wstep, ostep, wrow, orow2;
+        int64_t wstep, ostep, wrow, out_row_pitch;
         acc_t* orow;
         if (weights_in_place) {
           wb = reinterpret_cast<const acc_t*>(wg) + i * Wo;
           wstep = wHW;
           wrow = Wo;
         } else {
-          wb = wbig.data() + (i - i0) * wpitch;
+          wb = weight_rows.data() + (i - i0) * wpitch;
           wstep = tap_pitch;
           wrow = wpitch;
         }
         if (output_in_place) {
           orow = reinterpret_cast<acc_t*>(yg) + i * Wo;
           ostep = Ho * Wo;
-          orow2 = Wo;
+          out_row_pitch = Wo;
         } else {
-          orow = ob.data();
+          orow = out_rows.data();
           ostep = block_width;
-          orow2 = Cg * block_width;
+          out_row_pitch = Cg * block_width;
         }
         if (rows_read == 0) {
           for (int64_t k = 0; k < n; ++k)
             for (int64_t c = 0; c < Cg; ++c)
-              std::fill(orow + k * orow2 + c * ostep, orow + k * orow2 + c * ostep + Wo, acc_t(0));
+              std::fill(orow + k * out_row_pitch + c * ostep, orow + k * out_row_pitch + c * ostep + Wo, acc_t(0));
         } else {
           // channel blocks outer, column blocks inner: the x rows of one channel block (a few
           // KiB) and the weights of the rows stay in L1 while the blocks sweep the rows
@@ -450,15 +450,15 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
                                              used.data(), steps.data());
             channel_blocks2(Cg, [&](auto channel_block, int64_t c) {
               for_blocks(p, block, [&](int64_t j0) {
-                agg_block2<acc_t, decltype(channel_block)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
-                                                       orow2, steps.data(), nsteps, Kw, p.tap_offset.data(), j0,
+                agg_block2<acc_t, decltype(channel_block)::value>(x_rows.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
+                                                       out_row_pitch, steps.data(), nsteps, Kw, p.tap_offset.data(), j0,
                                                        orow + c * ostep, c == 0 ? wahead : 0, ahead);
               });
             });
           } else {
             channel_blocks(Cg, [&](auto channel_block, int64_t c) {
               for_blocks(p, block, [&](int64_t j0) {
-                agg_block<acc_t, decltype(channel_block)::value>(xs.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
+                agg_block<acc_t, decltype(channel_block)::value>(x_rows.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
                                                       scratch_row_of_tap.data(), Kh, Kw, p.tap_offset.data(), j0, orow + c * ostep,
                                                       c == 0 ? wahead : 0, ahead);
               });
@@ -468,11 +468,11 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
           for (int64_t k = 0; k < n && !p.all_fast(); ++k) {
             const int64_t* rk = scratch_row_of_tap.data() + k * Kh;
             const acc_t* wk = wb + k * wrow;
-            acc_t* ok = orow + k * orow2;
+            acc_t* ok = orow + k * out_row_pitch;
             for (int64_t j = 0; j < Wo; ++j) {
               if (in_fast(p, j)) continue;
               for (int64_t c = 0; c < Cg; ++c) {
-                const acc_t* xc = xs.data() + c * cstride;
+                const acc_t* xc = x_rows.data() + c * cstride;
                 acc_t acc = 0;
                 for (int64_t u = 0; u < Kh; ++u) {
                   if (rk[u] < 0) continue;
@@ -491,7 +491,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
           for (int64_t k = 0; k < n; ++k)
             for (int64_t c = 0; c < Cg; ++c) {
               scalar_t* dst = yg + (c * Ho + i + k) * Wo;
-              const acc_t* src = ob.data() + k * orow2 + c * block_width;
+              const acc_t* src = out_rows.data() + k * out_row_pitch + c * block_width;
               convert(dst, src, Wo);
             }
         }

@@ -21,12 +21,12 @@ namespace {
 // x[c, h, col] = sum over (u, i) with rows[u][i] = h and (v, j) with cols[v][j] = col of
 // w[t, i, j] * y[c, i, j]. Affine columns: col + pad_cols = s*m + phase_v with j = m - e_v, so for
 // a fixed phase the sum over taps is unit-stride in m. Output-side scratch (y and w rows of
-// the task) is zero-padded by lp on the left so that j = m - e_v outside [0, Wo) reads 0.
+// the task) is zero-padded by left_pad on the left so that j = m - e_v outside [0, Wo) reads 0.
 // One vector of phase-row entries [m0, m0 + L) for CB channels over the (tap, output) pairs.
 template <typename acc_t, int CB>
-__attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
+__attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t padded_row_width,
                      const int64_t* reader_tap, const int64_t* reader_row, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
-                     int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t obw) {
+                     int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t out_block_width) {
   using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
@@ -34,22 +34,22 @@ __attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_
     const int64_t u = reader_tap[pp], ii = reader_row[pp] - imin;
     for (int64_t a = 0; a < nv; ++a) {
       const int64_t v = vl[a];
-      const int64_t off = ii * lpw + base[v] + m0;
+      const int64_t off = ii * padded_row_width + base[v] + m0;
       const acc_t* wp = wb + (u * Kw + v) * tplane + off;
       const acc_t* yp = ys + off;
       const V wv = loadu(wp);
       for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * cplane);
     }
   }
-  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, acc[c]);
+  for (int c = 0; c < CB; ++c) storeu(xo + c * out_block_width + m0, acc[c]);
 }
 
 // tr_block for two input rows (outputs x2 apart) over the steps of row_steps (key: output row).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t lpw,
+__attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t padded_row_width,
                                          const int64_t* steps, int64_t nsteps, int64_t imin, const int64_t* vl,
                                          int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo,
-                                         int64_t obw, int64_t x2) {
+                                         int64_t out_block_width, int64_t x2) {
   using V = typename Vec<acc_t>::type;
   V a0[CB], a1[CB];
   for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
@@ -57,7 +57,7 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
     const int64_t ii = steps[3 * k] - imin, u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
     if (u0 >= 0 && u1 >= 0) {
       for (int64_t a = 0; a < nv; ++a) {
-        const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+        const int64_t v = vl[a], off = ii * padded_row_width + base[v] + m0;
         const V w0 = loadu(wb + (u0 * Kw + v) * tplane + off), w1 = loadu(wb + (u1 * Kw + v) * tplane + off);
         const acc_t* yp = ys + off;
         for (int c = 0; c < CB; ++c) {
@@ -69,7 +69,7 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
     } else {  // an output row read by one of the two only
       auto one = [&](V(&acc)[CB], int64_t u) {
         for (int64_t a = 0; a < nv; ++a) {
-          const int64_t v = vl[a], off = ii * lpw + base[v] + m0;
+          const int64_t v = vl[a], off = ii * padded_row_width + base[v] + m0;
           const V wv = loadu(wb + (u * Kw + v) * tplane + off);
           for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(ys + off + c * cplane);
         }
@@ -80,7 +80,7 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
         one(a1, u1);
     }
   }
-  for (int c = 0; c < CB; ++c) storeu(xo + c * obw + m0, a0[c]), storeu(xo + x2 + c * obw + m0, a1[c]);
+  for (int c = 0; c < CB; ++c) storeu(xo + c * out_block_width + m0, a0[c]), storeu(xo + x2 + c * out_block_width + m0, a1[c]);
 }
 
 // The same layout for the transpose (gradient of x): a task owns a band of input rows of one
@@ -283,7 +283,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     pcnt[f] = col < W ? (W - 1 - col) / s + 1 : 0;
     pend = std::max(pend, plo[f] + round_up(pcnt[f], block));
   }
-  const int64_t obw = round_up(std::max({mw, m_b, pend}), block);
+  const int64_t out_block_width = round_up(std::max({mw, m_b, pend}), block);
   // direct: stride 1, one dtype and rows at least a block wide: the blocks store straight into
   // the rows of x (m = col + pad_cols; the zero border's range is exactly the image columns, the last
   // block shifted left to end there), with no phase row, scatter or row copy
@@ -292,9 +292,9 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   // covered by the blocks): each phase keeps its own row, and the rows are interleaved (stride
   // 2) or copied (stride 1) into x at the end, without the scalar scatter
   const bool pair = std::is_same<scalar_t, acc_t>::value && (s == 2 || (s == 1 && !direct)) && args.zero_border;
-  const int64_t lp = max_shift, lpw = lp + std::max(obw, Wo) + 1;
+  const int64_t left_pad = max_shift, padded_row_width = left_pad + std::max(out_block_width, Wo) + 1;
   std::vector<int64_t> base(Kw);  // scratch index of j = m - e_v at m = 0
-  for (int64_t v = 0; v < Kw; ++v) base[v] = lp - e[v];
+  for (int64_t v = 0; v < Kw; ++v) base[v] = left_pad - e[v];
   // taps per phase
   std::vector<int64_t> vptr(s + 1, 0), vlist;
   for (int64_t f = 0; f < s; ++f) {
@@ -328,15 +328,15 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   };
   int64_t nri_max = 0;
   for (int64_t h0 = 0; h0 < H; h0 += ch) nri_max = std::max(nri_max, out_span(h0, std::min(H, h0 + ch)).second);
-  const int64_t cplane = nri_max * lpw, tplane = nri_max * lpw;
+  const int64_t cplane = nri_max * padded_row_width, tplane = nri_max * padded_row_width;
   // y and w rows copied per task
   const int64_t ysize = Cg * cplane, wsize = KK * tplane;
   ThreadScratch scratch(
-      bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 * s : 1) * Cg * obw, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
+      bytes_of({ysize, wsize, direct ? 0 : (pair ? 2 * s : 1) * Cg * out_block_width, direct || pair ? 0 : Cg * W}, sizeof(acc_t)));
 
   for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> ys = cv.take<acc_t>(ysize), wb = cv.take<acc_t>(wsize),
-               xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 * s : 1) * Cg * obw),
+               xo = cv.take<acc_t>(direct ? 0 : (pair ? 2 * s : 1) * Cg * out_block_width),
                xrow = cv.take<acc_t>(direct || pair ? 0 : Cg * W);
     std::vector<std::pair<int64_t, int64_t>> urows(Kh), nrows(Kh);
     std::vector<Prefetch> pfw(Kh);
@@ -350,12 +350,12 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
       const int64_t imin = span.first, nri = span.second;
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       if (nri > 0) {
-        // rows land at fixed positions (row slot ii, columns [lp, lp + Wo)); everything around
+        // rows land at fixed positions (row slot ii, columns [left_pad, left_pad + Wo)); everything around
         // them stays as zeroed once per thread, which is the zero padding the blocks read
         for (int64_t c = 0; c < Cg; ++c)
           for (int64_t ii = 0; ii < nri; ++ii) {
             const scalar_t* src = yd + ((b * C + g * Cg + c) * Ho + imin + ii) * Wo;
-            acc_t* dst = ys.data() + c * cplane + ii * lpw + lp;
+            acc_t* dst = ys.data() + c * cplane + ii * padded_row_width + left_pad;
             convert(dst, src, Wo);
           }
         // weights: only the rows the task's (u, i) pairs read, [urows[u].first, urows[u].second)
@@ -365,7 +365,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         for (int64_t u = 0; u < Kh; ++u)
           for (int64_t t = u * Kw; t < (u + 1) * Kw; ++t)
             for (int64_t i = urows[u].first; i < urows[u].second; ++i) {
-              acc_t* dst = wb.data() + t * tplane + (i - imin) * lpw + lp;
+              acc_t* dst = wb.data() + t * tplane + (i - imin) * padded_row_width + left_pad;
               if (wHW == 1) {
                 std::fill(dst, dst + Wo, static_cast<acc_t>(wg[t]));
               } else {
@@ -410,8 +410,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           std::fill(xrow.begin(), xrow.end(), acc_t(0));
         }
         acc_t* bout = direct ? xout - pad_cols : xo.data();
-        const int64_t bstep = direct ? xstep : obw;
-        const int64_t x2 = direct ? W : s * Cg * obw;  // the blocks' second row (pair: own phase rows)
+        const int64_t bstep = direct ? xstep : out_block_width;
+        const int64_t x2 = direct ? W : s * Cg * out_block_width;  // the blocks' second row (pair: own phase rows)
         const int64_t p0 = row_readers_begin[h], p2 = row_readers_begin[h + n];
         const int64_t p1 = row_readers_begin[h + 1];
         const int64_t nsteps =
@@ -425,23 +425,23 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           for (int64_t f = 0; f < s; ++f) {
             const int64_t* vl = vlist.data() + vptr[f];
             const int64_t nv = vptr[f + 1] - vptr[f];
-            if (pair) bout = xo.data() + f * Cg * obw;  // this phase's own rows
+            if (pair) bout = xo.data() + f * Cg * out_block_width;  // this phase's own rows
             if (nv == 0 || m_b <= m_a) {
               if (pair)  // a phase no tap reads
-                for (int64_t k = 0; k < n; ++k) std::fill(bout + k * x2, bout + k * x2 + Cg * obw, acc_t(0));
+                for (int64_t k = 0; k < n; ++k) std::fill(bout + k * x2, bout + k * x2 + Cg * out_block_width, acc_t(0));
               continue;
             }
             auto run = [&](int64_t m0) {
               if (n == 2) {
                 channel_blocks2(Cg, [&](auto channel_block, int64_t c) {
-                  tr_block2<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                  tr_block2<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, padded_row_width,
                                                         steps.data(), nsteps, imin, vl, nv, Kw, base.data(), m0,
                                                         bout + c * bstep, bstep, x2);
                 });
                 return;
               }
               channel_blocks(Cg, [&](auto channel_block, int64_t c) {
-                tr_block<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, lpw,
+                tr_block<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, padded_row_width,
                                                          reader_tap.data(), reader_row.data(), p0, p2, imin, vl, nv, Kw, base.data(),
                                                          m0, bout + c * bstep, bstep);
               });
@@ -460,7 +460,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             // scatter the phase row into the input row: col = s*m + f - pad_cols (n = 1 here)
             const int64_t mlo = std::max<int64_t>(m_a, ceil_div(std::max<int64_t>(pad_cols - f, 0), s));
             for (int64_t c = 0; c < Cg; ++c) {
-              const acc_t* src = xo.data() + c * obw;
+              const acc_t* src = xo.data() + c * out_block_width;
               acc_t* dst = xrow.data() + c * W;
               for (int64_t m = mlo; m < m_b; ++m) {
                 const int64_t col = s * m + f - pad_cols;
@@ -471,14 +471,14 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
           }
           if (pair && s == 1) {  // column col = m - pad_cols
             for (int64_t k = 0; k < n; ++k)
-              for (int64_t c = 0; c < Cg; ++c) convert(xout + k * W + c * xstep, xo.data() + k * x2 + c * obw + pad_cols, W);
+              for (int64_t c = 0; c < Cg; ++c) convert(xout + k * W + c * xstep, xo.data() + k * x2 + c * out_block_width + pad_cols, W);
           } else if (pair) {
             // column col = 2m + f - pad_cols: even columns from the phase of pad_cols, odd from the other
             const int64_t f0 = pad_cols % 2, m0 = pad_cols / 2, m1 = (pad_cols + 1) / 2;
             for (int64_t k = 0; k < n; ++k)
               for (int64_t c = 0; c < Cg; ++c) {
-                const acc_t* pe = xo.data() + k * x2 + (f0 * Cg + c) * obw + m0;
-                const acc_t* po = xo.data() + k * x2 + ((1 - f0) * Cg + c) * obw + m1;
+                const acc_t* pe = xo.data() + k * x2 + (f0 * Cg + c) * out_block_width + m0;
+                const acc_t* po = xo.data() + k * x2 + ((1 - f0) * Cg + c) * out_block_width + m1;
                 acc_t* dst = xout + k * W + c * xstep;
                 interleave2(dst, pe, po, W / 2);
                 if (W % 2) dst[W - 1] = pe[W / 2];
@@ -499,8 +499,8 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
                 if (fast && aff) continue;
                 for (int64_t pp = row_readers_begin[h + k]; pp < row_readers_begin[h + k + 1]; ++pp) {
                   const int64_t u = reader_tap[pp], ii = reader_row[pp] - imin;
-                  const acc_t wv = wb[(u * Kw + v) * tplane + ii * lpw + lp + j];
-                  for (int64_t c = 0; c < Cg; ++c) xk[c * xstep + col] += wv * ys[c * cplane + ii * lpw + lp + j];
+                  const acc_t wv = wb[(u * Kw + v) * tplane + ii * padded_row_width + left_pad + j];
+                  for (int64_t c = 0; c < Cg; ++c) xk[c * xstep + col] += wv * ys[c * cplane + ii * padded_row_width + left_pad + j];
                 }
               }
             }

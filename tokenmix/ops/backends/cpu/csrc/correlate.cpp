@@ -19,7 +19,7 @@ namespace {
 
 template <typename acc_t, int TV>
 __attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
-                       const int64_t* tap_offset, int64_t j0, acc_t* rb, int64_t rstep) {
+                       const int64_t* tap_offset, int64_t j0, acc_t* result_rows, int64_t rstep) {
   using V = typename Vec<acc_t>::type;
   V acc[TV];
   for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
@@ -28,7 +28,7 @@ __attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, cons
     const acc_t* kc = ks + c * cstride + j0;
     for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + tap_offset[tv]), acc[tv]);
   }
-  for (int tv = 0; tv < TV; ++tv) storeu(rb + tv * rstep + j0, acc[tv]);
+  for (int tv = 0; tv < TV; ++tv) storeu(result_rows + tv * rstep + j0, acc[tv]);
 }
 
 // Two output rows i and i + 1 that read input row ks with tap rows u0 and u1: a0 / a1 hold TV
@@ -281,7 +281,7 @@ void correlate_tail(const at::Tensor& q_t, const at::Tensor& k_t, at::Tensor& ou
 // Only the blocks from tap ta on, up to tap tb, are computed (the taps before ta and from the
 // end of the last block on read zeros only): out holds zeros there.
 template <typename acc_t>
-__attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow, const int64_t* tcol, int64_t KKp,
+__attribute__((noinline)) void corr_row_cl(const acc_t* x_rows, const int64_t* trow, const int64_t* tcol, int64_t KKp,
                                            int64_t ta, int64_t tb, int64_t Wo, const acc_t* q, int64_t NV,
                                            acc_t* out) {
   using V = typename Vec<acc_t>::type;
@@ -298,13 +298,13 @@ __attribute__((noinline)) void corr_row_cl(const acc_t* xs, const int64_t* trow,
       for (; k + 2 <= NV; k += 2) {
         const V q0 = in_register(loadu(qj + k * L)), q1 = in_register(loadu(qj + (k + 1) * L));
         for (int m = 0; m < 8; ++m) {
-          const acc_t* xp = xs + trow[t0 + m] + tc[t0 + m] + k * L;
+          const acc_t* xp = x_rows + trow[t0 + m] + tc[t0 + m] + k * L;
           a[m] += q0 * loadu(xp) + q1 * loadu(xp + L);
         }
       }
       if (k < NV) {
         const V q0 = loadu(qj + k * L);
-        for (int m = 0; m < 8; ++m) a[m] += q0 * loadu(xs + trow[t0 + m] + tc[t0 + m] + k * L);
+        for (int m = 0; m < 8; ++m) a[m] += q0 * loadu(x_rows + trow[t0 + m] + tc[t0 + m] + k * L);
       }
       lane_sums8(a, out + j * KKp + t0);
     }
@@ -343,14 +343,14 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Args& ar
   ThreadScratch scratch(per_thread(ch, max_rows_read), reinterpret_cast<char*>(od + (B * G - lent) * plane),
                         lent * plane * sizeof(scalar_t));
   for_each_task((B * G - lent) * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
-    Buf<acc_t> xs = cv.take<acc_t>((max_rows_read + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
-               rb = cv.take<acc_t>(ch * Wo * KKp);
+    Buf<acc_t> x_rows = cv.take<acc_t>((max_rows_read + 1) * pitch), qs = cv.take<acc_t>(ch * Wo * Cg),
+               result_rows = cv.take<acc_t>(ch * Wo * KKp);
     std::vector<int64_t> trow(KKp, zero_row);
     for (const Task task : tasks) {
       const int64_t b = task.batch, g = task.group, i0 = task.chunk * ch, i1 = std::min(Ho, i0 + ch);
       const auto span = row_span(rows, Kh, Ho, i0, i1);
       const int64_t rmin = span.first, rows_read = span.second;
-      to_last(xs.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, rows_read * W);
+      to_last(x_rows.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, rows_read * W);
       to_last(qs.data(), qoff.data(), qd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t ta = KK, tb = 0;  // taps of the first and past the last tap row inside the image
@@ -360,10 +360,10 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Args& ar
           if (r >= 0) ta = std::min(ta, t), tb = t + 1;
         }
         ta = std::min(ta, tb);
-        corr_row_cl(xs.data(), trow.data(), tcol.data(), KKp, ta, tb, Wo, qs.data() + (i - i0) * Wo * Cg, Cg / L,
-                    rb.data() + (i - i0) * Wo * KKp);
+        corr_row_cl(x_rows.data(), trow.data(), tcol.data(), KKp, ta, tb, Wo, qs.data() + (i - i0) * Wo * Cg, Cg / L,
+                    result_rows.data() + (i - i0) * Wo * KKp);
       }
-      from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, rb.data(), roff.data(), KK, (i1 - i0) * Wo);
+      from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, result_rows.data(), roff.data(), KK, (i1 - i0) * Wo);
     }
   });
   if (lent > 0)
@@ -440,7 +440,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
 
   for_each_task(ntask - lent * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
     Buf<acc_t> ks = cv.take<acc_t>(Cg * max_rows_read * rowstride), qs = cv.take<acc_t>(direct ? 0 : 2 * Cg * block_width),
-               rb = cv.take<acc_t>(KK * rtp * (packed ? 1 : 2)), accb = cv.take<acc_t>(nacc);
+               result_rows = cv.take<acc_t>(KK * rtp * (packed ? 1 : 2)), accb = cv.take<acc_t>(nacc);
     std::vector<int64_t> scratch_row_of_tap(2 * Kh), steps(6 * Kh), order(2 * Kh);
     std::vector<char> used(Kh);
     for (const Task task : tasks) {
@@ -497,7 +497,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
                 convert(dst, src, Wo);
               }  // columns [Wo, block_width) stay zero
           }
-          acc_t* rrow = rb.data() + (packed ? (i - i0) * Wo : 0);
+          acc_t* rrow = result_rows.data() + (packed ? (i - i0) * Wo : 0);
           const int64_t rstep = rtp, rrow2 = packed ? Wo : KK * rtp;
           tap_scratch_rows(rows, Kh, Ho, i, n, rmin, scratch_row_of_tap.data());
           // (input row, tap row of row i, of row i + 1): paired where both rows read the row.
@@ -583,7 +583,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
         if (packed)
           for (int64_t t = 0; t < KK; ++t) {
             scalar_t* dst = od + (((b * G + g) * KK + t) * Ho + i0) * Wo;
-            const acc_t* r = rb.data() + t * rtp;
+            const acc_t* r = result_rows.data() + t * rtp;
             const int64_t n = (i1 - i0) * Wo;
             int64_t j = 0;
 #if defined(__AVX2__)

@@ -149,20 +149,20 @@ inline int64_t max_row_span(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t
 // scratch. Only the positions of image columns are written, and they are the same for every
 // task, so the padding around them stays as zeroed once per thread (ThreadScratch::zeroed).
 template <typename scalar_t, typename acc_t>
-void fill_rows(acc_t* xs, int64_t cstride, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t rows_read,
+void fill_rows(acc_t* x_rows, int64_t cstride, const scalar_t* src, int64_t ncg, int64_t H, int64_t rmin, int64_t rows_read,
                const ColPlan& p) {
   const int64_t W = p.W, s = p.s, rs = s * p.phase_width;
   for (int64_t c = 0; c < ncg; ++c) {
     const scalar_t* rows = src + (c * H + rmin) * W;
     if (p.scatter()) {
       // other strides and narrow rows: one scattered store per element, positions from plan_fill
-      acc_t* dst = xs + c * cstride;
+      acc_t* dst = x_rows + c * cstride;
       const int64_t* fp = p.fpos.data();
       for (int64_t k = 0; k < rows_read * W; ++k) dst[fp[k]] = static_cast<acc_t>(rows[k]);
       continue;
     }
     for (int64_t rr = 0; rr < rows_read; ++rr) {
-      acc_t* dst = xs + c * cstride + rr * rs;
+      acc_t* dst = x_rows + c * cstride + rr * rs;
       const scalar_t* row = rows + rr * W;
       if (s == 1) {
         convert(dst + p.pad_cols, row, W);
@@ -275,17 +275,17 @@ inline bool later_rows_later(const int64_t* steps, int64_t nsteps, int64_t Kh, i
   return true;
 }
 
-// Channels-last scratch of a group's rows: rows of lp + W + rp pixels of Cg channels (pitch
-// elements apart), image column col at lp + col; the columns outside the image never hold
+// Channels-last scratch of a group's rows: rows of left_pad + W + rp pixels of Cg channels (pitch
+// elements apart), image column col at left_pad + col; the columns outside the image never hold
 // image data (zeros the kernels read for taps outside the image, or where the transpose drops
-// them). Column lp + W is the zero column the tables send those taps to (rp >= 1); a zero
-// border's taps can instead read their own column when lp and rp cover the padding
+// them). Column left_pad + W is the zero column the tables send those taps to (rp >= 1); a zero
+// border's taps can instead read their own column when left_pad and rp cover the padding
 // (affine_columns).
 struct LastRows {
-  int64_t W, Cg, lp, pitch;
-  bool padded;  // lp and the right padding hold every column a zero border's taps read
+  int64_t W, Cg, left_pad, pitch;
+  bool padded;  // left_pad and the right padding hold every column a zero border's taps read
   LastRows(int64_t W_, int64_t Cg_, int64_t lp_ = 0, int64_t rp = 1, bool padded_ = false)
-      : W(W_), Cg(Cg_), lp(lp_), pitch((lp_ + W_ + std::max<int64_t>(rp, 1)) * Cg_), padded(padded_) {}
+      : W(W_), Cg(Cg_), left_pad(lp_), pitch((lp_ + W_ + std::max<int64_t>(rp, 1)) * Cg_), padded(padded_) {}
   // The rows for the taps of a window whose columns are col = j * s + col_offset[v] (zero border,
   // zero_border: with its padding, so every tap reads a column of its own) or given by the tables
   // only (clamp border: every tap is inside the image)
@@ -295,7 +295,7 @@ struct LastRows {
     return LastRows(W, Cg, std::max<int64_t>(0, -col_offset[0]), (Wo - 1) * s + col_offset[Kw - 1] - (W - 1), true);
   }
   // [j * Kw + v]: offset of tap column v of output column j within a row: its own column
-  // j * s + col_offset[v] when padded, else the table's (the zero column lp + W for taps outside the
+  // j * s + col_offset[v] when padded, else the table's (the zero column left_pad + W for taps outside the
   // image; col_offset and s are then unused)
   std::vector<int64_t> tap_columns(const int64_t* cols, int64_t Kw, int64_t Wo, const int64_t* col_offset = nullptr,
                                    int64_t s = 1) const {
@@ -303,7 +303,7 @@ struct LastRows {
     for (int64_t j = 0; j < Wo; ++j)
       for (int64_t v = 0; v < Kw; ++v) {
         const int64_t col = padded ? j * s + col_offset[v] : cols[v * Wo + j];
-        c[j * Kw + v] = (lp + (col >= 0 || padded ? col : W)) * Cg;
+        c[j * Kw + v] = (left_pad + (col >= 0 || padded ? col : W)) * Cg;
       }
     return c;
   }
@@ -311,7 +311,7 @@ struct LastRows {
   // from_last positions)
   std::vector<int64_t> elements(int64_t nrows) const {
     std::vector<int64_t> e(nrows * W);
-    for (int64_t k = 0; k < nrows * W; ++k) e[k] = (k / W) * pitch + (lp + k % W) * Cg;
+    for (int64_t k = 0; k < nrows * W; ++k) e[k] = (k / W) * pitch + (left_pad + k % W) * Cg;
     return e;
   }
 };
