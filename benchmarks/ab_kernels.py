@@ -121,7 +121,7 @@ def main(argv=None) -> int:
         print(f"native library unavailable: {native.error()}", file=sys.stderr)
         return 1
     commit = _git("rev-parse", "--short=12", args.base).strip()
-    out = os.path.join(os.path.dirname(native.build_directory()), f"tokenmix_ab_base_{commit}")
+    out = os.path.join(native.cache_root(), f"tokenmix_ab_base_{commit}")
     os.makedirs(out, exist_ok=True)
     base, base_plan = build_base(commit, out)
     logs = {op: [] for op in args.ops}

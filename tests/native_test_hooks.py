@@ -8,7 +8,7 @@ with the hooks the tests need and the shipping library leaves out:
   ``lent_planes``) forced to n >= 0 of the last planes, so the scratch-free tail kernel meets
   every geometry; -1 restores the kernel's own sizing.
 
-Built once per source state beside the native library (about 30-40 s, cached).
+Built once per source state beside the native library (about a minute, cached).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def load():
         cpu = os.path.join("backends", "cpu", "csrc")
         sources = [s for s in native.sources() if cpu in s]
         name = native.name().replace("tokenmix_native_", "tokenmix_test_hooks_")
-        directory = os.path.join(os.path.dirname(native.build_directory()), name)
+        directory = os.path.join(native.cache_root(), name)
         native.build_and_load(name, sources, directory, native.CFLAGS + _DEFINES, native.LDFLAGS,
                               what="the tests' build of the CPU kernels")
     return torch.ops.tokenmix_test_hooks

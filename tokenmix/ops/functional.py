@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import checks, library, native  # noqa: F401  (library defines torch.ops.tokenmix)
+from . import checks, library, native  # importing library defines torch.ops.tokenmix
 from .backends import cpu_runs_first, select_backend
 from .window import Window
 

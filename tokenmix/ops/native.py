@@ -2,7 +2,7 @@
 (``ops/csrc/autograd.cpp``) and the CPU backend's kernels (``ops/backends/cpu/csrc/*.cpp``),
 compiled once with :func:`torch.utils.cpp_extension.load` and loaded into the process.
 
-Nothing is compiled at import: :func:`load` builds on its first call (about 30-40 s on two
+Nothing is compiled at import: :func:`load` builds on its first call (about a minute on two
 cores, announced by one line on stderr) or loads the cached build. The build directory is
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) / ``tokenmix_native_<tag>``,
 where the tag hashes the sources, the flags, the torch version and this CPU's model and
@@ -69,11 +69,15 @@ def name() -> str:
     return f"tokenmix_native_{h.hexdigest()[:12]}"
 
 
-def build_directory() -> str:
+def cache_root() -> str:
+    """``$TORCH_EXTENSIONS_DIR``, or torch's default extension directory."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return os.path.join(root, name())
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def build_directory() -> str:
+    return os.path.join(cache_root(), name())
 
 
 class CacheNotWritable(RuntimeError):
@@ -161,7 +165,7 @@ def build_and_load(lib: str, srcs: List[str], directory: str, cflags: List[str],
                     path = os.path.join(directory, entry)
                     if entry != "build.lock" and os.path.isfile(path):
                         os.remove(path)
-                print(f"tokenmix: compiling {what} once, about 30-40 s ({directory}) ...", file=sys.stderr,
+                print(f"tokenmix: compiling {what} once, about a minute ({directory}) ...", file=sys.stderr,
                       flush=True)
                 torch_load(name=lib, sources=srcs, extra_cflags=list(cflags), extra_ldflags=list(ldflags),
                            build_directory=directory, is_python_module=False, verbose=False)
@@ -180,7 +184,8 @@ def _build() -> str:
     """Build (or load the cached build of) this package's library; returns its path. The
     library registers its kernels with ``TORCH_LIBRARY_IMPL`` (no pybind11), so loading it into
     the process is all there is to do."""
-    return build_and_load(name(), sources(), build_directory(), CFLAGS, LDFLAGS)
+    lib = name()  # hashes every source: once
+    return build_and_load(lib, sources(), os.path.join(cache_root(), lib), CFLAGS, LDFLAGS)
 
 
 def load() -> bool:
