@@ -125,7 +125,7 @@ def test_any_mixer_in_any_family():
     assert pf.stages[2][0].mixer.window.kernel_size == (3, 3)           # the stage keeps its K
     nat = create_model("nat_mini", mixer=("dwconv", "involution", "neighborhood_attention", "neighborhood_attention"),
                        num_classes=5).eval()
-    assert nat.stages[0][0].mixer.window.kernel_size == (7, 7) and nat.stages[3][0].mixer.fused
+    assert nat.stages[0][0].mixer.window.kernel_size == (7, 7) and nat.stages[3][0].mixer.fused_qkv
     dinat = create_model("dinat_mini", mixer=("pooling", "dwconv", "neighborhood_attention", "conv"))
     assert dinat.stages[2][1].mixer.window.dilation == (2, 2)          # unchanged stage keeps its dilations
     assert dinat.stages[1][1].mixer.window.dilation == (1, 1)          # changed stage drops them

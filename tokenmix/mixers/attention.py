@@ -33,10 +33,10 @@ class AttentionMixer(Mixer):
 
     def __init__(self, dim: int, generator: nn.Module, window: Window, value: Optional[nn.Module] = None,
                  proj: Optional[nn.Module] = None, *, pad_to_window: bool = False, bias: bool = False,
-                 device=None, dtype=None):
-        super().__init__(dim, generator, window, value, proj, bias=bias, device=device, dtype=dtype)
-        self.fused = bool(getattr(generator, "fused_qkv", False))
-        if self.fused and value is not None:
+                 fused: bool = True, device=None, dtype=None):
+        super().__init__(dim, generator, window, value, proj, bias=bias, fused=fused, device=device, dtype=dtype)
+        self.fused_qkv = bool(getattr(generator, "fused_qkv", False))
+        if self.fused_qkv and value is not None:
             raise ValueError("a generator with fused_qkv=True computes v itself; pass value=None")
         if pad_to_window and window.border != "clamp":
             raise ValueError(f"pad_to_window=True is for the clamp border (neighborhood attention), got {window}")
@@ -56,7 +56,7 @@ class AttentionMixer(Mixer):
         ph, pw = self._padding(H, W)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
-        if self.fused:
+        if self.fused_qkv:
             q, k, v = self.generator.split_qkv(x)
             sh, sw = self.window.stride
             w = self.generator.attention(q[:, :, ::sh, ::sw], k, self.window, x.shape[2], x.shape[3])
@@ -72,7 +72,7 @@ class AttentionMixer(Mixer):
         return self.proj(y)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", fused_qkv=True" if self.fused else "") + \
+        return super().extra_repr() + (", fused_qkv=True" if self.fused_qkv else "") + \
             (", pad_to_window=True" if self.pad_to_window else "")
 
 

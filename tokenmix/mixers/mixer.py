@@ -33,13 +33,18 @@ class Mixer(nn.Module):
             ``nn.Identity`` (involution, depthwise conv); the v projection of attention.
         proj: module applied after aggregation, (B, C, Ho, Wo) -> (B, C', Ho, Wo); default identity.
         bias: add a learned per-channel bias after aggregation (default False).
+        fused: use the generator's fused form where it offers one (the generated kernel is never
+            stored); False always runs the composed path ``aggregate(value(x), generator(x))``.
+            Both paths have the same parameters and ``state_dict``.
 
     Shapes: ``x: (B, C, H, W) -> (B, C, Ho, Wo)``, ``(Ho, Wo) = window.output_size(H, W)``.
     """
 
     def __init__(self, dim: int, generator: nn.Module, window: Window, value: Optional[nn.Module] = None,
-                 proj: Optional[nn.Module] = None, *, bias: bool = False, device=None, dtype=None):
+                 proj: Optional[nn.Module] = None, *, bias: bool = False, fused: bool = True,
+                 device=None, dtype=None):
         super().__init__()
+        self.fused = bool(fused)
         self.dim = check_int("dim", dim)
         if not isinstance(generator, nn.Module):
             raise TypeError(f"generator must be an nn.Module, got {type(generator).__name__}")

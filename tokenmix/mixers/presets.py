@@ -56,18 +56,19 @@ def dwconv(dim: int, *, kernel_size=7, stride: int = 1, dilation: int = 1, bias:
 
 @register_mixer("involution")
 def involution(dim: int, *, kernel_size=7, stride: int = 1, group_channels: Optional[int] = 16,
-               groups: Optional[int] = None, reduction: int = 4, dilation: int = 1,
+               groups: Optional[int] = None, reduction: int = 4, dilation: int = 1, fused: bool = True,
                device=None, dtype=None) -> Mixer:
     """Involution, official RedNet semantics: ``bottleneck`` generator (pool, reduce, norm,
     act, span), G = dim // group_channels (or ``groups``), value and proj identity.
-    State dict: ``generator.reduce.weight``, ``generator.norm.*``, ``generator.span.{weight,bias}``."""
+    State dict: ``generator.reduce.weight``, ``generator.norm.*``, ``generator.span.{weight,bias}``.
+    ``fused=False``: the composed path (see :class:`~tokenmix.mixers.Mixer`)."""
     if groups is not None:
         group_channels = None
     resolve_groups(dim, groups, group_channels, cname="dim")
     window = _window(kernel_size, stride, dilation)
     gen = BottleneckKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
                            reduction=reduction, device=device, dtype=dtype)
-    return Mixer(dim, gen, window, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, fused=fused, device=device, dtype=dtype)
 
 
 def _check_heads(dim: int, heads) -> int:
@@ -78,7 +79,7 @@ def _check_heads(dim: int, heads) -> int:
 
 
 def _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, border, device, dtype, *,
-               fused_qkv=False, proj=False, pad_to_window=False) -> AttentionMixer:
+               fused_qkv=False, proj=False, pad_to_window=False, fused=True) -> AttentionMixer:
     heads = _check_heads(dim, heads)
     window = _window(kernel_size, stride, dilation, border)
     fk = dict(device=device, dtype=dtype)
@@ -86,36 +87,38 @@ def _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, bor
                          fused_qkv=fused_qkv, **fk)
     value = None if fused_qkv else nn.Conv2d(dim, dim, 1, bias=qkv_bias, **fk)
     out = PointwiseLinear(dim, dim, bias=True, **fk) if proj else None
-    return AttentionMixer(dim, gen, window, value=value, proj=out, pad_to_window=pad_to_window, **fk)
+    return AttentionMixer(dim, gen, window, value=value, proj=out, pad_to_window=pad_to_window, fused=fused, **fk)
 
 
 @register_mixer("local_attention")
 def local_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
                     rel_pos: bool = True, dilation: int = 1, fused_qkv: bool = False, proj: bool = False,
-                    device=None, dtype=None) -> AttentionMixer:
+                    fused: bool = True, device=None, dtype=None) -> AttentionMixer:
     """Stand-alone local self-attention (SASA-style, zero border): ``query_key`` generator
     (q, k 1x1 projections, learned relative position bias by true offset, out-of-image taps
     masked), value = a 1x1 v projection, no output projection. Stride s: queries at the
     strided positions ``x[..., ::s, ::s]``, keys and values at every pixel.
     ``fused_qkv=True``: one (3*dim, dim) ``generator.qkv`` projection instead of three;
-    ``proj=True``: an output projection ``proj`` (a 1x1 ``PointwiseLinear`` with bias)."""
+    ``proj=True``: an output projection ``proj`` (a 1x1 ``PointwiseLinear`` with bias);
+    ``fused=False``: the composed path (see :class:`~tokenmix.mixers.Mixer`)."""
     return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "zero", device, dtype,
-                      fused_qkv=fused_qkv, proj=proj)
+                      fused_qkv=fused_qkv, proj=proj, fused=fused)
 
 
 @register_mixer("neighborhood_attention")
 def neighborhood_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, qkv_bias: bool = False,
                            rel_pos: bool = True, dilation: int = 1, fused_qkv: bool = False, proj: bool = False,
-                           pad_to_window: bool = False, device=None, dtype=None) -> AttentionMixer:
+                           pad_to_window: bool = False, fused: bool = True, device=None,
+                           dtype=None) -> AttentionMixer:
     """Neighborhood attention (NATTEN semantics): ``local_attention`` with the clamp border,
     so every query attends to exactly K*K in-image keys. Stride must be 1; the input must be
     at least K*dilation in each dimension, or, with ``pad_to_window=True``, is zero-padded to
     it as NATTEN < 0.20 did. ``fused_qkv``/``proj`` as ``local_attention``; NAT's layer is
-    ``qkv_bias=True, fused_qkv=True, proj=True``."""
+    ``qkv_bias=True, fused_qkv=True, proj=True``; ``fused`` as ``local_attention``."""
     if stride != 1:
         raise ValueError(f"neighborhood_attention uses border='clamp', which needs stride=1, got stride={stride}")
     return _attention(dim, kernel_size, stride, heads, qkv_bias, rel_pos, dilation, "clamp", device, dtype,
-                      fused_qkv=fused_qkv, proj=proj, pad_to_window=pad_to_window)
+                      fused_qkv=fused_qkv, proj=proj, pad_to_window=pad_to_window, fused=fused)
 
 
 @register_mixer("positional_attention")
@@ -133,13 +136,14 @@ def positional_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int
 @register_mixer("patch_involution")
 def patch_involution(dim: int, *, kernel_size=7, stride: int = 1, patch_size: int = 3,
                      group_channels: Optional[int] = 16, groups: Optional[int] = None, reduction: int = 4,
-                     dilation: int = 1, device=None, dtype=None) -> Mixer:
+                     dilation: int = 1, fused: bool = True, device=None, dtype=None) -> Mixer:
     """Involution with a patch-conditioned kernel (``patch`` generator): the kernel at (i, j)
-    comes from a P x P neighborhood (P x P reduce conv); ``patch_size=1`` is ``involution``."""
+    comes from a P x P neighborhood (P x P reduce conv); ``patch_size=1`` is ``involution``.
+    ``fused`` as ``involution``."""
     if groups is not None:
         group_channels = None
     resolve_groups(dim, groups, group_channels, cname="dim")
     window = _window(kernel_size, stride, dilation)
     gen = PatchKernel(dim, kernel_size, stride=stride, patch_size=patch_size, groups=groups,
                       group_channels=group_channels, reduction=reduction, device=device, dtype=dtype)
-    return Mixer(dim, gen, window, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, fused=fused, device=device, dtype=dtype)
