@@ -19,6 +19,10 @@ def src(i: int, u: int, L: int, K: int, s: int, d: int, p: int, border: str):
     if border == "zero":
         r = i * s - p + u * d
         return r if 0 <= r < L else None
+    if border == "reflect":  # as F.pad(mode="reflect"): -1 -> 1, L -> L - 2
+        r = i * s - p + u * d
+        r = -r if r < 0 else r
+        return 2 * (L - 1) - r if r >= L else r
     r = i % d
     ip = i // d
     Lr = -(-(L - r) // d)
@@ -113,10 +117,12 @@ def geometries(draw, max_kernel=9, max_stride=3, max_dilation=3, max_size=13, bo
         pad = None
         if draw(st.booleans()):
             pad = (draw(st.integers(0, D[0] * (K[0] - 1))), draw(st.integers(0, D[1] * (K[1] - 1))))
-        window = Window(K, stride=S, dilation=D, padding=pad)
+        window = Window(K, stride=S, dilation=D, padding=pad, border=border)
         ph, pw = window.padding
         minH = max(1, D[0] * (K[0] - 1) + 1 - 2 * ph)
         minW = max(1, D[1] * (K[1] - 1) + 1 - 2 * pw)
+        if border == "reflect":  # reflection needs padding < the image size
+            minH, minW = max(minH, ph + 1), max(minW, pw + 1)
         H = draw(st.integers(minH, max(minH, max_size)))
         W = draw(st.integers(minW, max(minW, max_size)))
     B = draw(st.integers(1, 3))

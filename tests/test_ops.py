@@ -86,6 +86,35 @@ def test_adjoint_identities(backend, geo, seed):
     assert abs(a.item() - c.item()) <= 1e-10 * scale
 
 
+@given(geo=geometries(borders=("reflect",)), mode=st.sampled_from(WEIGHT_MODES), seed=st.integers(0, 2**16))
+def test_reflect_border_matches_brute_force_and_adjoints(geo, mode, seed):
+    """The reflect border (reference backend): the three primitives against the brute force,
+    whose source index reflects as ``F.pad(mode="reflect")``, and the adjoint identities."""
+    window, B, C, G, H, W = geo
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, dtype=torch.float64, generator=g)
+    y = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=g)
+    w = random_weight(B, G, window, Ho, Wo, mode, gen=g)
+    tol = dict(atol=1e-11, rtol=1e-10)
+    torch.testing.assert_close(aggregate(x, w, window), brute_aggregate(x, w, window), **tol)
+    torch.testing.assert_close(aggregate_transpose(y, w, window, (H, W)),
+                               brute_aggregate_transpose(y, w, window, (H, W)), **tol)
+    torch.testing.assert_close(correlate(y, x, window, G), brute_correlate(y, x, window, G), **tol)
+    a = (aggregate(x, w, window) * y).sum()
+    b = (x * aggregate_transpose(y, w, window, (H, W))).sum()
+    assert abs(a.item() - b.item()) <= 1e-10 * (1 + a.abs().item())
+
+
+def test_reflect_border_gradcheck_and_refusals():
+    window = Window(3, stride=2, dilation=2, border="reflect")
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 9, *window.output_size(7, 6), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: aggregate(x, w, window), (x, w))
+    with pytest.raises(ValueError, match="padding < input height: padding 2 >= 2"):
+        aggregate(torch.randn(1, 4, 2, 9), torch.randn(1, 1, 9, 1, 1), window)
+
+
 # --------------------------------------------------------------------------- gradients
 
 GRAD_CASES = [

@@ -79,7 +79,7 @@ def test_relative_offsets():
     (dict(kernel_size=3, stride=0), ValueError, "stride"),
     (dict(kernel_size=3, dilation=-1), ValueError, "dilation"),
     (dict(kernel_size=3, padding=-1), ValueError, "padding"),
-    (dict(kernel_size=3, border="reflect"), ValueError, "border"),
+    (dict(kernel_size=3, border="wrap"), ValueError, "border"),
     (dict(kernel_size=3, stride=2, border="clamp"), ValueError, "stride"),
     (dict(kernel_size=3, padding=1, border="clamp"), ValueError, "padding"),
 ])
@@ -91,3 +91,23 @@ def test_window_argument_errors(kwargs, err, match):
 def test_clamp_window_larger_than_image():
     with pytest.raises(ValueError, match=r"kernel_size\*dilation <= input height: 3\*2 > 5"):
         Window(3, dilation=2, border="clamp").output_size(5, 9)
+
+
+def test_reflect_needs_padding_below_the_image_size():
+    win = Window(5, border="reflect")  # padding 2
+    assert win.output_size(3, 9) == (3, 9)
+    with pytest.raises(ValueError, match=r"border='reflect' needs padding < input height: padding 2 >= 2"):
+        win.output_size(2, 9)
+
+
+@given(K=st.integers(1, 5), s=st.integers(1, 3), d=st.integers(1, 3), H=st.integers(1, 9), W=st.integers(1, 9))
+def test_reflect_index_matches_f_pad(K, s, d, H, W):
+    win = Window(K, stride=s, dilation=d, border="reflect")
+    (ph, pw) = win.padding
+    if ph >= H or pw >= W or (H + 2 * ph - d * (K - 1) - 1) < 0 or (W + 2 * pw - d * (K - 1) - 1) < 0:
+        return
+    x = torch.arange(H * W, dtype=torch.float64).view(1, 1, H, W)
+    cols = F.unfold(F.pad(x, (pw, pw, ph, ph), mode="reflect"), K, dilation=d, stride=s)
+    rows, colsi = win.source_index(H, W)
+    want = (rows[:, None, :, None] * W + colsi[None, :, None, :]).reshape(K * K, -1)
+    assert torch.equal(cols[0].long(), want)

@@ -15,6 +15,8 @@ from .backends import cpu_runs_first, select_backend
 from .window import Window
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+#: The borders the native CPU kernels implement; a CPU call with another border runs in Python.
+_NATIVE_CPU_BORDERS = ("zero", "clamp")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -36,14 +38,15 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
 
 def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
     """Run ``torch.ops.tokenmix.<op>(*args)``, the one route of every call, whose autograd kernel
-    and CPU kernels are the native library's. Three cases run the op's Python device kernel
+    and CPU kernels are the native library's. Four cases run the op's Python device kernel
     (:data:`tokenmix.ops.library.KERNELS`) directly instead: a backend other than ``"cpu"``
-    forced on CPU tensors, a backend registered before "cpu" that runs on CPU tensors, and a
-    process where the native library cannot be built. Inputs that need a gradient then run the
+    forced on CPU tensors, a backend registered before "cpu" that runs on CPU tensors, a CPU
+    call whose border the native kernels do not implement, and a process where the native
+    library cannot be built. Inputs that need a gradient then run the
     reference backend, whose pure-PyTorch composition autograd differentiates by itself, or a
     forced backend's refusal is raised."""
-    native_cpu = (backend == "cpu" or tensors[0].device.type != "cpu"
-                  or (backend is None and cpu_runs_first()))
+    native_cpu = tensors[0].device.type != "cpu" or (
+        (backend == "cpu" or (backend is None and cpu_runs_first())) and window.border in _NATIVE_CPU_BORDERS)
     if native_cpu and native.load():
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -11,7 +11,7 @@ import torch
 from .._args import check_pair
 
 IntOrPair = Union[int, Tuple[int, int]]
-BORDERS = ("zero", "clamp")
+BORDERS = ("zero", "clamp", "reflect")
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,15 @@ class Window:
         stride: s, int or (sh, sw). Must be 1 for ``border="clamp"``.
         dilation: d, int or (dh, dw).
         padding: p, int or (ph, pw); default ``d * (K - 1) // 2``. Must be 0/None for clamp.
-        border: ``"zero"`` (taps outside the image read 0, as ``conv2d``/``unfold``) or
+        border: ``"zero"`` (taps outside the image read 0, as ``conv2d``/``unfold``),
             ``"clamp"`` (neighborhood attention: the window slides inward near the border,
-            every tap is inside the image, output size = input size).
+            every tap is inside the image, output size = input size) or ``"reflect"`` (taps
+            outside the image read the mirrored pixel, as ``F.pad(mode="reflect")``: index -1
+            reads 1, index L reads L-2; needs padding < the input size).
 
-    Per axis, tap ``u`` of output ``i`` reads input ``i*s - p + u*d`` (zero border); the
-    output size is ``floor((L + 2p - d(K-1) - 1) / s) + 1``. Tap ``t = u*Kw + v``.
+    Per axis, tap ``u`` of output ``i`` reads input ``i*s - p + u*d`` (zero and reflect
+    borders, reflected into the image for reflect); the output size is
+    ``floor((L + 2p - d(K-1) - 1) / s) + 1``. Tap ``t = u*Kw + v``.
 
     >>> w = Window(3, stride=2)
     >>> w.output_size(7, 5)
@@ -80,6 +83,11 @@ class Window:
             K, s, d, p = self.kernel_size[a], self.stride[a], self.dilation[a], self.padding[a]
             if L < 1:
                 raise ValueError(f"input {axis} must be >= 1, got {L}")
+            if self.border == "reflect" and p >= L:
+                raise ValueError(
+                    f"border='reflect' needs padding < input {axis}: padding {p} >= {L} "
+                    f"(input size {(height, width)}, padding={self.padding})"
+                )
             if self.border == "clamp":
                 if K * d > L:
                     raise ValueError(
@@ -100,13 +108,16 @@ class Window:
     # ------------------------------------------------------------ index maps
     def axis_index(self, axis: int, length: int, device=None) -> torch.Tensor:
         """(K, Lo) int64 source index along one axis (0 = height, 1 = width); -1 where the
-        tap falls outside the image (zero border only)."""
+        tap falls outside the image (zero border only; the reflect border reflects it in)."""
         K, s, d, p = self.kernel_size[axis], self.stride[axis], self.dilation[axis], self.padding[axis]
-        if self.border == "zero":
+        if self.border != "clamp":
             n = (length + 2 * p - d * (K - 1) - 1) // s + 1
             i = torch.arange(n, device=device)
             u = torch.arange(K, device=device)
             src = i[None, :] * s - p + u[:, None] * d
+            if self.border == "reflect":  # p < length, so one reflection lands inside
+                src = torch.where(src < 0, -src, src)
+                return torch.where(src >= length, 2 * (length - 1) - src, src)
             return torch.where((src >= 0) & (src < length), src, torch.full_like(src, -1))
         i = torch.arange(length, device=device)
         r = i % d
@@ -129,14 +140,14 @@ class Window:
 
     def relative_offset(self, height: int, width: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """True (source - centre) offsets per tap in input pixels, ``(dy (Kh, Ho), dx (Kw, Wo))``,
-        where the centre of output i is the input pixel it sits on (``i*s``). For the zero
-        border this is ``u*d - p``; for the clamp border it shifts near the edges. Used by
-        relative position biases."""
+        where the centre of output i is the input pixel it sits on (``i*s``). For the zero and
+        reflect borders this is ``u*d - p`` (the tap's offset before reflection); for the clamp
+        border it shifts near the edges. Used by relative position biases."""
         rows, cols = self.source_index(height, width, device)
         sh, sw = self.stride
         ci = torch.arange(rows.shape[1], device=device) * sh
         cj = torch.arange(cols.shape[1], device=device) * sw
-        if self.border == "zero":
+        if self.border != "clamp":
             dy = (torch.arange(self.kernel_size[0], device=device) * self.dilation[0] - self.padding[0])
             dx = (torch.arange(self.kernel_size[1], device=device) * self.dilation[1] - self.padding[1])
             return dy[:, None].expand_as(rows), dx[:, None].expand_as(cols)
@@ -150,7 +161,7 @@ class Window:
     def from_args(kernel_size, stride, dilation, padding, border) -> "Window":
         """Inverse of :meth:`as_args` (cached: the ops rebuild their Window on every call)."""
         return _window_from_args(tuple(kernel_size), tuple(stride), tuple(dilation),
-                                 tuple(padding) if border == "zero" else None, border)
+                                 tuple(padding) if border != "clamp" else None, border)
 
 
 @functools.lru_cache(maxsize=256)

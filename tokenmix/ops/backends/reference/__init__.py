@@ -2,7 +2,8 @@
 "equivalent PyTorch code" of the public docstrings.
 
 It loops over the K*K taps and, per tap, works on one shifted view of the input (strided
-slices of the zero-padded input for ``border="zero"``, an index gather for ``"clamp"``), so
+slices of the zero-padded input for ``border="zero"``, an index gather for ``"clamp"`` and
+``"reflect"``), so
 its extra memory is O(output), never the K*K-times copy that ``unfold`` makes. float16 and
 bfloat16 are computed in float32.
 """
@@ -36,7 +37,7 @@ def _pad_amounts(window: Window, H: int, W: int):
 def shifted_views(x: torch.Tensor, window: Window) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(t, x_t)`` for every tap, where ``x_t[..., i, j] = x[..., src_t(i, j)]`` (0 on
     out-of-image taps); x: (..., H, W) -> x_t: (..., Ho, Wo). Zero border: views of one
-    padded copy; clamp border: one gathered copy per tap."""
+    padded copy; clamp and reflect borders: one gathered copy per tap."""
     H, W = x.shape[-2:]
     Ho, Wo = window.output_size(H, W)
     Kh, Kw = window.kernel_size
@@ -60,6 +61,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     devices = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    borders = frozenset({"zero", "clamp", "reflect"})
     fwd_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),
                torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
     bwd_tol = fwd_tol
@@ -114,8 +116,8 @@ class ReferenceBackend(Backend):
                     view.addcmul_(w6[:, :, :, u * Kw + v], y5)
             out = xp[..., top: top + H, left: left + W]
         else:
-            # Clamp border: several outputs can read the same pixel through one tap, so
-            # accumulate with index_add (deterministic on the CPU).
+            # Clamp and reflect borders: several outputs can read the same pixel through one
+            # tap, so accumulate with index_add (deterministic on the CPU).
             ri, ci = window.source_index(H, W, device=y.device)
             out = torch.zeros(B, G, C // G, H, W, dtype=cd, device=y.device)
             for u in range(Kh):
