@@ -105,7 +105,7 @@ def test_onnx_export_matches_onnxruntime(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model, side = _small(name)
     x = torch.randn(2, 3, max(side, 64), max(side, 48))
-    program = tx.to_onnx(model, (x,))
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     ops = {n.op_type for n in program.model_proto.graph.node}
     assert not any("tokenmix" in n.domain for n in program.model_proto.graph.node), ops
     path = tmp_path / f"{name}.onnx"
@@ -130,3 +130,19 @@ def test_torch_export_with_dynamic_height_and_width(name):
         x = torch.randn(1, 3, *size)
         with torch.no_grad():
             assert torch.equal(exported(x), model(x)), size
+
+
+def test_an_exported_program_keeps_the_ops_and_decompose_lowers_them():
+    """Only torch.onnx.export writes the ops as standard ops; torch.export keeps them, and
+    decompose lowers a program that holds them."""
+    ort = pytest.importorskip("onnxruntime")
+    model, _ = _small("rednet26")
+    x = torch.randn(1, 3, 40, 48)
+    program = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert any(t.startswith("tokenmix.") for t in targets), targets
+    onnx_program = torch.onnx.export(tx.decompose(program), (x,), dynamo=True, verbose=False)
+    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)

@@ -1,19 +1,21 @@
-"""Export of tokenmix models to ONNX: the ``tokenmix::`` custom ops written as standard
-PyTorch ops, applied to an exported program for export only.
+"""The ``tokenmix::`` custom ops written as standard PyTorch ops, for ONNX export only.
 
 The CPU and Triton kernels behind ``tokenmix::aggregate``, ``tokenmix::correlate`` and
 ``tokenmix::aggregate_transpose`` are not ONNX operators. :func:`decompositions` maps each op
 to standard PyTorch ops: one gather of every tap's source pixel from the input extended by a
-zero row and column (:func:`tap_index`, both borders), a product with the weight and a sum
+zero row and column (:func:`tap_index`, every border), a product with the weight and a sum
 over the taps (``Pad``, ``Gather``, ``Mul``, ``ReduceSum`` in ONNX; the transpose is a
 scatter-add). It holds the K*K taps of the input at once: meant for export, not for running.
-Nothing changes outside an export: training and inference keep the native kernels.
+
+Inside ``torch.onnx.export`` the functional API (:mod:`tokenmix.ops.functional`) calls these
+forms instead of the ops, so a model exports as it is; an already exported program is
+lowered with :func:`decompose`. Nothing changes outside an export.
 
     >>> import torch, tokenmix.export
     >>> model = tokenmix.models.create_model("rednet26").eval()
     >>> x = torch.randn(1, 3, 224, 224)
-    >>> onnx_program = tokenmix.export.to_onnx(model, (x,))         # torch.onnx.ONNXProgram
-    >>> program = tokenmix.export.decompose(torch.export.export(model, (x,)))   # the same by hand
+    >>> onnx_program = torch.onnx.export(model, (x,), dynamo=True)   # torch.onnx.ONNXProgram
+    >>> program = tokenmix.export.decompose(torch.export.export(model, (x,)))
     >>> onnx_program = torch.onnx.export(program, (x,), dynamo=True)
 
 ``torch.export.export`` needs none of this (the ops have fake implementations for symbolic
@@ -22,7 +24,7 @@ shapes), with dynamic height and width included.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict
 
 import torch
 
@@ -112,12 +114,4 @@ def decompose(program: "torch.export.ExportedProgram") -> "torch.export.Exported
     return program.run_decompositions(decompositions())
 
 
-def to_onnx(model: torch.nn.Module, args: Sequence[Any], *, dynamic_shapes: Any = None, **kwargs: Any):
-    """``model`` exported with ``torch.export`` (``dynamic_shapes`` as there), its ``tokenmix::``
-    ops lowered by :func:`decompose`, then converted by ``torch.onnx.export(..., dynamo=True,
-    **kwargs)``; returns the ``torch.onnx.ONNXProgram``."""
-    program = decompose(torch.export.export(model, tuple(args), dynamic_shapes=dynamic_shapes))
-    return torch.onnx.export(program, tuple(args), dynamo=True, **kwargs)
-
-
-__all__ = ["decompositions", "decompose", "to_onnx", "tap_index"]
+__all__ = ["decompositions", "decompose", "tap_index"]

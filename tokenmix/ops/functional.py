@@ -44,7 +44,14 @@ def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
     call whose border the native kernels do not implement, and a process where the native
     library cannot be built. Inputs that need a gradient then run the
     reference backend, whose pure-PyTorch composition autograd differentiates by itself, or a
-    forced backend's refusal is raised."""
+    forced backend's refusal is raised.
+
+    Inside ``torch.onnx.export`` the op is written as standard PyTorch ops instead
+    (:mod:`tokenmix.export`), since ONNX has no operator for it."""
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        from ..export import decompositions
+
+        return decompositions()[getattr(torch.ops.tokenmix, op).default](*args)
     native_cpu = tensors[0].device.type != "cpu" or (
         (backend == "cpu" or (backend is None and cpu_runs_first())) and window.border in _NATIVE_CPU_BORDERS)
     if native_cpu and native.load():
