@@ -22,6 +22,16 @@
 
 namespace tokenmix_cpu {
 
+// One broadcast instruction per register width and element type, for Vec::splat.
+#if defined(__AVX512F__)
+inline __m512 set1_512(float a) { return _mm512_set1_ps(a); }
+inline __m512d set1_512(double a) { return _mm512_set1_pd(a); }
+#endif
+#if defined(__AVX2__)
+inline __m256 set1_256(float a) { return _mm256_set1_ps(a); }
+inline __m256d set1_256(double a) { return _mm256_set1_pd(a); }
+#endif
+
 // A vector of Bytes bytes of T (a GCC/Clang vector extension): 32 bytes (8 floats, 4 doubles)
 // in every kernel, 64 (AVX-512) for a pixel's channels in the affine channels-last kernels
 // (AffineVec).
@@ -39,20 +49,10 @@ struct Vec {
   // Every lane = a (one broadcast instruction; a lane-by-lane fill compiles to insert chains).
   static type splat(T a) {
 #if defined(__AVX512F__)
-    if constexpr (Bytes == 64) {
-      if constexpr (std::is_same<T, float>::value)
-        return (type)_mm512_set1_ps(a);
-      else
-        return (type)_mm512_set1_pd(a);
-    }
+    if constexpr (Bytes == 64) return (type)set1_512(a);
 #endif
 #if defined(__AVX2__)
-    if constexpr (Bytes == 32) {
-      if constexpr (std::is_same<T, float>::value)
-        return (type)_mm256_set1_ps(a);
-      else
-        return (type)_mm256_set1_pd(a);
-    }
+    if constexpr (Bytes == 32) return (type)set1_256(a);
 #endif
     type v;
     for (int k = 0; k < N; ++k) v[k] = a;
