@@ -92,23 +92,29 @@ class PairwiseKernel(_SANKernel):
         groups: G, the weight channels (official ``out_planes // share_planes``); default C // 8.
         rel_channels: R, the relation width (official ``rel_planes``); default C // 16.
         position: include the encoded relative position (official: always).
+        cancelling_bias: keep the two biases that cannot change the output, ``position``'s
+            (it cancels in ``p_i - p_t``) and the last ``mlp`` conv's (the same for every tap,
+            it cancels in the softmax). The official SAM has them (default True: its parameter
+            count and checkpoints); without them every parameter gets a gradient.
 
     Shapes: ``forward(x: (B, C, H, W), window) -> (B, G, K*K, Ho, Wo)``.
     """
 
     def __init__(self, channels: int, kernel_size=7, *, stride: int = 1, groups: Optional[int] = None,
-                 rel_channels: Optional[int] = None, position: bool = True, device=None, dtype=None):
+                 rel_channels: Optional[int] = None, position: bool = True, cancelling_bias: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         self._common(channels, kernel_size, stride, groups, rel_channels)
         R, G, fk = self.rel_channels, self.groups, dict(device=device, dtype=dtype)
+        bias = bool(cancelling_bias)
         self.query = nn.Conv2d(self.channels, R, 1, **fk)
         self.key = nn.Conv2d(self.channels, R, 1, **fk)
         self.use_position = bool(position)
         P = 2 if self.use_position else 0
         if self.use_position:
-            self.position = nn.Conv2d(2, 2, 1, **fk)
+            self.position = nn.Conv2d(2, 2, 1, bias=bias, **fk)
         self.mlp = nn.Sequential(nn.BatchNorm2d(R + P, **fk), nn.ReLU(), nn.Conv2d(R + P, R, 1, bias=False, **fk),
-                                 nn.BatchNorm2d(R, **fk), nn.ReLU(), nn.Conv2d(R, G, 1, **fk))
+                                 nn.BatchNorm2d(R, **fk), nn.ReLU(), nn.Conv2d(R, G, 1, bias=bias, **fk))
 
     def reset_parameters(self) -> None:
         """PyTorch defaults of the convolutions; BN weight 1, bias 0, running stats reset."""
