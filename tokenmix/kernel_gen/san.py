@@ -43,11 +43,19 @@ def window_taps(x: torch.Tensor, window: Window, channels: int) -> torch.Tensor:
     return correlate(ones, x, window, channels)
 
 
+def _linspace(n, device, dtype) -> torch.Tensor:
+    """``torch.linspace(-1, 1, n)`` written with ``arange`` so that ``torch.export`` keeps n
+    symbolic (equal to linspace up to rounding)."""
+    i = torch.arange(n, device=device, dtype=dtype)
+    return i * (2.0 / max(n - 1, 1)) - 1.0
+
+
 def coordinate_map(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
     """SAN's position map (1, 2, H, W): channel 0 the column coordinate
     ``linspace(-1, 1, W)``, channel 1 the row coordinate ``linspace(-1, 1, H)``."""
-    cols = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype).view(1, 1, 1, width).expand(1, 1, height, width)
-    rows = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype).view(1, 1, height, 1).expand(1, 1, height, width)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    cols = _linspace(width, device, dtype).view(1, 1, 1, width).expand(1, 1, height, width)
+    rows = _linspace(height, device, dtype).view(1, 1, height, 1).expand(1, 1, height, width)
     return torch.cat([cols, rows], 1)
 
 
