@@ -9,7 +9,6 @@ aggregation follow the index math of the official CUDA kernels (``lib/sa/functio
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -21,8 +20,8 @@ from tokenmix.analysis import count_flops, torch_flops
 from tokenmix.analysis.tables import PUBLISHED
 from tokenmix.kernel_gen import PairwiseKernel, PatchwiseKernel, create_kernel_gen
 from tokenmix.kernel_gen.san import coordinate_map, window_taps
-from tokenmix.mixers import Mixer, create_mixer
-from tokenmix.models import (SAN, SANConfig, convert_official_san, create_model, get_config, list_models,
+from tokenmix.mixers import create_mixer
+from tokenmix.models import (SANConfig, convert_official_san, create_model, get_config, list_models,
                              load_official_san, official_san_keys)
 from tokenmix.models.convert_san import san_channel_permutation
 from tokenmix.models.san import SANBlock

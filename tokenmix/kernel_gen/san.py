@@ -60,6 +60,9 @@ def coordinate_map(height: int, width: int, device=None, dtype=None) -> torch.Te
 
 
 class _SANKernel(KernelGenerator):
+    """Shared set-up of the two SAN generators: C, G (default C // 8), R (default C // 16),
+    odd K."""
+
     def _common(self, channels, kernel_size, stride, groups, rel_channels, default_rel_reduction=16):
         channels = check_int("channels", channels)
         groups = check_int("groups", channels // 8 if groups is None else groups)
@@ -70,7 +73,14 @@ class _SANKernel(KernelGenerator):
         self.rel_channels = check_int("rel_channels", rel_channels)
         self._setup(channels, groups, kernel_size, stride)
         if self.kernel_size[0] % 2 == 0 or self.kernel_size[1] % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (the relation needs a centre tap), got kernel_size={kernel_size!r}")
+            raise ValueError(f"kernel_size must be odd (the relation needs a centre tap), "
+                             f"got kernel_size={kernel_size!r}")
+
+    def reset_parameters(self) -> None:
+        """PyTorch defaults of the convolutions; BN weight 1, bias 0, running stats reset."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rel_channels={self.rel_channels}"
@@ -123,12 +133,6 @@ class PairwiseKernel(_SANKernel):
             self.position = nn.Conv2d(2, 2, 1, bias=bias, **fk)
         self.mlp = nn.Sequential(nn.BatchNorm2d(R + P, **fk), nn.ReLU(), nn.Conv2d(R + P, R, 1, bias=False, **fk),
                                  nn.BatchNorm2d(R, **fk), nn.ReLU(), nn.Conv2d(R, G, 1, bias=bias, **fk))
-
-    def reset_parameters(self) -> None:
-        """PyTorch defaults of the convolutions; BN weight 1, bias 0, running stats reset."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-                m.reset_parameters()
 
     def relation(self, x: torch.Tensor, window: Window) -> torch.Tensor:
         """The MLP's input (B, R [+2], K*K, Ho, Wo): ``phi(x)_i - psi(x)_t`` then ``p_i - p_t``."""
@@ -183,8 +187,6 @@ class PatchwiseKernel(_SANKernel):
         self.mlp = nn.Sequential(nn.BatchNorm2d(R * (T + 1), **fk), nn.ReLU(),
                                  nn.Conv2d(R * (T + 1), G, 1, bias=False, **fk),
                                  nn.BatchNorm2d(G, **fk), nn.ReLU(), nn.Conv2d(G, G * T, 1, **fk))
-
-    reset_parameters = PairwiseKernel.reset_parameters
 
     def features(self, x: torch.Tensor, window: Window) -> torch.Tensor:
         """The MLP's input (B, R*(K*K+1), Ho, Wo): the centre's R features, then the patch's."""

@@ -95,9 +95,9 @@ class SANConfig:
         for i in range(5):
             c = self.stage_width(i)
             if c % self.rel_reduction or c % self.mid_reduction or (c // self.mid_reduction) % self.share_planes:
-                raise ValueError(f"stage {i} width {c} must be divisible by rel_reduction={self.rel_reduction} and "
-                                 f"mid_reduction={self.mid_reduction}, and width/mid_reduction={c // self.mid_reduction} "
-                                 f"by share_planes={self.share_planes}")
+                raise ValueError(f"stage {i} width {c} must be divisible by rel_reduction={self.rel_reduction} "
+                                 f"and mid_reduction={self.mid_reduction}, and width/mid_reduction="
+                                 f"{c // self.mid_reduction} by share_planes={self.share_planes}")
 
     def stage_width(self, i: int) -> int:
         """Channels of stage i: width * (1, 4, 8, 16, 32)[i]."""
