@@ -405,6 +405,18 @@ def test_registered_and_config_checks():
         create_mixer("san_pairwise", 12, kernel_size=3)
 
 
+def test_safetensors_round_trip_keeps_the_config(tmp_path):
+    from tokenmix.models import config_from_weights, model_from_weights, save_weights
+
+    model = create_model("san10_patchwise", num_classes=3, layers=(1,) * 5, width=32, kernels=(3,) * 5).eval()
+    path = tmp_path / "san.safetensors"
+    save_weights(model, path)
+    assert config_from_weights(path) == model.config
+    clone = model_from_weights(path).eval()
+    x = torch.randn(1, 3, 64, 70)
+    assert torch.equal(clone(x), model(x))
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_param_counts_equal_the_official_definition(name):
     with torch.device("meta"):
