@@ -13,7 +13,8 @@ from torch import nn
 from tokenmix.analysis import count_flops, count_params, param_table, torch_flops
 from tokenmix.analysis.flops import MAC_OPERATORS, UnsupportedOpError, flop_analysis, module_hook_flops
 from tokenmix.analysis.heatmap import kernel_maps, layer_input, load_image, mixer_layers, plot_heatmaps
-from tokenmix.analysis.tables import PAPER_TABLE1, PUBLISHED_METAFORMER, format_mixers, format_zoo, mixer_rows, zoo_rows
+from tokenmix.analysis.tables import (PUBLISHED, PUBLISHED_METAFORMER, format_mixers, format_zoo,
+                                     mixer_rows, zoo_rows)
 from tokenmix.mixers import create_mixer, list_mixers
 from tokenmix.models import create_model, list_models
 from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate
@@ -183,10 +184,24 @@ def test_params():
 # ------------------------------------------------------------------------------ the zoo at 224
 
 
+def reflect_traces_as_op() -> bool:
+    """Whether a CPU call with border='reflect' runs as the tokenmix op (a native CPU kernel
+    for that border), so that fvcore's trace sees the op; otherwise it traces the reference
+    backend's decomposition, which strict counting refuses."""
+    m = create_mixer("san_pairwise", 16, kernel_size=3, border="reflect")
+    return not count_flops(m, torch.randn(1, 16, 5, 5), strict=False).unsupported
+
+
+# The SAN models (reflect border) join the zoo once the reflect border traces as the op; until
+# then tests/test_san.py counts their zero-border twins (the same count: the ops' counts depend
+# on shapes only).
+ZOO_MODELS = [n for n in list_models() if not n.startswith("san") or reflect_traces_as_op()]
+
+
 @pytest.fixture(scope="module")
 def zoo():
     """Every registered model counted once at 224x224 (the slow part: one trace each)."""
-    return {row.name: row for row in zoo_rows(size=224)}
+    return {row.name: row for row in zoo_rows(ZOO_MODELS, size=224)}
 
 
 README_BARS = {"rednet26": 1.73, "rednet38": 2.22, "rednet50": 2.71, "rednet101": 4.74, "rednet152": 6.79}
@@ -203,12 +218,13 @@ def test_resnet_gmacs_within_3_percent_of_paper(zoo, name, bar):
     assert abs(zoo[name].gmacs / bar - 1) <= 0.03, (name, zoo[name].gmacs, bar)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", ZOO_MODELS)
 def test_every_model_counts_strictly(zoo, name):
     """zoo_rows counts with strict=True: it would have raised on any op with no handle."""
     row = zoo[name]
     assert row.flops.unsupported == {} and row.flops.by_module[""] == row.flops.total > 0
-    assert row.flops.macs > 0.98 * row.flops.total  # the multiply-add operators dominate
+    # the multiply-add operators dominate (SAN: BN on every tap's relation, 2-3 %)
+    assert row.flops.macs > (0.96 if name.startswith("san") else 0.98) * row.flops.total
     if not name.startswith("resnet"):  # the involution/attention/pooling models count their aggregation
         assert row.flops.by_operator["aggregate"] > 0
     if name.startswith(("nat", "dinat")):  # neighborhood attention's q.k and attn.v multiply-adds
@@ -225,11 +241,11 @@ def test_metaformer_gmacs_within_3_percent_and_params_as_published(zoo, name):
 
 
 def test_zoo_params_match_paper_and_table_renders(zoo):
-    assert sorted(zoo) == sorted(list_models())
+    assert sorted(zoo) == sorted(ZOO_MODELS)
     for name, row in zoo.items():
         if name in PUBLISHED_METAFORMER:
             continue
-        paper = PAPER_TABLE1[name]
+        paper = PUBLISHED[name]
         # Table 1 prints one decimal; the largest gap is SASA-ResNet-38, 14.187 M vs 14.1 (0.62 %)
         assert abs(row.params / 1e6 / paper.params_m - 1) <= 0.007, (name, row.params)
     text = format_zoo(list(zoo.values()))

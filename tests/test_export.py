@@ -20,7 +20,7 @@ from torch.export import Dim
 
 from tokenmix import export as tx
 from tokenmix.kernel_gen.bottleneck import CeilAvgPool2d
-from tokenmix.models import ModelConfig, create_model, get_config, list_models
+from tokenmix.models import ModelConfig, SANConfig, create_model, get_config, list_models
 from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate
 
 WINDOWS = [Window(3), Window(5, stride=2), Window(3, stride=2, dilation=2), Window((3, 5), stride=(2, 1), padding=(0, 1)),
@@ -62,6 +62,8 @@ def _family(name: str):
     cfg = get_config(name)
     if isinstance(cfg, ModelConfig):
         return dataclasses.replace(cfg, name="", stages=tuple(dataclasses.replace(s, depth=1) for s in cfg.stages))
+    if isinstance(cfg, SANConfig):
+        return dataclasses.replace(cfg, name="", layers=(1,) * 5)
     blocks = sorted({json.dumps(dict(k), sort_keys=True) for s in cfg.stages for k in s.block_mixer_kwargs})
     stages = tuple(dataclasses.replace(s, depth=1, dim=1, block_mixer_kwargs=()) for s in cfg.stages)
     return dataclasses.replace(cfg, name="", stages=stages), tuple(blocks)
@@ -86,6 +88,8 @@ def _small(name: str):
     torch.manual_seed(0)
     if isinstance(get_config(name), ModelConfig):
         return create_model(name, num_classes=10, depths=(1, 1, 1, 1), widths=(16, 16, 32, 32)).eval(), 33
+    if isinstance(get_config(name), SANConfig):  # 3x3 windows: the reflect border needs 64 pixels
+        return create_model(name, num_classes=10, layers=(1,) * 5, width=32, kernels=(3,) * 5).eval(), 64
     # MetaFormer: a clamp-border window (NAT) must fit in the stride-32 stage. With one block
     # per stage a DiNAT loses its per-block dilations: its first stage gets dilation 2 instead
     dilated = any("dilation" in k for s in get_config(name).stages for k in s.block_mixer_kwargs)

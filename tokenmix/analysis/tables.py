@@ -22,6 +22,7 @@ __all__ = [
     "PaperEntry",
     "PAPER_TABLE1",
     "PUBLISHED_METAFORMER",
+    "PUBLISHED_SAN",
     "PUBLISHED",
     "ZooRow",
     "MixerRow",
@@ -68,8 +69,21 @@ PAPER_TABLE1: Dict[str, PaperEntry] = {
     "sasa_resnet26": PaperEntry(10.3, 2.4),
     "sasa_resnet38": PaperEntry(14.1, 3.0),
     "sasa_resnet50": PaperEntry(18.0, 3.6),
+    "san10_pairwise": PaperEntry(10.5, 2.2),
+    "san15_pairwise": PaperEntry(14.1, 3.0),
+    "san19_pairwise": PaperEntry(17.6, 3.8),
 }
 """Paper Table 1 (params M / GMACs at 224x224), with the official README's RedNet GFLOPs."""
+
+PUBLISHED_SAN: Dict[str, PaperEntry] = {
+    # hszhao/SAN README (its counter: conv with bias, BN 2 and ReLU 1 per element, its
+    # subtraction 1 and aggregation K*K per output element)
+    "san10_patchwise": PaperEntry(11.8, 1.9),
+    "san15_patchwise": PaperEntry(16.2, 2.6),
+    "san19_patchwise": PaperEntry(20.5, 3.3),
+}
+"""SAN patchwise models' published params (M) and GMACs at 224x224 (official README; the
+pairwise ones, the same in the README, are in :data:`PAPER_TABLE1`)."""
 
 PUBLISHED_METAFORMER: Dict[str, PaperEntry] = {
     # sail-sg/poolformer README (params rounded to 1 M; MACs counted with fvcore, which skips
@@ -94,8 +108,9 @@ PUBLISHED_METAFORMER: Dict[str, PaperEntry] = {
 }
 """The MetaFormer families' published params (M) and GMACs at 224x224 (official READMEs)."""
 
-PUBLISHED: Dict[str, PaperEntry] = {**PAPER_TABLE1, **PUBLISHED_METAFORMER}
-"""Every model's published numbers: :data:`PAPER_TABLE1` and :data:`PUBLISHED_METAFORMER`."""
+PUBLISHED: Dict[str, PaperEntry] = {**PAPER_TABLE1, **PUBLISHED_METAFORMER, **PUBLISHED_SAN}
+"""Every model's published numbers: :data:`PAPER_TABLE1`, :data:`PUBLISHED_METAFORMER` and
+:data:`PUBLISHED_SAN`."""
 
 
 def cpu_latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 5, warmup: int = 1) -> float:

@@ -10,6 +10,7 @@ from .query_key import QueryKeyKernel
 from .positional import PositionalKernel
 from .patch import PatchKernel
 from .pool import PoolKernel
+from .san import PairwiseKernel, PatchwiseKernel
 
 __all__ = [
     "register_kernel_gen",
@@ -23,4 +24,6 @@ __all__ = [
     "PositionalKernel",
     "PatchKernel",
     "PoolKernel",
+    "PairwiseKernel",
+    "PatchwiseKernel",
 ]

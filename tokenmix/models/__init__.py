@@ -1,6 +1,6 @@
 """Backbones from dataclass configs: bottleneck ResNet, RedNet and stand-alone-self-attention
-ResNets, MetaFormer PoolFormer, ConvFormer, NAT and DiNAT; a model registry, safetensors
-weights and the official RedNet, PoolFormer and NAT/DiNAT converters.
+ResNets, MetaFormer PoolFormer, ConvFormer, NAT and DiNAT, SAN (pairwise and patchwise); a
+model registry, safetensors weights and the official RedNet, PoolFormer, NAT/DiNAT and SAN converters.
 
 >>> from tokenmix.models import create_model, list_models
 >>> model = create_model("rednet50", num_classes=10)
@@ -15,6 +15,8 @@ from .convert_metaformer import (convert_official_nat, convert_official_poolform
                                  load_official_poolformer)
 from .metaformer import MetaFormer, MetaFormerBlock
 from .metaformer_config import MetaFormerConfig, MetaStageConfig, convformer_s18_config, nat_config, poolformer_config
+from .san import SAN, SANConfig, san_config
+from .convert_san import convert_official_san, load_official_san, official_san_keys
 from .registry import apply_overrides, create_model, get_config, list_models, register_model
 from .weights import (check_state_dict, config_from_weights, load_weights, model_from_config, model_from_weights,
                       save_weights)
@@ -29,4 +31,5 @@ __all__ = [
     "model_from_weights",
     "convert_official_rednet", "load_official_rednet", "official_rednet_keys",
     "convert_official_poolformer", "load_official_poolformer", "convert_official_nat", "load_official_nat",
+    "SAN", "SANConfig", "san_config", "convert_official_san", "load_official_san", "official_san_keys",
 ]

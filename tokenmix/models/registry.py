@@ -11,10 +11,11 @@ from .config import (DEPTHS, ModelConfig, StageConfig, StemConfig, rednet_config
                      sasa_resnet_config)
 from .metaformer import MetaFormer
 from .metaformer_config import MetaFormerConfig, apply_metaformer_overrides, metaformer_configs
+from .san import SAN, SAN_LAYERS, SANConfig, san_config
 
-AnyConfig = Union[ModelConfig, MetaFormerConfig]
+AnyConfig = Union[ModelConfig, MetaFormerConfig, SANConfig]
 ConfigLike = Union[AnyConfig, Callable[[], AnyConfig]]
-_CONFIG_TYPES = (ModelConfig, MetaFormerConfig)
+_CONFIG_TYPES = (ModelConfig, MetaFormerConfig, SANConfig)
 
 _MODELS = Registry("model")
 
@@ -93,6 +94,8 @@ def apply_overrides(cfg: AnyConfig, **overrides: Any) -> AnyConfig:
     """
     if isinstance(cfg, MetaFormerConfig):
         return apply_metaformer_overrides(cfg, **overrides)
+    if isinstance(cfg, SANConfig):  # SANConfig fields only (num_classes, layers, kernels, ...)
+        return replace_fields(cfg, overrides, {})
     cfg = replace_fields(cfg, overrides, _CONVENIENCE)
     stages = list(cfg.stages)
     n = len(stages)
@@ -124,7 +127,7 @@ def apply_overrides(cfg: AnyConfig, **overrides: Any) -> AnyConfig:
     return dataclasses.replace(cfg, stages=tuple(stages))
 
 
-def create_model(name: Union[str, AnyConfig], **overrides: Any) -> Union[Backbone, MetaFormer]:
+def create_model(name: Union[str, AnyConfig], **overrides: Any) -> Union[Backbone, MetaFormer, SAN]:
     """Build a registered model (or a :class:`ModelConfig` / :class:`MetaFormerConfig`) with
     ``overrides``: a :class:`Backbone` or a :class:`MetaFormer`.
 
@@ -136,6 +139,8 @@ def create_model(name: Union[str, AnyConfig], **overrides: Any) -> Union[Backbon
     ...                                     "neighborhood_attention"))
     """
     cfg = apply_overrides(name, **overrides) if isinstance(name, _CONFIG_TYPES) else get_config(name, **overrides)
+    if isinstance(cfg, SANConfig):
+        return SAN(cfg)
     return MetaFormer(cfg) if isinstance(cfg, MetaFormerConfig) else Backbone(cfg)
 
 
@@ -147,6 +152,9 @@ for _depth in (26, 38, 50):
     register_model(f"sasa_resnet{_depth}", sasa_resnet_config(_depth))
 for _name, _cfg in metaformer_configs().items():
     register_model(_name, _cfg)
+for _sa in ("pairwise", "patchwise"):
+    for _depth in SAN_LAYERS:
+        register_model(f"san{_depth}_{_sa}", san_config(_depth, _sa))
 
 __all__ = ["register_model", "list_models", "get_config", "apply_overrides", "create_model",
            "ModelConfig", "StageConfig", "StemConfig"]

@@ -90,8 +90,10 @@ def _config_types() -> Dict[str, type]:
     from ..small_net import SmallNetConfig
     from .config import ModelConfig
     from .metaformer_config import MetaFormerConfig
+    from .san import SANConfig
 
-    return {"ModelConfig": ModelConfig, "MetaFormerConfig": MetaFormerConfig, "SmallNetConfig": SmallNetConfig}
+    return {"ModelConfig": ModelConfig, "MetaFormerConfig": MetaFormerConfig, "SmallNetConfig": SmallNetConfig,
+            "SANConfig": SANConfig}
 
 
 def config_from_metadata(meta: Mapping[str, str], what: str):
