@@ -230,6 +230,8 @@ def test_zoo_params_match_paper_and_table_renders(zoo):
         if name in PUBLISHED_METAFORMER:
             continue
         paper = PAPER_TABLE1[name]
+        if not name.startswith(("resnet", "rednet", "sasa")):
+            continue  # the other Table 1 rows (LR-Net, AA-ResNet, Axial ResNet): tests/test_table1.py
         # Table 1 prints one decimal; the largest gap is SASA-ResNet-38, 14.187 M vs 14.1 (0.62 %)
         assert abs(row.params / 1e6 / paper.params_m - 1) <= 0.007, (name, row.params)
     text = format_zoo(list(zoo.values()))

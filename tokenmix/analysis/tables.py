@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from .params import count_params
 __all__ = [
     "PaperEntry",
     "PAPER_TABLE1",
+    "TABLE1_ROWS",
     "PUBLISHED_METAFORMER",
     "PUBLISHED",
     "ZooRow",
@@ -68,8 +69,41 @@ PAPER_TABLE1: Dict[str, PaperEntry] = {
     "sasa_resnet26": PaperEntry(10.3, 2.4),
     "sasa_resnet38": PaperEntry(14.1, 3.0),
     "sasa_resnet50": PaperEntry(18.0, 3.6),
+    "lrnet26": PaperEntry(14.7, 2.6),
+    "lrnet50": PaperEntry(23.3, 4.3),
+    "aa_resnet50": PaperEntry(25.8, 4.2),
+    "axial_resnet_s": PaperEntry(12.5, 3.3),
+    "san10_pairwise": PaperEntry(10.5, 2.2),
+    "san15_pairwise": PaperEntry(14.1, 3.0),
+    "san19_pairwise": PaperEntry(17.6, 3.8),
 }
-"""Paper Table 1 (params M / GMACs at 224x224), with the official README's RedNet GFLOPs."""
+"""Paper Table 1 (params M / GMACs at 224x224) by tokenmix model name, with the official
+README's RedNet GFLOPs. Rows of models tokenmix does not register (SAN) are listed all the
+same; :data:`TABLE1_ROWS` gives the paper's order and names."""
+
+TABLE1_ROWS: Tuple[Tuple[str, str], ...] = (
+    ("ResNet-26", "resnet26"),
+    ("Stand-Alone ResNet-26", "sasa_resnet26"),
+    ("SAN10", "san10_pairwise"),
+    ("LR-Net-26", "lrnet26"),
+    ("RedNet-26", "rednet26"),
+    ("ResNet-38", "resnet38"),
+    ("Stand-Alone ResNet-38", "sasa_resnet38"),
+    ("SAN15", "san15_pairwise"),
+    ("RedNet-38", "rednet38"),
+    ("ResNet-50", "resnet50"),
+    ("Stand-Alone ResNet-50", "sasa_resnet50"),
+    ("LR-Net-50", "lrnet50"),
+    ("AA-ResNet-50", "aa_resnet50"),
+    ("SAN19", "san19_pairwise"),
+    ("Axial ResNet-S", "axial_resnet_s"),
+    ("RedNet-50", "rednet50"),
+    ("ResNet-101", "resnet101"),
+    ("RedNet-101", "rednet101"),
+    ("ResNet-152", "resnet152"),
+    ("RedNet-152", "rednet152"),
+)
+"""The paper's Table 1 rows (its names) and the tokenmix model name of each."""
 
 PUBLISHED_METAFORMER: Dict[str, PaperEntry] = {
     # sail-sg/poolformer README (params rounded to 1 M; MACs counted with fvcore, which skips

@@ -10,6 +10,7 @@ from .query_key import QueryKeyKernel
 from .positional import PositionalKernel
 from .patch import PatchKernel
 from .pool import PoolKernel
+from .local_relation import LocalRelationKernel
 
 __all__ = [
     "register_kernel_gen",
@@ -23,4 +24,5 @@ __all__ = [
     "PositionalKernel",
     "PatchKernel",
     "PoolKernel",
+    "LocalRelationKernel",
 ]

@@ -147,3 +147,22 @@ def patch_involution(dim: int, *, kernel_size=7, stride: int = 1, patch_size: in
     gen = PatchKernel(dim, kernel_size, stride=stride, patch_size=patch_size, groups=groups,
                       group_channels=group_channels, reduction=reduction, device=device, dtype=dtype)
     return Mixer(dim, gen, window, fused=fused, device=device, dtype=dtype)
+
+
+@register_mixer("local_relation")
+def local_relation(dim: int, *, kernel_size=7, stride: int = 1, group_channels: Optional[int] = 8,
+                   groups: Optional[int] = None, geometry_hidden: Optional[int] = None, dilation: int = 1,
+                   device=None, dtype=None) -> Mixer:
+    """The local relation layer of LR-Net (Hu et al., ICCV 2019): ``local_relation`` generator
+    (1x1 key and query maps to one channel per group of m = ``group_channels`` channels,
+    appearance ``q * k`` plus a geometry-prior MLP of the relative position, softmax over the
+    K x K window, out-of-image taps masked), aggregating x itself (value and proj identity)."""
+    from ..kernel_gen.local_relation import LocalRelationKernel
+
+    if groups is not None:
+        group_channels = None
+    resolve_groups(dim, groups, group_channels, cname="dim")
+    window = _window(kernel_size, stride, dilation)
+    gen = LocalRelationKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
+                              geometry_hidden=geometry_hidden, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, device=device, dtype=dtype)
