@@ -208,7 +208,8 @@ def test_every_model_counts_strictly(zoo, name):
     """zoo_rows counts with strict=True: it would have raised on any op with no handle."""
     row = zoo[name]
     assert row.flops.unsupported == {} and row.flops.by_module[""] == row.flops.total > 0
-    assert row.flops.macs > 0.98 * row.flops.total  # the multiply-add operators dominate
+    # the multiply-add operators dominate (Axial ResNet: 6 % BN on qkv, similarities and outputs, sums, softmax)
+    assert row.flops.macs > (0.9 if name.startswith("axial") else 0.98) * row.flops.total
     if not name.startswith("resnet"):  # the involution/attention/pooling models count their aggregation
         assert row.flops.by_operator["aggregate"] > 0
     if name.startswith(("nat", "dinat")):  # neighborhood attention's q.k and attn.v multiply-adds
@@ -261,7 +262,9 @@ def test_zoo_rejects_bad_input():
 # ------------------------------------------------------------------------------ heat maps
 
 
-@pytest.mark.parametrize("name", [n for n in list_mixers() if n not in ("conv", "sepconv")])  # no generator
+# no single generator: conv, sepconv; windows built per call (global, axial): tests/test_table1.py
+@pytest.mark.parametrize("name", [n for n in list_mixers() if n not in (
+    "conv", "sepconv", "global_attention", "attention_augmented", "axial_attention")])
 def test_kernel_maps_every_generator(name):
     torch.manual_seed(0)
     mixer = create_mixer(name, 32, kernel_size=3).eval()

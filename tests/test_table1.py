@@ -132,9 +132,194 @@ def test_local_relation_strict_flops():
     }
 
 
+# ------------------------------------------------------------------------------ global attention
+
+
+def _global_attention_loop(m, x):
+    """Multi-head attention with 2-D relative logits, one query pixel at a time, over the
+    clamp window of min(span, side) taps per axis (the whole image when it fits)."""
+    gen = m.kernel_gen
+    B, C, H, W = x.shape
+    (Sh, Sw), h, dkh = gen.kernel_size, gen.heads, gen.key_head_dim
+    Kh, Kw = min(Sh, H), min(Sw, W)
+    q = torch.nn.functional.conv2d(x, gen.query.weight, gen.query.bias)
+    k = torch.nn.functional.conv2d(x, gen.key.weight, gen.key.bias)
+    v = torch.nn.functional.conv2d(x, m.value.weight, m.value.bias)
+    dv = v.shape[1] // h
+    out = torch.zeros(B, v.shape[1], H, W, dtype=x.dtype)
+    for b in range(B):
+        for i in range(H):
+            r0 = min(max(i - Kh // 2, 0), H - Kh)
+            for j in range(W):
+                c0 = min(max(j - Kw // 2, 0), W - Kw)
+                for hd in range(h):
+                    qv = q[b, hd * dkh:(hd + 1) * dkh, i, j] / math.sqrt(dkh)
+                    logits, vals = [], []
+                    for r in range(r0, r0 + Kh):
+                        for c in range(c0, c0 + Kw):
+                            kv = k[b, hd * dkh:(hd + 1) * dkh, r, c]
+                            rel = gen.rel_h[r - i + Sh - 1] + gen.rel_w[c - j + Sw - 1]
+                            logits.append(qv @ (kv + rel))
+                            vals.append(v[b, hd * dv:(hd + 1) * dv, r, c])
+                    a = torch.softmax(torch.stack(logits), 0)
+                    out[b, hd * dv:(hd + 1) * dv, i, j] = (a[:, None] * torch.stack(vals)).sum(0)
+    return m.proj(out)
+
+
+@pytest.mark.parametrize("span,H,W", [(8, 5, 7), (4, 6, 5)])  # the whole image; a sliding 4 x 4 clamp window
+def test_global_attention_matches_direct_loop(span, H, W):
+    from tokenmix.mixers.span import GlobalAttention
+
+    torch.manual_seed(0)
+    m = GlobalAttention(8, value_channels=4, key_channels=6, heads=2, span=span, qkv_bias=True, dtype=torch.float64)
+    x = torch.randn(2, 8, H, W, dtype=torch.float64)
+    assert m.window_for(H, W).kernel_size == (min(span, H), min(span, W))
+    torch.testing.assert_close(m(x), _global_attention_loop(m, x), atol=1e-12, rtol=1e-10)
+
+
+def test_attention_augmented_conv_layout_and_widths():
+    from tokenmix.mixers.presets import aa_channels
+
+    assert aa_channels(128) == (160, 8) and aa_channels(256) == (160, 24) and aa_channels(512) == (160, 48)
+    torch.manual_seed(0)
+    m = create_mixer("attention_augmented", 64, kernel_size=3, stride=2, heads=4, span=4, min_key_head_dim=2,
+                     dtype=torch.float64).eval()
+    x = torch.randn(1, 64, 7, 8, dtype=torch.float64)
+    y = m(x)
+    dv = m.attention.value_channels
+    assert y.shape == (1, 64, 4, 4) and dv == 4
+    torch.testing.assert_close(y[:, :64 - dv], m.conv(x))
+    pooled = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (0, 0, 0, 1)), 2) * torch.tensor(
+        [1.0, 1, 1, 2], dtype=x.dtype).view(4, 1)  # the last row pools one pixel row (ceil mode)
+    torch.testing.assert_close(y[:, 64 - dv:], _global_attention_loop(m.attention, pooled))
+
+
+# ------------------------------------------------------------------------------ axial attention
+
+
+def _official_axis(gen, x, width: bool):
+    """One axis as the official AxialAttention computes it (eval mode), with full (L, L)
+    relative matrices: written from its formulas, independent of tokenmix's windows."""
+    if width:
+        x = x.permute(0, 2, 1, 3)
+    else:
+        x = x.permute(0, 3, 1, 2)  # N, W, C, H
+    N, W, C, H = x.shape
+    G, d, S = gen.heads, gen.group_channels, gen.span
+    x = x.reshape(N * W, C, H)
+    qkv = torch.einsum("oc,bcl->bol", gen.qkv.weight[:, :, 0, 0], x)
+    bn = lambda t, m, ch: ((t - m.running_mean[ch, None]) / torch.sqrt(m.running_var[ch, None] + m.eps)
+                           * m.weight[ch, None] + m.bias[ch, None])
+    qkv = bn(qkv, gen.bn_qkv, slice(None)).reshape(N * W, G, 2 * d, H)
+    q, k, v = qkv[:, :, :d // 2], qkv[:, :, d // 2:d], qkv[:, :, d:]
+    idx = torch.arange(H)[:, None] - torch.arange(H)[None, :] + S - 1  # [i, j] = i - j + S - 1
+    emb = gen.relative[:, idx]  # (2d, H, H)
+    qe, ke, ve = emb[:d // 2], emb[d // 2:d], emb[d:]
+    qr = torch.einsum("bgci,cij->bgij", q, qe)
+    kr = torch.einsum("bgci,cij->bgij", k, ke).transpose(2, 3)
+    qk = torch.einsum("bgci,bgcj->bgij", q, k)
+    sim = torch.cat([qk, qr, kr], dim=1)
+    bs = gen.bn_similarity
+    sim = ((sim - bs.running_mean[None, :, None, None]) / torch.sqrt(bs.running_var[None, :, None, None] + bs.eps)
+           * bs.weight[None, :, None, None] + bs.bias[None, :, None, None])
+    a = torch.softmax(sim.view(N * W, 3, G, H, H).sum(1), dim=3)
+    sv = torch.einsum("bgij,bgcj->bgci", a, v)
+    sve = torch.einsum("bgij,cij->bgci", a, ve)
+    out = bn(torch.cat([sv, sve], dim=-1).reshape(N * W, 2 * C, H), gen.bn_output, slice(None))
+    out = out.view(N, W, C, 2, H).sum(-2)
+    return out.permute(0, 2, 1, 3) if width else out.permute(0, 2, 3, 1)
+
+
+@pytest.mark.parametrize("H,W,stride", [(5, 7, 1), (6, 4, 2)])
+def test_axial_attention_matches_official_formulas(H, W, stride):
+    """Spans equal to the axis lengths (as the official model): the height axis then the
+    width axis, then the stride's average pool."""
+    from tokenmix.mixers.span import AxialAttention
+
+    torch.manual_seed(0)
+    m = AxialAttention(16, heads=4, span=(H, W), stride=stride, dtype=torch.float64)
+    _perturb_bn(m)
+    m.eval()
+    x = torch.randn(2, 16, H, W, dtype=torch.float64)
+    ref = _official_axis(m.width, _official_axis(m.height, x, False), True)
+    if stride > 1:
+        ref = torch.nn.functional.avg_pool2d(ref, stride)
+    torch.testing.assert_close(m(x), ref, atol=1e-12, rtol=1e-10)
+
+
+def test_axial_generator_windows_and_errors():
+    torch.manual_seed(0)
+    gen = create_kernel_gen("axial", 8, kernel_size=6, axis="width", heads=2, dtype=torch.float64).eval()
+    x = torch.randn(1, 8, 3, 5, dtype=torch.float64)
+    w = gen(x, Window((1, 5), border="clamp"))
+    assert w.shape == (1, 2, 5, 3, 5)
+    torch.testing.assert_close(w.sum(2), torch.ones(1, 2, 3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="at most 6 taps along the width"):
+        gen(x, Window((3, 1), border="clamp"))
+    with pytest.raises(ValueError, match="even integer"):
+        create_kernel_gen("axial", 12, heads=4)
+    with pytest.raises(ValueError, match="axis must be one of"):
+        create_kernel_gen("axial", 8, axis="depth")
+
+
+# ------------------------------------------------------------------------------ all three: autograd, compile, flops
+
+SPAN_PRESETS = {
+    "global_attention": dict(heads=2, span=4),
+    "attention_augmented": dict(heads=2, span=4, min_key_head_dim=2),
+    "axial_attention": dict(heads=2, span=4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPAN_PRESETS))
+def test_span_mixers_gradcheck(name):
+    torch.manual_seed(0)
+    m = create_mixer(name, 16, kernel_size=3, stride=2 if name != "global_attention" else 1,
+                     dtype=torch.float64, **SPAN_PRESETS[name])
+    x = torch.randn(2, 16, 5, 4, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, *ps):
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+
+    inputs = (x, *[p.detach().clone().requires_grad_() for p in m.parameters()])
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SPAN_PRESETS))
+def test_span_mixers_compile_fullgraph(name):
+    torch.manual_seed(0)
+    m = create_mixer(name, 16, kernel_size=3, dtype=torch.float64, **SPAN_PRESETS[name]).eval()
+    _compiled_equals_eager(m, torch.randn(2, 16, 6, 5, dtype=torch.float64))
+
+
+def test_span_mixers_strict_flops():
+    C, H, W, h = 16, 6, 5, 2
+    m = create_mixer("global_attention", C, heads=h, span=8, key_channels=8)
+    r = count_flops(m, torch.randn(1, C, H, W), strict=True)
+    L, dk = H * W, 8
+    assert r.by_operator == {
+        "conv": 2 * C * dk * L + C * C * L + C * C * L,  # q, k; v; the output projection
+        "correlate": dk * L * L,                          # q . k over the whole image
+        "einsum": dk * H * L + dk * W * L,                # q . rel_h, q . rel_w: one per tap row / column
+        "softmax": h * L * L,
+        "aggregate": C * L * L,                           # attn . v
+    }
+    ax = count_flops(create_mixer("axial_attention", C, heads=h, span=8), torch.randn(1, C, H, W), strict=True)
+    d = C // h
+    # per axis of length A (taps) and the other of length O: qk, qr, kr over d/2 channels, sve over d
+    per_axis = {a: (h * (d // 2) * a * L, h * d * a * L) for a in (H, W)}
+    assert ax.by_operator["correlate"] == sum(v[0] for v in per_axis.values())
+    assert ax.by_operator["einsum"] == sum(2 * v[0] + v[1] for v in per_axis.values())
+    assert ax.by_operator["aggregate"] == C * (H + W) * L
+    assert ax.by_operator["conv"] == 2 * (2 * C * C * L)
+
+
 # ------------------------------------------------------------------------------ the models at 224
 
-BUILT = {"lrnet26": (14.7, 2.6), "lrnet50": (23.3, 4.3)}
+FITTED = {"lrnet26": (14.7, 2.6), "lrnet50": (23.3, 4.3), "aa_resnet50": (25.8, 4.2)}
+ATTENTION_PRODUCTS = ("correlate", "einsum", "softmax", "aggregate")
+AXIAL50S_PARAMS = 11_586_216  # csrhddlam/axial-deeplab lib/models/axialnet.py axial50s(), counted with that code
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +327,46 @@ def counted():
     """Params and strict fvcore GMACs of each built Table 1 row, one batch-1 trace at 224x224."""
     from tokenmix.analysis import zoo_rows
 
-    return {r.name: r for r in zoo_rows(list(BUILT), size=224)}
+    return {r.name: r for r in zoo_rows([*FITTED, "axial_resnet_s"], size=224)}
 
 
-@pytest.mark.parametrize("name", sorted(BUILT))
+@pytest.mark.parametrize("name", sorted(FITTED))
 def test_table1_models_within_2_percent_of_paper(counted, name):
-    params_m, gmacs = BUILT[name]
+    """Params within 2 %; GMACs within 2 % as fvcore counts them, except AA-ResNet-50, whose
+    published 4.2 G counts no attention products (q.k, relative logits, softmax, attn.v):
+    within 2 % without them, and about 13 % above with them."""
+    params_m, gmacs = FITTED[name]
     row = counted[name]
     assert row.flops.unsupported == {}
     assert abs(row.params / 1e6 / params_m - 1) <= 0.02, (name, row.params)
-    assert abs(row.gmacs / gmacs - 1) <= 0.02, (name, row.gmacs)
+    if name == "aa_resnet50":
+        attention = sum(row.flops.by_operator[k] for k in ATTENTION_PRODUCTS)
+        assert abs((row.flops.total - attention) / 1e9 / gmacs - 1) <= 0.02, (name, row.flops.total - attention)
+        assert 1.10 < row.gmacs / gmacs < 1.16, (name, row.gmacs)
+    else:
+        assert abs(row.gmacs / gmacs - 1) <= 0.02, (name, row.gmacs)
+
+
+def test_axial_resnet_s_is_the_official_axial50s(counted):
+    row = counted["axial_resnet_s"]
+    assert row.params == AXIAL50S_PARAMS and row.flops.unsupported == {}
+    assert 2.9 < row.gmacs < 3.1  # the paper's 3.3 G and 12.5 M are not this code's: docs/models.md
+
+
+def test_aa_and_axial_layouts():
+    from tokenmix.models import create_model
+
+    aa = create_model("aa_resnet50")
+    kinds = [type(b.mixer).__name__ for s in aa.stages for b in s]
+    assert kinds == ["Conv2d"] * 3 + ["AttentionAugmentedConv"] * 13
+    a2 = aa.stages[1][0].mixer
+    assert (a2.conv.out_channels, a2.attention.value_channels, a2.attention.kernel_gen.key_channels) == (120, 8, 160)
+    assert a2.attention.span == (28, 28) and aa.stages[3][0].mixer.attention.span == (7, 7)
+    ax = create_model("axial_resnet_s")
+    spans = [(b.mixer.height.span, b.mixer.width.span) for s in ax.stages for b in s]
+    assert spans == [(56, 56)] * 3 + [(56, 56)] + [(28, 28)] * 3 + [(28, 28)] + [(14, 14)] * 5 + [(14, 14)] + [(7, 7)] * 2
+    assert all(isinstance(b.bn2, nn.Identity) for s in ax.stages for b in s)
+    assert ax.config.out_channels == (128, 256, 512, 1024) and ax.stem.conv.out_channels == 32
 
 
 def test_lrnet_layout():

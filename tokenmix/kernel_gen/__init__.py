@@ -11,6 +11,8 @@ from .positional import PositionalKernel
 from .patch import PatchKernel
 from .pool import PoolKernel
 from .local_relation import LocalRelationKernel
+from .relative_attention import RelativeAttentionKernel
+from .axial import AxialKernel
 
 __all__ = [
     "register_kernel_gen",
@@ -25,4 +27,6 @@ __all__ = [
     "PatchKernel",
     "PoolKernel",
     "LocalRelationKernel",
+    "RelativeAttentionKernel",
+    "AxialKernel",
 ]

@@ -206,3 +206,34 @@ def lrnet_config(depth: int) -> ModelConfig:
                     mixer_kwargs={"kernel_size": 7, "group_channels": 8}, out_channels=256 * 2 ** i)
         for i, (d, w) in enumerate(zip(DEPTHS[depth], widths)))
     return ModelConfig(name=f"lrnet{depth}", stem=StemConfig("conv7"), stages=stages)
+
+
+def aa_resnet_config(depth: int, stages: Sequence[int] = (1, 2, 3)) -> ModelConfig:
+    """AA-ResNet-``depth`` (Bello et al., ICCV 2019): ResNet-``depth`` whose bottleneck 3x3
+    convs in ``stages`` (default the last three, at 28x28, 14x14 and 7x7 for a 224 input) are
+    attention-augmented convolutions (``attention_augmented``: 8 heads, dv = 0.1 C, dk = 0.2 C
+    with at least 20 dimensions per head, 2-D relative logits, global attention; ``span`` =
+    the stage's side at 224 x 224)."""
+    base = make_stages(DEPTHS[depth], "conv", {"kernel_size": 3})
+    out = []
+    for i, s in enumerate(base):
+        if i in stages:
+            s = dataclasses.replace(s, mixer="attention_augmented",
+                                    mixer_kwargs={"kernel_size": 3, "heads": 8, "span": 56 // 2 ** i})
+        out.append(s)
+    return ModelConfig(name=f"aa_resnet{depth}", stem=StemConfig("conv7"), stages=tuple(out))
+
+
+def axial_resnet_config(depth: int = 50, s: float = 0.5) -> ModelConfig:
+    """Axial-ResNet (Wang et al., ECCV 2020; the official ``axial50s`` for depth 50 and s = 0.5):
+    a 7x7 conv stem to 64*s channels, bottlenecks of width 128*s * 2**i and expansion 2 whose
+    mixer is ``axial_attention`` (8 groups, span = the stage's side at 224 x 224: 56, 28, 14,
+    7; the stride-2 blocks pool after the width axis) with no BN after it (the axial blocks end
+    in their own output norms)."""
+    widths = tuple(int(128 * s) * 2 ** i for i in range(4))
+    stages = tuple(
+        StageConfig(depth=d, width=w, stride=1 if i == 0 else 2, mixer="axial_attention",
+                    mixer_kwargs={"kernel_size": 7, "heads": 8, "span": 56 // 2 ** i})
+        for i, (d, w) in enumerate(zip(DEPTHS[depth], widths)))
+    return ModelConfig(name="axial_resnet_s", stem=StemConfig("conv7", int(64 * s)), stages=stages, expansion=2,
+                       mixer_norm=False)
