@@ -377,3 +377,46 @@ def test_lrnet_layout():
     assert len(mixers) == 8 and all(type(x.generator).__name__ == "LocalRelationKernel" for x in mixers)
     assert mixers[0].window.kernel_size == (7, 7) and mixers[0].generator.groups == 112 // 8
     assert m.config.out_channels == (256, 512, 1024, 2048)
+
+
+# ------------------------------------------------------------------------------ tokenmix zoo
+
+
+def test_zoo_lists_table1_rows_measured_or_not_built(monkeypatch, capsys, tmp_path):
+    """Default ``tokenmix zoo``: the Table 1 rows in order; a row whose model is registered
+    (here by --import) is measured, the others say "not built"."""
+    from tokenmix.analysis import tables
+    from tokenmix.cli import main
+    from tokenmix.models.registry import _MODELS
+
+    # stand-ins, so that the test holds whether or not the SAN models are registered
+    monkeypatch.setattr(tables, "TABLE1_ROWS", (("ResNet-26", "resnet26"), ("SAN10", "_stub_san10"),
+                                                ("SAN19", "_stub_san19"), ("LR-Net-26", "lrnet26")))
+    monkeypatch.setitem(tables.PAPER_TABLE1, "_stub_san10", tables.PaperEntry(10.5, 2.2))
+    monkeypatch.setitem(tables.PAPER_TABLE1, "_stub_san19", tables.PaperEntry(17.6, 3.8))
+    plugin = tmp_path / "san_stub.py"
+    plugin.write_text("from tokenmix.models import register_model, get_config\n"
+                      "register_model('_stub_san10', get_config('resnet26'))\n")
+    try:
+        assert main(["zoo", "--size", "32", "--import", str(plugin)]) == 0
+    finally:
+        _MODELS.pop("_stub_san10", None)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| Table 1 row | model | paper params (M) | params (M) |") and "reproduced" in lines[0]
+    assert lines[1].startswith("| ResNet-26 | resnet26 | 13.7 | 13.70 | 2.4 |") and lines[1].endswith("fvcore, 32x32 |")
+    assert lines[2].startswith("| SAN10 | _stub_san10 | 10.5 | 13.70 |")
+    assert lines[3] == "| SAN19 | _stub_san19 | 17.6 | - | 3.8 | - | - | not built |"
+    assert lines[4].startswith("| LR-Net-26 | lrnet26 | 14.7 | 14.81 |") and "widths fitted" in lines[4]
+
+
+def test_zoo_table1_rows_complete_and_errors(capsys):
+    from tokenmix.analysis import PAPER_TABLE1, TABLE1_ROWS
+    from tokenmix.cli import main
+
+    assert len(TABLE1_ROWS) == 20 and all(name in PAPER_TABLE1 for _, name in TABLE1_ROWS)
+    assert main(["zoo", "--size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmix zoo: error: size must be >= 32, got 8") and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # argparse: --models and --all exclude each other
+        main(["zoo", "--all", "--models", "resnet26"])

@@ -22,6 +22,10 @@ __all__ = [
     "PaperEntry",
     "PAPER_TABLE1",
     "TABLE1_ROWS",
+    "TABLE1_NOTES",
+    "Table1Row",
+    "table1_rows",
+    "format_table1",
     "PUBLISHED_METAFORMER",
     "PUBLISHED",
     "ZooRow",
@@ -105,6 +109,16 @@ TABLE1_ROWS: Tuple[Tuple[str, str], ...] = (
 )
 """The paper's Table 1 rows (its names) and the tokenmix model name of each."""
 
+TABLE1_NOTES: Dict[str, str] = {
+    "lrnet26": "bottleneck widths fitted to the published counts",
+    "lrnet50": "bottleneck widths fitted to the published counts",
+    "axial_resnet_s": "the official axial50s, params exact",
+}
+"""What a measured Table 1 row means beyond the count itself (``tokenmix zoo``'s last column)."""
+
+ATTENTION_PRODUCTS = ("correlate", "einsum", "softmax", "aggregate")
+"""The ``by_operator`` keys of an attention's products (q.k, relative logits, softmax, attn.v)."""
+
 PUBLISHED_METAFORMER: Dict[str, PaperEntry] = {
     # sail-sg/poolformer README (params rounded to 1 M; MACs counted with fvcore, which skips
     # the pooling itself: no fvcore handle for avg_pool2d)
@@ -173,6 +187,18 @@ class ZooRow:
             return None
         return self.gmacs / self.paper.reference_gmacs
 
+    @property
+    def method(self) -> str:
+        """How the counts were reproduced: ``"fvcore, SxS"`` and, for the rows built to a
+        published layout other than tokenmix's own, what that means (:data:`TABLE1_NOTES`)."""
+        text = f"fvcore, {self.size}x{self.size}"
+        if self.name == "aa_resnet50":
+            attention = sum(self.flops.by_operator.get(k, 0) for k in ATTENTION_PRODUCTS)
+            text += f"; {(self.flops.total - attention) / 1e9:.2f} G without the attention products (the paper's count)"
+        elif self.name in TABLE1_NOTES:
+            text += f"; {TABLE1_NOTES[self.name]}"
+        return text
+
 
 def _select(names: Optional[Iterable[str]], known: List[str], kind: str) -> List[str]:
     """``names`` (default: every known one) as a list; ValueError naming the unknown ones."""
@@ -222,6 +248,7 @@ def format_zoo(rows: Sequence[ZooRow]) -> str:
             "ours / published"]
     if with_lat:
         head.append("CPU ms/img")
+    head.append("reproduced")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         p = r.paper
@@ -229,6 +256,57 @@ def format_zoo(rows: Sequence[ZooRow]) -> str:
                  _fmt(p and p.gmacs, ".1f"), _fmt(p and p.readme_gmacs, ".2f"), _fmt(r.ratio, ".3f")]
         if with_lat:
             cells.append(_fmt(r.latency_ms, ".1f"))
+        cells.append(r.method)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Table1Row:
+    """One row of the paper's Table 1: its name there, the tokenmix model name, the published
+    numbers, and our counts (None when tokenmix registers no such model)."""
+
+    label: str
+    name: str
+    paper: PaperEntry
+    measured: Optional[ZooRow]
+
+    @property
+    def method(self) -> str:
+        return "not built" if self.measured is None else self.measured.method
+
+
+def table1_rows(*, size: int = 224, latency: bool = False,
+                progress: Optional[Callable[[str], None]] = None) -> List[Table1Row]:
+    """Every row of :data:`TABLE1_ROWS` in the paper's order, counted (:func:`zoo_rows`) where
+    the model is registered now (a model registered by ``--import`` or a plugin counts too),
+    "not built" otherwise."""
+    from ..models import list_models
+
+    size = check_int("size", size, 32, "the backbones downsample by 32")
+    known = set(list_models())
+    built = [name for _, name in TABLE1_ROWS if name in known]
+    counted = {r.name: r for r in zoo_rows(built, size=size, latency=latency, progress=progress)}
+    return [Table1Row(label, name, PAPER_TABLE1[name], counted.get(name)) for label, name in TABLE1_ROWS]
+
+
+def format_table1(rows: Sequence[Table1Row]) -> str:
+    """Markdown table of :func:`table1_rows`."""
+    size = next((r.measured.size for r in rows if r.measured is not None), 224)
+    with_lat = any(r.measured is not None and r.measured.latency_ms is not None for r in rows)
+    head = ["Table 1 row", "model", "paper params (M)", "params (M)", "paper GMACs", f"GMACs @{size}",
+            "ours / published"]
+    if with_lat:
+        head.append("CPU ms/img")
+    head.append("reproduced")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 3) + ["---"]) + "|"]
+    for r in rows:
+        m = r.measured
+        cells = [r.label, r.name, f"{r.paper.params_m:.1f}", "-" if m is None else f"{m.params / 1e6:.2f}",
+                 f"{r.paper.gmacs:.1f}", "-" if m is None else f"{m.gmacs:.3f}", _fmt(m and m.ratio, ".3f")]
+        if with_lat:
+            cells.append(_fmt(m and m.latency_ms, ".1f"))
+        cells.append(r.method)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
