@@ -180,8 +180,9 @@ def global_attention(dim: int, *, kernel_size=3, stride: int = 1, heads: int = 8
     ``relative_attention`` generator over a clamp window as large as the image, built per
     call): dim -> dim, a 1x1 output projection. ``span``: the longest side attended whole
     (relative tables of 2*span - 1 rows; a longer side is attended in a clamp window of
-    ``span`` taps). ``kernel_size`` and ``dilation`` only shape the stride's pooling check:
-    with stride s the attention reads the input average-pooled by s."""
+    ``span`` taps). ``kernel_size`` (odd) and ``dilation`` are accepted for the presets'
+    common signature and not used. With stride s the attention reads the input average-pooled
+    by s (ceil mode)."""
     from .span import GlobalAttention
 
     check_odd_kernel(kernel_size, _SIZE)
