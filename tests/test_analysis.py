@@ -223,8 +223,9 @@ def test_every_model_counts_strictly(zoo, name):
     """zoo_rows counts with strict=True: it would have raised on any op with no handle."""
     row = zoo[name]
     assert row.flops.unsupported == {} and row.flops.by_module[""] == row.flops.total > 0
-    # the multiply-add operators dominate (SAN: BN on every tap's relation, 2-3 %)
-    assert row.flops.macs > (0.96 if name.startswith("san") else 0.98) * row.flops.total
+    # the multiply-add operators dominate (SAN: BN on every tap's relation, 2-3 %; Axial ResNet:
+    # 6 % BN on qkv, similarities and outputs, sums, softmax)
+    assert row.flops.macs > (0.96 if name.startswith("san") else 0.9 if name.startswith("axial") else 0.98) * row.flops.total
     if not name.startswith("resnet"):  # the involution/attention/pooling models count their aggregation
         assert row.flops.by_operator["aggregate"] > 0
     if name.startswith(("nat", "dinat")):  # neighborhood attention's q.k and attn.v multiply-adds
@@ -246,6 +247,8 @@ def test_zoo_params_match_paper_and_table_renders(zoo):
         if name in PUBLISHED_METAFORMER:
             continue
         paper = PUBLISHED[name]
+        if not name.startswith(("resnet", "rednet", "sasa", "san")):
+            continue  # the other Table 1 rows (LR-Net, AA-ResNet, Axial ResNet): tests/test_table1.py
         # Table 1 prints one decimal; the largest gap is SASA-ResNet-38, 14.187 M vs 14.1 (0.62 %)
         assert abs(row.params / 1e6 / paper.params_m - 1) <= 0.007, (name, row.params)
     text = format_zoo(list(zoo.values()))
@@ -275,7 +278,9 @@ def test_zoo_rejects_bad_input():
 # ------------------------------------------------------------------------------ heat maps
 
 
-@pytest.mark.parametrize("name", [n for n in list_mixers() if n not in ("conv", "sepconv")])  # no generator
+# no single generator: conv, sepconv; windows built per call (global, axial): tests/test_table1.py
+@pytest.mark.parametrize("name", [n for n in list_mixers() if n not in (
+    "conv", "sepconv", "global_attention", "attention_augmented", "axial_attention")])
 def test_kernel_maps_every_generator(name):
     torch.manual_seed(0)
     mixer = create_mixer(name, 32, kernel_size=3).eval()

@@ -43,7 +43,7 @@ class Command:
 COMMANDS: Dict[str, tuple] = {
     "compare": ("tokenmix.compare", "train one small backbone per mixer on built-in data and compare"),
     "train": ("tokenmix.train", "train a registered model (torchrun for several processes)"),
-    "zoo": ("tokenmix.analysis.cli_zoo", "params and GMACs of the model zoo beside the paper's numbers"),
+    "zoo": ("tokenmix.analysis.cli_zoo", "the paper's Table 1 beside our params and GMACs (--all: every model)"),
     "flops": ("tokenmix.analysis.cli_flops", "FLOP breakdown of one model by module"),
     "mixers": ("tokenmix.analysis.cli_mixers", "params and MACs of every mixer preset"),
     "viz": ("tokenmix.analysis.cli_viz", "kernel heat maps of a mixer (paper figure 3)"),

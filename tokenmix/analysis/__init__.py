@@ -6,7 +6,8 @@ Importing this package imports neither fvcore nor matplotlib; they load on first
 from .flops import FlopCount, UnsupportedOpError, count_flops, flop_analysis, module_hook_flops, torch_flops
 from .heatmap import kernel_maps, layer_input, load_image, mixer_layers, plot_heatmaps
 from .params import count_params, param_table
-from .tables import PAPER_TABLE1, PUBLISHED, PUBLISHED_METAFORMER, PaperEntry, format_mixers, format_zoo, mixer_rows, zoo_rows
+from .tables import (PAPER_TABLE1, PUBLISHED, PUBLISHED_METAFORMER, TABLE1_ROWS, PaperEntry, format_mixers,
+                     format_table1, format_zoo, mixer_rows, table1_rows, zoo_rows)
 
 __all__ = [
     "FlopCount",
@@ -22,6 +23,9 @@ __all__ = [
     "PUBLISHED_METAFORMER",
     "PaperEntry",
     "zoo_rows",
+    "TABLE1_ROWS",
+    "table1_rows",
+    "format_table1",
     "format_zoo",
     "mixer_rows",
     "format_mixers",

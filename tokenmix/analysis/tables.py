@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,11 @@ from .params import count_params
 __all__ = [
     "PaperEntry",
     "PAPER_TABLE1",
+    "TABLE1_ROWS",
+    "TABLE1_NOTES",
+    "Table1Row",
+    "table1_rows",
+    "format_table1",
     "PUBLISHED_METAFORMER",
     "PUBLISHED_SAN",
     "PUBLISHED",
@@ -69,11 +74,51 @@ PAPER_TABLE1: Dict[str, PaperEntry] = {
     "sasa_resnet26": PaperEntry(10.3, 2.4),
     "sasa_resnet38": PaperEntry(14.1, 3.0),
     "sasa_resnet50": PaperEntry(18.0, 3.6),
+    "lrnet26": PaperEntry(14.7, 2.6),
+    "lrnet50": PaperEntry(23.3, 4.3),
+    "aa_resnet50": PaperEntry(25.8, 4.2),
+    "axial_resnet_s": PaperEntry(12.5, 3.3),
     "san10_pairwise": PaperEntry(10.5, 2.2),
     "san15_pairwise": PaperEntry(14.1, 3.0),
     "san19_pairwise": PaperEntry(17.6, 3.8),
 }
-"""Paper Table 1 (params M / GMACs at 224x224), with the official README's RedNet GFLOPs."""
+"""Paper Table 1 (params M / GMACs at 224x224) by tokenmix model name, with the official
+README's RedNet GFLOPs. Rows of models tokenmix does not register (SAN) are listed all the
+same; :data:`TABLE1_ROWS` gives the paper's order and names."""
+
+TABLE1_ROWS: Tuple[Tuple[str, str], ...] = (
+    ("ResNet-26", "resnet26"),
+    ("Stand-Alone ResNet-26", "sasa_resnet26"),
+    ("SAN10", "san10_pairwise"),
+    ("LR-Net-26", "lrnet26"),
+    ("RedNet-26", "rednet26"),
+    ("ResNet-38", "resnet38"),
+    ("Stand-Alone ResNet-38", "sasa_resnet38"),
+    ("SAN15", "san15_pairwise"),
+    ("RedNet-38", "rednet38"),
+    ("ResNet-50", "resnet50"),
+    ("Stand-Alone ResNet-50", "sasa_resnet50"),
+    ("LR-Net-50", "lrnet50"),
+    ("AA-ResNet-50", "aa_resnet50"),
+    ("SAN19", "san19_pairwise"),
+    ("Axial ResNet-S", "axial_resnet_s"),
+    ("RedNet-50", "rednet50"),
+    ("ResNet-101", "resnet101"),
+    ("RedNet-101", "rednet101"),
+    ("ResNet-152", "resnet152"),
+    ("RedNet-152", "rednet152"),
+)
+"""The paper's Table 1 rows (its names) and the tokenmix model name of each."""
+
+TABLE1_NOTES: Dict[str, str] = {
+    "lrnet26": "bottleneck widths fitted to the published counts",
+    "lrnet50": "bottleneck widths fitted to the published counts",
+    "axial_resnet_s": "the official axial50s, params exact",
+}
+"""What a measured Table 1 row means beyond the count itself (``tokenmix zoo``'s last column)."""
+
+ATTENTION_PRODUCTS = ("correlate", "einsum", "softmax", "aggregate")
+"""The ``by_operator`` keys of an attention's products (q.k, relative logits, softmax, attn.v)."""
 
 PUBLISHED_SAN: Dict[str, PaperEntry] = {
     # hszhao/SAN README (its counter: conv with bias, BN 2 and ReLU 1 per element, its
@@ -154,6 +199,18 @@ class ZooRow:
             return None
         return self.gmacs / self.paper.reference_gmacs
 
+    @property
+    def method(self) -> str:
+        """How the counts were reproduced: ``"fvcore, SxS"`` and, for the rows built to a
+        published layout other than tokenmix's own, what that means (:data:`TABLE1_NOTES`)."""
+        text = f"fvcore, {self.size}x{self.size}"
+        if self.name == "aa_resnet50":
+            attention = sum(self.flops.by_operator.get(k, 0) for k in ATTENTION_PRODUCTS)
+            text += f"; {(self.flops.total - attention) / 1e9:.2f} G without the attention products (the paper's count)"
+        elif self.name in TABLE1_NOTES:
+            text += f"; {TABLE1_NOTES[self.name]}"
+        return text
+
 
 def _select(names: Optional[Iterable[str]], known: List[str], kind: str) -> List[str]:
     """``names`` (default: every known one) as a list; ValueError naming the unknown ones."""
@@ -203,6 +260,7 @@ def format_zoo(rows: Sequence[ZooRow]) -> str:
             "ours / published"]
     if with_lat:
         head.append("CPU ms/img")
+    head.append("reproduced")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         p = r.paper
@@ -210,6 +268,57 @@ def format_zoo(rows: Sequence[ZooRow]) -> str:
                  _fmt(p and p.gmacs, ".1f"), _fmt(p and p.readme_gmacs, ".2f"), _fmt(r.ratio, ".3f")]
         if with_lat:
             cells.append(_fmt(r.latency_ms, ".1f"))
+        cells.append(r.method)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Table1Row:
+    """One row of the paper's Table 1: its name there, the tokenmix model name, the published
+    numbers, and our counts (None when tokenmix registers no such model)."""
+
+    label: str
+    name: str
+    paper: PaperEntry
+    measured: Optional[ZooRow]
+
+    @property
+    def method(self) -> str:
+        return "not built" if self.measured is None else self.measured.method
+
+
+def table1_rows(*, size: int = 224, latency: bool = False,
+                progress: Optional[Callable[[str], None]] = None) -> List[Table1Row]:
+    """Every row of :data:`TABLE1_ROWS` in the paper's order, counted (:func:`zoo_rows`) where
+    the model is registered now (a model registered by ``--import`` or a plugin counts too),
+    "not built" otherwise."""
+    from ..models import list_models
+
+    size = check_int("size", size, 32, "the backbones downsample by 32")
+    known = set(list_models())
+    built = [name for _, name in TABLE1_ROWS if name in known]
+    counted = {r.name: r for r in zoo_rows(built, size=size, latency=latency, progress=progress)}
+    return [Table1Row(label, name, PAPER_TABLE1[name], counted.get(name)) for label, name in TABLE1_ROWS]
+
+
+def format_table1(rows: Sequence[Table1Row]) -> str:
+    """Markdown table of :func:`table1_rows`."""
+    size = next((r.measured.size for r in rows if r.measured is not None), 224)
+    with_lat = any(r.measured is not None and r.measured.latency_ms is not None for r in rows)
+    head = ["Table 1 row", "model", "paper params (M)", "params (M)", "paper GMACs", f"GMACs @{size}",
+            "ours / published"]
+    if with_lat:
+        head.append("CPU ms/img")
+    head.append("reproduced")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 3) + ["---"]) + "|"]
+    for r in rows:
+        m = r.measured
+        cells = [r.label, r.name, f"{r.paper.params_m:.1f}", "-" if m is None else f"{m.params / 1e6:.2f}",
+                 f"{r.paper.gmacs:.1f}", "-" if m is None else f"{m.gmacs:.3f}", _fmt(m and m.ratio, ".3f")]
+        if with_lat:
+            cells.append(_fmt(m and m.latency_ms, ".1f"))
+        cells.append(r.method)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,6 +11,9 @@ from .positional import PositionalKernel
 from .patch import PatchKernel
 from .pool import PoolKernel
 from .san import PairwiseKernel, PatchwiseKernel
+from .local_relation import LocalRelationKernel
+from .relative_attention import RelativeAttentionKernel
+from .axial import AxialKernel
 
 __all__ = [
     "register_kernel_gen",
@@ -26,4 +29,7 @@ __all__ = [
     "PoolKernel",
     "PairwiseKernel",
     "PatchwiseKernel",
+    "LocalRelationKernel",
+    "RelativeAttentionKernel",
+    "AxialKernel",
 ]

@@ -147,3 +147,96 @@ def patch_involution(dim: int, *, kernel_size=7, stride: int = 1, patch_size: in
     gen = PatchKernel(dim, kernel_size, stride=stride, patch_size=patch_size, groups=groups,
                       group_channels=group_channels, reduction=reduction, device=device, dtype=dtype)
     return Mixer(dim, gen, window, fused=fused, device=device, dtype=dtype)
+
+
+@register_mixer("local_relation")
+def local_relation(dim: int, *, kernel_size=7, stride: int = 1, group_channels: Optional[int] = 8,
+                   groups: Optional[int] = None, geometry_hidden: Optional[int] = None, dilation: int = 1,
+                   device=None, dtype=None) -> Mixer:
+    """The local relation layer of LR-Net (Hu et al., ICCV 2019): ``local_relation`` generator
+    (1x1 key and query maps to one channel per group of m = ``group_channels`` channels,
+    appearance ``q * k`` plus a geometry-prior MLP of the relative position, softmax over the
+    K x K window, out-of-image taps masked), aggregating x itself (value and proj identity)."""
+    from ..kernel_gen.local_relation import LocalRelationKernel
+
+    if groups is not None:
+        group_channels = None
+    resolve_groups(dim, groups, group_channels, cname="dim")
+    window = _window(kernel_size, stride, dilation)
+    gen = LocalRelationKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
+                              geometry_hidden=geometry_hidden, device=device, dtype=dtype)
+    return Mixer(dim, gen, window, device=device, dtype=dtype)
+
+
+def _span(span, kernel_size):
+    return kernel_size if span is None else span
+
+
+@register_mixer("global_attention")
+def global_attention(dim: int, *, kernel_size=3, stride: int = 1, heads: int = 8, span=16,
+                     key_channels: Optional[int] = None, qkv_bias: bool = False, dilation: int = 1,
+                     device=None, dtype=None) -> nn.Module:
+    """Global multi-head self-attention with 2-D relative logits (AA-ResNet's attention; the
+    ``relative_attention`` generator over a clamp window as large as the image, built per
+    call): dim -> dim, a 1x1 output projection. ``span``: the longest side attended whole
+    (relative tables of 2*span - 1 rows; a longer side is attended in a clamp window of
+    ``span`` taps). ``kernel_size`` (odd) and ``dilation`` are accepted for the presets'
+    common signature and not used. With stride s the attention reads the input average-pooled
+    by s (ceil mode)."""
+    from .span import GlobalAttention
+
+    check_odd_kernel(kernel_size, _SIZE)
+    heads = _check_heads(dim, heads)
+    check_int("dilation", dilation)
+    att = GlobalAttention(dim, key_channels=key_channels, heads=heads, span=span, qkv_bias=qkv_bias,
+                          device=device, dtype=dtype)
+    if stride == 1:
+        return att
+    from ..kernel_gen.bottleneck import stride_pool
+
+    return nn.Sequential(stride_pool(stride), att)
+
+
+def aa_channels(dim: int, heads: int = 8, key_ratio: float = 0.2, value_ratio: float = 0.1,
+                min_key_head_dim: int = 20):
+    """AA-ResNet's attention widths for a C-channel convolution: ``dv = floor(value_ratio*C /
+    heads) * heads`` (at least heads, less than C), ``dk = max(floor(key_ratio*C / heads) *
+    heads, heads * min_key_head_dim)`` (the paper's "k = 2v = 0.2" with "a minimum of 20
+    dimensions per head for the keys"). Returns (dk, dv)."""
+    dv = max(heads, int(value_ratio * dim / heads) * heads)
+    if dv >= dim:
+        raise ValueError(f"dim={dim} is too small for value_ratio={value_ratio} with heads={heads}")
+    dk = max(int(key_ratio * dim / heads) * heads, heads * min_key_head_dim)
+    return dk, dv
+
+
+@register_mixer("attention_augmented")
+def attention_augmented(dim: int, *, kernel_size=3, stride: int = 1, heads: int = 8, span=16,
+                        key_ratio: float = 0.2, value_ratio: float = 0.1, min_key_head_dim: int = 20,
+                        dilation: int = 1, device=None, dtype=None) -> nn.Module:
+    """Attention-augmented convolution (AA-ResNet, Bello et al., ICCV 2019): a K x K conv to
+    dim - dv channels concatenated with ``global_attention`` to dv channels (widths
+    :func:`aa_channels`); with stride s the attention reads the input average-pooled by s."""
+    from .span import AttentionAugmentedConv
+
+    check_odd_kernel(kernel_size, _SIZE)
+    heads = check_int("heads", heads)
+    dk, dv = aa_channels(dim, heads, key_ratio, value_ratio, min_key_head_dim)
+    return AttentionAugmentedConv(dim, kernel_size=kernel_size, stride=stride, dilation=check_int("dilation", dilation),
+                                  value_channels=dv, key_channels=dk, heads=heads, span=span, device=device, dtype=dtype)
+
+
+@register_mixer("axial_attention")
+def axial_attention(dim: int, *, kernel_size=7, stride: int = 1, heads: int = 8, span=None, dilation: int = 1,
+                    device=None, dtype=None) -> nn.Module:
+    """Axial attention (Axial-DeepLab; ``axial`` generators): attention along each column, then
+    each row, clamp windows of ``min(S, L)`` taps (S = span * stride: the whole axis when it
+    is at most S long), relative terms on queries, keys and values, then an average pool by
+    the stride. ``span`` (default ``kernel_size``) is the axis length at the *output*
+    resolution, so a stride-2 block built for a 28 x 28 output covers its 56 x 56 input."""
+    from .span import AxialAttention
+
+    check_odd_kernel(kernel_size, _SIZE)
+    heads = _check_heads(dim, heads)
+    S = check_int("span", _span(span, kernel_size)) * check_int("stride", stride)
+    return AxialAttention(dim, heads=heads, span=S, stride=stride, dilation=dilation, device=device, dtype=dtype)

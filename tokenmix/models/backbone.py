@@ -97,20 +97,23 @@ STEMS = {"conv7": ConvStem, "rednet": RedNetStem}
 
 class Bottleneck(nn.Module):
     """1x1 conv + BN + ReLU -> mixer (stride here) + BN + ReLU -> 1x1 conv + BN, plus the
-    shortcut (identity, or 1x1 conv with the stride + BN), then ReLU.
+    shortcut (identity, or 1x1 conv with the stride + BN), then ReLU. ``mixer_norm=False``
+    leaves out the BN after the mixer (``bn2`` is then an identity).
 
-    x: (B, in_dim, H, W) -> (B, width * expansion, ceil(H/stride), ceil(W/stride)).
+    x: (B, in_dim, H, W) -> (B, out_dim, ceil(H/stride), ceil(W/stride)), out_dim =
+    ``out_channels`` or ``width * expansion``.
     """
 
     def __init__(self, in_dim: int, width: int, stride: int, expansion: int, mixer: str,
-                 mixer_kwargs: Mapping[str, Any], where: str = "block", checkpoint_mixer: bool = False):
+                 mixer_kwargs: Mapping[str, Any], where: str = "block", checkpoint_mixer: bool = False,
+                 out_channels: Optional[int] = None, mixer_norm: bool = True):
         super().__init__()
         self.checkpoint_mixer = bool(checkpoint_mixer)
-        out_dim = width * expansion
+        out_dim = width * expansion if out_channels is None else out_channels
         self.conv1 = nn.Conv2d(in_dim, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.mixer = _mixer(mixer, width, stride, mixer_kwargs, where)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = nn.BatchNorm2d(width) if mixer_norm else nn.Identity()
         self.conv3 = nn.Conv2d(width, out_dim, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_dim)
         self.act = nn.ReLU(inplace=True)
@@ -156,8 +159,9 @@ class Backbone(nn.Module):
             for j in range(s.depth):
                 blocks.append(Bottleneck(in_dim, s.width, s.stride if j == 0 else 1, config.expansion,
                                          s.mixer, s.mixer_kwargs, where=f"stage {i} block {j}",
-                                         checkpoint_mixer=config.checkpoint_mixer))
-                in_dim = s.width * config.expansion
+                                         checkpoint_mixer=config.checkpoint_mixer, out_channels=s.out_channels,
+                                         mixer_norm=config.mixer_norm))
+                in_dim = config.out_channels[i]
             stages.append(nn.Sequential(*blocks))
             reduction *= s.stride
             self.feature_info.append({"stage": i, "channels": in_dim, "reduction": reduction})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 # depth -> blocks per stage (He et al. 2016; 26 and 38 as in stand-alone self-attention / RedNet)
 DEPTHS: Dict[int, Tuple[int, int, int, int]] = {
@@ -60,7 +60,9 @@ class StageConfig:
     ``width`` is the bottleneck (mixer) width; the stage outputs ``width * expansion`` channels.
     The first block has stride ``stride`` (on the mixer, as torchvision/mmcls "pytorch" style)
     and a 1x1-conv + BN shortcut. ``mixer_kwargs`` go to ``create_mixer(mixer, width,
-    stride=..., **mixer_kwargs)`` (``kernel_size`` is one of them).
+    stride=..., **mixer_kwargs)`` (``kernel_size`` is one of them). ``out_channels``, when
+    given, replaces ``width * expansion`` as the stage's output channels (bottlenecks whose
+    width is not the output / expansion, as LR-Net's).
     """
 
     depth: int
@@ -68,12 +70,16 @@ class StageConfig:
     stride: int
     mixer: str = "conv"
     mixer_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"kernel_size": 3})
+    out_channels: Optional[int] = None
 
     def __post_init__(self):
         for name in ("depth", "width", "stride"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"stage {name}={v!r} must be an int >= 1")
+        v = self.out_channels
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"stage out_channels={v!r} must be None or an int >= 1")
         if not isinstance(self.mixer, str):
             raise TypeError(f"stage mixer={self.mixer!r} must be a mixer name (str)")
         if not isinstance(self.mixer_kwargs, Mapping):
@@ -94,6 +100,9 @@ class ModelConfig:
     of keeping its internals (for involution the (B, G*K*K, H, W) kernel, 3x the mixer's input)
     for it; the same outputs and gradients, less activation memory, one more mixer forward per
     step. BN running statistics inside the mixer are updated once (not again on recompute).
+
+    ``mixer_norm``: a BN after every block's mixer (True, ResNet); False leaves only the ReLU
+    (Axial-ResNet, whose mixer ends in its own output norms).
     """
 
     name: str
@@ -104,6 +113,7 @@ class ModelConfig:
     in_chans: int = 3
     zero_init_last_bn: bool = True
     checkpoint_mixer: bool = False
+    mixer_norm: bool = True
 
     def __post_init__(self):
         stages = tuple(self.stages)
@@ -127,7 +137,7 @@ class ModelConfig:
     @property
     def out_channels(self) -> Tuple[int, ...]:
         """Channels of each stage's output."""
-        return tuple(s.width * self.expansion for s in self.stages)
+        return tuple(s.width * self.expansion if s.out_channels is None else s.out_channels for s in self.stages)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -175,3 +185,55 @@ def sasa_resnet_config(depth: int) -> ModelConfig:
         name=f"sasa_resnet{depth}", stem=StemConfig("conv7"),
         stages=make_stages(DEPTHS[depth], "local_attention", {"kernel_size": 7, "heads": 8, "rel_pos": True}),
     )
+
+
+# LR-Net bottleneck widths per depth: fitted so that params and fvcore GMACs at 224x224 land
+# within 2% of the published 14.7 M / 2.6 G (LR-Net-26) and 23.3 M / 4.3 G (LR-Net-50); the
+# stage outputs stay ResNet's 256, 512, 1024, 2048 (docs/models.md, "LR-Net").
+LRNET_WIDTHS: Dict[int, Tuple[int, int, int, int]] = {
+    26: (112, 224, 448, 1664),
+    50: (144, 240, 480, 960),
+}
+
+
+def lrnet_config(depth: int) -> ModelConfig:
+    """LR-Net-``depth`` (Hu et al., ICCV 2019): ResNet-``depth`` with every bottleneck 3x3 conv
+    replaced by a 7x7 local relation layer (m = 8 channels per aggregation group), the ResNet
+    7x7 conv stem, bottleneck widths :data:`LRNET_WIDTHS` and ResNet's stage outputs."""
+    widths = LRNET_WIDTHS[depth]
+    stages = tuple(
+        StageConfig(depth=d, width=w, stride=1 if i == 0 else 2, mixer="local_relation",
+                    mixer_kwargs={"kernel_size": 7, "group_channels": 8}, out_channels=256 * 2 ** i)
+        for i, (d, w) in enumerate(zip(DEPTHS[depth], widths)))
+    return ModelConfig(name=f"lrnet{depth}", stem=StemConfig("conv7"), stages=stages)
+
+
+def aa_resnet_config(depth: int, stages: Sequence[int] = (1, 2, 3)) -> ModelConfig:
+    """AA-ResNet-``depth`` (Bello et al., ICCV 2019): ResNet-``depth`` whose bottleneck 3x3
+    convs in ``stages`` (default the last three, at 28x28, 14x14 and 7x7 for a 224 input) are
+    attention-augmented convolutions (``attention_augmented``: 8 heads, dv = 0.1 C, dk = 0.2 C
+    with at least 20 dimensions per head, 2-D relative logits, global attention; ``span`` =
+    the stage's side at 224 x 224)."""
+    base = make_stages(DEPTHS[depth], "conv", {"kernel_size": 3})
+    out = []
+    for i, s in enumerate(base):
+        if i in stages:
+            s = dataclasses.replace(s, mixer="attention_augmented",
+                                    mixer_kwargs={"kernel_size": 3, "heads": 8, "span": 56 // 2 ** i})
+        out.append(s)
+    return ModelConfig(name=f"aa_resnet{depth}", stem=StemConfig("conv7"), stages=tuple(out))
+
+
+def axial_resnet_config(depth: int = 50, s: float = 0.5) -> ModelConfig:
+    """Axial-ResNet (Wang et al., ECCV 2020; the official ``axial50s`` for depth 50 and s = 0.5):
+    a 7x7 conv stem to 64*s channels, bottlenecks of width 128*s * 2**i and expansion 2 whose
+    mixer is ``axial_attention`` (8 groups, span = the stage's side at 224 x 224: 56, 28, 14,
+    7; the stride-2 blocks pool after the width axis) with no BN after it (the axial blocks end
+    in their own output norms)."""
+    widths = tuple(int(128 * s) * 2 ** i for i in range(4))
+    stages = tuple(
+        StageConfig(depth=d, width=w, stride=1 if i == 0 else 2, mixer="axial_attention",
+                    mixer_kwargs={"kernel_size": 7, "heads": 8, "span": 56 // 2 ** i})
+        for i, (d, w) in enumerate(zip(DEPTHS[depth], widths)))
+    return ModelConfig(name="axial_resnet_s", stem=StemConfig("conv7", int(64 * s)), stages=stages, expansion=2,
+                       mixer_norm=False)

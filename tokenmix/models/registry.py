@@ -7,8 +7,8 @@ from typing import Any, Callable, List, Mapping, Sequence, Union
 
 from .._registry import Registry
 from .backbone import Backbone
-from .config import (DEPTHS, ModelConfig, StageConfig, StemConfig, rednet_config, resnet_config,
-                     sasa_resnet_config)
+from .config import (DEPTHS, LRNET_WIDTHS, ModelConfig, StageConfig, StemConfig, aa_resnet_config,
+                     axial_resnet_config, lrnet_config, rednet_config, resnet_config, sasa_resnet_config)
 from .metaformer import MetaFormer
 from .metaformer_config import MetaFormerConfig, apply_metaformer_overrides, metaformer_configs
 from .san import SAN, SAN_LAYERS, SANConfig, san_config
@@ -150,6 +150,10 @@ for _depth in DEPTHS:
     register_model(f"resnet{_depth}", resnet_config(_depth))
 for _depth in (26, 38, 50):
     register_model(f"sasa_resnet{_depth}", sasa_resnet_config(_depth))
+for _depth in LRNET_WIDTHS:
+    register_model(f"lrnet{_depth}", lrnet_config(_depth))
+register_model("aa_resnet50", aa_resnet_config(50))
+register_model("axial_resnet_s", axial_resnet_config(50, 0.5))
 for _name, _cfg in metaformer_configs().items():
     register_model(_name, _cfg)
 for _sa in ("pairwise", "patchwise"):
