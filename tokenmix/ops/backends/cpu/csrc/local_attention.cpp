@@ -7,7 +7,8 @@
 // zero-padded rows of the column kernels (ColPlan, fill_rows: tap v of output column j sits at
 // tap_offset[v] + j) and its queries into rows padded to whole vectors, then runs its output
 // rows in order:
-//   forward:  S = scale * q.k_t + bias (out-of-image taps -inf), P = softmax_t(S), out = sum_t P_t v_t,
+//   forward:  S = scale * q.k_t + bias (out-of-image taps -inf), E = exp(S - max_t S),
+//             out = sum_t E_t v_t / sum_t E_t,
 //             lse = log sum_t exp(S_t)
 //   backward: S and P recomputed from lse, dP_t = dout.v_t, D = dout.out, dS = P (dP - D),
 //             dq = scale sum_t dS_t k_t, and dk, dv (scaled at the end) accumulated tap by tap
@@ -225,11 +226,15 @@ struct Kernels {
       acc_t* row = in + r * L.rs;
       for (int64_t v = 0; v < Kw; ++v) {
         const acc_t* wt = w + (u * Kw + v) * Wb;
-        for (int64_t c = 0; c < Cg; ++c) {
-          acc_t* dst = row + c * cs + toff[v];
-          const acc_t* ac = a + c * a_cs;
-          for (int64_t j0 = L.vb; j0 < L.ve; j0 += N)
-            storeu(dst + j0, fmadd(loadu(wt + j0), loadu(ac + j0), loadu(dst + j0)));
+        acc_t* dst = row + toff[v];
+        for (int64_t j0 = L.vb; j0 < L.ve; j0 += N) {
+          const V wv = in_register(loadu(wt + j0));
+          channel_blocks_of<8, 4, 2, 1>(Cg, [&](auto cb, int64_t c0) {
+            constexpr int CB = decltype(cb)::value;
+            V d[CB];
+            for (int n = 0; n < CB; ++n) d[n] = fmadd(wv, loadu(a + (c0 + n) * a_cs + j0), loadu(dst + (c0 + n) * cs + j0));
+            for (int n = 0; n < CB; ++n) storeu(dst + (c0 + n) * cs + j0, d[n]);
+          });
         }
       }
       for (int64_t j = 0; j < L.Wo; ++j) {
@@ -274,9 +279,10 @@ struct Kernels {
     }
   }
 
-  // S -> P = softmax over the taps, lse[j] = log sum_t exp(S_t) (-inf and P = 0 where every tap
-  // is -inf), for all Wb columns.
-  void softmax(acc_t* S, acc_t* lse) const {
+  // S -> exp(S_t - max_t S_t), the softmax before normalisation, inv[j] = 1 / sum_t of those and
+  // lse[j] = log sum_t exp(S_t) (-inf, inv 0 and the exponentials 0 where every tap is -inf), for
+  // all Wb columns.
+  void softmax(acc_t* S, acc_t* lse, acc_t* inv) const {
     const int64_t Wb = L.Wb, KK = L.KK;
     const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j0 = 0; j0 < Wb; j0 += N) {
@@ -293,8 +299,7 @@ struct Kernels {
         storeu(S + t * Wb + j0, e);
         l += e;
       }
-      const V inv = l > zero ? Vec<acc_t>::splat(acc_t(1)) / l : zero;
-      for (int64_t t = 0; t < KK; ++t) storeu(S + t * Wb + j0, loadu(S + t * Wb + j0) * inv);
+      storeu(inv + j0, l > zero ? Vec<acc_t>::splat(acc_t(1)) / l : zero);
       for (int n = 0; n < N; ++n) lse[j0 + n] = l[n] > 0 ? m[n] + std::log(l[n]) : ninf;
     }
   }
@@ -385,7 +390,8 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
   auto out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({L.B, heads, L.Ho, L.Wo}, q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const int64_t Cg = L.Cg, HoWb = L.Ho * L.Wb;
-  const int64_t need = bytes_of({Cg * L.cs, Cg * L.cs, Cg * HoWb, L.KK * L.Wb, Cg * L.Wb, L.Wb, L.T}, sizeof(acc_t));
+  const int64_t need =
+      bytes_of({Cg * L.cs, Cg * L.cs, Cg * HoWb, L.KK * L.Wb, Cg * L.Wb, L.Wb, L.T, L.Wb}, sizeof(acc_t));
   const ThreadScratch scratch(need);
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
   const scalar_t* tp = table.defined() ? table.data_ptr<scalar_t>() : nullptr;
@@ -395,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
   for_each_task(L.B * heads, heads, 1, scratch, [&](Carver& carver, const TaskRange& tasks) {
     auto kb = carver.take<acc_t>(Cg * L.cs), vb = carver.take<acc_t>(Cg * L.cs), qb = carver.take<acc_t>(Cg * HoWb);
     auto S = carver.take<acc_t>(L.KK * L.Wb), o = carver.take<acc_t>(Cg * L.Wb), lrow = carver.take<acc_t>(L.Wb);
-    auto tb = carver.take<acc_t>(L.T);
+    auto tb = carver.take<acc_t>(L.T), irow = carver.take<acc_t>(L.Wb);
     for (const Task task : tasks) {
       const int64_t b = task.batch, h = task.group, plane = (b * L.C + h * Cg);
       fill_rows(kb.data(), L.cs, kp + plane * L.H * L.W, Cg, L.H, 0, L.H, L.cp);
@@ -407,14 +413,92 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
       for (int64_t i = 0; i < L.Ho; ++i) {
         kern.row_dots(qb.data() + i * L.Wb, HoWb, kb.data(), i, S.data());
         kern.scores(S.data(), i, static_cast<acc_t>(scale), tp != nullptr ? tb.data() : nullptr);
-        kern.softmax(S.data(), lrow.data());
+        kern.softmax(S.data(), lrow.data(), irow.data());
         kern.row_aggregate(S.data(), vb.data(), i, o.data());
-        for (int64_t c = 0; c < Cg; ++c) convert(op + ((plane + c) * L.Ho + i) * L.Wo, o.data() + c * L.Wb, L.Wo);
+        for (int64_t c = 0; c < Cg; ++c) {
+          scalar_t* dst = op + ((plane + c) * L.Ho + i) * L.Wo;
+          const acc_t* src = o.data() + c * L.Wb;
+          for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * irow[j]);
+        }
         std::memcpy(lp + ((b * heads + h) * L.Ho + i) * L.Wo, lrow.data(), L.Wo * sizeof(acc_t));
       }
     }
   });
   return {out, lse};
+}
+
+// The zero border's dk and dv, input row by input row: row r gathers, at each scratch position
+// (phase f, index p) of its phase-split row, sum over its readers (u, i) and over the taps v of
+// phase f of w_i[u, v][p - e_v] * a_i[p - e_v] (e_v: the tap's index shift), from the last R
+// output rows' weights (a ring) and the output-side rows a (queries or output gradients) laid
+// out with M zero columns on the left and zeros past Wb, so every shifted load is plain.
+// Accumulated in registers: no read-modify-write of the gradient, no row of it in scratch.
+struct Gather {
+  int64_t M, Wm, R;                        // left margin, row width, ring rows
+  std::vector<int64_t> last;               // last reader (output row) of input row r, -1: none
+  std::vector<std::vector<int64_t>> emit;  // input rows complete after output row i
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> phase_taps;  // per phase: (v, e_v)
+  Gather(const Layout& L, int64_t N) {
+    const ColPlan& cp = L.cp;
+    int64_t max_shift = 0;
+    phase_taps.resize(cp.s);
+    for (int64_t v = 0; v < L.Kw; ++v) {
+      const int64_t f = cp.tap_offset[v] / cp.phase_width, e = cp.tap_offset[v] % cp.phase_width;
+      phase_taps[f].emplace_back(v, e);
+      max_shift = std::max(max_shift, e);
+    }
+    M = max_shift;
+    Wm = M + std::max(L.Wb, cp.phase_width + N);
+    last.assign(L.H, -1);
+    R = 1;
+    const auto& rb = L.plan.row_readers_begin;
+    const auto& rr = L.plan.row_readers;
+    emit.resize(L.Ho);
+    for (int64_t r = 0; r < L.H; ++r) {
+      int64_t lo = L.Ho, hi = -1;
+      for (int64_t a = rb[r]; a < rb[r + 1]; ++a) lo = std::min(lo, rr[2 * a + 1]), hi = std::max(hi, rr[2 * a + 1]);
+      if (hi < 0) continue;
+      last[r] = hi;
+      emit[hi].push_back(r);
+      R = std::max(R, hi - lo + 1);
+    }
+  }
+};
+
+template <typename acc_t>
+void gather_row(const Layout& L, const Gather& G, const acc_t* ring, const acc_t* a, int64_t a_cs, int64_t r,
+                acc_t* rowbuf, int64_t rb_cs) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int N = Vec<acc_t>::N;
+  const int64_t pw = L.cp.phase_width, KKWm = L.KK * G.Wm;
+  const auto& rb = L.plan.row_readers_begin;
+  const int64_t* rd = L.plan.row_readers.data();
+  const int64_t a0 = rb[r], a1 = rb[r + 1];
+  for (int64_t f = 0; f < L.cp.s; ++f) {
+    const auto& taps = G.phase_taps[f];
+    // the image columns of phase f: indices [first, first + count), in blocks of N (the last
+    // one shifted left to end there: it stores what an earlier block stored)
+    const int64_t first = L.cp.dst0[f] - f * pw, count = L.cp.cnt[f];
+    if (count <= 0) continue;
+    for (int64_t b0 = 0; b0 < count; b0 += N) {
+      const int64_t p0 = first + std::max<int64_t>(0, std::min(b0, count - N));
+      channel_blocks_of<8, 4, 2, 1>(L.Cg, [&](auto cb, int64_t c0) {
+        constexpr int CB = decltype(cb)::value;
+        V acc[CB];
+        for (int n = 0; n < CB; ++n) acc[n] = V{};
+        for (int64_t e = a0; e < a1; ++e) {
+          const int64_t u = rd[2 * e], i = rd[2 * e + 1];
+          const acc_t* wrow = ring + (i % G.R) * KKWm + u * L.Kw * G.Wm + G.M + p0;
+          const acc_t* arow = a + c0 * a_cs + i * G.Wm + G.M + p0;
+          for (const auto& [v, sh] : taps) {
+            const V w = in_register(loadu(wrow + v * G.Wm - sh));
+            for (int n = 0; n < CB; ++n) acc[n] = fmadd(w, loadu(arow + n * a_cs - sh), acc[n]);
+          }
+        }
+        for (int n = 0; n < CB; ++n) storeu(rowbuf + (c0 + n) * rb_cs + f * pw + p0, acc[n]);
+      });
+    }
+  }
 }
 
 template <typename scalar_t>
@@ -426,13 +510,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   using V = typename K::V;
   constexpr int N = K::N;
   const Layout L(*call.plan, q.size(0), q.size(1), heads, call.sh, call.dh, call.dw, call.ph, table.defined(), N);
+  const bool gather = L.plan.zero_border;
+  const Gather G(L, N);
   auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   at::Tensor drel_parts = table.defined() ? at::empty({L.B, heads, L.T}, q.options().dtype(acc_type)) : at::Tensor();
-  const int64_t Cg = L.Cg, HoWb = L.Ho * L.Wb, Wb = L.Wb;
-  const int64_t need = bytes_of({Cg * L.cs, Cg * L.cs, Cg * L.cs, Cg * L.cs, Cg * HoWb, Cg * HoWb, L.KK * Wb,
-                                 L.KK * Wb, Cg * Wb, 2 * Wb, 2 * L.T},
+  const int64_t Cg = L.Cg, Wb = L.Wb, Wm = G.Wm, HoWm = L.Ho * Wm, KK = L.KK;
+  const int64_t rb_cs = L.cp.s * L.cp.phase_width + N;  // a gathered row per channel (gather) ...
+  const int64_t grad_rows = gather ? 0 : Cg * L.cs;     // ... or the task's whole padded gradients (scatter)
+  const int64_t ring = gather ? G.R * KK * Wm : 0;
+  const int64_t need = bytes_of({Cg * L.cs, Cg * L.cs, grad_rows, grad_rows, Cg * HoWm, Cg * HoWm, KK * Wb, KK * Wb,
+                                 ring, ring, Cg * Wb, 2 * Wb, 2 * L.T, gather ? Cg * rb_cs : 0},
                                 sizeof(acc_t));
   const ThreadScratch scratch(need);
   const scalar_t *gp = go.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
@@ -445,45 +534,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const K kern{L};
   for_each_task(L.B * heads, heads, 1, scratch, [&](Carver& carver, const TaskRange& tasks) {
     auto kb = carver.take<acc_t>(Cg * L.cs), vb = carver.take<acc_t>(Cg * L.cs);
-    auto dkb = carver.take<acc_t>(Cg * L.cs), dvb = carver.take<acc_t>(Cg * L.cs);
-    auto qb = carver.take<acc_t>(Cg * HoWb), gb = carver.take<acc_t>(Cg * HoWb);
-    auto S = carver.take<acc_t>(L.KK * Wb), dP = carver.take<acc_t>(L.KK * Wb), o = carver.take<acc_t>(Cg * Wb);
+    auto dkb = carver.take<acc_t>(grad_rows), dvb = carver.take<acc_t>(grad_rows);
+    auto qb = carver.take<acc_t>(Cg * HoWm), gb = carver.take<acc_t>(Cg * HoWm);
+    auto S = carver.take<acc_t>(KK * Wb), dP = carver.take<acc_t>(KK * Wb);
+    auto pring = carver.take<acc_t>(ring), sring = carver.take<acc_t>(ring);
+    auto o = carver.take<acc_t>(Cg * Wb);
     auto lrow = carver.take<acc_t>(2 * Wb);
     auto tb = carver.take<acc_t>(2 * L.T);
+    auto rowbuf = carver.take<acc_t>(gather ? Cg * rb_cs : 0);
     acc_t* D = lrow.data() + Wb;
     acc_t* drel = tb.data() + L.T;
+    // input row r of channel c of the task's plane: dk (scaled) and dv from scratch rows whose
+    // column col sits at pos[col]
+    auto write_rows = [&](int64_t plane, int64_t r, const acc_t* sk, const acc_t* sv, int64_t cstride) {
+      for (int64_t c = 0; c < Cg; ++c) {
+        scalar_t* ok = dkp + ((plane + c) * L.H + r) * L.W;
+        scalar_t* ov = dvp + ((plane + c) * L.H + r) * L.W;
+        const acc_t *k1 = sk + c * cstride, *v1 = sv + c * cstride;
+        if (L.cp.s == 1) {
+          const int64_t p0 = L.pos[0];
+          for (int64_t col = 0; col < L.W; ++col) {
+            ok[col] = static_cast<scalar_t>(k1[p0 + col] * sc);
+            ov[col] = static_cast<scalar_t>(v1[p0 + col]);
+          }
+        } else {
+          for (int64_t col = 0; col < L.W; ++col) {
+            ok[col] = static_cast<scalar_t>(k1[L.pos[col]] * sc);
+            ov[col] = static_cast<scalar_t>(v1[L.pos[col]]);
+          }
+        }
+      }
+    };
     for (const Task task : tasks) {
       const int64_t b = task.batch, h = task.group, plane = (b * L.C + h * Cg);
       fill_rows(kb.data(), L.cs, kp + plane * L.H * L.W, Cg, L.H, 0, L.H, L.cp);
       fill_rows(vb.data(), L.cs, vp + plane * L.H * L.W, Cg, L.H, 0, L.H, L.cp);
-      std::fill(dkb.begin(), dkb.end(), acc_t(0));
-      std::fill(dvb.begin(), dvb.end(), acc_t(0));
+      if (!gather) {
+        std::fill(dkb.begin(), dkb.end(), acc_t(0));
+        std::fill(dvb.begin(), dvb.end(), acc_t(0));
+      }
       for (int64_t c = 0; c < Cg; ++c)
         for (int64_t i = 0; i < L.Ho; ++i) {
-          convert(qb.data() + c * HoWb + i * Wb, qp + ((plane + c) * L.Ho + i) * L.Wo, L.Wo);
-          convert(gb.data() + c * HoWb + i * Wb, gp + ((plane + c) * L.Ho + i) * L.Wo, L.Wo);
+          convert(qb.data() + c * HoWm + i * Wm + G.M, qp + ((plane + c) * L.Ho + i) * L.Wo, L.Wo);
+          convert(gb.data() + c * HoWm + i * Wm + G.M, gp + ((plane + c) * L.Ho + i) * L.Wo, L.Wo);
         }
       if (tp != nullptr) {
         convert(tb.data(), tp + h * L.T, L.T);
         std::fill(drel, drel + L.T, acc_t(0));
       }
       for (int64_t i = 0; i < L.Ho; ++i) {
+        const acc_t* qrow = qb.data() + i * Wm + G.M;
+        const acc_t* grow = gb.data() + i * Wm + G.M;
         // P from the saved log-sum-exp
-        kern.row_dots(qb.data() + i * Wb, HoWb, kb.data(), i, S.data());
+        kern.row_dots(qrow, HoWm, kb.data(), i, S.data());
         kern.scores(S.data(), i, sc, tp != nullptr ? tb.data() : nullptr);
         std::memcpy(lrow.data(), lp + ((b * heads + h) * L.Ho + i) * L.Wo, L.Wo * sizeof(acc_t));
         std::fill(lrow.data() + L.Wo, lrow.data() + Wb, -std::numeric_limits<acc_t>::infinity());
         kern.probabilities(S.data(), lrow.data());
         // dP and D = dout . out
-        kern.row_dots(gb.data() + i * Wb, HoWb, vb.data(), i, dP.data());
+        kern.row_dots(grow, HoWm, vb.data(), i, dP.data());
         std::fill(D, D + Wb, acc_t(0));
         for (int64_t c = 0; c < Cg; ++c) {
-          const acc_t* g = gb.data() + c * HoWb + i * Wb;
+          const acc_t* g = grow + c * HoWm;
           const scalar_t* orow = outp + ((plane + c) * L.Ho + i) * L.Wo;
           for (int64_t j = 0; j < L.Wo; ++j) D[j] += g[j] * static_cast<acc_t>(orow[j]);
         }
         // dS = P (dP - D), 0 where P is 0 (taps outside the image, columns past Wo)
-        for (int64_t t = 0; t < L.KK; ++t)
+        for (int64_t t = 0; t < KK; ++t)
           for (int64_t j0 = 0; j0 < Wb; j0 += N) {
             const V p = loadu(S.data() + t * Wb + j0);
             const V ds = p * (loadu(dP.data() + t * Wb + j0) - loadu(D + j0));
@@ -496,31 +613,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
             for (int64_t v = 0; v < L.Kw; ++v) {
               const acc_t* ds = dP.data() + (u * L.Kw + v) * Wb;
               const int64_t* bc = L.bcol.data() + v * L.Wo;
-              for (int64_t j = 0; j < L.Wo; ++j) trow[bc[j]] += ds[j];
+              if (L.plan.zero_border) {  // one table entry per tap; dS is 0 past Wo
+                V sum{};
+                for (int64_t j0 = 0; j0 < Wb; j0 += N) sum += loadu(ds + j0);
+                acc_t total = 0;
+                for (int n = 0; n < N; ++n) total += sum[n];
+                trow[bc[0]] += total;
+              } else {
+                for (int64_t j = 0; j < L.Wo; ++j) trow[bc[j]] += ds[j];
+              }
             }
           }
         }
-        // dq (scaled), and the scatters into dk (scaled at the end) and dv
+        // dq (scaled)
         kern.row_aggregate(dP.data(), kb.data(), i, o.data());
         for (int64_t c = 0; c < Cg; ++c) {
           scalar_t* dst = dqp + ((plane + c) * L.Ho + i) * L.Wo;
           const acc_t* src = o.data() + c * Wb;
           for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * sc);
         }
-        kern.row_scatter(dP.data(), qb.data() + i * Wb, HoWb, i, dkb.data());
-        kern.row_scatter(S.data(), gb.data() + i * Wb, HoWb, i, dvb.data());
-      }
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t r = 0; r < L.H; ++r) {
-          const acc_t* sk = dkb.data() + c * L.cs + r * L.rs;
-          const acc_t* sv = dvb.data() + c * L.cs + r * L.rs;
-          scalar_t* ok = dkp + ((plane + c) * L.H + r) * L.W;
-          scalar_t* ov = dvp + ((plane + c) * L.H + r) * L.W;
-          for (int64_t col = 0; col < L.W; ++col) {
-            ok[col] = static_cast<scalar_t>(sk[L.pos[col]] * sc);
-            ov[col] = static_cast<scalar_t>(sv[L.pos[col]]);
+        if (!gather) {  // the scatters into dk (scaled at the end) and dv
+          kern.row_scatter(dP.data(), qrow, HoWm, i, dkb.data());
+          kern.row_scatter(S.data(), grow, HoWm, i, dvb.data());
+          continue;
+        }
+        // the ring keeps the weights of the last R output rows; then the input rows complete
+        acc_t* ps = pring.data() + (i % G.R) * KK * Wm;
+        acc_t* ss = sring.data() + (i % G.R) * KK * Wm;
+        for (int64_t t = 0; t < KK; ++t) {
+          std::memcpy(ps + t * Wm + G.M, S.data() + t * Wb, Wb * sizeof(acc_t));
+          std::memcpy(ss + t * Wm + G.M, dP.data() + t * Wb, Wb * sizeof(acc_t));
+        }
+        for (const int64_t r : G.emit[i]) {
+          acc_t* rk = rowbuf.data();
+          gather_row(L, G, sring.data(), qb.data(), HoWm, r, rk, rb_cs);
+          write_rows(plane, r, rk, rk, rb_cs);  // dk (the dv written here is overwritten below)
+          gather_row(L, G, pring.data(), gb.data(), HoWm, r, rk, rb_cs);
+          for (int64_t c = 0; c < Cg; ++c) {
+            scalar_t* ov = dvp + ((plane + c) * L.H + r) * L.W;
+            const acc_t* v1 = rk + c * rb_cs;
+            for (int64_t col = 0; col < L.W; ++col) ov[col] = static_cast<scalar_t>(v1[L.pos[col]]);
           }
         }
+      }
+      if (gather) {
+        for (int64_t r = 0; r < L.H; ++r) {
+          if (G.last[r] >= 0) continue;  // read by no tap: zero gradients
+          for (int64_t c = 0; c < Cg; ++c) {
+            std::fill(dkp + ((plane + c) * L.H + r) * L.W, dkp + ((plane + c) * L.H + r + 1) * L.W, scalar_t(0));
+            std::fill(dvp + ((plane + c) * L.H + r) * L.W, dvp + ((plane + c) * L.H + r + 1) * L.W, scalar_t(0));
+          }
+        }
+      } else {
+        for (int64_t r = 0; r < L.H; ++r) write_rows(plane, r, dkb.data() + r * L.rs, dvb.data() + r * L.rs, L.cs);
+      }
       if (tp != nullptr) std::memcpy(drp + (b * heads + h) * L.T, drel, L.T * sizeof(acc_t));
     }
   });
