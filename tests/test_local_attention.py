@@ -288,3 +288,59 @@ def test_errors(call, match):
     q, k, v, _ = _op_args(window, rel=False, requires_grad=False)
     with pytest.raises((ValueError, TypeError), match=match):
         call(q, k, v, window)
+
+
+# ------------------------------------------------------------------------------ mixers
+
+from tokenmix.mixers import create_mixer  # noqa: E402
+
+
+def _ops_in(fn):
+    """Names of the tokenmix ops that ``fn()`` calls (forward), as FlopCounterMode sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return {str(op).split(".")[1] for op in fc.get_flop_counts()["Global"] if str(op).startswith("tokenmix.")}
+
+
+@pytest.mark.parametrize("name,kw,H,W", [
+    ("local_attention", dict(kernel_size=5, heads=2), 9, 11),
+    ("local_attention", dict(kernel_size=3, stride=2, heads=4, qkv_bias=True, proj=True), 9, 8),
+    ("local_attention", dict(kernel_size=3, dilation=2, heads=2, rel_pos=False), 7, 10),
+    ("local_attention", dict(kernel_size=3, heads=2, fused_qkv=True), 6, 7),
+    ("neighborhood_attention", dict(kernel_size=5, heads=2, qkv_bias=True, fused_qkv=True, proj=True), 8, 9),
+    ("neighborhood_attention", dict(kernel_size=3, dilation=2, heads=2), 7, 9),
+    ("neighborhood_attention", dict(kernel_size=5, heads=2, pad_to_window=True, fused_qkv=True), 3, 6),
+])
+def test_mixers_fused_equals_composed(name, kw, H, W):
+    """The attention mixers run local_attention by default (fused=True): same parameters and
+    state_dict as fused=False, equal outputs and gradients; kernel() still gives the full kernel."""
+    torch.manual_seed(0)
+    fused = create_mixer(name, 8, **kw).double()
+    composed_m = create_mixer(name, 8, fused=False, **kw).double()
+    composed_m.load_state_dict(fused.state_dict())
+    assert list(fused.state_dict()) == list(composed_m.state_dict())
+    x = torch.randn(2, 8, H, W, dtype=torch.float64, requires_grad=True)
+    assert "local_attention" in _ops_in(lambda: fused(x))
+    assert "local_attention" not in _ops_in(lambda: composed_m(x))
+    y1, y2 = fused(x), composed_m(x)
+    torch.testing.assert_close(y1, y2, atol=1e-10, rtol=1e-9)
+    g = torch.randn_like(y1)
+    p1 = [x] + list(fused.parameters())
+    p2 = [x] + list(composed_m.parameters())
+    for a, b in zip(torch.autograd.grad(y1, p1, g), torch.autograd.grad(y2, p2, g)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    if not kw.get("pad_to_window"):
+        w = fused.kernel(x)
+        Ho, Wo = fused.window.output_size(H, W)
+        assert w.shape == (2, kw["heads"], fused.window.taps, Ho, Wo)
+        torch.testing.assert_close(w.sum(2), torch.ones_like(w.sum(2)))
+
+
+def test_models_use_the_fused_path():
+    from tokenmix.models import create_model
+    torch.manual_seed(0)
+    m = create_model("sasa_resnet26", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    ops = _ops_in(lambda: m(x))
+    assert "local_attention" in ops and "correlate" not in ops
