@@ -344,3 +344,89 @@ def test_models_use_the_fused_path():
     x = torch.randn(1, 3, 32, 32)
     ops = _ops_in(lambda: m(x))
     assert "local_attention" in ops and "correlate" not in ops
+
+
+# ------------------------------------------------------------------------------ triton
+
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+# Run in a child process started with TRITON_INTERPRET=1: the Triton forward kernel on CPU
+# tensors through the interpreter, against the reference backend (float64 on the same rounded
+# inputs), over both borders, strides, dilations, rectangular windows, an all-masked pixel,
+# heads, the four dtypes, with and without rel_pos; then the backward.
+INTERP_SCRIPT = r"""
+import torch
+from tokenmix.ops import Window, get_backend, register_backend
+from tokenmix.ops.backends.triton import TritonBackend
+b = TritonBackend(interpret=True)
+assert b.unavailable_reason() is None, b.unavailable_reason()
+register_backend(b)
+ref = get_backend("reference")
+cases = [(Window(3), 2, 4, 5, 7), (Window(7, stride=2, dilation=2), 1, 2, 9, 14), (Window((3, 5), border="clamp", dilation=(2, 1)), 2, 6, 7, 6),
+         (Window((5, 3), stride=(1, 2), padding=(2, 1)), 1, 3, 6, 8), (Window(1, padding=1), 1, 2, 3, 4)]
+n = 0
+for window, B, C, H, W in cases:
+    for heads in (1, C // 2 if C % 2 == 0 else 1):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            for rel in (False, True):
+                if rel and window.padding == (1, 1) and window.kernel_size == (1, 1):
+                    continue
+                g = torch.Generator().manual_seed(n)
+                Ho, Wo = window.output_size(H, W)
+                q = torch.randn(B, C, Ho, Wo, generator=g, dtype=torch.float64)
+                k = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+                v = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+                Kh, Kw = window.kernel_size
+                r = torch.randn(heads, 2 * Kh - 1, 2 * Kw - 1, generator=g, dtype=torch.float64) if rel else None
+                lo = [t.to(dtype) if t is not None else None for t in (q, k, v, r)]
+                out, lse = b.local_attention(*lo[:3], lo[3], heads, 0.7, window)
+                wo, wl = ref.local_attention(*[t.double() if t is not None else None for t in lo[:3]],
+                                             None if r is None else lo[3].double(), heads, 0.7, window)
+                tol = b.fwd_tol[dtype]
+                torch.testing.assert_close(out.double(), wo, atol=tol[0] * 4, rtol=tol[1] * 4)
+                torch.testing.assert_close(lse.double(), wl, atol=tol[0] * 4, rtol=tol[1] * 4)
+                assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+                n += 1
+# the backward (the reference composition on the interpreted primitives)
+window = Window(3, stride=2)
+g = torch.Generator().manual_seed(1)
+q, go = (torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=g) for _ in range(2))
+k, v = (torch.randn(1, 4, 7, 8, dtype=torch.float64, generator=g) for _ in range(2))
+r = torch.randn(2, 5, 5, dtype=torch.float64, generator=g)
+out, lse = b.local_attention(q, k, v, r, 2, 0.5, window)
+got = b.local_attention_backward(go, q, k, v, r, out, lse, 2, 0.5, window)
+want = ref.local_attention_backward(go, q, k, v, r, out, lse, 2, 0.5, window)
+for a, c in zip(got, want):
+    torch.testing.assert_close(a, c)
+print("INTERP OK", n)
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_triton_interpreter():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run([sys.executable, "-c", INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
+                         timeout=600)
+    assert out.returncode == 0 and "INTERP OK 72" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="AOT compilation needs the jit kernels")
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype,border,tile", [(torch.float32, "zero", 1), (torch.bfloat16, "clamp", 1),
+                                               (torch.float64, "zero", 0), (torch.float16, "zero", 1)])
+def test_triton_aot_compile_has_no_spills(dtype, border, tile, capability):
+    from triton_aot import aot_compile, resource_usage
+    from tokenmix.ops.backends.triton.common import tile_configs
+
+    tiles = tile_configs("local_attention", dtype, 49)[tile]
+    ck = aot_compile("local_attention", dtype, (7, 7), border, tiles, capability)
+    r = resource_usage(ck, capability)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (dtype, border, tiles, r)
+    assert r["local"] == 0 and r["stack"] == 0 and 0 < r["regs"] <= 255, r
