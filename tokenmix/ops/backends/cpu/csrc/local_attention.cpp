@@ -131,6 +131,7 @@ struct Kernels {
   using V = typename Vec<acc_t>::type;
   static constexpr int N = Vec<acc_t>::N;
   const Layout& L;
+  int64_t ts;  // tap-row stride of the K*K x Wb arrays (S, P, dS): Wb, or wider rows with margins
 
   // d[t * Wb + j] = sum_c a[c * a_cs + j] * in_t(c, j) for output row i: the dot products of a
   // row of queries (or output gradients) with the keys (or values) of every tap; 0 for a tap
@@ -141,7 +142,7 @@ struct Kernels {
     for (int64_t u = 0; u < L.Kh; ++u) {
       const int64_t r = L.plan.rows[u * L.Ho + i];
       if (r < 0) {
-        std::fill(d + u * Kw * Wb, d + (u + 1) * Kw * Wb, acc_t(0));
+        for (int64_t v = 0; v < Kw; ++v) std::fill(d + (u * Kw + v) * ts, d + (u * Kw + v) * ts + Wb, acc_t(0));
         continue;
       }
       const acc_t* row = in + r * L.rs;
@@ -156,7 +157,7 @@ struct Kernels {
               const V qv = in_register(loadu(a + c * a_cs + j0));
               for (int n = 0; n < NV; ++n) acc[n] = fmadd(qv, loadu(kb + toff[v0 + n]), acc[n]);
             }
-            for (int n = 0; n < NV; ++n) storeu(d + (u * Kw + v0 + n) * Wb + j0, acc[n]);
+            for (int n = 0; n < NV; ++n) storeu(d + (u * Kw + v0 + n) * ts + j0, acc[n]);
           });
         }
       }
@@ -167,7 +168,7 @@ struct Kernels {
           acc_t s = 0;
           if (col >= 0)
             for (int64_t c = 0; c < Cg; ++c) s += a[c * a_cs + j] * row[c * cs + L.pos[col]];
-          d[(u * Kw + v) * Wb + j] = s;
+          d[(u * Kw + v) * ts + j] = s;
         }
       }
     }
@@ -189,7 +190,7 @@ struct Kernels {
           if (r < 0) continue;
           const acc_t* base = in + c0 * cs + r * L.rs + j0;
           for (int64_t v = 0; v < Kw; ++v) {
-            const V p = in_register(loadu(w + (u * Kw + v) * Wb + j0));
+            const V p = in_register(loadu(w + (u * Kw + v) * ts + j0));
             const acc_t* b = base + toff[v];
             for (int n = 0; n < CB; ++n) acc[n] = fmadd(p, loadu(b + n * cs), acc[n]);
           }
@@ -206,7 +207,7 @@ struct Kernels {
         for (int64_t v = 0; v < Kw; ++v) {
           const int64_t col = L.plan.cols[v * L.Wo + j];
           if (col < 0) continue;
-          const acc_t p = w[(u * Kw + v) * Wb + j];
+          const acc_t p = w[(u * Kw + v) * ts + j];
           const acc_t* b = in + r * L.rs + L.pos[col];
           for (int64_t c = 0; c < Cg; ++c) o[c * Wb + j] += p * b[c * cs];
         }
@@ -225,7 +226,7 @@ struct Kernels {
       if (r < 0) continue;
       acc_t* row = in + r * L.rs;
       for (int64_t v = 0; v < Kw; ++v) {
-        const acc_t* wt = w + (u * Kw + v) * Wb;
+        const acc_t* wt = w + (u * Kw + v) * ts;
         acc_t* dst = row + toff[v];
         for (int64_t j0 = L.vb; j0 < L.ve; j0 += N) {
           const V wv = in_register(loadu(wt + j0));
@@ -242,7 +243,7 @@ struct Kernels {
         for (int64_t v = 0; v < Kw; ++v) {
           const int64_t col = L.plan.cols[v * L.Wo + j];
           if (col < 0) continue;
-          const acc_t wv = w[(u * Kw + v) * Wb + j];
+          const acc_t wv = w[(u * Kw + v) * ts + j];
           acc_t* b = row + L.pos[col];
           for (int64_t c = 0; c < Cg; ++c) b[c * cs] += wv * a[c * a_cs + j];
         }
@@ -258,19 +259,21 @@ struct Kernels {
     for (int64_t u = 0; u < L.Kh; ++u) {
       const bool row_in = L.plan.rows[u * L.Ho + i] >= 0;
       for (int64_t v = 0; v < Kw; ++v) {
-        acc_t* s = S + (u * Kw + v) * Wb;
+        acc_t* s = S + (u * Kw + v) * ts;
         if (!row_in) {
           std::fill(s, s + Wb, ninf);
           continue;
         }
         if (table != nullptr && L.plan.zero_border) {
           const acc_t b = table[L.brow[u * L.Ho + i] * L.Tw + L.bcol[v * Wo]];
+          #pragma GCC ivdep
           for (int64_t j = 0; j < Wo; ++j) s[j] = s[j] * scale + b;
         } else if (table != nullptr) {
           const acc_t* trow = table + L.brow[u * L.Ho + i] * L.Tw;
           const int64_t* bc = L.bcol.data() + v * Wo;
           for (int64_t j = 0; j < Wo; ++j) s[j] = s[j] * scale + trow[bc[j]];
         } else {
+          #pragma GCC ivdep
           for (int64_t j = 0; j < Wo; ++j) s[j] *= scale;
         }
         for (int64_t j = 0; j < L.jlo[v]; ++j) s[j] = ninf;
@@ -288,15 +291,15 @@ struct Kernels {
     for (int64_t j0 = 0; j0 < Wb; j0 += N) {
       V m = Vec<acc_t>::splat(ninf);
       for (int64_t t = 0; t < KK; ++t) {
-        const V s = loadu(S + t * Wb + j0);
+        const V s = loadu(S + t * ts + j0);
         m = s > m ? s : m;
       }
       const V zero = V{};
       const V mf = m == Vec<acc_t>::splat(ninf) ? zero : m;
       V l = zero;
       for (int64_t t = 0; t < KK; ++t) {
-        const V e = vexp(loadu(S + t * Wb + j0) - mf);
-        storeu(S + t * Wb + j0, e);
+        const V e = vexp(loadu(S + t * ts + j0) - mf);
+        storeu(S + t * ts + j0, e);
         l += e;
       }
       storeu(inv + j0, l > zero ? Vec<acc_t>::splat(acc_t(1)) / l : zero);
@@ -313,9 +316,9 @@ struct Kernels {
       const V none = m == Vec<acc_t>::splat(ninf) ? Vec<acc_t>::splat(acc_t(1)) : V{};
       m = none != V{} ? V{} : m;
       for (int64_t t = 0; t < KK; ++t) {
-        V p = vexp(loadu(S + t * Wb + j0) - m);
+        V p = vexp(loadu(S + t * ts + j0) - m);
         p = none != V{} ? V{} : p;
-        storeu(S + t * Wb + j0, p);
+        storeu(S + t * ts + j0, p);
       }
     }
   }
@@ -397,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
   const scalar_t* tp = table.defined() ? table.data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
   acc_t* lp = lse.data_ptr<acc_t>();
-  const K kern{L};
+  const K kern{L, L.Wb};
   for_each_task(L.B * heads, heads, 1, scratch, [&](Carver& carver, const TaskRange& tasks) {
     auto kb = carver.take<acc_t>(Cg * L.cs), vb = carver.take<acc_t>(Cg * L.cs), qb = carver.take<acc_t>(Cg * HoWb);
     auto S = carver.take<acc_t>(L.KK * L.Wb), o = carver.take<acc_t>(Cg * L.Wb), lrow = carver.take<acc_t>(L.Wb);
@@ -418,6 +421,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
         for (int64_t c = 0; c < Cg; ++c) {
           scalar_t* dst = op + ((plane + c) * L.Ho + i) * L.Wo;
           const acc_t* src = o.data() + c * L.Wb;
+          #pragma GCC ivdep
           for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * irow[j]);
         }
         std::memcpy(lp + ((b * heads + h) * L.Ho + i) * L.Wo, lrow.data(), L.Wo * sizeof(acc_t));
@@ -520,8 +524,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int64_t rb_cs = L.cp.s * L.cp.phase_width + N;  // a gathered row per channel (gather) ...
   const int64_t grad_rows = gather ? 0 : Cg * L.cs;     // ... or the task's whole padded gradients (scatter)
   const int64_t ring = gather ? G.R * KK * Wm : 0;
-  const int64_t need = bytes_of({Cg * L.cs, Cg * L.cs, grad_rows, grad_rows, Cg * HoWm, Cg * HoWm, KK * Wb, KK * Wb,
-                                 ring, ring, Cg * Wb, 2 * Wb, 2 * L.T, gather ? Cg * rb_cs : 0},
+  const int64_t need = bytes_of({Cg * L.cs, Cg * L.cs, grad_rows, grad_rows, Cg * HoWm, Cg * HoWm, gather ? 0 : KK * Wb,
+                                 gather ? 0 : KK * Wb,
+                                 ring, ring, Cg * Wb, 2 * Wb, 2 * L.T, gather ? 2 * Cg * rb_cs : 0},
                                 sizeof(acc_t));
   const ThreadScratch scratch(need);
   const scalar_t *gp = go.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
@@ -531,17 +536,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
   acc_t* drp = table.defined() ? drel_parts.data_ptr<acc_t>() : nullptr;
   const acc_t sc = static_cast<acc_t>(scale);
-  const K kern{L};
+  const K kern{L, gather ? G.Wm : L.Wb};
   for_each_task(L.B * heads, heads, 1, scratch, [&](Carver& carver, const TaskRange& tasks) {
     auto kb = carver.take<acc_t>(Cg * L.cs), vb = carver.take<acc_t>(Cg * L.cs);
     auto dkb = carver.take<acc_t>(grad_rows), dvb = carver.take<acc_t>(grad_rows);
     auto qb = carver.take<acc_t>(Cg * HoWm), gb = carver.take<acc_t>(Cg * HoWm);
-    auto S = carver.take<acc_t>(KK * Wb), dP = carver.take<acc_t>(KK * Wb);
+    auto S = carver.take<acc_t>(gather ? 0 : KK * Wb), dP = carver.take<acc_t>(gather ? 0 : KK * Wb);
     auto pring = carver.take<acc_t>(ring), sring = carver.take<acc_t>(ring);
     auto o = carver.take<acc_t>(Cg * Wb);
     auto lrow = carver.take<acc_t>(2 * Wb);
     auto tb = carver.take<acc_t>(2 * L.T);
-    auto rowbuf = carver.take<acc_t>(gather ? Cg * rb_cs : 0);
+    auto rowbuf = carver.take<acc_t>(gather ? 2 * Cg * rb_cs : 0);
     acc_t* D = lrow.data() + Wb;
     acc_t* drel = tb.data() + L.T;
     // input row r of channel c of the task's plane: dk (scaled) and dv from scratch rows whose
@@ -553,6 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
         const acc_t *k1 = sk + c * cstride, *v1 = sv + c * cstride;
         if (L.cp.s == 1) {
           const int64_t p0 = L.pos[0];
+#pragma GCC ivdep
           for (int64_t col = 0; col < L.W; ++col) {
             ok[col] = static_cast<scalar_t>(k1[p0 + col] * sc);
             ov[col] = static_cast<scalar_t>(v1[p0 + col]);
@@ -585,33 +591,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
       for (int64_t i = 0; i < L.Ho; ++i) {
         const acc_t* qrow = qb.data() + i * Wm + G.M;
         const acc_t* grow = gb.data() + i * Wm + G.M;
+        // P and dS, tap rows kern.ts apart: straight into the ring of the last R output rows
+        // (gather) or into S and dP
+        acc_t* Pp = gather ? pring.data() + (i % G.R) * KK * Wm + G.M : S.data();
+        acc_t* dSp = gather ? sring.data() + (i % G.R) * KK * Wm + G.M : dP.data();
+        const int64_t ts = kern.ts;
         // P from the saved log-sum-exp
-        kern.row_dots(qrow, HoWm, kb.data(), i, S.data());
-        kern.scores(S.data(), i, sc, tp != nullptr ? tb.data() : nullptr);
+        kern.row_dots(qrow, HoWm, kb.data(), i, Pp);
+        kern.scores(Pp, i, sc, tp != nullptr ? tb.data() : nullptr);
         std::memcpy(lrow.data(), lp + ((b * heads + h) * L.Ho + i) * L.Wo, L.Wo * sizeof(acc_t));
         std::fill(lrow.data() + L.Wo, lrow.data() + Wb, -std::numeric_limits<acc_t>::infinity());
-        kern.probabilities(S.data(), lrow.data());
+        kern.probabilities(Pp, lrow.data());
         // dP and D = dout . out
-        kern.row_dots(grow, HoWm, vb.data(), i, dP.data());
+        kern.row_dots(grow, HoWm, vb.data(), i, dSp);
         std::fill(D, D + Wb, acc_t(0));
         for (int64_t c = 0; c < Cg; ++c) {
           const acc_t* g = grow + c * HoWm;
           const scalar_t* orow = outp + ((plane + c) * L.Ho + i) * L.Wo;
+          #pragma GCC ivdep
           for (int64_t j = 0; j < L.Wo; ++j) D[j] += g[j] * static_cast<acc_t>(orow[j]);
         }
         // dS = P (dP - D), 0 where P is 0 (taps outside the image, columns past Wo)
         for (int64_t t = 0; t < KK; ++t)
           for (int64_t j0 = 0; j0 < Wb; j0 += N) {
-            const V p = loadu(S.data() + t * Wb + j0);
-            const V ds = p * (loadu(dP.data() + t * Wb + j0) - loadu(D + j0));
-            storeu(dP.data() + t * Wb + j0, p == V{} ? V{} : ds);
+            const V p = loadu(Pp + t * ts + j0);
+            const V ds = p * (loadu(dSp + t * ts + j0) - loadu(D + j0));
+            storeu(dSp + t * ts + j0, p == V{} ? V{} : ds);
           }
         if (tp != nullptr) {
           for (int64_t u = 0; u < L.Kh; ++u) {
             if (L.plan.rows[u * L.Ho + i] < 0) continue;
             acc_t* trow = drel + L.brow[u * L.Ho + i] * L.Tw;
             for (int64_t v = 0; v < L.Kw; ++v) {
-              const acc_t* ds = dP.data() + (u * L.Kw + v) * Wb;
+              const acc_t* ds = dSp + (u * L.Kw + v) * ts;
               const int64_t* bc = L.bcol.data() + v * L.Wo;
               if (L.plan.zero_border) {  // one table entry per tap; dS is 0 past Wo
                 V sum{};
@@ -626,34 +638,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
           }
         }
         // dq (scaled)
-        kern.row_aggregate(dP.data(), kb.data(), i, o.data());
+        kern.row_aggregate(dSp, kb.data(), i, o.data());
         for (int64_t c = 0; c < Cg; ++c) {
           scalar_t* dst = dqp + ((plane + c) * L.Ho + i) * L.Wo;
           const acc_t* src = o.data() + c * Wb;
+          #pragma GCC ivdep
           for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * sc);
         }
         if (!gather) {  // the scatters into dk (scaled at the end) and dv
-          kern.row_scatter(dP.data(), qrow, HoWm, i, dkb.data());
-          kern.row_scatter(S.data(), grow, HoWm, i, dvb.data());
+          kern.row_scatter(dSp, qrow, HoWm, i, dkb.data());
+          kern.row_scatter(Pp, grow, HoWm, i, dvb.data());
           continue;
         }
-        // the ring keeps the weights of the last R output rows; then the input rows complete
-        acc_t* ps = pring.data() + (i % G.R) * KK * Wm;
-        acc_t* ss = sring.data() + (i % G.R) * KK * Wm;
-        for (int64_t t = 0; t < KK; ++t) {
-          std::memcpy(ps + t * Wm + G.M, S.data() + t * Wb, Wb * sizeof(acc_t));
-          std::memcpy(ss + t * Wm + G.M, dP.data() + t * Wb, Wb * sizeof(acc_t));
-        }
+        // the input rows whose readers are all done
         for (const int64_t r : G.emit[i]) {
-          acc_t* rk = rowbuf.data();
+          acc_t *rk = rowbuf.data(), *rv = rowbuf.data() + Cg * rb_cs;
           gather_row(L, G, sring.data(), qb.data(), HoWm, r, rk, rb_cs);
-          write_rows(plane, r, rk, rk, rb_cs);  // dk (the dv written here is overwritten below)
-          gather_row(L, G, pring.data(), gb.data(), HoWm, r, rk, rb_cs);
-          for (int64_t c = 0; c < Cg; ++c) {
-            scalar_t* ov = dvp + ((plane + c) * L.H + r) * L.W;
-            const acc_t* v1 = rk + c * rb_cs;
-            for (int64_t col = 0; col < L.W; ++col) ov[col] = static_cast<scalar_t>(v1[L.pos[col]]);
-          }
+          gather_row(L, G, pring.data(), gb.data(), HoWm, r, rv, rb_cs);
+          write_rows(plane, r, rk, rv, rb_cs);
         }
       }
       if (gather) {
