@@ -430,3 +430,15 @@ def test_triton_aot_compile_has_no_spills(dtype, border, tile, capability):
     r = resource_usage(ck, capability)
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (dtype, border, tiles, r)
     assert r["local"] == 0 and r["stack"] == 0 and 0 < r["regs"] <= 255, r
+
+
+@pytest.mark.parametrize("window", [Window(3, stride=2), Window((3, 5), border="clamp"), Window(1, padding=1)])
+def test_export_decomposition_matches_the_op(window):
+    """tokenmix.export writes local_attention as its composition (for ONNX)."""
+    from tokenmix.export import decompositions
+    q, k, v, r = _op_args(window, rel=window.padding != (1, 1), requires_grad=False)
+    args = (q, k, v, r, 2, 0.5, *window.as_args(), None)
+    out, lse = torch.ops.tokenmix.local_attention(*args)
+    d_out, d_lse = decompositions()[torch.ops.tokenmix.local_attention.default](*args)
+    torch.testing.assert_close(d_out, out)
+    torch.testing.assert_close(d_lse, lse)
