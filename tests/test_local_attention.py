@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tokenmix.kernel_gen._position import check_relative_window, masked_softmax, offset_index
@@ -93,6 +93,9 @@ def grads(out, inputs, seed=1):
 @settings(max_examples=30)
 @given(case=attention_cases())
 def test_matches_composed_float64(backend, case):
+    # a pixel whose every tap is outside the image is NaN on the composed path (a softmax over
+    # nothing) and 0 here: test_lse_and_all_masked_pixels covers it
+    assume(bool(case["window"].valid_mask(case["H"], case["W"]).any(0).all()))
     q, k, v, rel = make_inputs(case)
     heads = case["heads"]
     scale = (case["C"] // heads) ** -0.5
