@@ -9,6 +9,11 @@ of the kernel time, CUDA events), in one run:
   ``triton`` vs ``F.conv2d(groups=C)`` (cuDNN) vs ``F.unfold``;
 * neighborhood attention (clamp border, G = C/32 heads): ``correlate`` then ``aggregate`` on
   ``triton`` vs ``reference`` (no unfold form exists for the clamp border);
+* SASA local attention (zero border, 8 heads, relative position bias): the fused
+  ``local_attention`` (dispatched: its Triton kernel where the backend has one, else the
+  reference composition), forward and forward + backward, in the "triton" column, against the
+  composed correlate + bias + softmax + aggregate on the ``triton`` backend in the "ref" column
+  (so ref/triton = composed / fused);
 and the machine's own ceiling: the device-to-device copy bandwidth (best of a 256 MiB copy,
 read + write bytes), from which each triton time gets ``ceiling = bytes / bandwidth`` where
 bytes is what the op must at least read and write once. It prints ratios (other / triton,
@@ -34,7 +39,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from tokenmix.ops import Window, aggregate, correlate
+from tokenmix.ops import Window, aggregate, correlate, local_attention
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W): RedNet-50 stages
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -171,6 +176,25 @@ def main(argv=None) -> int:
             cases["neighborhood attn fwd"] = dict(
                 triton=lambda: na(be), ref=lambda: na("reference"),
                 bytes=nbytes(q, k, x, x) + 3 * B * heads * 49 * H * H * x.element_size())
+            # SASA local attention: fused local_attention vs the composed form on the backend
+            la_heads = 8 if C % 8 == 0 else 1
+            rel = 0.02 * rnd(la_heads, 13, 13, dtype=dt)
+            v = rnd(B, C, H, H, dtype=dt)
+
+            def la_fused(q, k, v, rel, heads=la_heads):
+                return local_attention(q, k, v, zero, heads, rel_pos=rel)
+
+            def la_composed(q, k, v, rel, heads=la_heads, backend=be):
+                s = correlate(q * (C // heads) ** -0.5, k, zero, heads, backend=backend)
+                idx = torch.arange(7, device=q.device) + 3  # zero border: one table entry per tap
+                b = rel[:, idx[:, None], idx[None, :]].reshape(1, heads, 49, 1, 1)
+                return aggregate(v, (s + b).softmax(2), zero, backend=backend)
+            cases["local attn fwd (fused)"] = dict(
+                triton=lambda: la_fused(q, k, v, rel), ref=lambda: la_composed(q, k, v, rel),
+                bytes=nbytes(q, k, v, x))
+            cases["local attn fwd+bwd (fused)"] = dict(
+                triton=fwd_bwd(la_fused, q, k, v, rel), ref=fwd_bwd(la_composed, q, k, v, rel),
+                bytes=3 * nbytes(q, k, v, x))
             for case, c in cases.items():
                 t = bench(c["triton"])
                 row = dict(case=case, dtype=dn, C=C, H=H, W=H, batch=B, triton_ms=t,

@@ -29,6 +29,15 @@ Prints a table of ratios and writes ``ops.json`` and ``ops.csv`` to ``--out``.
 
     python benchmarks/ops.py                # full run (a few minutes on 2 cores)
     python benchmarks/ops.py --quick        # batch 2, fewer repeats, no unfold backward
+
+``--attention`` instead benchmarks the fused ``local_attention`` against its composed form
+(correlate + relative position bias + masked softmax + aggregate, as the attention mixers run
+with ``fused=False``) at the SASA-ResNet-50 stage shapes (K=7, 8 heads, rel_pos; the stride-2
+first block of stages 2-4) and a NAT-like clamp shape: best time forward and forward+backward
+(in ``--rounds`` interleaved rounds) and the exact peak of the bytes held through the allocator
+during the call (results and gradients included); writes ``ops_attention.json``.
+
+    python benchmarks/ops.py --attention --threads 1 --clock thread
 """
 
 from __future__ import annotations
@@ -48,7 +57,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from tokenmix.ops import Window, aggregate
+from tokenmix.kernel_gen._position import masked_softmax, offset_index
+from tokenmix.ops import Window, aggregate, correlate, local_attention
 from tokenmix.ops.backends import cpu as cpu_backend
 
 SHAPES = [(64, 56, 4), (128, 28, 8), (256, 14, 16), (512, 7, 32)]  # (C, H=W, G): RedNet-50 stages
@@ -189,6 +199,105 @@ def _fwdbwd(f, x, w, gy, window):
         f(xr, wr, window).backward(gy)
         return xr.grad, wr.grad
     return run
+
+
+# ------------------------------------------------------------------------- local attention
+# (C, H=W, stride, heads, border): SASA-ResNet-50's attention layers (the bottleneck widths; the
+# first block of stages 2-4 has stride 2) and NAT-mini's first stage (clamp border, 2 heads)
+ATTENTION_SHAPES = [(64, 56, 1, 8, "zero"), (128, 56, 2, 8, "zero"), (128, 28, 1, 8, "zero"),
+                    (256, 28, 2, 8, "zero"), (256, 14, 1, 8, "zero"), (512, 14, 2, 8, "zero"),
+                    (512, 7, 1, 8, "zero"), (64, 56, 1, 2, "clamp")]
+
+
+def composed_attention(q, k, v, window, heads, scale, rel_pos):
+    """The composed form the attention mixers run with fused=False."""
+    H, W = k.shape[-2:]
+    s = correlate(q * scale, k, window, heads)
+    ri, ci = offset_index(window, H, W, device=k.device)
+    b = rel_pos[:, ri[:, None, :, None], ci[None, :, None, :]]
+    s = s + b.reshape(1, heads, window.taps, b.shape[-2], b.shape[-1])
+    return aggregate(v, masked_softmax(s, window, H, W), window)
+
+
+def fused_attention(q, k, v, window, heads, scale, rel_pos):
+    return local_attention(q, k, v, window, heads, scale=scale, rel_pos=rel_pos)
+
+
+def _attention_cases(batch):
+    for (C, H, s, heads, border) in ATTENTION_SHAPES:
+        window = Window(7, stride=s, border=border)
+        Ho, Wo = window.output_size(H, H)
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(batch, C, Ho, Wo, generator=g)
+        k, v = torch.randn(batch, C, H, H, generator=g), torch.randn(batch, C, H, H, generator=g)
+        rel = 0.02 * torch.randn(heads, 13, 13, generator=g)
+        gy = torch.randn(batch, C, Ho, Wo, generator=g)
+        yield (C, H, s, heads, border), window, (q, k, v, rel), gy
+
+
+def _attention_runs(f, inputs, gy, window, heads):
+    q, k, v, rel = inputs
+    scale = (q.shape[1] // heads) ** -0.5
+
+    def fwd():
+        with torch.no_grad():
+            return f(q, k, v, window, heads, scale, rel)
+
+    def fwdbwd():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        f(*leaves[:3], window, heads, scale, leaves[3]).backward(gy)
+        return [t.grad for t in leaves]
+
+    return fwd, fwdbwd
+
+
+def attention_benchmark(batch: int, repeats: int, rounds: int) -> Dict[str, object]:
+    impls = {"composed": composed_attention, "fused": fused_attention}
+    cases = list(_attention_cases(batch))
+    rows = [{"C": c[0], "H": c[1], "stride": c[2], "heads": c[3], "border": c[4], "B": batch} for c, *_ in cases]
+    for _ in range(rounds):  # interleaved rounds: a slow spell of a shared machine hits both forms
+        for row, (shape, window, inputs, gy) in zip(rows, cases):
+            for name, f in impls.items():
+                fwd, fwdbwd = _attention_runs(f, inputs, gy, window, shape[3])
+                for mode, run in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+                    t = best_time(run, repeats, 1)
+                    row[f"{name}_{mode}_s"] = min(row.get(f"{name}_{mode}_s", math.inf), t)
+        print("  timed a round", file=sys.stderr, flush=True)
+    for row, (shape, window, inputs, gy) in zip(rows, cases):
+        for name, f in impls.items():
+            fwd, fwdbwd = _attention_runs(f, inputs, gy, window, shape[3])
+            row[f"{name}_fwd_alloc_peak"] = alloc_peak(fwd)
+            row[f"{name}_fwdbwd_alloc_peak"] = alloc_peak(fwdbwd)
+        q, k, v, rel = inputs
+        row["out_bytes"] = q.numel() * 4
+        row["grad_bytes"] = sum(t.numel() * 4 for t in inputs)
+        for mode in ("fwd", "fwdbwd"):
+            row[f"{mode}_fused_over_composed"] = row[f"fused_{mode}_s"] / row[f"composed_{mode}_s"]
+    return {"rows": rows}
+
+
+def summarise_attention(result: Dict[str, object]) -> str:
+    rows = result["rows"]
+    out = [f"local_attention, fused vs composed: threads {torch.get_num_threads()}; clock {result['meta']['clock']};"
+           f" batch {rows[0]['B']}; K=7, rel_pos",
+           "| shape (C@HxW, stride, heads, border) | fwd composed ms | fwd fused ms | fused/composed "
+           "| f+b composed ms | f+b fused ms | fused/composed | f+b peak composed MiB | f+b peak fused MiB "
+           "| out + grads MiB |",
+           "|" + "---|" * 10]
+    mib = 2 ** 20
+    for r in rows:
+        out.append(f"| {r['C']}@{r['H']}x{r['H']}, s={r['stride']}, {r['heads']}, {r['border']} "
+                   f"| {r['composed_fwd_s'] * 1e3:.1f} | {r['fused_fwd_s'] * 1e3:.1f} | {r['fwd_fused_over_composed']:.2f} "
+                   f"| {r['composed_fwdbwd_s'] * 1e3:.1f} | {r['fused_fwdbwd_s'] * 1e3:.1f} "
+                   f"| {r['fwdbwd_fused_over_composed']:.2f} "
+                   f"| {(r['composed_fwdbwd_alloc_peak'] or 0) / mib:.1f} | {(r['fused_fwdbwd_alloc_peak'] or 0) / mib:.1f} "
+                   f"| {(r['out_bytes'] + r['grad_bytes']) / mib:.1f} |")
+    tot_c = sum(r["composed_fwdbwd_s"] for r in rows if r["border"] == "zero")
+    tot_f = sum(r["fused_fwdbwd_s"] for r in rows if r["border"] == "zero")
+    out.append("")
+    out.append(f"SASA-ResNet-50 shapes, forward+backward summed once per shape: composed {tot_c * 1e3:.1f} ms, "
+               f"fused {tot_f * 1e3:.1f} ms ({tot_f / tot_c:.2f})")
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------- main
@@ -358,6 +467,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impls", nargs="+", default=["cpu", "reference", "unfold"])
     ap.add_argument("--no-unfold-backward", action="store_true")
     ap.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--attention", action="store_true",
+                    help="benchmark the fused local_attention against its composed form instead")
     ap.add_argument("--quick", action="store_true", help="batch 2, 3 repeats, 1 slow repeat, no unfold backward")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
@@ -372,6 +483,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.memory_only:  # internal: the memory pass, run in its own process
         print(json.dumps(memory_pass(args.batch, args.kernel, args.strides, args.impls, not args.no_unfold_backward)))
+        return 0
+    if args.attention:
+        result = attention_benchmark(args.batch, args.repeats, max(1, args.rounds))
+        result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+                          "argv": sys.argv[1:], "loadavg": os.getloadavg(), "machine": platform.machine()}
+        text = summarise_attention(result)
+        result["summary"] = text
+        print(text)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ops_attention.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {os.path.join(args.out, 'ops_attention.json')}")
         return 0
     t0 = time.perf_counter()
     reason = cpu_backend.CpuBackend().unavailable_reason()

@@ -41,10 +41,14 @@ def aot_compile(op: str, dtype: torch.dtype, kernel_size: Tuple[int, int], borde
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             sig[n] = _PTR[dtype]
+        elif n == "scale":
+            sig[n] = "fp32"
         else:
             sig[n] = "i32"
     if op == "correlate" and tiles.get("SUM_SPACE"):
         sig["out_ptr"] = "*fp64" if dtype == torch.float64 else "*fp32"
+    if op == "local_attention":
+        sig["lse_ptr"] = "*fp64" if dtype == torch.float64 else "*fp32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
     src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),

@@ -1,7 +1,8 @@
 """The ``tokenmix::`` custom ops written as standard PyTorch ops, for ONNX export only.
 
-The CPU and Triton kernels behind ``tokenmix::aggregate``, ``tokenmix::correlate`` and
-``tokenmix::aggregate_transpose`` are not ONNX operators. :func:`decompositions` maps each op
+The CPU and Triton kernels behind ``tokenmix::aggregate``, ``tokenmix::correlate``,
+``tokenmix::aggregate_transpose`` and ``tokenmix::local_attention`` (the fused attention of the
+attention mixers, written as its composition) are not ONNX operators. :func:`decompositions` maps each op
 to standard PyTorch ops: one gather of every tap's source pixel from the input extended by a
 zero row and column (:func:`tap_index`, every border), a product with the weight and a sum
 over the taps (``Pad``, ``Gather``, ``Mul``, ``ReduceSum`` in ONNX; the transpose is a
@@ -100,12 +101,35 @@ def _aggregate_transpose(y, w, kernel_size, stride, dilation, padding, border, i
     return out.unflatten(-1, (H + 1, W + 1))[..., :H, :W].reshape(B, C, H, W).to(y.dtype)
 
 
+def _local_attention(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilation, padding, border, backend=None):
+    """The fused attention op as its composition: (out (B, C, Ho, Wo), lse (B, heads, Ho, Wo))."""
+    window = _window(kernel_size, stride, dilation, padding, border)
+    B, C, Ho, Wo = q.shape
+    H, W = k.shape[-2:]
+    cd = _compute_dtype(q.dtype)
+    s = _correlate(q.to(cd), k.to(cd), kernel_size, stride, dilation, padding, border, heads, False, False) * scale
+    if rel_pos is not None:
+        dy, dx = window.relative_offset(H, W, device=q.device)
+        (Kh, Kw), (dh, dw) = window.kernel_size, window.dilation
+        ri = torch.div(dy, dh, rounding_mode="floor") + (Kh - 1)
+        ci = torch.div(dx, dw, rounding_mode="floor") + (Kw - 1)
+        idx = (ri[:, None, :, None] * (2 * Kw - 1) + ci[None, :, None, :]).reshape(window.taps, Ho, Wo)
+        s = s + rel_pos.to(cd).reshape(heads, -1)[:, idx].unsqueeze(0)
+    valid = window.valid_mask(H, W, device=q.device)
+    s = s.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(s, dim=2)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p = torch.where(valid, torch.exp(s - finite.unsqueeze(2)), torch.zeros_like(s))
+    out = _aggregate(v.to(cd), p, kernel_size, stride, dilation, padding, border)
+    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
 def decompositions() -> Dict[Any, Callable]:
-    """``{op overload: decomposition}`` of the three ``tokenmix::`` ops, for
+    """``{op overload: decomposition}`` of the ``tokenmix::`` ops, for
     ``ExportedProgram.run_decompositions``."""
     ops = torch.ops.tokenmix
     return {ops.aggregate.default: _aggregate, ops.correlate.default: _correlate,
-            ops.aggregate_transpose.default: _aggregate_transpose}
+            ops.aggregate_transpose.default: _aggregate_transpose, ops.local_attention.default: _local_attention}
 
 
 def decompose(program: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":

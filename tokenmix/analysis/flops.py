@@ -11,6 +11,8 @@ traced op                              counted (fvcore convention)
 ``tokenmix::aggregate``                B*C*Ho*Wo*K*K MACs (:func:`tokenmix.ops.flops.aggregate_macs`)
 ``tokenmix::correlate``                B*C*Ho*Wo*K*K MACs (``correlate_macs``)
 ``tokenmix::aggregate_transpose``      B*C*Ho*Wo*K*K MACs (``aggregate_transpose_macs``)
+``tokenmix::local_attention``          as its composition: B*C*Ho*Wo*K*K MACs under ``correlate``
+                                       and under ``aggregate``, B*heads*K*K*Ho*Wo under ``softmax``
 conv, linear, (add)mm, (b)mm, matmul   MACs, fvcore's own handles
 ``aten::einsum``                       MACs; two operands: exact (product of all index sizes)
 ``aten::scaled_dot_product_attention`` B*H*L*S*(E + Ev) MACs (q.k and attn.v; as torch counts it)
@@ -37,6 +39,7 @@ silently (fvcore itself only logs a warning).
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any, Dict, List
@@ -99,6 +102,19 @@ def aggregate_transpose_handle(inputs, outputs) -> int:
     return aggregate_transpose_macs(_shape(inputs[0]), _shape(inputs[1]))
 
 
+def local_attention_handle(inputs, outputs) -> Counter:
+    """``tokenmix::local_attention(q, k, v, rel_pos, heads, ...)``: counted as the composition it
+    fuses, B*C*Ho*Wo*K*K MACs of ``correlate`` (q.k) and as many of ``aggregate``, plus the
+    softmax's one flop per score (B*heads*K*K*Ho*Wo), so a model counts the same on the fused
+    and the composed path."""
+    q = _shape(inputs[0])
+    heads = int(_ivalue(inputs[4]))
+    kernel = _ivalue(inputs[6])
+    taps = int(kernel[0]) * int(kernel[1])
+    return Counter({"correlate": correlate_macs(q, taps), "aggregate": correlate_macs(q, taps),
+                    "softmax": q[0] * heads * taps * q[2] * q[3]})
+
+
 def sdpa_handle(inputs, outputs) -> int:
     """``aten::scaled_dot_product_attention(q, k, v, ...)``, q (..., L, E), k (..., S, E),
     v (..., S, Ev): L*S*E MACs for q.k plus L*S*Ev for attn.v per batch/head."""
@@ -141,6 +157,7 @@ EXTRA_HANDLES: Dict[str, Any] = {
     "tokenmix::aggregate": aggregate_handle,
     "tokenmix::correlate": correlate_handle,
     "tokenmix::aggregate_transpose": aggregate_transpose_handle,
+    "tokenmix::local_attention": local_attention_handle,
     "aten::scaled_dot_product_attention": sdpa_handle,
     "aten::einsum": einsum_handle,
     "aten::softmax": per_element_handle,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.functional import correlate
+from ..ops.functional import correlate, local_attention
 from ._position import masked_softmax, offset_index, strided_queries
 from .._args import check_int
 from .base import KernelGenerator, resolve_groups
@@ -97,15 +97,29 @@ class QueryKeyKernel(KernelGenerator):
         """The kernel (B, heads, K*K, Ho, Wo) from projected q and k (see :meth:`scores`)."""
         return masked_softmax(self.scores(q, k, window, height, width), window, height, width)
 
-    def logits(self, x: torch.Tensor, window) -> torch.Tensor:
-        """Pre-softmax scores (B, heads, K*K, Ho, Wo); out-of-image taps are 0 (not yet masked)."""
+    def query_key(self, x: torch.Tensor, window):
+        """Projected queries at the output pixels and keys: ``(q (B, C, Ho, Wo), k (B, C, H, W))``."""
         self.check_window(x, window)
         if self.fused_qkv:
             q, k = self.split_qkv(x, rows=2)
-            q = strided_queries(q, window)
-        else:
-            q, k = self.query(strided_queries(x, window)), self.key(x)
+            return strided_queries(q, window), k
+        return self.query(strided_queries(x, window)), self.key(x)
+
+    def logits(self, x: torch.Tensor, window) -> torch.Tensor:
+        """Pre-softmax scores (B, heads, K*K, Ho, Wo); out-of-image taps are 0 (not yet masked)."""
+        q, k = self.query_key(x, window)
         return self.scores(q, k, window, x.shape[2], x.shape[3])
+
+    def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window) -> torch.Tensor:
+        """The fused form (``docs/design.md``, "Fused forms"): ``aggregate(v, attention(q, k))``
+        by :func:`tokenmix.ops.local_attention`, which never stores the kernel. q: (B, C, Ho, Wo)
+        at the output pixels, k, v: (B, C, H, W) -> (B, C, Ho, Wo)."""
+        rel = self.rel_pos
+        if rel is not None and rel.dtype != q.dtype:
+            rel = rel.to(q.dtype)
+        if v.dtype != q.dtype:
+            v = v.to(q.dtype)
+        return local_attention(q, k, v, window, self.heads, scale=self.scale, rel_pos=rel)
 
     def forward(self, x: torch.Tensor, window) -> torch.Tensor:
         return masked_softmax(self.logits(x, window), window, x.shape[2], x.shape[3])

@@ -22,6 +22,13 @@ class AttentionMixer(Mixer):
     generator's one ``qkv`` projection (``value`` must then be None); otherwise from the
     generator's q/k projections and ``value``, exactly as :class:`Mixer`.
 
+    With ``fused=True`` (the default) and a generator that offers a fused attention form
+    (``query_key(x, window)`` and ``fused_attention(q, k, v, window)``, as ``query_key`` does),
+    the output is ``generator.fused_attention(q, k, v, window)``: the fused op
+    :func:`tokenmix.ops.local_attention`, which never stores the scores or the kernel, not in
+    the forward nor for the backward. ``fused=False`` runs the composed path. Both have the same
+    parameters; :meth:`kernel` returns the full kernel either way.
+
     ``pad_to_window`` (clamp border only): an input smaller than ``K * dilation`` along an axis
     is zero-padded at the bottom/right to that size before the projections and the output is
     cropped back, as NATTEN's ``NeighborhoodAttention2D`` did before 0.20 (the padded pixels are
@@ -56,15 +63,23 @@ class AttentionMixer(Mixer):
         ph, pw = self._padding(H, W)
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
+        fused = self.fused and callable(getattr(self.generator, "fused_attention", None))
         if self.fused_qkv:
             q, k, v = self.generator.split_qkv(x)
             sh, sw = self.window.stride
-            w = self.generator.attention(q[:, :, ::sh, ::sw], k, self.window, x.shape[2], x.shape[3])
+            q = q[:, :, ::sh, ::sw]
+        elif fused:
+            (q, k), v = self.generator.query_key(x, self.window), self.value(x)
+        if fused:
+            y = self.generator.fused_attention(q, k, v, self.window)
         else:
-            w, v = self.generator(x, self.window), self.value(x)
-        if w.dtype != v.dtype and not torch.is_autocast_enabled(v.device.type):
-            w = w.to(v.dtype)  # under autocast, aggregate casts both to the autocast dtype itself
-        y = aggregate(v, w, self.window)
+            if self.fused_qkv:
+                w = self.generator.attention(q, k, self.window, x.shape[2], x.shape[3])
+            else:
+                w, v = self.generator(x, self.window), self.value(x)
+            if w.dtype != v.dtype and not torch.is_autocast_enabled(v.device.type):
+                w = w.to(v.dtype)  # under autocast, aggregate casts both to the autocast dtype itself
+            y = aggregate(v, w, self.window)
         if ph or pw:
             y = y[:, :, :H, :W]
         if self.bias is not None:

@@ -103,3 +103,40 @@ def check_aggregate_transpose(y, w, window, input_size) -> Tuple[int, int]:
                          f"for input_size={(H, W)} and {window}")
     _weight(w, y.shape[0], y.shape[1], window, out_hw, "y")
     return H, W
+
+
+def check_local_attention(q, k, v, window, heads, rel_pos=None) -> Tuple[int, int]:
+    """Validate ``local_attention(q, k, v, window, heads, rel_pos=...)``; returns (Ho, Wo)."""
+    _window(window)
+    _tensor("q", q, 4, "(B, C, Ho, Wo)")
+    _tensor("k", k, 4, "(B, C, H, W)")
+    _tensor("v", v, 4, "(B, C, H, W)")
+    _same(("q", "k", "v"), (q, k, v))
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have one shape (B, C, H, W), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"q and k must have the same (B, C), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    C = q.shape[1]
+    if C % heads:
+        raise ValueError(f"channels C={C} of q/k/v are not divisible by heads={heads}")
+    out_hw = window.output_size(*k.shape[2:])
+    if tuple(q.shape[2:]) != tuple(out_hw):
+        raise ValueError(f"q spatial size {tuple(q.shape[2:])} must be the window's output size {out_hw} "
+                         f"for k of size {tuple(k.shape[2:])} and {window}")
+    if rel_pos is not None:
+        _tensor("rel_pos", rel_pos, 3, "(heads, 2*Kh-1, 2*Kw-1)")
+        _same(("q", "rel_pos"), (q, rel_pos))
+        Kh, Kw = window.kernel_size
+        if tuple(rel_pos.shape) != (heads, 2 * Kh - 1, 2 * Kw - 1):
+            raise ValueError(f"rel_pos must have shape (heads, 2*Kh-1, 2*Kw-1) = {(heads, 2 * Kh - 1, 2 * Kw - 1)}, "
+                             f"got {tuple(rel_pos.shape)}")
+        if window.border == "zero":
+            for a, axis in enumerate(("height", "width")):
+                K, d, p = window.kernel_size[a], window.dilation[a], window.padding[a]
+                if p % d or p > d * (K - 1):
+                    raise ValueError(f"rel_pos needs padding a multiple of the dilation and at most d*(K-1) along "
+                                     f"{axis}; got padding={window.padding}, dilation={window.dilation}, "
+                                     f"kernel_size={window.kernel_size}")
+    return out_hw

@@ -20,3 +20,15 @@ def correlate_macs(q_shape: Sequence[int], taps: int) -> int:
 def aggregate_transpose_macs(y_shape: Sequence[int], w_shape: Sequence[int]) -> int:
     """``aggregate_transpose``: the same count as the forward it is the adjoint of."""
     return int(prod(y_shape)) * int(w_shape[2])
+
+
+def local_attention_macs(q_shape: Sequence[int], taps: int) -> int:
+    """``local_attention``: the q.k products and the aggregation over v, one multiply-add per
+    query element and tap each: 2*B*C*Ho*Wo*K*K (as correlate + aggregate)."""
+    return 2 * correlate_macs(q_shape, taps)
+
+
+def local_attention_backward_macs(q_shape: Sequence[int], taps: int) -> int:
+    """``local_attention_backward``: the recomputed scores, dP = dout.v, dq, dk and dv, one
+    multiply-add per query element and tap each: 5*B*C*Ho*Wo*K*K."""
+    return 5 * correlate_macs(q_shape, taps)

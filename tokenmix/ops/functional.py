@@ -142,3 +142,55 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
     y, w = _autocast(y, w)
     H, W = checks.check_aggregate_transpose(y, w, window, input_size)
     return _call("aggregate_transpose", (y, w), (y, w, *window.as_args(), [H, W], backend), window, backend)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window, heads: int, *,
+                    scale: Optional[float] = None, rel_pos: Optional[torch.Tensor] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """Fused local self-attention, flash-attention style: the scores and their softmax are
+    never stored, forward or backward.
+
+    ``out[b,c,i,j] = sum_t p_t * v[b,c,src_t(i,j)]`` with, for head h = g(c) (channels
+    ``h*C/heads .. (h+1)*C/heads - 1``, as :class:`~tokenmix.kernel_gen.QueryKeyKernel` splits them),
+    ``p_t = softmax_t(scale * q[b,h,:,i,j] . k[b,h,:,src_t(i,j)] + rel_pos[h, dy_t/dh + Kh-1, dx_t/dw + Kw-1])``
+    over the window's taps; ``(dy_t, dx_t)`` is the true offset of tap t
+    (:meth:`Window.relative_offset`, which shifts near the edges of a clamp border). Taps
+    outside the image (zero border) take no probability mass and their values are never read;
+    a pixel whose every tap is outside the image gets 0.
+
+    Autograd keeps q, k, v, rel_pos, the output and one log-sum-exp per (pixel, head); the
+    backward recomputes the scores (``tokenmix::local_attention_backward``).
+
+    Args:
+        q: (B, C, Ho, Wo) queries at the output pixels, ``(Ho, Wo) = window.output_size(H, W)``.
+        k: (B, C, H, W) keys.
+        v: (B, C, H, W) values.
+        window: the :class:`Window` geometry.
+        heads: number of heads, dividing C.
+        scale: score scale; default ``(C / heads) ** -0.5``.
+        rel_pos: optional (heads, 2*Kh-1, 2*Kw-1) relative position bias table.
+        backend: force a backend by name; default: dispatch.
+
+    Returns:
+        (B, C, Ho, Wo).
+
+    Equivalent composed code (what ``backend="reference"`` computes)::
+
+        s = correlate(q, k, window, heads) * scale + bias            # (B, heads, K*K, Ho, Wo)
+        s = s.masked_fill(~window.valid_mask(H, W), float("-inf"))
+        out = aggregate(v, torch.softmax(s, dim=2), window)
+    """
+    if rel_pos is None:
+        q, k = _autocast(q, k)
+        v, _ = _autocast(v, v)
+    else:
+        q, k = _autocast(q, k)
+        v, rel_pos = _autocast(v, rel_pos)
+    checks.check_local_attention(q, k, v, window, heads, rel_pos)
+    if scale is None:
+        scale = (q.shape[1] // heads) ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
+        raise ValueError(f"scale must be a float, got {scale!r}")
+    tensors = (q, k, v) if rel_pos is None else (q, k, v, rel_pos)
+    args = (q, k, v, rel_pos, heads, float(scale), *window.as_args(), backend)
+    return _call("local_attention", tensors, args, window, backend)[0]

@@ -25,7 +25,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import checks
 from .backends import select_backend
-from .flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
+from .flops import (aggregate_macs, aggregate_transpose_macs, correlate_macs, local_attention_backward_macs,
+                    local_attention_macs)
 from .window import Window
 
 _GEOMETRY = "int[] kernel_size, int[] stride, int[] dilation, int[] padding, str border"
@@ -35,6 +36,13 @@ SCHEMAS = {
                  f"str? backend) -> Tensor",
     "aggregate_transpose": f"aggregate_transpose(Tensor y, Tensor w, {_GEOMETRY}, SymInt[] input_size, "
                            f"str? backend) -> Tensor",
+    # fused local attention: (out, lse), lse the log-sum-exp of the scores per (pixel, head)
+    "local_attention": f"local_attention(Tensor q, Tensor k, Tensor v, Tensor? rel_pos, int heads, float scale, "
+                       f"{_GEOMETRY}, str? backend) -> (Tensor, Tensor)",
+    # its gradients (dq, dk, dv, drel_pos; drel_pos of shape (0,) without rel_pos)
+    "local_attention_backward": f"local_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+                                f"Tensor? rel_pos, Tensor out, Tensor lse, int heads, float scale, {_GEOMETRY}, "
+                                f"str? backend) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 _lib = torch.library.Library("tokenmix", "DEF")
@@ -70,7 +78,31 @@ def _aggregate_transpose(y: Tensor, w: Tensor, kernel_size: List[int], stride: L
     return select_backend("aggregate_transpose", (y, w), window, backend).aggregate_transpose(y, w, window, size)
 
 
-KERNELS = {"aggregate": _aggregate, "correlate": _correlate, "aggregate_transpose": _aggregate_transpose}
+def _local_attention(q: Tensor, k: Tensor, v: Tensor, rel_pos: Optional[Tensor], heads: int, scale: float,
+                     kernel_size: List[int], stride: List[int], dilation: List[int], padding: List[int], border: str,
+                     backend: Optional[str]):
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_local_attention(q, k, v, window, heads, rel_pos)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rel_pos = None if rel_pos is None else rel_pos.contiguous()
+    return select_backend("local_attention", (q, k, v), window, backend).local_attention(
+        q, k, v, rel_pos, heads, scale, window)
+
+
+def _local_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_pos: Optional[Tensor],
+                              out: Tensor, lse: Tensor, heads: int, scale: float, kernel_size: List[int],
+                              stride: List[int], dilation: List[int], padding: List[int], border: str,
+                              backend: Optional[str]):
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_local_attention(q, k, v, window, heads, rel_pos)
+    t = [a.contiguous() for a in (grad_out, q, k, v, out, lse)]
+    rel_pos = None if rel_pos is None else rel_pos.contiguous()
+    return select_backend("local_attention_backward", (q, k, v), window, backend).local_attention_backward(
+        t[0], t[1], t[2], t[3], rel_pos, t[4], t[5], heads, scale, window)
+
+
+KERNELS = {"aggregate": _aggregate, "correlate": _correlate, "aggregate_transpose": _aggregate_transpose,
+           "local_attention": _local_attention, "local_attention_backward": _local_attention_backward}
 for _name, _kernel in KERNELS.items():
     _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
 
@@ -96,6 +128,23 @@ def _(y, w, kernel_size, stride, dilation, padding, border, input_size, backend)
     return y.new_empty(y.shape[0], y.shape[1], input_size[0], input_size[1])
 
 
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of local_attention's log-sum-exp: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("tokenmix::local_attention", lib=_lib)
+def _(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilation, padding, border, backend):
+    B, C, Ho, Wo = q.shape
+    return q.new_empty(B, v.shape[1], Ho, Wo), q.new_empty(B, heads, Ho, Wo, dtype=_stats_dtype(q.dtype))
+
+
+@torch.library.register_fake("tokenmix::local_attention_backward", lib=_lib)
+def _(grad_out, q, k, v, rel_pos, out, lse, heads, scale, kernel_size, stride, dilation, padding, border, backend):
+    drel = q.new_empty(0) if rel_pos is None else torch.empty_like(rel_pos)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drel
+
+
 # ------------------------------------------------------------------------------- flops
 # torch's FlopCounterMode counts 2 flops per multiply-add.
 
@@ -113,3 +162,15 @@ def _correlate_flop(q_shape, k_shape, kernel_size, *args, out_shape=None, **kwar
 @register_flop_formula(torch.ops.tokenmix.aggregate_transpose)
 def _aggregate_transpose_flop(y_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * aggregate_transpose_macs(y_shape, w_shape)
+
+
+@register_flop_formula(torch.ops.tokenmix.local_attention)
+def _local_attention_flop(q_shape, k_shape, v_shape, rel_pos_shape, heads, scale, kernel_size, *args,
+                          out_shape=None, **kwargs) -> int:
+    return 2 * local_attention_macs(q_shape, kernel_size[0] * kernel_size[1])
+
+
+@register_flop_formula(torch.ops.tokenmix.local_attention_backward)
+def _local_attention_backward_flop(grad_out_shape, q_shape, k_shape, v_shape, rel_pos_shape, out_shape_, lse_shape,
+                                   heads, scale, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    return 2 * local_attention_backward_macs(q_shape, kernel_size[0] * kernel_size[1])

@@ -18,7 +18,7 @@ import torch
 from ..._registry import Registry
 from ..window import Window
 
-OPS = ("aggregate", "correlate", "aggregate_transpose")
+OPS = ("aggregate", "correlate", "aggregate_transpose", "local_attention", "local_attention_backward")
 
 
 class Backend:
@@ -53,6 +53,8 @@ class Backend:
             reasons.append(f"dtype {t0.dtype} not in {sorted(str(d) for d in self.dtypes)}")
         if window.border not in self.borders:
             reasons.append(f"border {window.border!r} not in {sorted(self.borders)}")
+        if op.startswith("local_attention") and getattr(type(self), op, None) is getattr(Backend, op):
+            reasons.append(f"{op} not implemented")
         return reasons
 
     # -- primitives -------------------------------------------------------------------
@@ -67,6 +69,20 @@ class Backend:
 
     def aggregate_transpose(self, y: torch.Tensor, w: torch.Tensor, window: Window,
                             input_size: Tuple[int, int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos: Optional[torch.Tensor],
+                        heads: int, scale: float, window: Window) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Fused local attention (:func:`tokenmix.ops.local_attention`): ``(out (B, C, Ho, Wo),
+        lse (B, heads, Ho, Wo))``, lse the log-sum-exp of each pixel's scores (float32, float64
+        for float64 inputs; -inf where every tap is outside the image). Optional: a backend
+        without it is skipped for this op."""
+        raise NotImplementedError
+
+    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads: int, scale: float,
+                                 window: Window):
+        """``(dq, dk, dv, drel_pos)`` of :meth:`local_attention` from the saved q, k, v, rel_pos,
+        out and lse (drel_pos of shape (0,) without rel_pos)."""
         raise NotImplementedError
 
     def __repr__(self):

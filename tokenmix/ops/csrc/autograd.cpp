@@ -22,6 +22,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace tokenmix {
@@ -176,9 +177,86 @@ at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, Ints ke
   return run<AggregateTranspose>(y, w, g, [&] { return g.aggregate_transpose(y, w, input_size); });
 }
 
+// local_attention(q, k, v, rel_pos) -> (out, lse): flash-attention style, autograd keeps q, k,
+// v, rel_pos, out and lse (one log-sum-exp per pixel and head), never the scores; the backward
+// is one op, local_attention_backward, which recomputes them. lse is not differentiable.
+using LocalAttentionOut = std::tuple<at::Tensor, at::Tensor>;
+using LocalAttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+
+LocalAttentionOut local_attention_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const OptTensor& rel_pos, int64_t heads, double scale, const Geometry& g) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tokenmix::local_attention", "")
+                       .typed<LocalAttentionOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const OptTensor&, int64_t, double, Ints, Ints, Ints, Ints,
+                                                c10::string_view, Backend)>();
+  return op.call(q, k, v, rel_pos, heads, scale, g.kernel_size, g.stride, g.dilation, g.padding, g.border,
+                 g.backend_arg());
+}
+
+LocalAttentionGrads local_attention_backward_call(const at::Tensor& grad_out, const at::Tensor& q,
+                                                  const at::Tensor& k, const at::Tensor& v, const OptTensor& rel_pos,
+                                                  const at::Tensor& out, const at::Tensor& lse, int64_t heads,
+                                                  double scale, const Geometry& g) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tokenmix::local_attention_backward", "")
+                       .typed<LocalAttentionGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                                  const at::Tensor&, int64_t, double, Ints, Ints, Ints, Ints,
+                                                  c10::string_view, Backend)>();
+  return op.call(grad_out, q, k, v, rel_pos, out, lse, heads, scale, g.kernel_size, g.stride, g.dilation,
+                 g.padding, g.border, g.backend_arg());
+}
+
+struct LocalAttentionFunction : torch::autograd::Function<LocalAttentionFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const OptTensor& rel_pos, int64_t heads, double scale, const Geometry& g) {
+    at::Tensor out, lse;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::tie(out, lse) = local_attention_call(q, k, v, rel_pos, heads, scale, g);
+    }
+    ctx->save_for_backward({q, k, v, rel_pos ? *rel_pos : at::Tensor(), out, lse});
+    ctx->saved_data["heads"] = heads;
+    ctx->saved_data["scale"] = scale;
+    g.save(ctx);
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Geometry g(ctx);
+    at::Tensor grad_out = grads[0];
+    if (!grad_out.defined()) grad_out = at::zeros_like(s[4]);
+    const OptTensor rel_pos = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
+    auto [dq, dk, dv, drel] =
+        local_attention_backward_call(grad_out, s[0], s[1], s[2], rel_pos, s[4], s[5],
+                                      ctx->saved_data["heads"].toInt(), ctx->saved_data["scale"].toDouble(), g);
+    return {ctx->needs_input_grad(0) ? dq : at::Tensor(), ctx->needs_input_grad(1) ? dk : at::Tensor(),
+            ctx->needs_input_grad(2) ? dv : at::Tensor(),
+            rel_pos && ctx->needs_input_grad(3) ? drel : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+LocalAttentionOut local_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const OptTensor& rel_pos, int64_t heads, double scale, Ints kernel_size, Ints stride,
+                                  Ints dilation, Ints padding, c10::string_view border, Backend backend) {
+  const Geometry g(kernel_size, stride, dilation, padding, border, backend);
+  const bool rel_grad = rel_pos && rel_pos->requires_grad();
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad() || rel_grad)) {
+    auto r = LocalAttentionFunction::apply(q, k, v, rel_pos, heads, scale, g);
+    return {r[0], r[1]};
+  }
+  at::AutoDispatchBelowADInplaceOrView below;
+  return local_attention_call(q, k, v, rel_pos, heads, scale, g);
+}
+
 }  // namespace tokenmix
 
 TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
+  m.impl("local_attention", TORCH_FN(tokenmix::local_attention));
   m.impl("aggregate", TORCH_FN(tokenmix::aggregate));
   m.impl("correlate", TORCH_FN(tokenmix::correlate));
   m.impl("aggregate_transpose", TORCH_FN(tokenmix::aggregate_transpose));

@@ -68,3 +68,15 @@ class CpuBackend(Backend):
         with torch.no_grad():
             return torch.ops.tokenmix.aggregate_transpose(y, w, *window.as_args(),
                                                           [int(input_size[0]), int(input_size[1])], "cpu")
+
+    def local_attention(self, q, k, v, rel_pos, heads, scale, window):
+        self._require()
+        with torch.no_grad():
+            return torch.ops.tokenmix.local_attention(q, k, v, rel_pos, int(heads), float(scale), *window.as_args(),
+                                                      "cpu")
+
+    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
+        self._require()
+        with torch.no_grad():
+            return torch.ops.tokenmix.local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, int(heads),
+                                                               float(scale), *window.as_args(), "cpu")

@@ -126,3 +126,66 @@ class ReferenceBackend(Backend):
                     acc.index_add_(-1, ci[v], w6[:, :, :, u * Kw + v] * y5)
                 out.index_add_(-2, ri[u], acc)
         return out.reshape(B, C, H, W).contiguous().to(y.dtype)
+
+    # ------------------------------------------------------------------ local attention
+    # The composition of the primitives above (correlate, the bias, the masked softmax,
+    # aggregate), in float32 for the 16-bit dtypes; pure PyTorch, so autograd differentiates the
+    # forward by itself where the native library is missing.
+
+    @staticmethod
+    def _bias_index(window: Window, H: int, W: int, device) -> torch.Tensor:
+        """(K*K, Ho, Wo) flat index ``row * (2Kw-1) + col`` into a (2Kh-1, 2Kw-1) table of the
+        true offsets (``Window.relative_offset``, divided by the dilation)."""
+        dy, dx = window.relative_offset(H, W, device=device)
+        (Kh, Kw), (dh, dw) = window.kernel_size, window.dilation
+        ri = torch.div(dy, dh, rounding_mode="floor") + (Kh - 1)  # (Kh, Ho)
+        ci = torch.div(dx, dw, rounding_mode="floor") + (Kw - 1)  # (Kw, Wo)
+        idx = ri[:, None, :, None] * (2 * Kw - 1) + ci[None, :, None, :]
+        return idx.reshape(Kh * Kw, ri.shape[1], ci.shape[1])
+
+    def _probabilities(self, q, k, rel_pos, heads, scale, window, lse=None):
+        """Masked scores ``s`` (B, heads, K*K, Ho, Wo), the validity mask, the probabilities and
+        the log-sum-exp (given, or computed), all in the compute dtype."""
+        H, W = k.shape[-2:]
+        cd = compute_dtype(q.dtype)
+        s = self.correlate(q.to(cd), k.to(cd), window, heads) * scale
+        if rel_pos is not None:
+            idx = self._bias_index(window, H, W, q.device)
+            table = rel_pos.to(cd).reshape(heads, -1)
+            s = s + table[:, idx].unsqueeze(0)
+        valid = window.valid_mask(H, W, device=q.device)
+        s = s.masked_fill(~valid, float("-inf"))
+        if lse is None:
+            lse = torch.logsumexp(s, dim=2)
+        lse_c = lse.to(cd)
+        finite = torch.where(torch.isinf(lse_c), torch.zeros_like(lse_c), lse_c)
+        p = torch.where(valid, torch.exp(s - finite.unsqueeze(2)), torch.zeros_like(s))
+        return valid, p, lse
+
+    def local_attention(self, q, k, v, rel_pos, heads, scale, window):
+        cd = compute_dtype(q.dtype)
+        _, p, lse = self._probabilities(q, k, rel_pos, heads, scale, window)
+        out = self.aggregate(v.to(cd), p, window)
+        sd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return out.to(q.dtype), lse.to(sd)
+
+    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
+        B, C, Ho, Wo = q.shape
+        H, W = k.shape[-2:]
+        cd = compute_dtype(q.dtype)
+        valid, p, _ = self._probabilities(q, k, rel_pos, heads, scale, window, lse)
+        go, qc, kc, vc = grad_out.to(cd), q.to(cd), k.to(cd), v.to(cd)
+        dp = self.correlate(go, vc, window, heads)
+        D = (go * out.to(cd)).reshape(B, heads, C // heads, Ho, Wo).sum(2)
+        ds = torch.where(valid, p * (dp - D.unsqueeze(2)), torch.zeros_like(p))
+        dq = self.aggregate(kc, ds, window) * scale
+        dk = self.aggregate_transpose(qc, ds, window, (H, W)) * scale
+        dv = self.aggregate_transpose(go, p, window, (H, W))
+        if rel_pos is None:
+            drel = q.new_zeros(0)
+        else:
+            idx = self._bias_index(window, H, W, q.device).expand(heads, -1, -1, -1).reshape(heads, -1)
+            drel = torch.zeros(heads, rel_pos[0].numel(), dtype=cd, device=q.device)
+            drel.scatter_add_(1, idx, ds.sum(0).reshape(heads, -1))
+            drel = drel.reshape(rel_pos.shape).to(rel_pos.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drel

@@ -1,7 +1,8 @@
 """Triton GPU backend of the three primitives (``docs/triton-backend.md``; the backend
 contract: ``docs/design.md``, "Backends").
 
-One file per kernel (``aggregate.py``, ``correlate.py``, ``aggregate_transpose.py``): the
+One file per kernel (``aggregate.py``, ``correlate.py``, ``aggregate_transpose.py``, and the
+forward of the fused ``local_attention.py``): the
 ``@triton.jit`` kernel, whose docstring states the grid and the work per program, then its
 launcher. This module holds the backend class; the tile heuristics the launchers share are in
 ``common.py``, the device helpers the kernels share in ``device.py``. It never imports Triton
@@ -102,6 +103,23 @@ class TritonBackend(Backend):
     def aggregate_transpose(self, y: torch.Tensor, w: torch.Tensor, window: Window,
                             input_size: Tuple[int, int]) -> torch.Tensor:
         return self._launch("aggregate_transpose", y.contiguous(), w.contiguous(), window, tuple(input_size))
+
+    def local_attention(self, q, k, v, rel_pos, heads, scale, window):
+        """Forward in one kernel (``local_attention.py``): the scores stay in registers."""
+        return self._launch("local_attention", q.contiguous(), k.contiguous(), v.contiguous(),
+                            None if rel_pos is None else rel_pos.contiguous(), heads, scale, window)
+
+    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
+        """The reference composition of the gradients, on the Triton primitives (no fused
+        backward kernel yet): it recomputes the scores from lse, so autograd still keeps no
+        scores, but the backward holds K*K-sized temporaries while it runs."""
+        from ..reference import ReferenceBackend
+
+        composed = ReferenceBackend()  # its composition, on this backend's primitives
+        composed.correlate = self.correlate
+        composed.aggregate = self.aggregate
+        composed.aggregate_transpose = self.aggregate_transpose
+        return composed.local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, heads, scale, window)
 
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}{' (interpreter)' if self.interpret else ''}>"

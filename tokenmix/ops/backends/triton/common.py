@@ -15,6 +15,8 @@ KERNELS = {  # primitive -> (module, jit kernel name, launcher name)
     "correlate": ("tokenmix.ops.backends.triton.correlate", "correlate_kernel", "correlate"),
     "aggregate_transpose": ("tokenmix.ops.backends.triton.aggregate_transpose", "aggregate_transpose_kernel",
                             "aggregate_transpose"),
+    "local_attention": ("tokenmix.ops.backends.triton.local_attention", "local_attention_kernel",
+                        "local_attention"),
 }
 _BIG = 1 << 20  # a plane large enough that the tile heuristics pick their largest tiles
 
@@ -113,6 +115,9 @@ def tile_configs(op: str, dtype: torch.dtype, taps: int):
     if op == "correlate":
         bt = tap_tile(taps)
         return [dict(BLOCK_T=bt, BLOCK_P=correlate_pixel_tile(_BIG, bt, dtype), SUM_SPACE=s) for s in (False, True)]
+    if op == "local_attention":
+        bt = tap_tile(taps)
+        return [dict(BLOCK_T=bt, BLOCK_P=correlate_pixel_tile(_BIG, bt, dtype), HAS_REL=r) for r in (False, True)]
     if op not in KERNELS:
         raise ValueError(f"op must be one of {list(KERNELS)}, got {op!r}")
     return [dict(BLOCK_C=c, BLOCK_P=pixel_tile(_BIG, c, dtype)) for c in (1, 2, 4, 8, 16)]

@@ -1,0 +1,138 @@
+"""Triton kernel of the forward of ``local_attention`` (``docs/design.md``, "Fused forms"), then
+its launcher.
+
+``out[b, c, i, j] = sum_t p_t v[b, c, src_t(i, j)]`` with ``p = softmax_t(scale * q.k_t +
+rel_pos[h, offset_t])`` over the taps inside the image, and ``lse[b, h, i, j]`` the log-sum-exp
+of the scores. The scores never leave the program. The backward of the Triton backend is the
+reference composition (:meth:`TritonBackend.local_attention_backward`).
+
+This module imports Triton at import time; it is only imported by the Triton backend once it is
+used, never by ``import tokenmix``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
+from .device import clamp_start, tile_pixels
+
+_RUNTIME_INTS = ("B", "C", "H", "W", "Ho", "Wo", "Cg", "G", "n_pblk", "sh", "sw", "dh", "dw", "ph", "pw")
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
+def local_attention_kernel(
+    q_ptr, k_ptr, v_ptr, rel_ptr, out_ptr, lse_ptr,
+    B, C, H, W, Ho, Wo, Cg, G, n_pblk,
+    sh, sw, dh, dw, ph, pw, scale,
+    KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, HAS_REL: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program owns all ``KH*KW`` taps (``BLOCK_T`` = next power of two) of ``BLOCK_P``
+    consecutive output pixels of the flattened ``Ho*Wo`` plane, for one head ``g`` of one image.
+
+    Grid: 1-D, ``B * G * n_pblk`` programs, ``n_pblk = cdiv(Ho*Wo, BLOCK_P)``; program id =
+    ``(b*G + g)*n_pblk + pblk``.
+
+    Work per program: the gather offsets and masks of the ``BLOCK_T x BLOCK_P`` key tile are
+    computed once; a loop over the head's ``C/G`` channels accumulates the scores (one FMA per
+    element, float32 or float64); the scale, the relative position bias (gathered from the
+    head's table) and the mask (-inf outside the image) are applied, the softmax over the taps
+    is taken in registers and the log-sum-exp stored (``lse (B, G, Ho, Wo)``); a second loop
+    over the channels gathers the value tile and stores ``sum_t p_t v_t`` per channel. No
+    atomics: every output element has exactly one writer.
+    """
+    pid = tl.program_id(0)
+    pblk = pid % n_pblk
+    rest = pid // n_pblk
+    g = rest % G
+    b = rest // G
+
+    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
+    t = tl.arange(0, BLOCK_T)
+    mask_t = t < KH * KW
+    u = t // KW
+    v = t % KW
+
+    if CLAMP:
+        h0 = clamp_start(i, H, KH, dh)
+        w0 = clamp_start(j, W, KW, dw)
+        hs = h0[None, :] + (u * dh)[:, None]
+        ws = w0[None, :] + (v * dw)[:, None]
+        valid = mask_t[:, None] & mask_p[None, :]
+    else:
+        hs = (i * sh - ph)[None, :] + (u * dh)[:, None]
+        ws = (j * sw - pw)[None, :] + (v * dw)[:, None]
+        valid = mask_t[:, None] & mask_p[None, :] & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+    k_offs = tl.where(valid, hs * W + ws, 0)      # (BLOCK_T, BLOCK_P) int32, inside one plane
+
+    acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
+    plane = b.to(tl.int64) * C + g * Cg           # int64 index of the head's first channel
+    q_c = q_ptr + plane * Ho * Wo
+    k_c = k_ptr + plane * H * W
+    for c in range(Cg):
+        qv = tl.load(q_c + offs_p, mask=mask_p, other=0.0).to(ACC)
+        kv = tl.load(k_c + k_offs, mask=valid, other=0.0).to(ACC)
+        acc += qv[None, :] * kv
+        q_c += Ho * Wo
+        k_c += H * W
+    s = acc * scale
+    if HAS_REL:  # table index of the true offset (divided by the dilation)
+        if CLAMP:
+            ri = (hs - i[None, :]) // dh + (KH - 1)
+            ci = (ws - j[None, :]) // dw + (KW - 1)
+        else:
+            ri = (u - ph // dh + (KH - 1))[:, None] + tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+            ci = (v - pw // dw + (KW - 1))[:, None] + tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
+        r_offs = tl.where(valid, ri * (2 * KW - 1) + ci, 0)
+        s += tl.load(rel_ptr + g * ((2 * KH - 1) * (2 * KW - 1)) + r_offs, mask=valid, other=0.0).to(ACC)
+    s = tl.where(valid, s, float("-inf"))
+    m = tl.max(s, axis=0)                          # (BLOCK_P,)
+    empty = m == float("-inf")                     # every tap outside the image
+    m0 = tl.where(empty, 0.0, m)
+    p = tl.where(valid, tl.exp(s - m0[None, :]), 0.0)
+    total = tl.sum(p, axis=0)
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))
+    lse = tl.where(empty, float("-inf"), m0 + tl.log(tl.where(empty, 1.0, total)))
+    tl.store(lse_ptr + (b.to(tl.int64) * G + g) * Ho * Wo + offs_p, lse.to(lse_ptr.dtype.element_ty), mask=mask_p)
+    p = p * inv[None, :]
+
+    v_c = v_ptr + plane * H * W
+    o_c = out_ptr + plane * Ho * Wo
+    for c in range(Cg):
+        vv = tl.load(v_c + k_offs, mask=valid, other=0.0).to(ACC)
+        o = tl.sum(p * vv, axis=0)
+        tl.store(o_c + offs_p, o.to(out_ptr.dtype.element_ty), mask=mask_p)
+        v_c += H * W
+        o_c += Ho * Wo
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos, heads: int, scale: float, window):
+    """Launch :func:`local_attention_kernel`. q: (B, C, Ho, Wo), k, v: (B, C, H, W), rel_pos:
+    (heads, 2Kh-1, 2Kw-1) or None, all contiguous -> (out (B, C, Ho, Wo) in q's dtype,
+    lse (B, heads, Ho, Wo) float32, float64 for float64 inputs)."""
+    B, C, Ho, Wo = q.shape
+    H, W = k.shape[-2:]
+    G = heads
+    check_plane(H, W, Ho, Wo)
+    KK = window.taps
+    BLOCK_T = tap_tile(KK)
+    BLOCK_P = correlate_pixel_tile(Ho * Wo, BLOCK_T, q.dtype)
+    n_pblk = triton.cdiv(Ho * Wo, BLOCK_P)
+    stats = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.empty_like(q)
+    lse = torch.empty(B, G, Ho, Wo, dtype=stats, device=q.device)
+    if B * C * Ho * Wo == 0:
+        return out, lse
+    (Kh, Kw), (sh, sw), (dh, dw), (ph, pw) = window.kernel_size, window.stride, window.dilation, window.padding
+    grid = (launchable(B * G * n_pblk),)
+    local_attention_kernel[grid](
+        q, k, v, q if rel_pos is None else rel_pos, out, lse,
+        B, C, H, W, Ho, Wo, C // G, G, n_pblk,
+        sh, sw, dh, dw, ph, pw, float(scale),
+        KH=Kh, KW=Kw, CLAMP=window.border == "clamp", HAS_REL=rel_pos is not None, ACC=acc_dtype(q.dtype),
+        BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
+    )
+    return out, lse
