@@ -586,3 +586,23 @@ def test_gradcheck_clamp_broadcast():
     assert torch.autograd.gradcheck(lambda x, w: aggregate(x, w, window, backend="cpu"), (x, w), fast_mode=True)
     q = torch.randn(2, 4, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k: correlate(q, k, window, 2, backend="cpu"), (q, x), fast_mode=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=st.one_of(_wide_cases(), _narrow_cases()), seed=st.integers(0, 2**16), part=st.booleans())
+def test_correlate_tail_out_of_image_taps_are_zero(case, seed, part):
+    """correlate's scratch-free tail writes exactly 0 at the taps outside the image however
+    non-finite q is, and elsewhere the result on q with its non-finite entries replaced by 0
+    (docs/design.md, "The op")."""
+    from oracle import check_nonfinite_rule, poison, reads_nonfinite, brute_correlate
+    window, B, C, G, H, W, mode, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    k = torch.randn(B, C, H, W, generator=g).to(dtype)
+    q, bad = poison(torch.randn(B, C, Ho, Wo, generator=g).to(dtype), g, 0.2)
+    with _lent_planes(B * G - 1 if part else B * G):
+        tail = _hooked_correlate(q, k, window, G)
+    tainted = reads_nonfinite(brute_correlate, bad, torch.zeros(k.shape, dtype=torch.bool), window, G)
+    want = _ref("correlate", torch.where(bad, 0, q), k, window, G)
+    btol = _cpu().bwd_tol[dtype]
+    check_nonfinite_rule(tail, want, tainted, (btol[0] * (C // G) ** 0.5, btol[1]), "correlate tail")

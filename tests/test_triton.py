@@ -35,7 +35,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("aggregate", "correlate", "aggregate_transpose")
-N_INTERP_TESTS = 4  # how many test_interp_* the child must report as passed
+N_INTERP_TESTS = 5  # how many test_interp_* the child must report as passed
 
 
 # --------------------------------------------------------------------- construction
@@ -144,7 +144,7 @@ def test_kernels_do_not_specialise_on_shapes():
         ints = [p for p in kernel.params if not p.is_constexpr and not p.name.endswith("_ptr")]
         assert ints and all(p.do_not_specialize for p in ints), [p.name for p in ints if not p.do_not_specialize]
         consts = sorted(p.name for p in kernel.params if p.is_constexpr)
-        assert set(consts) <= {"KH", "KW", "CLAMP", "ACC", "SUM_SPACE", "BLOCK_C", "BLOCK_P", "BLOCK_T"}, consts
+        assert set(consts) <= {"KH", "KW", "CLAMP", "REFLECT", "ACC", "SUM_SPACE", "BLOCK_C", "BLOCK_P", "BLOCK_T"}, consts
 
 
 # ------------------------------------------------------------- on a CUDA device
@@ -217,7 +217,7 @@ if INTERPRET:
     from hypothesis import example, given, settings
     from hypothesis import strategies as st
 
-    from oracle import brute_aggregate, brute_aggregate_transpose, brute_correlate, geometries
+    from oracle import brute_aggregate, brute_aggregate_transpose, brute_correlate, check_nonfinite_ops, geometries
     from tokenmix.ops.functional import aggregate, aggregate_transpose, correlate
     from tokenmix.ops.backends.reference import ReferenceBackend
 
@@ -373,6 +373,29 @@ if INTERPRET:
                                (q.double(), w.double()), gx.double())
         close(gy, rgy, tol, "grad y (transpose)")
         close(gw, rgw, tol, "grad w (transpose)")
+
+    @settings(max_examples=6, deadline=None)
+    @example((Window(3), 1, 2, 2, 6, 9, "full", torch.float32))
+    @example((Window(7, stride=2), 2, 3, 1, 7, 8, "batch1", torch.float16))
+    @given(problems())
+    def test_interp_nonfinite_inputs_and_out_of_image_weights(backend, problem):
+        """The rule for out-of-image taps (docs/design.md, "The op") on the interpreted
+        kernels: NaN/+-inf weights at taps outside the image are never read, correlate and the
+        weight gradients are exactly 0 there whatever q holds, and NaN/+-inf activations reach
+        only the outputs that read them through an in-image tap; the primitives and each
+        primitive's backward formulas."""
+        window, B, C, G, H, W, mode, dtype = problem
+        check_nonfinite_ops(lambda op, a, c: _forward_with(backend, op, a, c, window, G, (H, W)),
+                            lambda op, a, c, g: _backward_with(backend, op, a, c, window, (H, W), g),
+                            window, B, C, G, H, W, mode, dtype, torch.Generator().manual_seed(B * 100 + H * 10 + W),
+                            backend.bwd_tol[dtype])
+
+    def _forward_with(b, op, a, c, window, G, size):
+        if op == "aggregate":
+            return b.aggregate(a, c, window)
+        if op == "correlate":
+            return b.correlate(a, c, window, G)
+        return b.aggregate_transpose(a, c, window, size)
 
     def test_interp_dispatch_refuses_with_reasons(backend):
         """A forced triton backend on CPU tensors names the reason; the interpreted one runs

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -176,6 +177,65 @@ void fill_rows(acc_t* x_rows, int64_t cstride, const scalar_t* src, int64_t ncg,
     }
   }
 }
+
+// Whether the n elements at p are all finite: no element has its exponent bits all set (an
+// integer test, which the compiler vectorises).
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+  uint32_t bad = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t b;
+      std::memcpy(&b, p + i, sizeof b);
+      bad |= (b & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+    }
+  } else if constexpr (std::is_same<T, double>::value) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint64_t b;
+      std::memcpy(&b, p + i, sizeof b);
+      bad |= (b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull ? 1u : 0u;
+    }
+  } else {  // float16 (exponent 0x7c00), bfloat16 (0x7f80)
+    const uint16_t e = std::is_same<T, at::Half>::value ? 0x7c00 : 0x7f80;
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t b;
+      std::memcpy(&b, p + i, sizeof b);
+      bad |= (b & e) == e ? 1u : 0u;
+    }
+  }
+  return bad == 0;
+}
+
+// The results of one output row and tap row, tap column v at r + v * rstep (Wo columns): 0 at the
+// columns where tap v reads outside the image (a zero border's taps contribute nothing there,
+// whatever q holds: the kernels' zero padding times a non-finite q would not be 0).
+template <typename T>
+inline void zero_outside_columns(T* r, int64_t rstep, const Plan& plan) {
+  for (int64_t v = 0; v < plan.Kw; ++v) {
+    T* rv = r + v * rstep;
+    std::fill(rv, rv + plan.col_valid_begin[v], T(0));
+    std::fill(rv + plan.col_valid_end[v], rv + plan.Wo, T(0));
+  }
+}
+
+// The output columns where some tap column reads outside the image (a zero border's edges):
+// [0, begin) and [end, Wo). any: there are such columns (and the caller asked for them).
+struct EdgeColumns {
+  int64_t begin = 0, end = 0;
+  bool any = false;
+  EdgeColumns(const Plan& plan, bool wanted) : end(plan.Wo) {
+    for (int64_t v = 0; v < plan.Kw; ++v)
+      begin = std::max(begin, plan.col_valid_begin[v]), end = std::min(end, plan.col_valid_end[v]);
+    end = std::max(begin, end);
+    any = wanted && (begin > 0 || end < plan.Wo);
+  }
+  template <typename F>
+  void for_each(int64_t Wo, F&& f) const {
+    if (!any) return;
+    for (int64_t j = 0; j < begin; ++j) f(j);
+    for (int64_t j = end; j < Wo; ++j) f(j);
+  }
+};
 
 // Channel blocks covering [0, Cg), largest first: f(integral_constant<CB>, c0) for as many
 // blocks of each size CB in Sizes (descending, ending in 1) as still fit.
