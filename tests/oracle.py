@@ -94,7 +94,7 @@ def brute_aggregate_transpose(y, w, window, input_size):
 
 
 @st.composite
-def geometries(draw, max_kernel=9, max_stride=3, max_dilation=3, max_size=13, borders=("zero", "clamp")):
+def geometries(draw, max_kernel=9, max_stride=3, max_dilation=3, max_size=13, borders=("zero", "clamp", "reflect")):
     """(window, B, C, G, H, W) with odd/prime sizes, H != W, rectangular kernels, custom
     padding, C not a power of two, G in {1, some, C}."""
     border = draw(st.sampled_from(borders))

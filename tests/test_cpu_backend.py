@@ -227,7 +227,7 @@ def _wide_cases(draw):
     columns: packed rows, weights read and outputs written in place, the transpose's direct
     stores, the shifted last block) and channel counts that exercise every register-block
     size."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     D = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     S = (1, 1) if border == "clamp" else (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
@@ -257,7 +257,7 @@ def _narrow_cases(draw):
     of whole vectors: the channels-last kernels and the column kernels beside them (any
     geometry, both borders, one or several row chunks per plane, broadcast weights, 16-bit
     types through float32)."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     D = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     S = (1, 1) if border == "clamp" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -291,7 +291,7 @@ def _affine_cases(draw):
     and column stride 1 or 2, any rows (kernel height, row stride and dilation), rows from
     narrower than a 4-pixel block to wider than four vectors; beside them the planes they must
     leave to the other kernels (column dilation 2, clamp border, bfloat16, static weights)."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     Kw = draw(st.sampled_from([3, 5, 7]))
     Kh = draw(st.integers(1, 7))
     dh, dw = draw(st.integers(1, 2)), draw(st.sampled_from([1, 1, 2]))
@@ -325,7 +325,7 @@ def _plan_cases(draw):
     """Geometries for the C++ plan (csrc/plan.cpp): rectangular kernels, stride and dilation up
     to 3 per axis, padding drawn per axis (asymmetric between the axes, up to the widest a tap
     can still reach the image with), both borders, H != W including odd and prime sizes."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     K = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
     D = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     if border == "clamp":

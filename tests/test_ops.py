@@ -92,7 +92,7 @@ def test_adjoint_identities(backend, geo, seed):
 
 @given(geo=geometries(borders=("reflect",)), mode=st.sampled_from(WEIGHT_MODES), seed=st.integers(0, 2**16))
 def test_reflect_border_matches_brute_force_and_adjoints(geo, mode, seed):
-    """The reflect border (reference backend): the three primitives against the brute force,
+    """The reflect border (every CPU backend): the three primitives against the brute force,
     whose source index reflects as ``F.pad(mode="reflect")``, and the adjoint identities."""
     window, B, C, G, H, W = geo
     g = torch.Generator().manual_seed(seed)
@@ -130,6 +130,8 @@ GRAD_CASES = [
     (Window(3, stride=2), 2, 4, 4, 9, 6, "both1"),
     (Window(3, border="clamp", dilation=2), 2, 4, 2, 7, 9, "full"),
     (Window(4, border="clamp"), 1, 4, 2, 5, 6, "space1"),
+    (Window(3, stride=2, border="reflect"), 2, 4, 2, 7, 6, "full"),
+    (Window((5, 3), dilation=(1, 2), padding=(2, 3), border="reflect"), 1, 6, 3, 6, 5, "batch1"),
 ]
 
 

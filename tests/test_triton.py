@@ -35,7 +35,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("aggregate", "correlate", "aggregate_transpose")
-N_INTERP_TESTS = 5  # how many test_interp_* the child must report as passed
+N_INTERP_TESTS = 10  # how many test_interp_* the child must report as passed
 
 
 # --------------------------------------------------------------------- construction
@@ -111,6 +111,8 @@ AOT_CASES = [
     ("aggregate", torch.float32, "zero", -1), ("aggregate", torch.float64, "clamp", 0),
     ("correlate", torch.bfloat16, "zero", 1), ("correlate", torch.float32, "clamp", 0),
     ("aggregate_transpose", torch.bfloat16, "clamp", 0), ("aggregate_transpose", torch.float32, "zero", -1),
+    ("aggregate", torch.float32, "reflect", -1), ("correlate", torch.float16, "reflect", 1),
+    ("aggregate_transpose", torch.float32, "reflect", -1), ("aggregate_transpose", torch.float64, "reflect", 0),
 ]
 
 
@@ -244,7 +246,7 @@ if INTERPRET:
     @st.composite
     def problems(draw):
         """(window, B, C, G, H, W, weight mode, dtype): small shapes (the interpreter runs one
-        Python step per program and op), K up to 7, stride/dilation up to 2, both borders."""
+        Python step per program and op), K up to 7, stride/dilation up to 2, every border."""
         window, _, _, _, H, W = draw(geometries(max_kernel=7, max_stride=2, max_dilation=2, max_size=9))
         B = draw(st.integers(1, 2))
         G = draw(st.sampled_from([1, 2]))
@@ -271,10 +273,12 @@ if INTERPRET:
         (Window(7, stride=2, dilation=2), 2, 3, 1, 9, 14, "full", torch.float16),
         (Window(7, dilation=(2, 1), border="clamp"), 1, 2, 2, 14, 8, "space1", torch.bfloat16),
         (Window((3, 5), stride=(1, 2), padding=(0, 3)), 2, 2, 2, 5, 8, "batch1", torch.float32),
+        (Window(5, stride=2, dilation=(1, 2), border="reflect"), 2, 3, 1, 7, 9, "full", torch.float32),
     ]
     EXAMPLES_BWD = [
         (Window(7, dilation=(1, 2), border="clamp"), 1, 3, 1, 7, 15, "both1", torch.float16),
         (Window((5, 3), stride=2, dilation=(1, 2), padding=(1, 0)), 2, 2, 2, 8, 7, "space1", torch.bfloat16),
+        (Window((3, 5), stride=(2, 1), padding=(1, 3), border="reflect"), 1, 2, 2, 6, 8, "full", torch.float64),
     ]
 
     def _with_examples(examples):
@@ -389,6 +393,26 @@ if INTERPRET:
                             lambda op, a, c, g: _backward_with(backend, op, a, c, window, (H, W), g),
                             window, B, C, G, H, W, mode, dtype, torch.Generator().manual_seed(B * 100 + H * 10 + W),
                             backend.bwd_tol[dtype])
+
+    @pytest.mark.parametrize("text", ["Window(3, stride=2**24)", "Window((1, 3), stride=2**31)",
+                                      "Window(3, dilation=(1, 2**20), padding=(1, 2**20))",
+                                      "Window(3, stride=(2**20, 1), padding=(2**20, 1))",
+                                      "Window(3, stride=2**20, border='reflect')"])
+    def test_interp_far_reaching_geometry(backend, text):
+        """Strides, dilations and padding far beyond the image (int64 geometry arguments): the
+        three primitives against the brute force."""
+        window = eval(text)
+        B, C, G, H, W = 2, 4, 2, 9, 7
+        Ho, Wo = window.output_size(H, W)
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(B, C, H, W, dtype=torch.float64, generator=gen)
+        y = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=gen)
+        w = torch.randn(B, G, window.taps, Ho, Wo, dtype=torch.float64, generator=gen)
+        tol = backend.fwd_tol[torch.float64]
+        close(backend.aggregate(x, w, window), brute_aggregate(x, w, window), tol, "aggregate")
+        close(backend.correlate(y, x, window, G), brute_correlate(y, x, window, G), tol, "correlate")
+        close(backend.aggregate_transpose(y, w, window, (H, W)), brute_aggregate_transpose(y, w, window, (H, W)),
+              tol, "aggregate_transpose")
 
     def _forward_with(b, op, a, c, window, G, size):
         if op == "aggregate":

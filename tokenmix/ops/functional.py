@@ -21,7 +21,7 @@ from .window import Window
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 #: The borders the native CPU kernels implement; a CPU call with another border runs in Python.
-_NATIVE_CPU_BORDERS = ("zero", "clamp")
+_NATIVE_CPU_BORDERS = ("zero", "clamp", "reflect")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:

@@ -98,39 +98,34 @@ def aggregate_transpose_kernel(
                 acc += wv[None, :] * yv
     elif REFLECT:
         # the raw positions that reflect to h: h itself, -h (h > 0) and 2(H-1) - h (h < H-1);
-        # each is read by at most one output per tap, found as on the zero border
-        for u in range(KH):  # a loop; the KW taps of a row and the candidates unroll
-            for a in tl.static_range(3):
-                if a == 0:
-                    rh = h
-                    ok_r = mask_p
-                elif a == 1:
-                    rh = -h
-                    ok_r = mask_p & (h > 0)
-                else:
-                    rh = 2 * (H - 1) - h
-                    ok_r = mask_p & (h < H - 1)
-                nh = rh + ph - u * dh
-                ok_h = ok_r & (nh >= 0)
-                nh = tl.where(ok_h, nh, 0)
-                i = nh // sh
-                ok_h = ok_h & (i * sh == nh) & (i < Ho)
-                for v in tl.static_range(KW):
-                    for c in tl.static_range(3):
-                        if c == 0:
-                            rw = w
-                            ok = ok_h
-                        elif c == 1:
-                            rw = -w
-                            ok = ok_h & (w > 0)
-                        else:
-                            rw = 2 * (W - 1) - w
-                            ok = ok_h & (w < W - 1)
-                        nw = rw + pw - v * dw
-                        ok = ok & (nw >= 0)
-                        nw = tl.where(ok, nw, 0)
-                        j = nw // sw
-                        ok = ok & (j * sw == nw) & (j < Wo)
+        # each is read by at most one output per tap, found as on the zero border. The taps are
+        # loops (unrolling the 3 x 3 candidates of every tap spills registers), the candidates
+        # of a tap unroll
+        for u in range(KH):
+            nh = h + ph - u * dh                  # the row candidates, as on the zero border
+            ok0 = mask_p & (nh >= 0)
+            i0 = tl.where(ok0, nh, 0) // sh
+            ok0 = ok0 & (i0 * sh == nh) & (i0 < Ho)
+            nh = ph - h - u * dh
+            ok1 = mask_p & (h > 0) & (nh >= 0)
+            i1 = tl.where(ok1, nh, 0) // sh
+            ok1 = ok1 & (i1 * sh == nh) & (i1 < Ho)
+            nh = 2 * (H - 1) - h + ph - u * dh
+            ok2 = mask_p & (h < H - 1) & (nh >= 0)
+            i2 = tl.where(ok2, nh, 0) // sh
+            ok2 = ok2 & (i2 * sh == nh) & (i2 < Ho)
+            for v in range(KW):
+                for c in tl.static_range(3):
+                    rw = tl.where(c == 0, w, tl.where(c == 1, -w, 2 * (W - 1) - w))
+                    ok_w = mask_p & ((c == 0) | ((c == 1) & (w > 0)) | ((c == 2) & (w < W - 1)))
+                    nw = rw + pw - v * dw
+                    ok_w = ok_w & (nw >= 0)
+                    nw = tl.where(ok_w, nw, 0)
+                    j = nw // sw
+                    ok_w = ok_w & (j * sw == nw) & (j < Wo)
+                    for a in tl.static_range(3):
+                        i = i0 if a == 0 else (i1 if a == 1 else i2)
+                        ok = ok_w & (ok0 if a == 0 else (ok1 if a == 1 else ok2))
                         o = tl.where(ok, i * Wo + j, 0)
                         wv = tl.load(w_base + (u * KW + v) * w_st + o * w_sp, mask=ok, other=0.0).to(ACC)
                         yv = tl.load(y_rows + o[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(ACC)
