@@ -274,8 +274,9 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
       if (source_weights) sw.copy(shifted_weights.data(), tap_pitch, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
       // the kernels multiply the weights of taps outside the image by a zero column: a
       // non-finite weight there gives a non-finite output, computed again without those taps
+      // (rr: row i's scratch rows)
       auto fix_edges = [&](int64_t i, acc_t* orow) {
-        if (!edges.any || all_finite(orow, Wo * Cg)) return;
+        if (edges.finite(orow, Wo, Cg)) return;
         edges.for_each(Wo, [&](int64_t j) {
           for (int64_t c = 0; c < Cg; ++c) {
             acc_t& o = orow[j * Cg + c];
@@ -312,7 +313,6 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
                                                                         wg + i * Wo + j, wHW, orow + j * CG);
               });
             });
-            fix_edges(i, orow);
             continue;
           }
         }
@@ -326,8 +326,15 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
             agg_pixels_cl<scalar_t, acc_t, NB, NP>(x_rows.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
                                                    wg + (i * Wo + j) * wpix, wHW, wpix, o, Cg);
         });
-        fix_edges(i, orow);
       }
+      if (edges.any && !all_finite(out_rows.data(), (i1 - i0) * Wo * Cg))
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t u = 0; u < Kh; ++u) {
+            const int64_t r = rows[u * Ho + i];
+            rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
+          }
+          fix_edges(i, out_rows.data() + (i - i0) * Wo * Cg);
+        }
       from_last(yg + i0 * Wo, Ho * Wo, out_rows.data(), pix.data(), Cg, (i1 - i0) * Wo);
     }
   });
@@ -513,9 +520,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
           // the blocks multiply the weights of taps outside the image by the zero padding: a
           // non-finite weight there gives a non-finite output, computed again without those taps
           for (int64_t k = 0; k < n && edges.any; ++k) {
-            bool finite = output_in_place ? true : all_finite(orow + k * out_row_pitch, Cg * block_width);
-            for (int64_t c = 0; c < Cg && finite && output_in_place; ++c)
-              finite = all_finite(orow + k * out_row_pitch + c * ostep, Wo);
+            bool finite = true;
+            for (int64_t c = 0; c < Cg && finite; ++c) finite = edges.finite(orow + k * out_row_pitch + c * ostep, Wo);
             if (finite) continue;
             edges.for_each(Wo, [&](int64_t j) {
               for (int64_t c = 0; c < Cg; ++c) {

@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -179,42 +180,38 @@ void fill_rows(acc_t* x_rows, int64_t cstride, const scalar_t* src, int64_t ncg,
 }
 
 // Whether the n elements at p are all finite: no element has its exponent bits all set (an
-// integer test, which the compiler vectorises).
+// integer test, 32 bytes at a time for float and double).
 template <typename T>
 inline bool all_finite(const T* p, int64_t n) {
-  uint32_t bad = 0;
-  if constexpr (std::is_same<T, float>::value) {
-    for (int64_t i = 0; i < n; ++i) {
-      uint32_t b;
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    using U = std::conditional_t<std::is_same<T, float>::value, int32_t, int64_t>;
+    constexpr U E = std::is_same<T, float>::value ? U(0x7f800000) : U(0x7ff0000000000000ll);
+    typedef U UV __attribute__((vector_size(32)));
+    constexpr int L = 32 / sizeof(U);
+    UV bad = {};
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      UV b;
       std::memcpy(&b, p + i, sizeof b);
-      bad |= (b & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+      bad |= (b & E) == E;
     }
-  } else if constexpr (std::is_same<T, double>::value) {
-    for (int64_t i = 0; i < n; ++i) {
-      uint64_t b;
+    U any = 0;
+    for (int l = 0; l < L; ++l) any |= bad[l];
+    for (; i < n; ++i) {
+      U b;
       std::memcpy(&b, p + i, sizeof b);
-      bad |= (b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull ? 1u : 0u;
+      any |= (b & E) == E;
     }
+    return any == 0;
   } else {  // float16 (exponent 0x7c00), bfloat16 (0x7f80)
     const uint16_t e = std::is_same<T, at::Half>::value ? 0x7c00 : 0x7f80;
+    uint32_t bad = 0;
     for (int64_t i = 0; i < n; ++i) {
       uint16_t b;
       std::memcpy(&b, p + i, sizeof b);
       bad |= (b & e) == e ? 1u : 0u;
     }
-  }
-  return bad == 0;
-}
-
-// The results of one output row and tap row, tap column v at r + v * rstep (Wo columns): 0 at the
-// columns where tap v reads outside the image (a zero border's taps contribute nothing there,
-// whatever q holds: the kernels' zero padding times a non-finite q would not be 0).
-template <typename T>
-inline void zero_outside_columns(T* r, int64_t rstep, const Plan& plan) {
-  for (int64_t v = 0; v < plan.Kw; ++v) {
-    T* rv = r + v * rstep;
-    std::fill(rv, rv + plan.col_valid_begin[v], T(0));
-    std::fill(rv + plan.col_valid_end[v], rv + plan.Wo, T(0));
+    return bad == 0;
   }
 }
 
@@ -235,7 +232,24 @@ struct EdgeColumns {
     for (int64_t j = 0; j < begin; ++j) f(j);
     for (int64_t j = end; j < Wo; ++j) f(j);
   }
+  // Whether the edge columns of a row (Wo columns of `width` elements each, at p) are finite.
+  template <typename T>
+  bool finite(const T* p, int64_t Wo, int64_t width = 1) const {
+    return all_finite(p, begin * width) && all_finite(p + end * width, (Wo - end) * width);
+  }
 };
+
+// The results of one output row and tap row, tap column v at r + v * rstep (Wo columns): 0 at the
+// columns where tap v reads outside the image (a zero border's taps contribute nothing there,
+// whatever q holds: the kernels' zero padding times a non-finite q would not be 0).
+template <typename T>
+inline void zero_outside_columns(T* r, int64_t rstep, const Plan& plan) {
+  for (int64_t v = 0; v < plan.Kw; ++v) {
+    T* rv = r + v * rstep;
+    std::fill(rv, rv + plan.col_valid_begin[v], T(0));
+    std::fill(rv + plan.col_valid_end[v], rv + plan.Wo, T(0));
+  }
+}
 
 // Channel blocks covering [0, Cg), largest first: f(integral_constant<CB>, c0) for as many
 // blocks of each size CB in Sizes (descending, ending in 1) as still fit.
