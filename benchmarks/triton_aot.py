@@ -33,7 +33,7 @@ def aot_compile(op: str, dtype: torch.dtype, kernel_size: Tuple[int, int], borde
     kernel = getattr(importlib.import_module(module), kname)
     if not hasattr(kernel, "arg_names") or not hasattr(kernel, "cache_key"):
         raise RuntimeError("aot_compile needs the jit kernels: unset TRITON_INTERPRET before triton is imported")
-    constexprs = dict(KH=kernel_size[0], KW=kernel_size[1], CLAMP=border == "clamp",
+    constexprs = dict(KH=kernel_size[0], KW=kernel_size[1], CLAMP=border == "clamp", REFLECT=border == "reflect",
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32, **tiles, **(specialize or {}))
     sig = {}
     for n in kernel.arg_names:

@@ -94,7 +94,7 @@ def brute_aggregate_transpose(y, w, window, input_size):
 
 
 @st.composite
-def geometries(draw, max_kernel=9, max_stride=3, max_dilation=3, max_size=13, borders=("zero", "clamp")):
+def geometries(draw, max_kernel=9, max_stride=3, max_dilation=3, max_size=13, borders=("zero", "clamp", "reflect")):
     """(window, B, C, G, H, W) with odd/prime sizes, H != W, rectangular kernels, custom
     padding, C not a power of two, G in {1, some, C}."""
     border = draw(st.sampled_from(borders))
@@ -139,3 +139,101 @@ def random_weight(B, G, window, Ho, Wo, mode, dtype=torch.float64, gen=None):
 
 
 WEIGHT_MODES = ("full", "batch1", "space1", "both1")
+
+
+# ------------------------------------------------------------------ non-finite inputs
+
+NONFINITE = (float("nan"), float("inf"), float("-inf"))
+
+
+def poison(t: torch.Tensor, gen: torch.Generator, p: float, where=None):
+    """(copy of t with NaN, +inf or -inf at random entries, each with probability p and only
+    where ``where`` (bool, broadcastable to t) holds; the bool mask of those entries)."""
+    mask = torch.rand(t.shape, generator=gen) < p
+    if where is not None:
+        mask &= where
+    values = torch.tensor(NONFINITE, dtype=t.dtype)[torch.randint(0, 3, t.shape, generator=gen)]
+    return torch.where(mask, values, t), mask
+
+
+def outside_taps(window: Window, H: int, W: int, w: torch.Tensor) -> torch.Tensor:
+    """Bool mask broadcastable to a weight-shaped w (B|1, G, K*K, Ho|1, Wo|1): the entries of
+    per-pixel weights at taps that read outside the image (none for a weight shared by every
+    pixel, whose entries also serve in-image taps)."""
+    Ho, Wo = window.output_size(H, W)
+    if w.shape[3:] != (Ho, Wo):
+        return torch.zeros((), dtype=torch.bool)
+    return ~window.valid_mask(H, W)
+
+
+def reads_nonfinite(brute, a_bad, b_bad, *args):
+    """Where an output of ``brute(a, b, *args)`` has a term reading one of the marked entries:
+    the brute force on the 0/1 masks (each against ones) is positive exactly there."""
+    a1, b1 = torch.ones(a_bad.shape, dtype=torch.float64), torch.ones(b_bad.shape, dtype=torch.float64)
+    return (brute(a_bad.double(), b1, *args) + brute(a1, b_bad.double(), *args)) > 0
+
+
+def check_nonfinite_rule(got, want, tainted, tol, what):
+    """The rule for non-finite inputs (docs/design.md, "The op"): every output that reads no
+    non-finite entry through an in-image tap (``tainted`` False) is finite and equals ``want``,
+    the result on the inputs with the non-finite entries replaced by 0; the others may be
+    anything."""
+    atol, rtol = tol
+    got = got.double()
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    clean = ~tainted.expand(got.shape)
+    assert bool(got[clean].isfinite().all()), f"{what}: {int((~got[clean].isfinite()).sum())} non-finite " \
+                                              f"outputs that read only finite values"
+    err = (got[clean] - want[clean]).abs()
+    assert bool((err <= atol + rtol * want[clean].abs()).all()), f"{what}: max err {err.max().item():.3g}"
+
+
+def check_nonfinite_ops(forward, backward, window, B, C, G, H, W, mode, dtype, gen, tol):
+    """The three primitives and both gradients of each, on inputs with NaN/+-inf entries,
+    against the rule of :func:`check_nonfinite_rule`. The activations (x, y, q, k and the
+    output gradients) hold them anywhere; the weights (w, and correlate's output gradient,
+    which plays the weight in its backward) only at taps that read outside the image, where
+    they must not be read at all.
+
+    forward(op, a, b) -> op's output; backward(op, a, b, gout) -> the gradients in a and b
+    (correlate: q = a, k = b; aggregate_transpose takes input_size = (H, W)).
+    """
+    Ho, Wo = window.output_size(H, W)
+    size = (H, W)
+
+    def draw(shape, p, where=None):
+        return poison(torch.randn(shape, dtype=torch.float64, generator=gen).to(dtype), gen, p, where)
+
+    x, mx = draw((B, C, H, W), 0.1)
+    y, my = draw((B, C, Ho, Wo), 0.1)
+    w0 = random_weight(B, G, window, Ho, Wo, mode, gen=gen).to(dtype)
+    w, mw = poison(w0, gen, 0.5, outside_taps(window, H, W, w0))
+    go, mgo = draw((B, G, window.taps, Ho, Wo), 0.5, outside_taps(window, H, W, w0.new_empty(1, 1, 1, Ho, Wo)))
+    zero = {id(t): torch.where(m, 0, t) for t, m in ((x, mx), (y, my), (w, mw), (go, mgo))}
+    dims = tuple(d for d, flag in ((0, w.shape[0] == 1), (3, w.shape[3] == 1), (4, w.shape[4] == 1)) if flag)
+
+    def reduce(t):  # the sums over the dims where w broadcasts
+        return t.sum(dims, keepdim=True) if dims else t
+
+    def check(got, brute, a, ma, b, mb, *args, reduced=False, what=""):
+        want = brute(zero[id(a)], zero[id(b)], *args)
+        tainted = reads_nonfinite(brute, ma, mb, *args)
+        if reduced:
+            want, tainted = reduce(want), reduce(tainted.double()) > 0
+        check_nonfinite_rule(got, want, tainted, tol, what)
+
+    check(forward("aggregate", x, w), brute_aggregate, x, mx, w, mw, window, what="aggregate")
+    gx, gw = backward("aggregate", x, w, y)
+    check(gx, brute_aggregate_transpose, y, my, w, mw, window, size, what="aggregate: grad x")
+    check(gw, brute_correlate, y, my, x, mx, window, G, reduced=True, what="aggregate: grad w")
+
+    check(forward("correlate", y, x), brute_correlate, y, my, x, mx, window, G, what="correlate")
+    gq, gk = backward("correlate", y, x, go)
+    check(gq, brute_aggregate, x, mx, go, mgo, window, what="correlate: grad q")
+    check(gk, brute_aggregate_transpose, y, my, go, mgo, window, size, what="correlate: grad k")
+
+    check(forward("aggregate_transpose", y, w), brute_aggregate_transpose, y, my, w, mw, window, size,
+          what="aggregate_transpose")
+    gy, gw = backward("aggregate_transpose", y, w, x)
+    check(gy, brute_aggregate, x, mx, w, mw, window, what="aggregate_transpose: grad y")
+    check(gw, brute_correlate, y, my, x, mx, window, G, reduced=True, what="aggregate_transpose: grad w")

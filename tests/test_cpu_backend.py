@@ -227,7 +227,7 @@ def _wide_cases(draw):
     columns: packed rows, weights read and outputs written in place, the transpose's direct
     stores, the shifted last block) and channel counts that exercise every register-block
     size."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     D = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     S = (1, 1) if border == "clamp" else (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
@@ -257,7 +257,7 @@ def _narrow_cases(draw):
     of whole vectors: the channels-last kernels and the column kernels beside them (any
     geometry, both borders, one or several row chunks per plane, broadcast weights, 16-bit
     types through float32)."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     K = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     D = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     S = (1, 1) if border == "clamp" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
@@ -291,7 +291,7 @@ def _affine_cases(draw):
     and column stride 1 or 2, any rows (kernel height, row stride and dilation), rows from
     narrower than a 4-pixel block to wider than four vectors; beside them the planes they must
     leave to the other kernels (column dilation 2, clamp border, bfloat16, static weights)."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     Kw = draw(st.sampled_from([3, 5, 7]))
     Kh = draw(st.integers(1, 7))
     dh, dw = draw(st.integers(1, 2)), draw(st.sampled_from([1, 1, 2]))
@@ -325,7 +325,7 @@ def _plan_cases(draw):
     """Geometries for the C++ plan (csrc/plan.cpp): rectangular kernels, stride and dilation up
     to 3 per axis, padding drawn per axis (asymmetric between the axes, up to the widest a tap
     can still reach the image with), both borders, H != W including odd and prime sizes."""
-    border = draw(st.sampled_from(["zero", "clamp"]))
+    border = draw(st.sampled_from(["zero", "clamp", "reflect"]))
     K = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
     D = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
     if border == "clamp":
@@ -586,3 +586,23 @@ def test_gradcheck_clamp_broadcast():
     assert torch.autograd.gradcheck(lambda x, w: aggregate(x, w, window, backend="cpu"), (x, w), fast_mode=True)
     q = torch.randn(2, 4, 8, 7, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q, k: correlate(q, k, window, 2, backend="cpu"), (q, x), fast_mode=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=st.one_of(_wide_cases(), _narrow_cases()), seed=st.integers(0, 2**16), part=st.booleans())
+def test_correlate_tail_out_of_image_taps_are_zero(case, seed, part):
+    """correlate's scratch-free tail writes exactly 0 at the taps outside the image however
+    non-finite q is, and elsewhere the result on q with its non-finite entries replaced by 0
+    (docs/design.md, "The op")."""
+    from oracle import check_nonfinite_rule, poison, reads_nonfinite, brute_correlate
+    window, B, C, G, H, W, mode, dtype = case
+    g = torch.Generator().manual_seed(seed)
+    Ho, Wo = window.output_size(H, W)
+    k = torch.randn(B, C, H, W, generator=g).to(dtype)
+    q, bad = poison(torch.randn(B, C, Ho, Wo, generator=g).to(dtype), g, 0.2)
+    with _lent_planes(B * G - 1 if part else B * G):
+        tail = _hooked_correlate(q, k, window, G)
+    tainted = reads_nonfinite(brute_correlate, bad, torch.zeros(k.shape, dtype=torch.bool), window, G)
+    want = _ref("correlate", torch.where(bad, 0, q), k, window, G)
+    btol = _cpu().bwd_tol[dtype]
+    check_nonfinite_rule(tail, want, tainted, (btol[0] * (C // G) ** 0.5, btol[1]), "correlate tail")

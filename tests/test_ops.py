@@ -6,14 +6,18 @@ The Triton backend runs the same checks under TRITON_INTERPRET=1 in tests/test_t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oracle import (WEIGHT_MODES, brute_aggregate, brute_aggregate_transpose, brute_correlate, geometries,
-                    random_weight)
+from oracle import (WEIGHT_MODES, brute_aggregate, brute_aggregate_transpose, brute_correlate,
+                    check_nonfinite_ops, geometries, random_weight)
 from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate, get_backend
 
 BACKENDS = ["reference", "cpu"]
@@ -88,7 +92,7 @@ def test_adjoint_identities(backend, geo, seed):
 
 @given(geo=geometries(borders=("reflect",)), mode=st.sampled_from(WEIGHT_MODES), seed=st.integers(0, 2**16))
 def test_reflect_border_matches_brute_force_and_adjoints(geo, mode, seed):
-    """The reflect border (reference backend): the three primitives against the brute force,
+    """The reflect border (every CPU backend): the three primitives against the brute force,
     whose source index reflects as ``F.pad(mode="reflect")``, and the adjoint identities."""
     window, B, C, G, H, W = geo
     g = torch.Generator().manual_seed(seed)
@@ -126,6 +130,8 @@ GRAD_CASES = [
     (Window(3, stride=2), 2, 4, 4, 9, 6, "both1"),
     (Window(3, border="clamp", dilation=2), 2, 4, 2, 7, 9, "full"),
     (Window(4, border="clamp"), 1, 4, 2, 5, 6, "space1"),
+    (Window(3, stride=2, border="reflect"), 2, 4, 2, 7, 6, "full"),
+    (Window((5, 3), dilation=(1, 2), padding=(2, 3), border="reflect"), 1, 6, 3, 6, 5, "batch1"),
 ]
 
 
@@ -275,6 +281,71 @@ def test_nan_propagates_only_to_windows_that_read_it(backend, window):
     assert not torch.isnan(y[0, 0]).any()
 
 
+@st.composite
+def nonfinite_problems(draw):
+    """(window, B, C, G, H, W, weight mode, dtype): the drawn geometries with 1 to 16 channels
+    per group, so the CPU backend's channels-last and affine kernels (8 or 16 channels per
+    group, rows under a vector) run too."""
+    window, B, _, _, H, W = draw(geometries(max_kernel=7, max_size=11))
+    G = draw(st.sampled_from([1, 2]))
+    C = G * draw(st.sampled_from([1, 3, 8, 16]))
+    return (window, draw(st.integers(1, 2)), C, G, H, W, draw(st.sampled_from(WEIGHT_MODES)),
+            draw(st.sampled_from([torch.float32, torch.float64])))
+
+
+def _autograd_backward(backend, window, G, size):
+    """backward(op, a, b, gout) of check_nonfinite_ops: autograd through the public op."""
+    fns = {"aggregate": lambda a, b: aggregate(a, b, window, backend=backend),
+           "correlate": lambda a, b: correlate(a, b, window, G, backend=backend),
+           "aggregate_transpose": lambda a, b: aggregate_transpose(a, b, window, size, backend=backend)}
+
+    def forward(op, a, b):
+        return fns[op](a, b)
+
+    def backward(op, a, b, gout):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        return torch.autograd.grad(fns[op](a, b), (a, b), gout)
+    return forward, backward
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(problem=nonfinite_problems(), seed=st.integers(0, 2**16))
+def test_nonfinite_inputs_and_out_of_image_weights(backend, problem, seed):
+    """One rule on every backend: a tap outside the image contributes nothing. NaN/+-inf in
+    the weights at such taps never reach an output or a gradient, correlate and the weight
+    gradients are exactly 0 there whatever q holds, and NaN/+-inf anywhere in the activations
+    reach only the outputs that read them through an in-image tap; everything else equals the
+    result with the non-finite entries replaced by 0."""
+    window, B, C, G, H, W, mode, dtype = problem
+    forward, backward = _autograd_backward(backend, window, G, (H, W))
+    tol = get_backend(backend).bwd_tol[dtype]
+    check_nonfinite_ops(forward, backward, window, B, C, G, H, W, mode, dtype,
+                        torch.Generator().manual_seed(seed), tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("H,W", [(6, 6), (6, 40), (7, 7), (14, 14), (56, 23)])
+def test_out_of_image_weights_never_read(backend, H, W):
+    """Weights that are all NaN or inf at the taps outside the image leave every output finite
+    (the probe of the rule on the kernels' shapes: narrow and wide rows, K = 3 and 7, strides
+    1 and 2, 16 channels per group)."""
+    for K, stride in ((3, 1), (7, 1), (7, 2)):
+        window = Window(K, stride=stride)
+        Ho, Wo = window.output_size(H, W)
+        outside = ~window.valid_mask(H, W)
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(2, 32, H, W, dtype=dtype)
+            for bad in (float("nan"), float("inf"), float("-inf")):
+                w = torch.randn(2, 2, K * K, Ho, Wo, dtype=dtype)
+                w[:, :, outside] = bad
+                y = aggregate(x, w, window, backend=backend)
+                assert bool(y.isfinite().all()), (K, stride, dtype, bad, int((~y.isfinite()).sum()))
+                q = torch.full((2, 32, Ho, Wo), bad, dtype=dtype)
+                o = correlate(q, x, window, 2, backend=backend)
+                assert bool((o[:, :, outside] == 0).all()), (K, stride, dtype, bad)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
     window = Window(3, stride=2, dilation=2)
@@ -328,3 +399,69 @@ def test_autocast_casts_both_inputs_to_the_autocast_dtype():
     torch.testing.assert_close(t.float(), aggregate_transpose(q, w, window, (9, 8)), atol=atol, rtol=rtol)
     with pytest.raises(TypeError, match="one dtype"):  # outside autocast, mixed dtypes stay an error
         aggregate(x, w.bfloat16(), window)
+
+
+# Geometries that reach far past a 9 x 7 image: a stride of 2**24 and 2**31, a dilation of 2**20
+# (with its default padding), padding of 2**20 on either axis. Their outputs are small.
+FAR_WINDOWS = [
+    "Window(3, stride=2**24)",
+    "Window((1, 3), stride=2**31)",
+    "Window(3, dilation=2**20)",
+    "Window(3, dilation=(1, 2**20), padding=(1, 2**20))",
+    "Window(3, stride=(2**20, 1), padding=(2**20, 1))",
+    "Window(3, stride=(1, 2**20), padding=(1, 2**20))",
+]
+
+_FAR_SCRIPT = r"""
+import sys
+import torch
+from oracle import brute_aggregate, brute_aggregate_transpose, brute_correlate
+from tokenmix.ops import Window, aggregate, aggregate_transpose, correlate
+
+backend, windows = sys.argv[1], sys.argv[2:]
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) * 1024
+
+def run(window, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    B, C, G, H, W = 2, 8, 4, 9, 7
+    Ho, Wo = window.output_size(H, W)
+    x = torch.randn(B, C, H, W, dtype=dtype, generator=g, requires_grad=True)
+    w = torch.randn(B, G, window.taps, Ho, Wo, dtype=dtype, generator=g, requires_grad=True)
+    y = torch.randn(B, C, Ho, Wo, dtype=dtype, generator=g, requires_grad=True)
+    out = [aggregate(x, w, window, backend=backend), correlate(y, x, window, G, backend=backend),
+           aggregate_transpose(y, w, window, (H, W), backend=backend)]
+    grads = torch.autograd.grad(sum(o.sum() for o in out), (x, w, y))
+    if dtype == torch.float64:
+        want = [brute_aggregate(x.detach(), w.detach(), window), brute_correlate(y.detach(), x.detach(), window, G),
+                brute_aggregate_transpose(y.detach(), w.detach(), window, (H, W))]
+        for o, r in zip(out, want):
+            torch.testing.assert_close(o.detach(), r, atol=1e-10, rtol=1e-10)
+    return grads
+
+run(Window(3))  # imports, the native library, the first calls' allocations
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the present size
+    f.write("5")
+for text in windows:
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        run(eval(text), dtype)
+print("PEAK_RISE", status("VmHWM") - base)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_far_reaching_geometry_memory_is_bounded(backend):
+    """Strides, dilations and padding far beyond the image cost memory of the order of the
+    tensors, not of the geometry: a child process runs the three primitives and their gradients
+    (through autograd) on them, correct against the brute force, and its peak resident memory
+    rises by less than 200 MB over the baseline after importing torch and tokenmix."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests)]))
+    out = subprocess.run([sys.executable, "-c", _FAR_SCRIPT, backend, *FAR_WINDOWS], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rise = int(out.stdout.split("PEAK_RISE")[1].split()[0])
+    assert rise < 200 * 2**20, f"peak resident memory rose by {rise / 2**20:.0f} MB"

@@ -35,7 +35,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("aggregate", "correlate", "aggregate_transpose")
-N_INTERP_TESTS = 4  # how many test_interp_* the child must report as passed
+N_INTERP_TESTS = 10  # how many test_interp_* the child must report as passed
 
 
 # --------------------------------------------------------------------- construction
@@ -111,6 +111,8 @@ AOT_CASES = [
     ("aggregate", torch.float32, "zero", -1), ("aggregate", torch.float64, "clamp", 0),
     ("correlate", torch.bfloat16, "zero", 1), ("correlate", torch.float32, "clamp", 0),
     ("aggregate_transpose", torch.bfloat16, "clamp", 0), ("aggregate_transpose", torch.float32, "zero", -1),
+    ("aggregate", torch.float32, "reflect", -1), ("correlate", torch.float16, "reflect", 1),
+    ("aggregate_transpose", torch.float32, "reflect", -1), ("aggregate_transpose", torch.float64, "reflect", 0),
 ]
 
 
@@ -144,7 +146,7 @@ def test_kernels_do_not_specialise_on_shapes():
         ints = [p for p in kernel.params if not p.is_constexpr and not p.name.endswith("_ptr")]
         assert ints and all(p.do_not_specialize for p in ints), [p.name for p in ints if not p.do_not_specialize]
         consts = sorted(p.name for p in kernel.params if p.is_constexpr)
-        assert set(consts) <= {"KH", "KW", "CLAMP", "ACC", "SUM_SPACE", "BLOCK_C", "BLOCK_P", "BLOCK_T"}, consts
+        assert set(consts) <= {"KH", "KW", "CLAMP", "REFLECT", "ACC", "SUM_SPACE", "BLOCK_C", "BLOCK_P", "BLOCK_T"}, consts
 
 
 # ------------------------------------------------------------- on a CUDA device
@@ -217,7 +219,7 @@ if INTERPRET:
     from hypothesis import example, given, settings
     from hypothesis import strategies as st
 
-    from oracle import brute_aggregate, brute_aggregate_transpose, brute_correlate, geometries
+    from oracle import brute_aggregate, brute_aggregate_transpose, brute_correlate, check_nonfinite_ops, geometries
     from tokenmix.ops.functional import aggregate, aggregate_transpose, correlate
     from tokenmix.ops.backends.reference import ReferenceBackend
 
@@ -244,7 +246,7 @@ if INTERPRET:
     @st.composite
     def problems(draw):
         """(window, B, C, G, H, W, weight mode, dtype): small shapes (the interpreter runs one
-        Python step per program and op), K up to 7, stride/dilation up to 2, both borders."""
+        Python step per program and op), K up to 7, stride/dilation up to 2, every border."""
         window, _, _, _, H, W = draw(geometries(max_kernel=7, max_stride=2, max_dilation=2, max_size=9))
         B = draw(st.integers(1, 2))
         G = draw(st.sampled_from([1, 2]))
@@ -271,10 +273,12 @@ if INTERPRET:
         (Window(7, stride=2, dilation=2), 2, 3, 1, 9, 14, "full", torch.float16),
         (Window(7, dilation=(2, 1), border="clamp"), 1, 2, 2, 14, 8, "space1", torch.bfloat16),
         (Window((3, 5), stride=(1, 2), padding=(0, 3)), 2, 2, 2, 5, 8, "batch1", torch.float32),
+        (Window(5, stride=2, dilation=(1, 2), border="reflect"), 2, 3, 1, 7, 9, "full", torch.float32),
     ]
     EXAMPLES_BWD = [
         (Window(7, dilation=(1, 2), border="clamp"), 1, 3, 1, 7, 15, "both1", torch.float16),
         (Window((5, 3), stride=2, dilation=(1, 2), padding=(1, 0)), 2, 2, 2, 8, 7, "space1", torch.bfloat16),
+        (Window((3, 5), stride=(2, 1), padding=(1, 3), border="reflect"), 1, 2, 2, 6, 8, "full", torch.float64),
     ]
 
     def _with_examples(examples):
@@ -373,6 +377,49 @@ if INTERPRET:
                                (q.double(), w.double()), gx.double())
         close(gy, rgy, tol, "grad y (transpose)")
         close(gw, rgw, tol, "grad w (transpose)")
+
+    @settings(max_examples=6, deadline=None)
+    @example((Window(3), 1, 2, 2, 6, 9, "full", torch.float32))
+    @example((Window(7, stride=2), 2, 3, 1, 7, 8, "batch1", torch.float16))
+    @given(problems())
+    def test_interp_nonfinite_inputs_and_out_of_image_weights(backend, problem):
+        """The rule for out-of-image taps (docs/design.md, "The op") on the interpreted
+        kernels: NaN/+-inf weights at taps outside the image are never read, correlate and the
+        weight gradients are exactly 0 there whatever q holds, and NaN/+-inf activations reach
+        only the outputs that read them through an in-image tap; the primitives and each
+        primitive's backward formulas."""
+        window, B, C, G, H, W, mode, dtype = problem
+        check_nonfinite_ops(lambda op, a, c: _forward_with(backend, op, a, c, window, G, (H, W)),
+                            lambda op, a, c, g: _backward_with(backend, op, a, c, window, (H, W), g),
+                            window, B, C, G, H, W, mode, dtype, torch.Generator().manual_seed(B * 100 + H * 10 + W),
+                            backend.bwd_tol[dtype])
+
+    @pytest.mark.parametrize("text", ["Window(3, stride=2**24)", "Window((1, 3), stride=2**31)",
+                                      "Window(3, dilation=(1, 2**20), padding=(1, 2**20))",
+                                      "Window(3, stride=(2**20, 1), padding=(2**20, 1))",
+                                      "Window(3, stride=2**20, border='reflect')"])
+    def test_interp_far_reaching_geometry(backend, text):
+        """Strides, dilations and padding far beyond the image (int64 geometry arguments): the
+        three primitives against the brute force."""
+        window = eval(text)
+        B, C, G, H, W = 2, 4, 2, 9, 7
+        Ho, Wo = window.output_size(H, W)
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(B, C, H, W, dtype=torch.float64, generator=gen)
+        y = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=gen)
+        w = torch.randn(B, G, window.taps, Ho, Wo, dtype=torch.float64, generator=gen)
+        tol = backend.fwd_tol[torch.float64]
+        close(backend.aggregate(x, w, window), brute_aggregate(x, w, window), tol, "aggregate")
+        close(backend.correlate(y, x, window, G), brute_correlate(y, x, window, G), tol, "correlate")
+        close(backend.aggregate_transpose(y, w, window, (H, W)), brute_aggregate_transpose(y, w, window, (H, W)),
+              tol, "aggregate_transpose")
+
+    def _forward_with(b, op, a, c, window, G, size):
+        if op == "aggregate":
+            return b.aggregate(a, c, window)
+        if op == "correlate":
+            return b.correlate(a, c, window, G)
+        return b.aggregate_transpose(a, c, window, size)
 
     def test_interp_dispatch_refuses_with_reasons(backend):
         """A forced triton backend on CPU tensors names the reason; the interpreted one runs

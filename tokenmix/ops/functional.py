@@ -2,6 +2,11 @@
 
 Channels of group g are the contiguous block ``[g*C/G, (g+1)*C/G)``; tap ``t = u*Kw + v``
 of output (i, j) reads input ``src_t(i, j)`` as defined by :class:`~tokenmix.ops.Window`.
+
+Taps outside the image (zero border) contribute nothing, on every backend: their weights are
+never read, ``correlate`` and the weight gradients are exactly 0 there whatever the inputs
+hold, so a generator may leave anything (NaN, inf) at those taps. NaN or inf in an activation
+reaches exactly the outputs that read it through an in-image tap.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from .window import Window
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 #: The borders the native CPU kernels implement; a CPU call with another border runs in Python.
-_NATIVE_CPU_BORDERS = ("zero", "clamp")
+_NATIVE_CPU_BORDERS = ("zero", "clamp", "reflect")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -73,6 +78,8 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Opti
         x: (B, C, H, W) input.
         w: (B|1, G, K*K, Ho|1, Wo|1) kernel, G dividing C. A weight of batch 1 and/or spatial
             1x1 broadcasts: with G = C and shape (1, C, K*K, 1, 1) this is a depthwise conv.
+            Entries at taps outside the image are never read (any value, NaN or inf included,
+            leaves y and the gradient in x unchanged); the gradient in w is 0 there.
         window: the :class:`Window` geometry.
         backend: force a backend by name ("reference", "cpu", "triton"); default: dispatch.
 
@@ -96,7 +103,8 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window: Window, groups: int, *,
               backend: Optional[str] = None) -> torch.Tensor:
     """Windowed grouped dot product (the q.k of local attention, and the weight gradient of
     :func:`aggregate`): ``out[b,g,t,i,j] = sum_{c in g} q[b,c,i,j] * k[b,c,src_t(i,j)]``,
-    0 on out-of-image taps.
+    exactly 0 on out-of-image taps whatever q and k hold (NaN or inf in q at a pixel does not
+    reach that pixel's out-of-image taps).
 
     Args:
         q: (B, C, Ho, Wo) queries, ``(Ho, Wo) = window.output_size(H, W)``.
@@ -126,7 +134,7 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
 
     Args:
         y: (B, C, Ho, Wo).
-        w: (B|1, G, K*K, Ho|1, Wo|1).
+        w: (B|1, G, K*K, Ho|1, Wo|1); entries at taps outside the image are never read.
         window: the :class:`Window` geometry.
         input_size: (H, W) of the input that ``aggregate`` read; ``window.output_size(H, W)``
             must be (Ho, Wo).

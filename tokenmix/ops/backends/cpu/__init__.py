@@ -38,6 +38,7 @@ class CpuBackend(Backend):
     name = "cpu"
     devices = frozenset({"cpu"})
     dtypes = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
+    borders = frozenset({"zero", "clamp", "reflect"})
     fwd_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),
                torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
     bwd_tol = fwd_tol

@@ -34,14 +34,50 @@ def _pad_amounts(window: Window, H: int, W: int):
     return ph, bottom, pw, right
 
 
+def _padded_copy_is_small(window: Window, H: int, W: int) -> bool:
+    """Whether the zero-padded copy of a plane stays within a few times the input and output
+    planes. Otherwise (padding, dilation or stride far beyond the image) the zero border
+    gathers each tap's pixels by index instead, so no buffer exceeds the output's size."""
+    Ho, Wo = window.output_size(H, W)
+    top, bottom, left, right = _pad_amounts(window, H, W)
+    return (H + top + bottom) * (W + left + right) <= 4 * (H * W + Ho * Wo) + 256
+
+
+def _zero_flat_index(window: Window, H: int, W: int, device):
+    """Per tap t, the (Ho*Wo,) index of the pixel it reads in a plane padded by one zero row
+    and one zero column at the end ((H + 1) * (W + 1) elements): out-of-image taps read the
+    zero corner (H, W). Zero border only."""
+    ri, ci = window.source_index(H, W, device=device)
+    ri = torch.where(ri < 0, H, ri)
+    ci = torch.where(ci < 0, W, ci)
+    Kh, Kw = window.kernel_size
+    for u in range(Kh):
+        for v in range(Kw):
+            yield u * Kw + v, (ri[u][:, None] * (W + 1) + ci[v][None, :]).reshape(-1)
+
+
+def outside_masks(window: Window, H: int, W: int, device=None):
+    """{t: (Ho, Wo) bool, True where tap t reads outside the image} for the taps of a zero
+    border that do somewhere (the others never do; empty for the clamp and reflect borders)."""
+    if window.border != "zero":
+        return {}
+    ri, ci = window.source_index(H, W, device=device)
+    row_out, col_out = ri < 0, ci < 0
+    rows_any, cols_any = row_out.any(1).tolist(), col_out.any(1).tolist()
+    Kh, Kw = window.kernel_size
+    return {u * Kw + v: row_out[u][:, None] | col_out[v][None, :]
+            for u in range(Kh) for v in range(Kw) if rows_any[u] or cols_any[v]}
+
+
 def shifted_views(x: torch.Tensor, window: Window) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yield ``(t, x_t)`` for every tap, where ``x_t[..., i, j] = x[..., src_t(i, j)]`` (0 on
     out-of-image taps); x: (..., H, W) -> x_t: (..., Ho, Wo). Zero border: views of one
-    padded copy; clamp and reflect borders: one gathered copy per tap."""
+    padded copy (an index gather from a copy padded by one zero row and column where that copy
+    would be large); clamp and reflect borders: one gathered copy per tap."""
     H, W = x.shape[-2:]
     Ho, Wo = window.output_size(H, W)
     Kh, Kw = window.kernel_size
-    if window.border == "zero":
+    if window.border == "zero" and _padded_copy_is_small(window, H, W):
         top, bottom, left, right = _pad_amounts(window, H, W)
         xp = F.pad(x, (left, right, top, bottom))
         (sh, sw), (dh, dw) = window.stride, window.dilation
@@ -49,6 +85,10 @@ def shifted_views(x: torch.Tensor, window: Window) -> Iterator[Tuple[int, torch.
             rows = xp[..., u * dh: u * dh + sh * (Ho - 1) + 1: sh, :]
             for v in range(Kw):
                 yield u * Kw + v, rows[..., v * dw: v * dw + sw * (Wo - 1) + 1: sw]
+    elif window.border == "zero":
+        xz = F.pad(x, (0, 1, 0, 1)).flatten(-2)
+        for t, index in _zero_flat_index(window, H, W, x.device):
+            yield t, xz.index_select(-1, index).unflatten(-1, (Ho, Wo))
     else:
         ri, ci = window.source_index(H, W, device=x.device)
         for u in range(Kh):
@@ -74,8 +114,12 @@ class ReferenceBackend(Backend):
         x5 = x.to(cd).reshape(B, G, C // G, H, W)
         w6 = w.to(cd).unsqueeze(2)  # (B|1, G, 1, KK, Ho|1, Wo|1)
         y = torch.zeros(B, G, C // G, Ho, Wo, dtype=cd, device=x.device)
+        outside = outside_masks(window, H, W, x.device)
         for t, xt in shifted_views(x5, window):
-            y.addcmul_(w6[:, :, :, t], xt)
+            wt = w6[:, :, :, t]
+            if t in outside:  # the weights of out-of-image taps are never read
+                wt = torch.where(outside[t], 0, wt)
+            y.addcmul_(wt, xt)
         return y.reshape(B, C, Ho, Wo).to(x.dtype)
 
     def correlate(self, q, k, window, groups, sum_batch=False, sum_space=False):
@@ -87,8 +131,11 @@ class ReferenceBackend(Backend):
         k5 = k.to(cd).reshape(B, G, C // G, H, W)
         out = torch.empty(1 if sum_batch else B, G, window.taps, 1 if sum_space else Ho,
                           1 if sum_space else Wo, dtype=cd, device=q.device)
+        outside = outside_masks(window, H, W, q.device)
         for t, kt in shifted_views(k5, window):
             s = (q5 * kt).sum(2)  # (B, G, Ho, Wo)
+            if t in outside:  # exactly 0 on out-of-image taps, whatever q holds
+                s = torch.where(outside[t], 0, s)
             if sum_batch:
                 s = s.sum(0, keepdim=True)
             if sum_space:
@@ -104,7 +151,21 @@ class ReferenceBackend(Backend):
         y5 = y.to(cd).reshape(B, G, C // G, Ho, Wo)
         w6 = w.to(cd).unsqueeze(2)
         Kh, Kw = window.kernel_size
-        if window.border == "zero":
+        outside = outside_masks(window, H, W, y.device)
+
+        def weight(t):  # the weights of out-of-image taps are never read
+            wt = w6[:, :, :, t]
+            return torch.where(outside[t], 0, wt) if t in outside else wt
+
+        if window.border == "zero" and not _padded_copy_is_small(window, H, W):
+            # Far-reaching geometry: index_add each tap into a plane padded by one zero row and
+            # column; out-of-image taps land on its zero corner, which is dropped. For a fixed
+            # tap the map is injective on the image, so the sums are exact.
+            xz = torch.zeros(B, G, C // G, (H + 1) * (W + 1), dtype=cd, device=y.device)
+            for t, index in _zero_flat_index(window, H, W, y.device):
+                xz.index_add_(-1, index, (weight(t) * y5).flatten(-2))
+            out = xz.unflatten(-1, (H + 1, W + 1))[..., :H, :W]
+        elif window.border == "zero":
             # Scatter-add each tap into a strided view of a padded buffer: for a fixed tap
             # the map output -> input is injective, so the in-place add is exact.
             top, bottom, left, right = _pad_amounts(window, H, W)
@@ -113,7 +174,7 @@ class ReferenceBackend(Backend):
             for u in range(Kh):
                 for v in range(Kw):
                     view = xp[..., u * dh: u * dh + sh * (Ho - 1) + 1: sh, v * dw: v * dw + sw * (Wo - 1) + 1: sw]
-                    view.addcmul_(w6[:, :, :, u * Kw + v], y5)
+                    view.addcmul_(weight(u * Kw + v), y5)
             out = xp[..., top: top + H, left: left + W]
         else:
             # Clamp and reflect borders: several outputs can read the same pixel through one

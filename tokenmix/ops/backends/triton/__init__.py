@@ -47,6 +47,7 @@ class TritonBackend(Backend):
     name = "triton"
     devices = frozenset({"cuda"})
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    borders = frozenset({"zero", "clamp", "reflect"})
     # Against the float64 reference run on the same (rounded) inputs. 16-bit outputs are
     # rounded once from a float32 accumulator: half an ulp is 4.9e-4 (fp16), 3.9e-3 (bf16).
     fwd_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),

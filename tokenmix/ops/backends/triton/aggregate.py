@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, channel_pixel_grid, check_plane, weight_strides
-from .device import clamp_start, split_program, tile_channels, tile_pixels
+from .device import clamp_start, reflect_index, split_program, tile_channels, tile_pixels
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
@@ -32,7 +32,7 @@ def aggregate_kernel(
     w_sb, w_sg, w_st, w_sp,
     sh, sw, dh, dw, ph, pw,
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, REFLECT: tl.constexpr,
 ):
     """One program computes a ``BLOCK_C x BLOCK_P`` tile of ``y``: ``BLOCK_C`` channels of one
     group ``g`` (so every weight value it loads is reused by ``BLOCK_C`` channels) times
@@ -75,6 +75,9 @@ def aggregate_kernel(
         hs = h0 + u * dh
         if CLAMP:
             m_h = mask_p
+        elif REFLECT:
+            hs = reflect_index(hs, H)
+            m_h = mask_p
         else:
             m_h = mask_p & (hs >= 0) & (hs < H)
         hs = hs * W
@@ -82,9 +85,13 @@ def aggregate_kernel(
             ws = w0 + v * dw
             if CLAMP:
                 m = m_h
+            elif REFLECT:
+                ws = reflect_index(ws, W)
+                m = m_h
             else:
                 m = m_h & (ws >= 0) & (ws < W)
-            wv = tl.load(w_pix, mask=mask_p, other=0.0).to(ACC)
+            # masked like the input: a tap outside the image never reads its weight
+            wv = tl.load(w_pix, mask=m, other=0.0).to(ACC)
             xv = tl.load(x_rows + (hs + ws)[None, :], mask=mask_c2 & m[None, :], other=0.0).to(ACC)
             acc += wv[None, :] * xv
             w_pix += w_st
@@ -112,6 +119,6 @@ def aggregate(x: torch.Tensor, w: torch.Tensor, window) -> torch.Tensor:
         *weight_strides(w),
         sh, sw, dh, dw, ph, pw,
         KH=Kh, KW=Kw, CLAMP=window.border == "clamp", ACC=acc_dtype(x.dtype),
-        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
+        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, REFLECT=window.border == "reflect", num_warps=4, enable_fp_fusion=True,
     )
     return y

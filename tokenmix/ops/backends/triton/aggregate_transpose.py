@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, channel_pixel_grid, check_plane, clamp_candidates, weight_strides
-from .device import split_program, tile_channels, tile_pixels
+from .device import reflect_index, split_program, tile_channels, tile_pixels
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
@@ -35,7 +35,7 @@ def aggregate_transpose_kernel(
     w_sb, w_sg, w_st, w_sp,
     sh, sw, dh, dw, ph, pw, NC_H, NC_W,
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, REFLECT: tl.constexpr,
 ):
     """One program computes a ``BLOCK_C x BLOCK_P`` tile of the result ``x``: ``BLOCK_C``
     channels of one group ``g`` times ``BLOCK_P`` consecutive *input* pixels of the flattened
@@ -51,6 +51,8 @@ def aggregate_transpose_kernel(
       ``h`` is ``i = (h + p - u*d) / s``, valid when the division is exact and ``0 <= i < Ho``
       (same for columns); one ``BLOCK_P`` weight gather, one ``BLOCK_C x BLOCK_P`` gather of
       ``y``, one FMA per element.
+    - reflect border: as the zero border, for each of the (at most three) raw positions per
+      axis that reflect to the pixel (``h``, ``-h``, ``2(H-1) - h``): 9 candidates per tap.
     - clamp border (stride 1): along an axis, the outputs whose window covers input ``h`` have
       ``i' = i // d`` in a contiguous range ``[lo, hi]`` of the sub-grid ``r = h mod d``, each
       through the single tap ``u = h // d - start'(i')``. The program loops ``NC_H x NC_W``
@@ -94,6 +96,40 @@ def aggregate_transpose_kernel(
                 wv = tl.load(w_base + t.to(tl.int64) * w_st + o * w_sp, mask=ok, other=0.0).to(ACC)
                 yv = tl.load(y_rows + o[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(ACC)
                 acc += wv[None, :] * yv
+    elif REFLECT:
+        # the raw positions that reflect to h: h itself, -h (h > 0) and 2(H-1) - h (h < H-1);
+        # each is read by at most one output per tap, found as on the zero border. The taps are
+        # loops (unrolling the 3 x 3 candidates of every tap spills registers), the candidates
+        # of a tap unroll
+        for u in range(KH):
+            nh = h + ph - u * dh                  # the row candidates, as on the zero border
+            ok0 = mask_p & (nh >= 0)
+            i0 = tl.where(ok0, nh, 0) // sh
+            ok0 = ok0 & (i0 * sh == nh) & (i0 < Ho)
+            nh = ph - h - u * dh
+            ok1 = mask_p & (h > 0) & (nh >= 0)
+            i1 = tl.where(ok1, nh, 0) // sh
+            ok1 = ok1 & (i1 * sh == nh) & (i1 < Ho)
+            nh = 2 * (H - 1) - h + ph - u * dh
+            ok2 = mask_p & (h < H - 1) & (nh >= 0)
+            i2 = tl.where(ok2, nh, 0) // sh
+            ok2 = ok2 & (i2 * sh == nh) & (i2 < Ho)
+            for v in range(KW):
+                for c in tl.static_range(3):
+                    rw = tl.where(c == 0, w, tl.where(c == 1, -w, 2 * (W - 1) - w))
+                    ok_w = mask_p & ((c == 0) | ((c == 1) & (w > 0)) | ((c == 2) & (w < W - 1)))
+                    nw = rw + pw - v * dw
+                    ok_w = ok_w & (nw >= 0)
+                    nw = tl.where(ok_w, nw, 0)
+                    j = nw // sw
+                    ok_w = ok_w & (j * sw == nw) & (j < Wo)
+                    for a in tl.static_range(3):
+                        i = i0 if a == 0 else (i1 if a == 1 else i2)
+                        ok = ok_w & (ok0 if a == 0 else (ok1 if a == 1 else ok2))
+                        o = tl.where(ok, i * Wo + j, 0)
+                        wv = tl.load(w_base + (u * KW + v) * w_st + o * w_sp, mask=ok, other=0.0).to(ACC)
+                        yv = tl.load(y_rows + o[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(ACC)
+                        acc += wv[None, :] * yv
     else:
         w_tap = w_base
         for u in range(KH):  # a loop; the KW taps of a row unroll
@@ -140,6 +176,6 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window, input_size: Tu
         *weight_strides(w),
         sh, sw, dh, dw, ph, pw, nc_h, nc_w,
         KH=Kh, KW=Kw, CLAMP=clamp, ACC=acc_dtype(y.dtype),
-        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
+        BLOCK_C=BLOCK_C, BLOCK_P=BLOCK_P, REFLECT=window.border == "reflect", num_warps=4, enable_fp_fusion=True,
     )
     return x

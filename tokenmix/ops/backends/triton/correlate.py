@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
-from .device import clamp_start, tile_pixels
+from .device import clamp_start, reflect_index, tile_pixels
 
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
 
@@ -34,7 +34,7 @@ def correlate_kernel(
     B, C, H, W, Ho, Wo, Cg, G, n_pblk, b_per_prog,
     sh, sw, dh, dw, ph, pw,
     KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, SUM_SPACE: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, REFLECT: tl.constexpr,
 ):
     """One program owns a ``BLOCK_T x BLOCK_P`` tile of the output: all ``KH*KW`` taps
     (``BLOCK_T`` = next power of two) of ``BLOCK_P`` consecutive output pixels of the
@@ -73,6 +73,10 @@ def correlate_kernel(
         hs = h0[None, :] + (u * dh)[:, None]
         ws = w0[None, :] + (v * dw)[:, None]
         valid = mask_t[:, None] & mask_p[None, :]
+    elif REFLECT:
+        hs = reflect_index((i * sh - ph)[None, :] + (u * dh)[:, None], H)
+        ws = reflect_index((j * sw - pw)[None, :] + (v * dw)[:, None], W)
+        valid = mask_t[:, None] & mask_p[None, :]
     else:
         hs = (i * sh - ph)[None, :] + (u * dh)[:, None]
         ws = (j * sw - pw)[None, :] + (v * dw)[:, None]
@@ -93,6 +97,8 @@ def correlate_kernel(
             q_c += Ho * Wo
             k_c += H * W
 
+    if not CLAMP and not REFLECT:
+        acc = tl.where(valid, acc, 0.0)           # out-of-image taps: exactly 0, whatever q holds
     row = (bo.to(tl.int64) * G + g) * (KH * KW) + t   # (BLOCK_T,) int64 row of out
     if SUM_SPACE:
         part = tl.sum(acc, axis=1)
@@ -141,7 +147,7 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window, groups: int, sum_batch: 
         B, C, H, W, Ho, Wo, C // G, G, n_pblk, b_per_prog,
         sh, sw, dh, dw, ph, pw,
         KH=Kh, KW=Kw, CLAMP=window.border == "clamp", SUM_SPACE=sum_space, ACC=acc_dtype(q.dtype),
-        BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
+        REFLECT=window.border == "reflect", BLOCK_T=BLOCK_T, BLOCK_P=BLOCK_P, num_warps=4, enable_fp_fusion=True,
     )
     if sum_space:
         out = out.sum(-1).reshape(Bo, G, KK, 1, 1)

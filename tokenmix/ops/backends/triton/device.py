@@ -19,6 +19,15 @@ def clamp_start(i, L, K: tl.constexpr, d):
 
 
 @triton.jit
+def reflect_index(i, L):
+    """The reflect border's source of raw index ``i`` along an axis of length ``L``, as
+    ``F.pad(mode="reflect")``: -1 -> 1, L -> L - 2 (one reflection suffices: the padding is
+    below L)."""
+    i = tl.where(i < 0, -i, i)
+    return tl.where(i >= L, 2 * (L - 1) - i, i)
+
+
+@triton.jit
 def split_program(pid, n_pblk, n_cblk, G):
     """Program id -> (pixel block, channel block, group, batch as int64); pixel blocks vary
     fastest so neighbouring programs share input rows."""

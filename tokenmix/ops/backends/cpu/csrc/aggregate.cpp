@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -255,6 +256,7 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
   const bool affine = affine_cl<scalar_t>(Cg, source_weights || wpix == 1, Kw, s, col_offset, args.zero_border);
   // source_weights: the task's weights, copied from the source pixels as (K*K, ch, Wo)
   const SourceWeights sw = source_weights ? SourceWeights(args.plan) : SourceWeights();
+  const EdgeColumns edges(args.plan, args.zero_border && !source_weights);
   const int64_t wpitch = round_up(Wo, L), tap_pitch = ch * wpitch;
   ThreadScratch scratch(bytes_of({max_rows_read * pitch, ch * Wo * Cg, source_weights ? KK * tap_pitch : 0}, sizeof(acc_t)));
   for_each_task(B * G * nch, G, nch, scratch, [&](Carver& cv, TaskRange tasks) {
@@ -270,6 +272,26 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
       if (source_weights) sw.copy(shifted_weights.data(), tap_pitch, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
+      // the kernels multiply the weights of taps outside the image by a zero column: a
+      // non-finite weight there gives a non-finite output, computed again without those taps
+      // (rr: row i's scratch rows)
+      auto fix_edges = [&](int64_t i, acc_t* orow) {
+        if (edges.finite(orow, Wo, Cg)) return;
+        edges.for_each(Wo, [&](int64_t j) {
+          for (int64_t c = 0; c < Cg; ++c) {
+            acc_t& o = orow[j * Cg + c];
+            if (std::isfinite(o)) continue;
+            acc_t acc = 0;
+            for (int64_t u = 0; u < Kh; ++u) {
+              if (rr[u] < 0) continue;
+              for (int64_t v = 0; v < Kw; ++v)
+                if (cols[v * Wo + j] >= 0)
+                  acc += static_cast<acc_t>(wg[(u * Kw + v) * wHW + (i * Wo + j) * wpix]) * x_rows[rr[u] + cidx[j * Kw + v] + c];
+            }
+            o = acc;
+          }
+        });
+      };
       for (int64_t i = i0; i < i1; ++i) {
         for (int64_t u = 0; u < Kh; ++u) {
           const int64_t r = rows[u * Ho + i];
@@ -305,6 +327,14 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
                                                    wg + (i * Wo + j) * wpix, wHW, wpix, o, Cg);
         });
       }
+      if (edges.any && !all_finite(out_rows.data(), (i1 - i0) * Wo * Cg))
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t u = 0; u < Kh; ++u) {
+            const int64_t r = rows[u * Ho + i];
+            rr[u] = r >= 0 ? (r - rmin) * pitch : -1;
+          }
+          fix_edges(i, out_rows.data() + (i - i0) * Wo * Cg);
+        }
       from_last(yg + i0 * Wo, Ho * Wo, out_rows.data(), pix.data(), Cg, (i1 - i0) * Wo);
     }
   });
@@ -344,6 +374,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
   const int64_t ch = chunk_rows(B * G, Ho, most), nch = ceil_div(Ho, ch);
   const int64_t block_width = p.block_width, rowstride = s * p.phase_width;
   const SourceWeights sw = source_weights ? SourceWeights(args.plan) : SourceWeights();
+  const EdgeColumns edges(args.plan, args.zero_border && !source_weights);
 
   const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch), cstride = max_rows_read * rowstride;
   p.plan_fill(max_rows_read);
@@ -464,27 +495,40 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
               });
             });
           }
-          // scalar path: columns outside the affine range (clamp-border edges)
-          for (int64_t k = 0; k < n && !p.all_fast(); ++k) {
+          // output (row i + k, column j, channel c) from its in-image taps alone
+          auto pixel = [&](int64_t k, int64_t j, int64_t c) {
             const int64_t* rk = scratch_row_of_tap.data() + k * Kh;
             const acc_t* wk = wb + k * wrow;
-            acc_t* ok = orow + k * out_row_pitch;
-            for (int64_t j = 0; j < Wo; ++j) {
-              if (in_fast(p, j)) continue;
-              for (int64_t c = 0; c < Cg; ++c) {
-                const acc_t* xc = x_rows.data() + c * cstride;
-                acc_t acc = 0;
-                for (int64_t u = 0; u < Kh; ++u) {
-                  if (rk[u] < 0) continue;
-                  for (int64_t v = 0; v < Kw; ++v) {
-                    int64_t col = p.cols[v * Wo + j];
-                    if (col < 0) continue;
-                    acc += wk[(u * Kw + v) * wstep + j] * xc[rk[u] * rowstride + p.pos(col)];
-                  }
-                }
-                ok[c * ostep + j] = acc;
+            const acc_t* xc = x_rows.data() + c * cstride;
+            acc_t acc = 0;
+            for (int64_t u = 0; u < Kh; ++u) {
+              if (rk[u] < 0) continue;
+              for (int64_t v = 0; v < Kw; ++v) {
+                int64_t col = p.cols[v * Wo + j];
+                if (col < 0) continue;
+                acc += wk[(u * Kw + v) * wstep + j] * xc[rk[u] * rowstride + p.pos(col)];
               }
             }
+            return acc;
+          };
+          // scalar path: columns outside the affine range (clamp-border edges)
+          for (int64_t k = 0; k < n && !p.all_fast(); ++k)
+            for (int64_t j = 0; j < Wo; ++j) {
+              if (in_fast(p, j)) continue;
+              for (int64_t c = 0; c < Cg; ++c) orow[k * out_row_pitch + c * ostep + j] = pixel(k, j, c);
+            }
+          // the blocks multiply the weights of taps outside the image by the zero padding: a
+          // non-finite weight there gives a non-finite output, computed again without those taps
+          for (int64_t k = 0; k < n && edges.any; ++k) {
+            bool finite = true;
+            for (int64_t c = 0; c < Cg && finite; ++c) finite = edges.finite(orow + k * out_row_pitch + c * ostep, Wo);
+            if (finite) continue;
+            edges.for_each(Wo, [&](int64_t j) {
+              for (int64_t c = 0; c < Cg; ++c) {
+                acc_t& o = orow[k * out_row_pitch + c * ostep + j];
+                if (!std::isfinite(o)) o = pixel(k, j, c);
+              }
+            });
           }
         }
         if (!output_in_place) {

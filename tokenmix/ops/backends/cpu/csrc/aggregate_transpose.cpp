@@ -263,12 +263,13 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
   }
   const int64_t mw = (W - 1 + pad_cols) / s + 1;  // phase-row length covering every input column
   const int64_t block = L;  // one vector of columns per block
-  // fast m range per phase: all of [0, mw) (zero border) or the clamp interior
+  // fast m range per phase: all of [0, mw) (zero border) or, at stride 1, the clamp or reflect
+  // interior (at a larger stride a reflect border's plane goes through the scalar path)
   int64_t m_a = 0, m_b = round_up(mw, block);
   if (!args.zero_border) {
     m_a = affine_in_begin + pad_cols;
     m_b = affine_in_end + pad_cols;
-    if (m_b - m_a < block) m_a = m_b = 0;
+    if (m_b - m_a < block || s > 1) m_a = m_b = 0;
   }
   // stride 1, zero border: only m = col + pad_cols of image columns is needed; a row narrower
   // than a block takes one block from pad_cols (writing a few phase-row entries past the row)

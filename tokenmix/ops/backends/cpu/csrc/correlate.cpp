@@ -169,107 +169,116 @@ void correlate_tail(const at::Tensor& q_t, const at::Tensor& k_t, at::Tensor& ou
   // per (plane, output row): its tap rows one after the other, so its q rows and the k rows
   // (shared with the next output row) stay in L1
   at::parallel_for(0, (p1 - p0) * Ho, 1, [&](int64_t a0, int64_t a1) {
+    bool q_finite = true;  // of the output row (plane, i), found at its first tap row
     for (int64_t au = a0 * Kh; au < a1 * Kh; ++au) {
       const int64_t pl = p0 + au / (Kh * Ho), i = (au / Kh) % Ho, u = au % Kh;
+      if (u == 0) {
+        q_finite = true;
+        for (int64_t c = 0; c < Cg && q_finite && plan.zero_border; ++c)
+          q_finite = all_finite(qd + (pl * Cg + c) * Ho * Wo + i * Wo, Wo);
+      }
       const int64_t r = rows[u * Ho + i];
       scalar_t* o = od + ((pl * KK + u * Kw) * Ho + i) * Wo;  // tap (u, v) at o + v * Ho * Wo
       if (r < 0) {
         for (int64_t v = 0; v < Kw; ++v) std::fill(o + v * Ho * Wo, o + v * Ho * Wo + Wo, scalar_t(0));
         continue;
       }
-      const scalar_t* q = qd + pl * Cg * Ho * Wo + i * Wo;  // channel c at q + c * Ho * Wo
-      const scalar_t* k = kd + pl * Cg * H * W + r * W;     // channel c at k + c * H * W
+      [&] {  // the row's taps; then the columns they read outside the image are zeroed
+        const scalar_t* q = qd + pl * Cg * Ho * Wo + i * Wo;  // channel c at q + c * Ho * Wo
+        const scalar_t* k = kd + pl * Cg * H * W + r * W;     // channel c at k + c * H * W
 #if defined(__AVX2__)
-      if constexpr (std::is_same<acc_t, float>::value) {
-        if (narrow) {
-          // the n <= 8 elements at p (the 16-bit types converted), zeros after them; reads
-          // past them only inside the tensor (end)
-          auto row8 = [](const scalar_t* p, int64_t n, const scalar_t* end) {
-            if constexpr (std::is_same<scalar_t, float>::value) {
-              return _mm256_maskload_ps(p, lane_range<float>(0, n));
-            } else {
-              if (p + 8 <= end)
-                return _mm256_and_ps((__m256)load_acc<1>(p), _mm256_castsi256_ps(lane_range<float>(0, n)));
-              alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-              for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(p[j]);
-              return _mm256_load_ps(t);
-            }
-          };
-          for (int64_t v0 = 0; v0 < Kw; v0 += 8)
-            with_count<8>(Kw - v0, [&](auto tv) {
-              constexpr int NT = decltype(tv)::value;
-              __m256i idx[NT], hi[NT], ok[NT];
-              for (int m = 0; m < NT; ++m) {
-                const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pidx.data() + (v0 + m) * 8));
-                idx[m] = c;  // permutevar uses the low 3 bits
-                hi[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(7));
-                ok[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(-1));
+        if constexpr (std::is_same<acc_t, float>::value) {
+          if (narrow) {
+            // the n <= 8 elements at p (the 16-bit types converted), zeros after them; reads
+            // past them only inside the tensor (end)
+            auto row8 = [](const scalar_t* p, int64_t n, const scalar_t* end) {
+              if constexpr (std::is_same<scalar_t, float>::value) {
+                return _mm256_maskload_ps(p, lane_range<float>(0, n));
+              } else {
+                if (p + 8 <= end)
+                  return _mm256_and_ps((__m256)load_acc<1>(p), _mm256_castsi256_ps(lane_range<float>(0, n)));
+                alignas(32) float t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (int64_t j = 0; j < n; ++j) t[j] = static_cast<float>(p[j]);
+                return _mm256_load_ps(t);
               }
-              __m256 acc[NT];
-              for (int m = 0; m < NT; ++m) acc[m] = _mm256_setzero_ps();
-              for (int64_t c = 0; c < Cg; ++c) {
-                const __m256 qv = row8(q + c * Ho * Wo, Wo, qend);
-                const scalar_t* kc = k + c * H * W;
-                const __m256 k0 = row8(kc, std::min<int64_t>(W, 8), kend);
-                const __m256 k1 = row8(kc + 8, std::max<int64_t>(W - 8, 0), kend);
+            };
+            for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+              with_count<8>(Kw - v0, [&](auto tv) {
+                constexpr int NT = decltype(tv)::value;
+                __m256i idx[NT], hi[NT], ok[NT];
                 for (int m = 0; m < NT; ++m) {
-                  const __m256 kv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(k0, idx[m]),
-                                                     _mm256_permutevar8x32_ps(k1, idx[m]), _mm256_castsi256_ps(hi[m]));
-                  acc[m] = _mm256_fmadd_ps(qv, _mm256_and_ps(kv, _mm256_castsi256_ps(ok[m])), acc[m]);
+                  const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pidx.data() + (v0 + m) * 8));
+                  idx[m] = c;  // permutevar uses the low 3 bits
+                  hi[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(7));
+                  ok[m] = _mm256_cmpgt_epi32(c, _mm256_set1_epi32(-1));
                 }
-              }
-              for (int m = 0; m < NT; ++m) {
-                alignas(32) float t[8];
-                _mm256_store_ps(t, acc[m]);
-                std::copy(t, t + Wo, o + (v0 + m) * Ho * Wo);
-              }
-            });
-          continue;
+                __m256 acc[NT];
+                for (int m = 0; m < NT; ++m) acc[m] = _mm256_setzero_ps();
+                for (int64_t c = 0; c < Cg; ++c) {
+                  const __m256 qv = row8(q + c * Ho * Wo, Wo, qend);
+                  const scalar_t* kc = k + c * H * W;
+                  const __m256 k0 = row8(kc, std::min<int64_t>(W, 8), kend);
+                  const __m256 k1 = row8(kc + 8, std::max<int64_t>(W - 8, 0), kend);
+                  for (int m = 0; m < NT; ++m) {
+                    const __m256 kv = _mm256_blendv_ps(_mm256_permutevar8x32_ps(k0, idx[m]),
+                                                       _mm256_permutevar8x32_ps(k1, idx[m]), _mm256_castsi256_ps(hi[m]));
+                    acc[m] = _mm256_fmadd_ps(qv, _mm256_and_ps(kv, _mm256_castsi256_ps(ok[m])), acc[m]);
+                  }
+                }
+                for (int m = 0; m < NT; ++m) {
+                  alignas(32) float t[8];
+                  _mm256_store_ps(t, acc[m]);
+                  std::copy(t, t + Wo, o + (v0 + m) * Ho * Wo);
+                }
+              });
+            return;
+          }
         }
-      }
 #endif
-      if (vec || zero_affine) {
-        auto block = [&](int64_t j0) {
-          // stride 2 reads one element past a block's last column: past the tensor only on
-          // its very last row, which then goes through masked loads
-          const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + col_offset[Kw - 1] + 2 * L <= kend;
-          const bool edge = j0 < ja || j0 + L > jb;
-          for (int64_t v0 = 0; v0 < Kw; v0 += 8)
-            with_count<8>(Kw - v0, [&](auto tv) {
-              constexpr int NT = decltype(tv)::value;
-              const scalar_t* qj = q + j0;
-              const scalar_t* kj = k + j0 * s;
-              scalar_t* oj = o + v0 * Ho * Wo + j0;
-              if (!edge && s == 1)
-                tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
-              else if (!edge && two)
-                tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
-              else  // edges, other strides (every lane inside the row: none cleared)
-                tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo, j0 * s, W, kd,
-                                             kend);
-            });
-        };
-        if (zero_affine) {  // blocks over the whole row, the edge ones masked
-          int64_t j0 = 0;
-          for (; j0 + L <= Wo; j0 += L) block(j0);
-          if (j0 < Wo) block(Wo - L);  // the last block shifted left: recomputes a few columns
-          continue;
+        if (vec || zero_affine) {
+          auto block = [&](int64_t j0) {
+            // stride 2 reads one element past a block's last column: past the tensor only on
+            // its very last row, which then goes through masked loads
+            const bool two = s == 2 && k + (Cg - 1) * H * W + j0 * s + col_offset[Kw - 1] + 2 * L <= kend;
+            const bool edge = j0 < ja || j0 + L > jb;
+            for (int64_t v0 = 0; v0 < Kw; v0 += 8)
+              with_count<8>(Kw - v0, [&](auto tv) {
+                constexpr int NT = decltype(tv)::value;
+                const scalar_t* qj = q + j0;
+                const scalar_t* kj = k + j0 * s;
+                scalar_t* oj = o + v0 * Ho * Wo + j0;
+                if (!edge && s == 1)
+                  tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
+                else if (!edge && two)
+                  tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
+                else  // edges, other strides (every lane inside the row: none cleared)
+                  tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo, j0 * s, W, kd,
+                                               kend);
+              });
+          };
+          if (zero_affine) {  // blocks over the whole row, the edge ones masked
+            int64_t j0 = 0;
+            for (; j0 + L <= Wo; j0 += L) block(j0);
+            if (j0 < Wo) block(Wo - L);  // the last block shifted left: recomputes a few columns
+            return;
+          }
+          int64_t j0 = ja;
+          for (; j0 + L <= jb; j0 += L) block(j0);
+          if (j0 < jb) block(jb - L);
         }
-        int64_t j0 = ja;
-        for (; j0 + L <= jb; j0 += L) block(j0);
-        if (j0 < jb) block(jb - L);
-      }
-      for (int64_t j = 0; j < Wo; ++j) {
-        if (j >= ja && j < jb) continue;
-        for (int64_t v = 0; v < Kw; ++v) {
-          const int64_t col = cols[v * Wo + j];
-          acc_t acc = 0;
-          if (col >= 0)
-            for (int64_t c = 0; c < Cg; ++c)
-              acc = std::fma(static_cast<acc_t>(q[c * Ho * Wo + j]), static_cast<acc_t>(k[c * H * W + col]), acc);
-          o[v * Ho * Wo + j] = static_cast<scalar_t>(acc);
+        for (int64_t j = 0; j < Wo; ++j) {
+          if (j >= ja && j < jb) continue;
+          for (int64_t v = 0; v < Kw; ++v) {
+            const int64_t col = cols[v * Wo + j];
+            acc_t acc = 0;
+            if (col >= 0)
+              for (int64_t c = 0; c < Cg; ++c)
+                acc = std::fma(static_cast<acc_t>(q[c * Ho * Wo + j]), static_cast<acc_t>(k[c * H * W + col]), acc);
+            o[v * Ho * Wo + j] = static_cast<scalar_t>(acc);
+          }
         }
-      }
+      }();
+      if (!q_finite) zero_outside_columns(o, Ho * Wo, plan);  // else exactly +0 there already
     }
   });
 }
@@ -352,6 +361,7 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Args& ar
       const int64_t rmin = span.first, rows_read = span.second;
       to_last(x_rows.data(), xoff.data(), kd + ((b * C + g * Cg) * H + rmin) * W, H * W, Cg, rows_read * W);
       to_last(qs.data(), qoff.data(), qd + (b * C + g * Cg) * Ho * Wo + i0 * Wo, Ho * Wo, Cg, (i1 - i0) * Wo);
+      const bool q_finite = !args.zero_border || all_finite(qs.data(), (i1 - i0) * Wo * Cg);
       for (int64_t i = i0; i < i1; ++i) {
         int64_t ta = KK, tb = 0;  // taps of the first and past the last tap row inside the image
         for (int64_t t = 0; t < KK; ++t) {
@@ -362,6 +372,18 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Args& ar
         ta = std::min(ta, tb);
         corr_row_cl(x_rows.data(), trow.data(), tcol.data(), KKp, ta, tb, Wo, qs.data() + (i - i0) * Wo * Cg, Cg / L,
                     result_rows.data() + (i - i0) * Wo * KKp);
+        // taps outside the image: 0, whatever q holds (the zero pixel times a non-finite q is not)
+        if (!q_finite) {
+          acc_t* res = result_rows.data() + (i - i0) * Wo * KKp;
+          for (int64_t u = 0; u < Kh; ++u) {
+            const bool inside = rows[u * Ho + i] >= 0;
+            for (int64_t v = 0; v < Kw; ++v) {
+              const int64_t a = inside ? args.plan.col_valid_begin[v] : Wo, e = inside ? args.plan.col_valid_end[v] : Wo;
+              for (int64_t j = 0; j < a; ++j) res[j * KKp + u * Kw + v] = 0;
+              for (int64_t j = e; j < Wo; ++j) res[j * KKp + u * Kw + v] = 0;
+            }
+          }
+        }
       }
       from_last(od + (b * G + g) * KK * Ho * Wo + i0 * Wo, Ho * Wo, result_rows.data(), roff.data(), KK, (i1 - i0) * Wo);
     }
@@ -471,6 +493,11 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
             pfq = Prefetch(qd + ((nb * C + ng * Cg) * Ho + ni0) * Wo, Cg, Ho * Wo, (ni1 - ni0) * Wo);
           }
         }
+        // a zero border's taps outside the image read the zero padding: exactly +0, unless q is
+        // not finite (then zeroed below)
+        bool q_finite = true;
+        for (int64_t c = 0; c < Cg && q_finite && args.zero_border; ++c)
+          q_finite = all_finite(qd + ((b * C + g * Cg + c) * Ho + i0) * Wo, (i1 - i0) * Wo);
         for (int64_t i = i0; i < i1;) {
           const int64_t n = i + 1 < i1 ? 2 : 1;  // output rows computed together
           for (int64_t k = 0; k < n; ++k) {
@@ -560,6 +587,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
                   rbu[v * rstep + j] = acc;
                 }
               }
+              if (!q_finite) zero_outside_columns(rbu, rstep, args.plan);
             }
             // per-pixel results stay in the packed buffer until the task's rows are done (below)
             if (sum_space) {

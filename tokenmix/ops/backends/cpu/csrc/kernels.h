@@ -21,6 +21,13 @@ at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, const P
 // mirrored window (Plan::mirrored) with each weight taken at the source pixel its tap reads.
 at::Tensor aggregate_source_weights(const at::Tensor& y, const at::Tensor& w, const Plan& mirrored);
 
+// The three ops from the plan's tables alone, with no scratch (tables.cpp): the kernels of the
+// plans whose window reaches far past the image along a row (Plan::bounded_layout false).
+at::Tensor aggregate_tables(const at::Tensor& x, const at::Tensor& w, const Plan& plan);
+at::Tensor correlate_tables(const at::Tensor& q, const at::Tensor& k, const Plan& plan, int64_t groups,
+                            bool sum_batch, bool sum_space);
+at::Tensor aggregate_transpose_tables(const at::Tensor& y, const at::Tensor& w, const Plan& plan);
+
 #ifdef TOKENMIX_TEST_HOOKS
 // Forces how many of correlate's last planes lend their memory as scratch (n >= 0; -1: the
 // kernel's own sizing); returns the previous setting.

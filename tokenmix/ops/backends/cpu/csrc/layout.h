@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -174,6 +176,78 @@ void fill_rows(acc_t* x_rows, int64_t cstride, const scalar_t* src, int64_t ncg,
         if (p.cnt[f0] > npair) dst[p.dst0[f0] + npair] = static_cast<acc_t>(row[p.col0[f0] + 2 * npair]);
       }
     }
+  }
+}
+
+// Whether the n elements at p are all finite: no element has its exponent bits all set (an
+// integer test, 32 bytes at a time for float and double).
+template <typename T>
+inline bool all_finite(const T* p, int64_t n) {
+  if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+    using U = std::conditional_t<std::is_same<T, float>::value, int32_t, int64_t>;
+    constexpr U E = std::is_same<T, float>::value ? U(0x7f800000) : U(0x7ff0000000000000ll);
+    typedef U UV __attribute__((vector_size(32)));
+    constexpr int L = 32 / sizeof(U);
+    UV bad = {};
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {
+      UV b;
+      std::memcpy(&b, p + i, sizeof b);
+      bad |= (b & E) == E;
+    }
+    U any = 0;
+    for (int l = 0; l < L; ++l) any |= bad[l];
+    for (; i < n; ++i) {
+      U b;
+      std::memcpy(&b, p + i, sizeof b);
+      any |= (b & E) == E;
+    }
+    return any == 0;
+  } else {  // float16 (exponent 0x7c00), bfloat16 (0x7f80)
+    const uint16_t e = std::is_same<T, at::Half>::value ? 0x7c00 : 0x7f80;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      uint16_t b;
+      std::memcpy(&b, p + i, sizeof b);
+      bad |= (b & e) == e ? 1u : 0u;
+    }
+    return bad == 0;
+  }
+}
+
+// The output columns where some tap column reads outside the image (a zero border's edges):
+// [0, begin) and [end, Wo). any: there are such columns (and the caller asked for them).
+struct EdgeColumns {
+  int64_t begin = 0, end = 0;
+  bool any = false;
+  EdgeColumns(const Plan& plan, bool wanted) : end(plan.Wo) {
+    for (int64_t v = 0; v < plan.Kw; ++v)
+      begin = std::max(begin, plan.col_valid_begin[v]), end = std::min(end, plan.col_valid_end[v]);
+    end = std::max(begin, end);
+    any = wanted && (begin > 0 || end < plan.Wo);
+  }
+  template <typename F>
+  void for_each(int64_t Wo, F&& f) const {
+    if (!any) return;
+    for (int64_t j = 0; j < begin; ++j) f(j);
+    for (int64_t j = end; j < Wo; ++j) f(j);
+  }
+  // Whether the edge columns of a row (Wo columns of `width` elements each, at p) are finite.
+  template <typename T>
+  bool finite(const T* p, int64_t Wo, int64_t width = 1) const {
+    return all_finite(p, begin * width) && all_finite(p + end * width, (Wo - end) * width);
+  }
+};
+
+// The results of one output row and tap row, tap column v at r + v * rstep (Wo columns): 0 at the
+// columns where tap v reads outside the image (a zero border's taps contribute nothing there,
+// whatever q holds: the kernels' zero padding times a non-finite q would not be 0).
+template <typename T>
+inline void zero_outside_columns(T* r, int64_t rstep, const Plan& plan) {
+  for (int64_t v = 0; v < plan.Kw; ++v) {
+    T* rv = r + v * rstep;
+    std::fill(rv, rv + plan.col_valid_begin[v], T(0));
+    std::fill(rv + plan.col_valid_end[v], rv + plan.Wo, T(0));
   }
 }
 

@@ -68,6 +68,7 @@ at::Tensor aggregate_op(const at::Tensor& x, const at::Tensor& w, Ints kernel_si
   check_same_dtype("x", x, "w", w);
   const auto plan = plan_for(window, x.size(2), x.size(3));
   check_weight(w, x.size(0), x.size(1), *plan, "x");
+  if (!plan->bounded_layout) return aggregate_tables(x.contiguous(), w.contiguous(), *plan);
   return aggregate(x.contiguous(), w.contiguous(), *plan);
 }
 
@@ -85,6 +86,8 @@ at::Tensor correlate_op(const at::Tensor& q, const at::Tensor& k, Ints kernel_si
   TORCH_CHECK_VALUE(q.size(1) % groups == 0, "channels C=", q.size(1), " of q/k are not divisible by groups=", groups);
   const auto plan = plan_for(window, k.size(2), k.size(3));
   check_output_size("q", q, *plan);
+  if (!plan->bounded_layout)
+    return correlate_tables(q.contiguous(), k.contiguous(), *plan, groups, sum_batch, sum_space);
   return correlate(q.contiguous(), k.contiguous(), *plan, groups, sum_batch, sum_space);
 }
 
@@ -102,6 +105,7 @@ at::Tensor aggregate_transpose_op(const at::Tensor& y, const at::Tensor& w, Ints
   const auto plan = plan_for(window, size[0], size[1]);
   check_output_size("y", y, *plan);
   check_weight(w, y.size(0), y.size(1), *plan, "y");
+  if (!plan->bounded_layout) return aggregate_transpose_tables(y.contiguous(), w.contiguous(), *plan);
   return aggregate_transpose(y.contiguous(), w.contiguous(), *plan);
 }
 

@@ -28,7 +28,11 @@ std::vector<int64_t> axis_index(const Window& window, int axis, int64_t length, 
   for (int64_t u = 0; u < K; ++u)
     for (int64_t i = 0; i < out_length; ++i) {
       int64_t src;
-      if (!window.clamp) {
+      if (window.reflect) {  // p < length: one reflection lands inside
+        src = i * s - p + u * d;
+        if (src < 0) src = -src;
+        if (src >= length) src = 2 * (length - 1) - src;
+      } else if (!window.clamp) {
         src = i * s - p + u * d;
         if (src < 0 || src >= length) src = -1;
       } else {  // the window slides inward near the border; every tap stays inside
@@ -78,6 +82,21 @@ void readers(const std::vector<int64_t>& index, int64_t K, int64_t Lo, int64_t l
     }
 }
 
+// Plan::col_valid_begin / col_valid_end from the column table (the in-image columns of a tap
+// are one run on every border).
+void valid_columns(Plan& p) {
+  p.col_valid_begin.assign(p.Kw, p.Wo);
+  p.col_valid_end.assign(p.Kw, p.Wo);
+  for (int64_t v = 0; v < p.Kw; ++v) {
+    const int64_t* c = p.cols.data() + v * p.Wo;
+    int64_t a = 0;
+    while (a < p.Wo && c[a] < 0) ++a;
+    int64_t e = a;
+    while (e < p.Wo && c[e] >= 0) ++e;
+    p.col_valid_begin[v] = a, p.col_valid_end[v] = e;
+  }
+}
+
 // aggregate_transpose at column stride 1 with a zero border, as an aggregate of its y over the
 // mirrored window: output (h, c) of the transpose reads y at the output (i, j) whose tap (u, v)
 // reads (h, c), with that output's weight.
@@ -96,6 +115,7 @@ std::shared_ptr<const Plan> mirror(const Plan& p) {
     m->col_offset[v] = -p.col_offset[v];
   }
   m->col_stride = 1;
+  valid_columns(*m);
   m->affine_begin = 0, m->affine_end = p.W;
   m->zero_border = true;
   m->affine_input_begin = 0, m->affine_input_end = p.Wo;
@@ -115,14 +135,16 @@ std::shared_ptr<const Plan> make_plan(const Window& window, int64_t H, int64_t W
   const int64_t K = p.Kw, s = window.stride[1], d = window.dilation[1], pad = window.padding[1], Wo = p.Wo;
   p.col_stride = s;
   p.col_offset.resize(K);
-  if (!window.clamp) {
+  const int64_t reach = std::max(W + pad, (Wo - 1) * s + (K - 1) * d + 1) + s;
+  p.bounded_layout = reach <= 4 * (W + Wo) + 256;
+  if (!window.clamp && !window.reflect) {
     for (int64_t v = 0; v < K; ++v) p.col_offset[v] = v * d - pad;
     p.affine_begin = 0, p.affine_end = Wo;
     p.zero_border = true;
     p.affine_input_begin = 0, p.affine_input_end = W;
     p.col_readers_begin.assign(W + 1, 0);
-  } else {  // stride 1, affine away from the edges
-    for (int64_t v = 0; v < K; ++v) p.col_offset[v] = d * (v - K / 2);
+  } else {  // affine away from the edges (clamp: stride 1)
+    for (int64_t v = 0; v < K; ++v) p.col_offset[v] = window.clamp ? d * (v - K / 2) : v * d - pad;
     std::vector<bool> affine(K * Wo), all_affine(Wo, true), input_fast(W, true);
     for (int64_t v = 0; v < K; ++v)
       for (int64_t j = 0; j < Wo; ++j) {
@@ -130,19 +152,22 @@ std::shared_ptr<const Plan> make_plan(const Window& window, int64_t H, int64_t W
         all_affine[j] = all_affine[j] && affine[v * Wo + j];
       }
     std::tie(p.affine_begin, p.affine_end) = longest_run(all_affine);
-    // input column c is fast when, for every tap, its reader j = c - col_offset[v] is not an
-    // output column or reads c affinely
+    // input column c is fast when, for every tap, its affine reader j = (c - col_offset[v]) / s
+    // (where that divides) is not an output column or reads c affinely
     for (int64_t c = 0; c < W; ++c)
       for (int64_t v = 0; v < K; ++v) {
-        const int64_t j = c - p.col_offset[v];
-        if (j >= 0 && j < Wo && !affine[v * Wo + j]) input_fast[c] = false;
+        const int64_t num = c - p.col_offset[v];
+        if (num < 0 || num % s != 0) continue;
+        const int64_t j = num / s;
+        if (j < Wo && !affine[v * Wo + j]) input_fast[c] = false;
       }
     std::tie(p.affine_input_begin, p.affine_input_end) = longest_run(input_fast);
     p.zero_border = false;
     readers(p.cols, K, Wo, W, &affine, p.col_readers_begin, p.col_readers);
   }
   readers(p.rows, p.Kh, p.Ho, H, nullptr, p.row_readers_begin, p.row_readers);
-  if (!window.clamp && s == 1) p.mirrored = mirror(p);
+  valid_columns(p);
+  if (!window.clamp && !window.reflect && s == 1 && p.bounded_layout) p.mirrored = mirror(p);
   return plan;
 }
 
@@ -154,13 +179,14 @@ Window Window::from_args(at::IntArrayRef kernel_size, at::IntArrayRef stride, at
   check_pair("stride", stride, 1);
   check_pair("dilation", dilation, 1);
   check_pair("padding", padding, 0);
-  TORCH_CHECK_VALUE(border == "zero" || border == "clamp", "border must be 'zero' or 'clamp', got '",
-                    std::string(border), "'");
+  TORCH_CHECK_VALUE(border == "zero" || border == "clamp" || border == "reflect",
+                    "border must be 'zero', 'clamp' or 'reflect', got '", std::string(border), "'");
   Window w;
   for (int a = 0; a < 2; ++a)
     w.kernel_size[a] = kernel_size[a], w.stride[a] = stride[a], w.dilation[a] = dilation[a],
     w.padding[a] = padding[a];
   w.clamp = border == "clamp";
+  w.reflect = border == "reflect";
   if (w.clamp) {
     TORCH_CHECK_VALUE(stride[0] == 1 && stride[1] == 1, "border='clamp' needs stride 1, got stride=", stride);
     TORCH_CHECK_VALUE(padding[0] == 0 && padding[1] == 0, "border='clamp' takes no padding, got padding=", padding);
@@ -176,6 +202,8 @@ int64_t Window::output_length(int axis, int64_t length) const {
                       "*", d, " > ", length);
     return length;
   }
+  TORCH_CHECK_VALUE(!reflect || p < length, "border='reflect' needs padding < input ", kAxis[axis], ": padding ", p,
+                    " >= ", length);
   const int64_t span = length + 2 * p - d * (K - 1) - 1;
   const int64_t n = span >= 0 ? span / s + 1 : 0;
   TORCH_CHECK_VALUE(n >= 1, "window kernel_size=", at::IntArrayRef(kernel_size), ", dilation=",
@@ -191,7 +219,7 @@ std::shared_ptr<const Plan> plan_for(const Window& window, int64_t H, int64_t W)
   constexpr size_t kMaxPlans = 256;
   const Key key{window.kernel_size[0], window.kernel_size[1], window.stride[0], window.stride[1],
                 window.dilation[0],    window.dilation[1],    window.padding[0], window.padding[1],
-                window.clamp ? 1 : 0,  H,                     W};
+                window.clamp ? 1 : window.reflect ? 2 : 0, H, W};
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = cache.find(key);
