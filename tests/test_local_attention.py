@@ -445,3 +445,19 @@ def test_export_decomposition_matches_the_op(window):
     d_out, d_lse = decompositions()[torch.ops.tokenmix.local_attention.default](*args)
     torch.testing.assert_close(d_out, out)
     torch.testing.assert_close(d_lse, lse)
+
+
+def test_reflect_border_runs_the_reference_and_the_kernels_refuse_it():
+    """The fused kernels take the zero and clamp borders; a reflect window runs the reference
+    composition (every tap in the image, offsets before reflection), with gradients."""
+    from tokenmix.ops import Window, local_attention
+
+    win = Window(3, border="reflect")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 7, 9, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    rel = torch.randn(2, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: local_attention(*a[:3], win, 2, rel_pos=a[3]), (q, k, v, rel))
+    want = local_attention(q, k, v, win, 2, rel_pos=rel, backend="reference")
+    torch.testing.assert_close(local_attention(q, k, v, win, 2, rel_pos=rel), want)
+    with pytest.raises(ValueError, match="border 'reflect' of local_attention not in"):
+        local_attention(q, k, v, win, 2, rel_pos=rel, backend="cpu")

@@ -16,12 +16,14 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, library, native  # importing library defines torch.ops.tokenmix
-from .backends import cpu_runs_first, select_backend
+from .backends import FUSED_OPS, cpu_runs_first, select_backend
 from .window import Window
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
-#: The borders the native CPU kernels implement; a CPU call with another border runs in Python.
+#: The borders the native CPU kernels implement (the fused ops: fewer); a CPU call with another
+#: border runs in Python.
 _NATIVE_CPU_BORDERS = ("zero", "clamp", "reflect")
+_NATIVE_CPU_FUSED_BORDERS = ("zero", "clamp")
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -57,8 +59,9 @@ def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
         from ..export import decompositions
 
         return decompositions()[getattr(torch.ops.tokenmix, op).default](*args)
+    borders = _NATIVE_CPU_FUSED_BORDERS if op.startswith(FUSED_OPS) else _NATIVE_CPU_BORDERS
     native_cpu = tensors[0].device.type != "cpu" or (
-        (backend == "cpu" or (backend is None and cpu_runs_first())) and window.border in _NATIVE_CPU_BORDERS)
+        (backend == "cpu" or (backend is None and cpu_runs_first())) and window.border in borders)
     if native_cpu and native.load():
         return getattr(torch.ops.tokenmix, op)(*args)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -19,6 +19,8 @@ from ..._registry import Registry
 from ..window import Window
 
 OPS = ("aggregate", "correlate", "aggregate_transpose", "local_attention", "local_attention_backward")
+#: Name prefixes of the fused ops, which a backend may implement for fewer borders than the primitives.
+FUSED_OPS = ("local_attention", "aggregate_linear")
 
 
 class Backend:
@@ -34,6 +36,8 @@ class Backend:
     devices: ClassVar[FrozenSet[str]] = frozenset()
     dtypes: ClassVar[FrozenSet[torch.dtype]] = frozenset()
     borders: ClassVar[FrozenSet[str]] = frozenset({"zero", "clamp"})
+    #: The borders of the fused ops (local_attention, aggregate_linear) where they differ.
+    fused_borders: ClassVar[FrozenSet[str]] = frozenset({"zero", "clamp"})
     #: (atol, rtol) against the float64 reference, per input dtype; forward and backward.
     fwd_tol: ClassVar[Dict[torch.dtype, Tuple[float, float]]] = {}
     bwd_tol: ClassVar[Dict[torch.dtype, Tuple[float, float]]] = {}
@@ -53,8 +57,10 @@ class Backend:
             reasons.append(f"dtype {t0.dtype} not in {sorted(str(d) for d in self.dtypes)}")
         if window.border not in self.borders:
             reasons.append(f"border {window.border!r} not in {sorted(self.borders)}")
-        if op.startswith("local_attention") and getattr(type(self), op, None) is getattr(Backend, op):
+        if op.startswith(FUSED_OPS) and getattr(type(self), op, None) is getattr(Backend, op):
             reasons.append(f"{op} not implemented")
+        elif op.startswith(FUSED_OPS) and window.border not in self.fused_borders:
+            reasons.append(f"border {window.border!r} of {op} not in {sorted(self.fused_borders)}")
         return reasons
 
     # -- primitives -------------------------------------------------------------------

@@ -102,6 +102,7 @@ class ReferenceBackend(Backend):
     devices = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
     dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
     borders = frozenset({"zero", "clamp", "reflect"})
+    fused_borders = borders
     fwd_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),
                torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
     bwd_tol = fwd_tol
