@@ -1,6 +1,7 @@
-"""The shared aggregation op: window geometry, functional API, custom ops and backends."""
+"""The shared aggregation op: window geometry, functional API (the three primitives and the
+fused ``aggregate_linear``), custom ops and backends."""
 
-from .functional import aggregate, aggregate_transpose, correlate
+from .functional import aggregate, aggregate_linear, aggregate_transpose, correlate
 from .backends import Backend, get_backend, list_backends, register_backend, select_backend
 from .window import Window
 
@@ -9,6 +10,7 @@ __all__ = [
     "aggregate",
     "correlate",
     "aggregate_transpose",
+    "aggregate_linear",
     "Backend",
     "register_backend",
     "get_backend",

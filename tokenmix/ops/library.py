@@ -1,4 +1,4 @@
-"""The three primitives as operators of the ``tokenmix::`` namespace.
+"""The three primitives and the fused ``aggregate_linear`` (with its backward) as operators of the ``tokenmix::`` namespace.
 
 Each op is defined once, here, with ``torch.library``:
 
@@ -25,7 +25,8 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import checks
 from .backends import select_backend
-from .flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
+from .flops import aggregate_linear_backward_macs, aggregate_linear_macs, aggregate_macs, aggregate_transpose_macs, \
+    correlate_macs
 from .window import Window
 
 _GEOMETRY = "int[] kernel_size, int[] stride, int[] dilation, int[] padding, str border"
@@ -35,6 +36,11 @@ SCHEMAS = {
                  f"str? backend) -> Tensor",
     "aggregate_transpose": f"aggregate_transpose(Tensor y, Tensor w, {_GEOMETRY}, SymInt[] input_size, "
                            f"str? backend) -> Tensor",
+    "aggregate_linear": f"aggregate_linear(Tensor x, Tensor h, Tensor weight, Tensor? bias, {_GEOMETRY}, "
+                        f"str? backend) -> Tensor",
+    "aggregate_linear_backward": f"aggregate_linear_backward(Tensor grad_y, Tensor x, Tensor h, Tensor weight, "
+                                 f"Tensor? bias, {_GEOMETRY}, bool[4] output_mask, str? backend) "
+                                 f"-> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 _lib = torch.library.Library("tokenmix", "DEF")
@@ -70,7 +76,29 @@ def _aggregate_transpose(y: Tensor, w: Tensor, kernel_size: List[int], stride: L
     return select_backend("aggregate_transpose", (y, w), window, backend).aggregate_transpose(y, w, window, size)
 
 
-KERNELS = {"aggregate": _aggregate, "correlate": _correlate, "aggregate_transpose": _aggregate_transpose}
+def _aggregate_linear(x: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: List[int],
+                      stride: List[int], dilation: List[int], padding: List[int], border: str,
+                      backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_aggregate_linear(x, h, weight, bias, window)
+    x, h = x.contiguous(), h.contiguous()
+    return select_backend("aggregate_linear", (x, h), window, backend).aggregate_linear(x, h, weight, bias, window)
+
+
+def _aggregate_linear_backward(grad_y: Tensor, x: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor],
+                               kernel_size: List[int], stride: List[int], dilation: List[int], padding: List[int],
+                               border: str, output_mask: List[bool], backend: Optional[str]):
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_aggregate_linear(x, h, weight, bias, window, grad_y)
+    grad_y, x, h = grad_y.contiguous(), x.contiguous(), h.contiguous()
+    be = select_backend("aggregate_linear_backward", (x, h), window, backend)
+    grads = be.aggregate_linear_backward(grad_y, x, h, weight, bias, window, tuple(bool(m) for m in output_mask))
+    # a gradient left out by the mask (or of an absent bias) is an empty tensor
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+KERNELS = {"aggregate": _aggregate, "correlate": _correlate, "aggregate_transpose": _aggregate_transpose,
+           "aggregate_linear": _aggregate_linear, "aggregate_linear_backward": _aggregate_linear_backward}
 for _name, _kernel in KERNELS.items():
     _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
 
@@ -96,6 +124,21 @@ def _(y, w, kernel_size, stride, dilation, padding, border, input_size, backend)
     return y.new_empty(y.shape[0], y.shape[1], input_size[0], input_size[1])
 
 
+@torch.library.register_fake("tokenmix::aggregate_linear", lib=_lib)
+def _(x, h, weight, bias, kernel_size, stride, dilation, padding, border, backend):
+    Ho, Wo = Window.from_args(kernel_size, stride, dilation, padding, border).output_size(x.shape[2], x.shape[3])
+    return x.new_empty(x.shape[0], x.shape[1], Ho, Wo)
+
+
+@torch.library.register_fake("tokenmix::aggregate_linear_backward", lib=_lib)
+def _(grad_y, x, h, weight, bias, kernel_size, stride, dilation, padding, border, output_mask, backend):
+    def grad(t, keep):
+        return t.new_empty(t.shape) if keep and t is not None else x.new_empty(0)
+
+    return (grad(x, output_mask[0]), grad(h, output_mask[1]), grad(weight, output_mask[2]),
+            grad(bias, output_mask[3]))
+
+
 # ------------------------------------------------------------------------------- flops
 # torch's FlopCounterMode counts 2 flops per multiply-add.
 
@@ -113,3 +156,16 @@ def _correlate_flop(q_shape, k_shape, kernel_size, *args, out_shape=None, **kwar
 @register_flop_formula(torch.ops.tokenmix.aggregate_transpose)
 def _aggregate_transpose_flop(y_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * aggregate_transpose_macs(y_shape, w_shape)
+
+
+@register_flop_formula(torch.ops.tokenmix.aggregate_linear)
+def _aggregate_linear_flop(x_shape, h_shape, weight_shape, bias_shape, kernel_size, *args, out_shape=None,
+                           **kwargs) -> int:
+    return 2 * aggregate_linear_macs(x_shape, h_shape, weight_shape, kernel_size[0] * kernel_size[1])
+
+
+@register_flop_formula(torch.ops.tokenmix.aggregate_linear_backward)
+def _aggregate_linear_backward_flop(grad_y_shape, x_shape, h_shape, weight_shape, bias_shape, kernel_size, stride,
+                                    dilation, padding, border, output_mask, *args, out_shape=None, **kwargs) -> int:
+    return 2 * aggregate_linear_backward_macs(x_shape, h_shape, weight_shape, kernel_size[0] * kernel_size[1],
+                                              output_mask)

@@ -18,7 +18,7 @@ import torch
 from ..._registry import Registry
 from ..window import Window
 
-OPS = ("aggregate", "correlate", "aggregate_transpose")
+OPS = ("aggregate", "correlate", "aggregate_transpose", "aggregate_linear", "aggregate_linear_backward")
 
 
 class Backend:
@@ -68,6 +68,23 @@ class Backend:
     def aggregate_transpose(self, y: torch.Tensor, w: torch.Tensor, window: Window,
                             input_size: Tuple[int, int]) -> torch.Tensor:
         raise NotImplementedError
+
+    def aggregate_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], window: Window) -> torch.Tensor:
+        """``aggregate(x, weight @ h + bias)``; by default composed of this backend's primitives
+        one image at a time (:mod:`tokenmix.ops.linear_tiles`)."""
+        from .. import linear_tiles
+
+        return linear_tiles.forward(self, x, h, weight, bias, window)
+
+    def aggregate_linear_backward(self, grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+                                  weight: torch.Tensor, bias: Optional[torch.Tensor], window: Window,
+                                  output_mask: Tuple[bool, bool, bool, bool]):
+        """(dx, dh, dweight, dbias) of :meth:`aggregate_linear`, None where ``output_mask`` is
+        False or the bias is absent; by default composed of this backend's primitives."""
+        from .. import linear_tiles
+
+        return linear_tiles.backward(self, grad_y, x, h, weight, bias, window, output_mask)
 
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}>"
