@@ -11,6 +11,8 @@ traced op                              counted (fvcore convention)
 ``tokenmix::aggregate``                B*C*Ho*Wo*K*K MACs (:func:`tokenmix.ops.flops.aggregate_macs`)
 ``tokenmix::correlate``                B*C*Ho*Wo*K*K MACs (``correlate_macs``)
 ``tokenmix::aggregate_transpose``      B*C*Ho*Wo*K*K MACs (``aggregate_transpose_macs``)
+``tokenmix::aggregate_linear``         B*Ho*Wo*(G*K*K*M + C*K*K) MACs: the kernel's linear map
+                                       and the aggregation (``aggregate_linear_macs``)
 conv, linear, (add)mm, (b)mm, matmul   MACs, fvcore's own handles
 ``aten::einsum``                       MACs; two operands: exact (product of all index sizes)
 ``aten::scaled_dot_product_attention`` B*H*L*S*(E + Ev) MACs (q.k and attn.v; as torch counts it)
@@ -46,7 +48,7 @@ from torch import nn
 
 from .._args import check_pair
 from ..ops import library  # noqa: F401  (defines torch.ops.tokenmix.* so traces name them)
-from ..ops.flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
+from ..ops.flops import aggregate_linear_macs, aggregate_macs, aggregate_transpose_macs, correlate_macs
 
 __all__ = [
     "FlopCount",
@@ -99,6 +101,15 @@ def aggregate_transpose_handle(inputs, outputs) -> int:
     return aggregate_transpose_macs(_shape(inputs[0]), _shape(inputs[1]))
 
 
+def aggregate_linear_handle(inputs, outputs) -> int:
+    """``tokenmix::aggregate_linear(x, h, weight, bias, kernel_size, ...)``: the kernel's linear
+    map B*Ho*Wo*G*K*K*M plus the aggregation B*C*Ho*Wo*K*K multiply-adds (what the composed
+    1x1 convolution and aggregate count)."""
+    kernel_size = _ivalue(inputs[4])
+    return aggregate_linear_macs(_shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]),
+                                 int(kernel_size[0]) * int(kernel_size[1]))
+
+
 def sdpa_handle(inputs, outputs) -> int:
     """``aten::scaled_dot_product_attention(q, k, v, ...)``, q (..., L, E), k (..., S, E),
     v (..., S, Ev): L*S*E MACs for q.k plus L*S*Ev for attn.v per batch/head."""
@@ -141,6 +152,7 @@ EXTRA_HANDLES: Dict[str, Any] = {
     "tokenmix::aggregate": aggregate_handle,
     "tokenmix::correlate": correlate_handle,
     "tokenmix::aggregate_transpose": aggregate_transpose_handle,
+    "tokenmix::aggregate_linear": aggregate_linear_handle,
     "aten::scaled_dot_product_attention": sdpa_handle,
     "aten::einsum": einsum_handle,
     "aten::softmax": per_element_handle,
@@ -183,7 +195,7 @@ DATA_MOVEMENT_OPS = frozenset(
 
 MAC_OPERATORS = frozenset(
     {"conv", "linear", "addmm", "mm", "bmm", "matmul", "einsum", "baddbmm",
-     "aggregate", "correlate", "aggregate_transpose", "scaled_dot_product_attention"}
+     "aggregate", "correlate", "aggregate_transpose", "aggregate_linear", "scaled_dot_product_attention"}
 )
 """``by_operator`` keys whose counts are multiply-adds (those torch's FlopCounterMode counts)."""
 
@@ -339,7 +351,9 @@ def module_hook_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
 
     It sees modules only, so it is blind to functional ops such as ``tokenmix::aggregate``
     (or the official involution's unfold-multiply-sum): compare with :func:`count_flops` to
-    see what such a counter misses. Counted in eval mode under no_grad.
+    see what such a counter misses. Counted in eval mode under no_grad, with every mixer on its
+    composed path (``fused = False``; restored afterwards): a fused mixer never calls its
+    generator's last convolution, which a module counter would then miss.
     """
     total = [0]
 
@@ -367,10 +381,15 @@ def module_hook_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
             if isinstance(m, kind):
                 handles.append(m.register_forward_hook(hook))
                 break
+    fused = [m for m in model.modules() if getattr(m, "fused", None) is True]
+    for m in fused:
+        m.fused = False
     try:
         with _inference(model):
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
+        for m in fused:
+            m.fused = True
     return int(total[0])

@@ -216,7 +216,7 @@ at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, Ints ke
 // A backward that must itself be differentiable (create_graph) runs these formulas through
 // the dispatcher with the kernel materialised, so higher derivatives exist as for the
 // primitives.
-struct AggregateLinearFunction : torch::autograd::Function<AggregateLinearFunction> {
+struct AggregateLinear {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
                             const at::Tensor& bias, const Geometry& g) {
     ctx->save_for_backward({x, h, weight, bias});
@@ -225,13 +225,15 @@ struct AggregateLinearFunction : torch::autograd::Function<AggregateLinearFuncti
     return g.aggregate_linear(x, h, weight, bias);
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // {gx, gh, gweight, gbias}
+  static variable_list backward(AutogradContext* ctx, variable_list grads, bool has_bias) {
     const auto saved = ctx->get_saved_variables();
     const Geometry g(ctx);
-    const at::Tensor &x = saved[0], &h = saved[1], &weight = saved[2], &bias = saved[3];
+    const at::Tensor &x = saved[0], &h = saved[1], &weight = saved[2];
+    const at::Tensor bias = has_bias ? saved[3] : at::Tensor();
     const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
-                                      bias.defined() && ctx->needs_input_grad(3)};
-    variable_list out(5);
+                                      has_bias && ctx->needs_input_grad(3)};
+    variable_list out(4);
     if (!(mask[0] || mask[1] || mask[2] || mask[3])) return out;
     const at::Tensor gy = grads[0];
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable formulas
@@ -261,6 +263,32 @@ struct AggregateLinearFunction : torch::autograd::Function<AggregateLinearFuncti
   }
 };
 
+// The node with a bias (x, h, weight, bias) and without (x, h, weight): an autograd function's
+// tensor arguments must be defined.
+struct AggregateLinearFunction : torch::autograd::Function<AggregateLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                            const at::Tensor& bias, const Geometry& g) {
+    return AggregateLinear::forward(ctx, x, h, weight, bias, g);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto out = AggregateLinear::backward(ctx, grads, true);
+    out.emplace_back();  // the geometry
+    return out;
+  }
+};
+
+struct AggregateLinearNoBiasFunction : torch::autograd::Function<AggregateLinearNoBiasFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                            const Geometry& g) {
+    return AggregateLinear::forward(ctx, x, h, weight, at::Tensor(), g);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto out = AggregateLinear::backward(ctx, grads, false);
+    out[3] = at::Tensor();  // the geometry
+    return out;
+  }
+};
+
 at::Tensor aggregate_linear(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, Ints kernel_size, Ints stride, Ints dilation,
                             Ints padding, c10::string_view border, Backend backend) {
@@ -268,7 +296,9 @@ at::Tensor aggregate_linear(const at::Tensor& x, const at::Tensor& h, const at::
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || h.requires_grad() || weight.requires_grad() || (b.defined() && b.requires_grad()));
-  if (grad) return AggregateLinearFunction::apply(x, h, weight, b, g);
+  if (grad)
+    return b.defined() ? AggregateLinearFunction::apply(x, h, weight, b, g)
+                       : AggregateLinearNoBiasFunction::apply(x, h, weight, g);
   at::AutoDispatchBelowADInplaceOrView below;
   return g.aggregate_linear(x, h, weight, b);
 }
