@@ -120,7 +120,7 @@ def composed_overrides(name: str) -> Dict[str, object]:
     cfg = get_config(name)
     if not isinstance(cfg, ModelConfig):
         return {}
-    fusable = ("involution", "involution_patch")
+    fusable = ("involution", "patch_involution")
     stages = tuple(dataclasses.replace(st, mixer_kwargs={**st.mixer_kwargs, "fused": False})
                    if st.mixer in fusable else st for st in cfg.stages)
     out: Dict[str, object] = {}

@@ -5,6 +5,8 @@ FLOP counts."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -85,8 +87,9 @@ def test_backward_op_output_mask(mask):
 
 
 @pytest.mark.parametrize("shape", [
-    (2, 8, 40, 37, 3, 4),   # a group's kernel over the tile size: tiles of groups of one image
-    (7, 6, 5, 8, 4, 3),     # small planes: tiles of several whole images (not all)
+    (2, 8, 40, 37, 3, 4),   # an image's kernel over the tile size (2 MiB): tiles of groups of one image
+    (5, 2, 48, 48, 3, 1),   # about 0.9 MiB per image: tiles of two whole images, the last of one
+    (7, 6, 5, 8, 4, 3),     # small planes: one tile of every image
 ])
 def test_tiles(shape):
     B, C, H, W, M, G = shape
@@ -278,12 +281,13 @@ def _mixer_pair(preset, **kw):
     ("involution", dict(dim=32, kernel_size=7), (9, 11)),
     ("involution", dict(dim=32, kernel_size=3, stride=2), (9, 8)),
     ("involution", dict(dim=48, kernel_size=5, dilation=2, groups=3), (12, 7)),
-    ("involution_patch", dict(dim=32, kernel_size=3, patch_size=3), (8, 9)),
+    ("patch_involution", dict(dim=32, kernel_size=3, patch_size=3), (8, 9)),
 ])
 def test_mixer_fused_matches_composed(preset, kw, size):
     fused, composed_m = _mixer_pair(preset, **kw)
-    assert fused.linear_form(torch.randn(1, kw["dim"], *size, dtype=torch.float64)) is not None
-    assert composed_m.linear_form(torch.randn(1, kw["dim"], *size, dtype=torch.float64)) is None
+    probe = torch.randn(1, kw["dim"], *size, dtype=torch.float64)
+    assert copy.deepcopy(fused).linear_form(probe) is not None  # (a copy: BN's running stats stay)
+    assert composed_m.linear_form(probe) is None
     assert list(fused.state_dict()) == list(composed_m.state_dict())
     for training in (True, False):
         fused.train(training), composed_m.train(training)

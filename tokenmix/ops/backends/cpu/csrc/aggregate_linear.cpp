@@ -2,7 +2,7 @@
 // w[b, g, t, i, j] = sum_m weight[g*K*K + t, m] * h[b, m, i, j] + bias[g*K*K + t], and its
 // backward (the four gradients in one pass). The kernel is never stored whole: the work is
 // split into tiles, a block of groups of one image or a few whole images, each holding at most
-// about kTileBytes of kernel; a tile's kernel is one matrix product (ATen's, in the
+// about kTileBytes (2 MiB) of kernel; a tile's kernel is one matrix product (ATen's, in the
 // accumulation type), consumed at once, while still in cache, by the aggregate /
 // aggregate_transpose / correlate kernels of this folder on the tile's channels:
 //
@@ -37,8 +37,10 @@ namespace {
 using Ints = at::IntArrayRef;
 using BackendName = std::optional<c10::string_view>;
 
-// The kernel a tile holds, at most (one group of one image may hold more).
-constexpr int64_t kTileBytes = 512 << 10;
+// The kernel a tile holds, at most (one group of one image may hold more). Measured at the
+// RedNet-50 stage shapes (batch 8, one thread) against 0.5 and 1 MiB: larger tiles make wider
+// matrix products, which ran faster than the cache misses of the larger tile cost.
+constexpr int64_t kTileBytes = 2 << 20;
 
 void check_tensor(const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
   TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
@@ -155,23 +157,30 @@ struct Linear {
     return t.narrow(0, b0, n).narrow(1, g0 * Cg, ng * Cg);
   }
 
-  // h of images [b0, b0 + n) as (n, M, Ho*Wo) in the accumulation type.
+  // h of images [b0, b0 + n) as an (M, n * Ho*Wo) matrix in the accumulation type: the
+  // images' pixels side by side, so that each product of a tile is one matrix product (narrow
+  // planes make narrow per-image products, which run well below the machine's rate).
   at::Tensor features(const at::Tensor& h, int64_t b0, int64_t n) const {
-    return h.narrow(0, b0, n).reshape({n, M, HWo}).to(acc);
+    const at::Tensor hb = h.narrow(0, b0, n).reshape({n, M, HWo}).to(acc);
+    return n == 1 ? hb[0] : hb.transpose(0, 1).reshape({M, n * HWo});
   }
 
-  // The tile's kernel (n, ng, K*K, Ho, Wo) in the inputs' dtype.
+  // (R, n * Ho*Wo) <-> (n, R, Ho*Wo): the matrices' layout and the kernels'.
+  static at::Tensor to_images(const at::Tensor& m, int64_t n) {
+    return n == 1 ? m.unsqueeze(0) : m.view({m.size(0), n, m.size(1) / n}).transpose(0, 1).contiguous();
+  }
+  static at::Tensor to_matrix(const at::Tensor& t) {
+    const int64_t n = t.size(0);
+    return n == 1 ? t[0] : t.transpose(0, 1).reshape({t.size(1), n * t.size(2)});
+  }
+
+  // The tile's kernel (n, ng, K*K, Ho, Wo) in the inputs' dtype; hb: features(h, b0, n).
   at::Tensor kernel(const at::Tensor& hb, int64_t g0, int64_t ng) const {
-    const int64_t n = hb.size(0);
+    const int64_t n = hb.size(1) / HWo;
     const at::Tensor wr = weight.narrow(0, g0 * KK, ng * KK);
-    at::Tensor w;
-    if (n == 1) {
-      w = bias.defined() ? at::addmm(bias.narrow(0, g0 * KK, ng * KK).unsqueeze(1), wr, hb[0]) : at::mm(wr, hb[0]);
-    } else {
-      w = at::matmul(wr, hb);
-      if (bias.defined()) w.add_(bias.narrow(0, g0 * KK, ng * KK).view({1, ng * KK, 1}));
-    }
-    return w.to(type).view({n, ng, KK, Ho, Wo});
+    const at::Tensor w =
+        bias.defined() ? at::addmm(bias.narrow(0, g0 * KK, ng * KK).unsqueeze(1), wr, hb) : at::mm(wr, hb);
+    return to_images(w, n).to(type).view({n, ng, KK, Ho, Wo});
   }
 };
 
@@ -226,25 +235,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_linear_back
           L.tile(gx, b0, n, g0, ng).copy_(gxt);
       }
       if (!need_gw) return;
-      const at::Tensor gw = correlate(gyt, L.tile(x, b0, n, g0, ng).contiguous(), *L.plan, ng, false, false)
-                                .view({n, ng * L.KK, L.HWo})
-                                .to(L.acc);
+      // gw as (ng*K*K, n * Ho*Wo), the images' pixels side by side
+      const at::Tensor gw = Linear::to_matrix(
+          correlate(gyt, L.tile(x, b0, n, g0, ng).contiguous(), *L.plan, ng, false, false)
+              .view({n, ng * L.KK, L.HWo})
+              .to(L.acc));
       const at::Tensor wr = L.weight.narrow(0, g0 * L.KK, ng * L.KK);
       if (need_h) {
         at::Tensor ght = gh.narrow(0, b0, n);
-        if (L.groups == L.G)  // the image's only tile
-          for (int64_t i = 0; i < n; ++i) {
-            at::Tensor out = ght[i];
-            at::mm_out(out, wr.t(), gw[i]);
-          }
-        else
-          ght[0].addmm_(wr.t(), gw[0]);
+        if (n > 1)  // whole images: the tile is their only one
+          ght.copy_(Linear::to_images(at::mm(wr.t(), gw), n));
+        else if (L.groups == L.G) {
+          at::Tensor out = ght[0];
+          at::mm_out(out, wr.t(), gw);
+        } else {
+          ght[0].addmm_(wr.t(), gw);
+        }
       }
-      if (need_weight) {
-        at::Tensor gwr = gweight.narrow(0, g0 * L.KK, ng * L.KK);
-        for (int64_t i = 0; i < n; ++i) gwr.addmm_(gw[i], hb[i].t());
-      }
-      if (need_bias) gbias.narrow(0, g0 * L.KK, ng * L.KK).add_(gw.sum(at::IntArrayRef{0, 2}));
+      if (need_weight) gweight.narrow(0, g0 * L.KK, ng * L.KK).addmm_(gw, hb.t());
+      if (need_bias) gbias.narrow(0, g0 * L.KK, ng * L.KK).add_(gw.sum(1));
     });
   }
   const at::Tensor none = at::empty({0}, x.options());
