@@ -342,3 +342,38 @@ def test_fused_model_under_autocast_and_compile():
     torch.testing.assert_close(ya.float(), yb.float(), atol=0.1, rtol=0.05)
     compiled = torch.compile(fused, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), composed_m(x), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ triton
+
+HAVE_TRITON = __import__("importlib.util").util.find_spec("triton") is not None
+ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_triton_interpreter():
+    """The Triton backend's aggregate_linear under TRITON_INTERPRET=1 (a child process: the
+    interpreter must be on before triton is imported) vs the composed float64 reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_linear_interp.py")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1", reason="needs the jit kernels")
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("dtype, border, tile", [(torch.float32, "zero", -1), (torch.bfloat16, "clamp", 0),
+                                                 (torch.float16, "zero", 2), (torch.float32, "clamp", 3)])
+def test_triton_aot_compile_has_no_spills(capability, dtype, border, tile):
+    from triton_aot import aot_compile, resource_usage
+    from tokenmix.ops.backends.triton.common import tile_configs
+
+    tiles = tile_configs("aggregate_linear", dtype, 49)[tile]
+    r = resource_usage(aot_compile("aggregate_linear", dtype, (7, 7), border, tiles, capability), capability)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["local"] == 0 and r["stack"] == 0, (tiles, r)
+    assert 0 < r["regs"] <= 255
