@@ -29,7 +29,8 @@ shape / data-movement ops              0, explicitly ignored (:data:`DATA_MOVEME
 
 ``FlopCount.macs`` sums the multiply-add operators only (:data:`MAC_OPERATORS`); ``total``
 adds the norm, pool and softmax counts above. Models are counted as at inference: eval mode,
-no autograd (the mode is restored afterwards).
+no autograd, every mixer on its composed path (``fused = False``, so a generator's last linear
+map counts as its convolution; the fused op counts the same total); all restored afterwards.
 
 ``strict=True`` (the default) raises :class:`UnsupportedOpError` when the trace contains any
 op that has neither a handle nor an explicit ignore entry, so a new op can never count as 0
@@ -238,14 +239,23 @@ class FlopCount:
 
 @contextlib.contextmanager
 def _inference(model: nn.Module, no_grad: bool = True):
+    """Eval mode (and no_grad), with every mixer on its composed path (``fused = False``), so the
+    counts split into the generator's and the aggregation's as the model is written; the fused
+    ops count the same total (``tokenmix::aggregate_linear``: the linear map plus the
+    aggregation). Restored afterwards."""
     was_training = [m.training for m in model.modules()]
+    fused = [m for m in model.modules() if getattr(m, "fused", None) is True]
     model.eval()
+    for m in fused:
+        m.fused = False
     try:
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             yield
     finally:
         for m, t in zip(model.modules(), was_training):
             m.training = t
+        for m in fused:
+            m.fused = True
 
 
 def flop_analysis(model: nn.Module, *inputs: torch.Tensor):
@@ -381,15 +391,10 @@ def module_hook_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
             if isinstance(m, kind):
                 handles.append(m.register_forward_hook(hook))
                 break
-    fused = [m for m in model.modules() if getattr(m, "fused", None) is True]
-    for m in fused:
-        m.fused = False
     try:
         with _inference(model):
             model(*inputs)
     finally:
         for h in handles:
             h.remove()
-        for m in fused:
-            m.fused = True
     return int(total[0])
