@@ -14,6 +14,9 @@ of the kernel time, CUDA events), in one run:
   reference composition), forward and forward + backward, in the "triton" column, against the
   composed correlate + bias + softmax + aggregate on the ``triton`` backend in the "ref" column
   (so ref/triton = composed / fused);
+* the fused ``aggregate_linear`` (RedNet's generator: M = C/4 features, G = C/16), forward and
+  forward + backward on ``triton`` against its composed form on the same backend (the kernel
+  materialised by a 1x1 convolution, then ``aggregate``): the "composed/fused" column;
 and the machine's own ceiling: the device-to-device copy bandwidth (best of a 256 MiB copy,
 read + write bytes), from which each triton time gets ``ceiling = bytes / bandwidth`` where
 bytes is what the op must at least read and write once. It prints ratios (other / triton,
@@ -39,7 +42,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from tokenmix.ops import Window, aggregate, correlate, local_attention
+from tokenmix.ops import Window, aggregate, aggregate_linear, correlate, local_attention
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W): RedNet-50 stages
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s; batch {B}; K=7")
     rows: List[Dict] = []
     head = f"{'case':<28} {'dtype':<9} {'C':>4} {'HxW':>6} {'triton/ceiling':>15} {'ref/triton':>11} " \
-           f"{'unfold/triton':>14} {'conv2d/triton':>14}"
+           f"{'unfold/triton':>14} {'conv2d/triton':>14} {'composed/fused':>15}"
     print(head)
     print("-" * len(head))
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -195,11 +198,28 @@ def main(argv=None) -> int:
             cases["local attn fwd+bwd (fused)"] = dict(
                 triton=fwd_bwd(la_fused, q, k, v, rel), ref=fwd_bwd(la_composed, q, k, v, rel),
                 bytes=3 * nbytes(q, k, v, x))
+            # the fused op vs its composed form (kernel by a 1x1 convolution, then aggregate)
+            M = max(1, C // 4)
+            h = rnd(B, M, H, H, dtype=dt)
+            lw, lb = rnd(G * 49, M, dtype=dt) * M ** -0.5, rnd(G * 49, dtype=dt)
+
+            def composed(a, hh, ww, bb, G=G, H=H):
+                kernel = F.conv2d(hh, ww[:, :, None, None], bb).view(a.shape[0], G, 49, H, H)
+                return aggregate(a, kernel, zero, backend=be)
+
+            def fused(a, hh, ww, bb):
+                return aggregate_linear(a, hh, ww, bb, zero, backend=be)
+            cases["aggregate_linear fwd"] = dict(
+                triton=lambda: fused(x, h, lw, lb), composed=lambda: composed(x, h, lw, lb),
+                bytes=nbytes(x, h, x))
+            cases["aggregate_linear fwd+bwd"] = dict(
+                triton=fwd_bwd(fused, x, h, lw, lb), composed=fwd_bwd(composed, x, h, lw, lb),
+                bytes=3 * nbytes(x, h, x))
             for case, c in cases.items():
                 t = bench(c["triton"])
                 row = dict(case=case, dtype=dn, C=C, H=H, W=H, batch=B, triton_ms=t,
                            ceiling_ms=c["bytes"] / bw * 1e3)
-                for other in ("ref", "unfold", "conv2d"):
+                for other in ("ref", "unfold", "conv2d", "composed"):
                     if other in c:
                         row[f"{other}_ms"] = bench(c[other])
                 rows.append(row)
@@ -207,7 +227,8 @@ def main(argv=None) -> int:
                 def ratio(key):
                     return f"{row[key] / t:.2f}" if key in row else "-"
                 print(f"{case:<28} {dn:<9} {C:>4} {f'{H}x{H}':>6} {row['ceiling_ms'] / t:>15.2f} "
-                      f"{ratio('ref_ms'):>11} {ratio('unfold_ms'):>14} {ratio('conv2d_ms'):>14}", flush=True)
+                      f"{ratio('ref_ms'):>11} {ratio('unfold_ms'):>14} {ratio('conv2d_ms'):>14} "
+                      f"{ratio('composed_ms'):>15}", flush=True)
     if args.smoke:
         return 0
     os.makedirs(args.out, exist_ok=True)

@@ -1,13 +1,19 @@
 """RedNet vs ResNet on the CPU: inference latency, training-step time and training memory.
 
-For each pair (rednet50 vs resnet50, rednet26 vs resnet26), in one run and one process:
+For each pair (rednet50 vs resnet50, rednet26 vs resnet26, sasa_resnet50 vs resnet50), in one
+run and one process:
 
 * inference latency: batch 1, 224x224, eval mode, ``torch.no_grad``; median (and best) of
   ``--reps`` calls after warm-up, the two models' calls interleaved (A B A B ...) so that
   load changes on a shared machine hit both alike;
 * training step: batch 8, 224x224, forward + cross-entropy + backward + SGD(momentum) step;
-  median of ``--train-reps`` steps after one warm-up step, interleaved; RedNet both as
-  registered and with ``checkpoint_mixer=True`` (mixers recomputed in backward);
+  median of ``--train-reps`` steps after one warm-up step, interleaved; RedNet as registered
+  (fused mixers: the involution kernel is never stored), on the composed path (every mixer
+  built with ``fused=False`` through the config's ``mixer_kwargs``; inference timed too) and
+  with ``checkpoint_mixer=True`` (mixers recomputed in backward);
+* saved for backward: the bytes of the unique storages that autograd keeps for the backward of
+  one training forward (batch 8; counted through ``torch.autograd.graph.saved_tensors_hooks``,
+  parameters included);
 * training memory: the rise of the process' peak resident set (VmHWM, reset through
   /proc/self/clear_refs) above the resident set just before one steady-state step (grads and
   momentum buffers already allocated), with glibc told to mmap allocations >= 64 KiB and to
@@ -20,7 +26,7 @@ Ratios are rednet / resnet (< 1: RedNet is faster / smaller). Prints a table and
 ``models.json`` to ``--out`` (default ``benchmarks/results``). Also reports which tokenmix
 backend ran the aggregation (``tokenmix.ops.select_backend``) and the thread count.
 
-    python benchmarks/models.py             # both pairs (a few minutes on 2 cores)
+    python benchmarks/models.py             # the three pairs (several minutes on 2 cores)
     python benchmarks/models.py --quick     # 26-layer pair only, fewer repeats
     python benchmarks/models.py --pair nat_mini,convformer_s18   # any two registered models
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -106,16 +113,66 @@ class Trainer:
         self.opt.step()
 
 
+def composed_overrides(name: str) -> Dict[str, object]:
+    """create_model overrides that build every mixer of ``name`` that has a fused form on its
+    composed path (``fused=False`` in the stages' and the stem's ``mixer_kwargs``); {} when it
+    has none (a MetaFormer config, or no involution mixer)."""
+    cfg = get_config(name)
+    if not isinstance(cfg, ModelConfig):
+        return {}
+    fusable = ("involution", "patch_involution")
+    stages = tuple(dataclasses.replace(st, mixer_kwargs={**st.mixer_kwargs, "fused": False})
+                   if st.mixer in fusable else st for st in cfg.stages)
+    out: Dict[str, object] = {}
+    if stages != cfg.stages:
+        out["stages"] = stages
+    if cfg.stem.type == "rednet" and cfg.stem.mixer in fusable:
+        out["stem"] = dataclasses.replace(cfg.stem, mixer_kwargs={**cfg.stem.mixer_kwargs, "fused": False})
+    return out
+
+
+def variant_overrides(variant: str) -> Dict[str, object]:
+    """``name``, ``name+ckpt`` (checkpoint_mixer=True) or ``name+composed`` (fused=False)."""
+    name, _, kind = variant.partition("+")
+    if kind == "ckpt":
+        return {"checkpoint_mixer": True}
+    if kind == "composed":
+        return composed_overrides(name)
+    return {}
+
+
+def saved_for_backward_bytes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the unique storages autograd saves for the backward of one training forward
+    (``saved_tensors_hooks``; a storage saved by several nodes counts once)."""
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    del loss
+    return sum(storages.values())
+
+
+# --clock thread: the calling thread's CPU time (time.thread_time), which leaves out the time
+# the scheduler gives to other processes on a shared machine; meaningful with --threads 1.
+CLOCK = {"fn": time.perf_counter}
+
+
 def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, List[float]]:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: Dict[str, List[float]] = {k: [] for k in fns}
+    clock = CLOCK["fn"]
     for _ in range(reps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return times
 
 
@@ -135,11 +192,18 @@ def backend_used(name: str = "rednet50") -> Dict[str, str]:
     return out
 
 
+SUFFIX = {"": "", "ckpt": "_ckpt", "composed": "_composed"}
+LABEL = {"": "", "ckpt": " checkpoint_mixer", "composed": " composed (fused=False)"}
+
+
 def compare(a: str, b: str, args) -> Dict[str, object]:
     """Latency, training step and memory of model ``a`` against model ``b`` (ratios a / b)."""
     row: Dict[str, object] = {"model_a": a, "model_b": b}
     # inference latency, batch 1
-    models = {n: create_model(n).eval() for n in (a, b)}
+    composed = a + "+composed"
+    with_composed = args.composed_variant and bool(composed_overrides(a))
+    inf_variants = [a, composed, b] if with_composed else [a, b]
+    models = {n: create_model(n.split("+")[0], **variant_overrides(n)).eval() for n in inf_variants}
     x1 = torch.randn(1, 3, args.size, args.size)
 
     def infer(m):
@@ -149,7 +213,7 @@ def compare(a: str, b: str, args) -> Dict[str, object]:
         return run
 
     lat = interleaved_medians({n: infer(m) for n, m in models.items()}, args.reps, warmup=2)
-    row["params"] = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    row["params"] = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items() if "+" not in n}
     del models
     gc.collect()
     row["latency_s"] = {n: statistics.median(t) for n, t in lat.items()}
@@ -157,10 +221,10 @@ def compare(a: str, b: str, args) -> Dict[str, object]:
     # training step time, batch 8 (RedNet also with checkpoint_mixer=True)
     ck = a + "+ckpt"
     # the checkpoint_mixer=True variant exists for the bottleneck family (a ModelConfig field)
-    with_ck = args.checkpoint_variant and isinstance(get_config(a), ModelConfig)
-    variants = [a, ck, b] if with_ck else [a, b]
-    trainers = {n: Trainer(n.split("+")[0], args.batch, args.size, **({"checkpoint_mixer": True} if "+" in n else {}))
-                for n in variants}
+    with_ck = args.checkpoint_variant and isinstance(get_config(a), ModelConfig) and a.startswith("rednet")
+    variants = [a] + ([composed] if with_composed else []) + ([ck] if with_ck else []) + [b]
+    trainers = {n: Trainer(n.split("+")[0], args.batch, args.size, **variant_overrides(n)) for n in variants}
+    row["saved_for_backward_bytes"] = {n: saved_for_backward_bytes(t.model, t.x, t.y) for n, t in trainers.items()}
     steps = interleaved_medians({n: t.step for n, t in trainers.items()}, args.train_reps, warmup=1)
     row["train_step_s"] = {n: statistics.median(t) for n, t in steps.items()}
     row["train_step_all_s"] = steps
@@ -180,8 +244,13 @@ def compare(a: str, b: str, args) -> Dict[str, object]:
     row["train_step_best_s"] = {n: min(t) for n, t in steps.items()}
     r = {"latency": row["latency_s"][a] / row["latency_s"][b],
          "latency_best": row["latency_best_s"][a] / row["latency_best_s"][b]}
+    if with_composed:
+        r["latency_composed"] = row["latency_s"][composed] / row["latency_s"][b]
+        r["latency_fused_vs_composed"] = row["latency_s"][a] / row["latency_s"][composed]
+        r["train_step_fused_vs_composed"] = row["train_step_s"][a] / row["train_step_s"][composed]
     for v in variants[:-1]:
-        sfx = "" if v == a else "_ckpt"
+        sfx = SUFFIX[v.partition("+")[2]]
+        r["saved_for_backward" + sfx] = row["saved_for_backward_bytes"][v] / row["saved_for_backward_bytes"][b]
         r["train_step" + sfx] = row["train_step_s"][v] / row["train_step_s"][b]
         r["train_step_best" + sfx] = row["train_step_best_s"][v] / row["train_step_best_s"][b]
         if "train_peak_bytes" in row:
@@ -194,7 +263,8 @@ def compare(a: str, b: str, args) -> Dict[str, object]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", default="50,26", help="depths to compare, e.g. 50,26")
+    p.add_argument("--pairs", default="50,26,sasa50",
+                   help="depths to compare, rednet{d} vs resnet{d}, and sasa{d}: sasa_resnet{d} vs resnet{d}")
     p.add_argument("--pair", default=None, metavar="A,B",
                    help="compare any two registered models instead, e.g. nat_mini,convformer_s18 (ratios A / B)")
     p.add_argument("--size", type=int, default=224)
@@ -202,8 +272,12 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=15, help="inference calls per model")
     p.add_argument("--train-reps", type=int, default=3, help="training steps per model")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                   help="wall time, or the calling thread's CPU time (needs --threads 1; robust on a shared machine)")
     p.add_argument("--no-checkpoint-variant", dest="checkpoint_variant", action="store_false",
                    help="skip the rednet + checkpoint_mixer=True training variant")
+    p.add_argument("--no-composed-variant", dest="composed_variant", action="store_false",
+                   help="skip the rednet composed-path (fused=False) variant")
     p.add_argument("--quick", action="store_true", help="26 only, 5 inference calls, 2 training steps")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = p.parse_args(argv)
@@ -211,9 +285,14 @@ def main(argv=None) -> int:
         args.pairs, args.reps, args.train_reps = "26", 5, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread":
+        if torch.get_num_threads() != 1:
+            p.error("--clock thread needs --threads 1")
+        CLOCK["fn"] = time.thread_time
     eager = malloc_release_eagerly()
     backends = backend_used()
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+            "cpu_count": os.cpu_count(),
             "machine": platform.processor() or platform.machine(), "backend": backends,
             "malloc_release_eagerly": eager, "size": args.size, "train_batch": args.batch,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -225,7 +304,13 @@ def main(argv=None) -> int:
         if len(pairs[0]) != 2 or any(n not in known for n in pairs[0]):
             p.error(f"--pair {args.pair!r} must be two registered model names; known: {', '.join(known)}")
     else:
-        pairs = [(f"rednet{d}", f"resnet{d}") for d in (int(v) for v in args.pairs.split(","))]
+        pairs = []
+        for v in args.pairs.split(","):
+            v = v.strip()
+            if v.startswith("sasa"):
+                pairs.append((f"sasa_resnet{int(v[4:])}", f"resnet{int(v[4:])}"))
+            else:
+                pairs.append((f"rednet{int(v)}", f"resnet{int(v)}"))
     rows = []
     for pair in pairs:
         row = compare(*pair, args)
@@ -238,9 +323,18 @@ def main(argv=None) -> int:
               f"best {row['latency_best_s'][red] * 1e3:.1f} vs {row['latency_best_s'][res] * 1e3:.1f} ms: "
               f"{r['latency_best']:.2f}x)")
         mb = 2 ** 20
+        if "latency_composed" in r:
+            v = red + "+composed"
+            print(f"  inference latency, composed path: {row['latency_s'][v] * 1e3:8.1f} ms; fused / composed "
+                  f"{r['latency_fused_vs_composed']:.2f}x; training step fused / composed "
+                  f"{r['train_step_fused_vs_composed']:.2f}x")
         for v in row["variants"][:-1]:
-            sfx, label = ("", red) if v == red else ("_ckpt", red + " checkpoint_mixer")
+            kind = v.partition("+")[2]
+            sfx, label = SUFFIX[kind], red + LABEL[kind]
             print(f"  [{label}]")
+            sb = row["saved_for_backward_bytes"]
+            print(f"    saved for backward b{args.batch}       : {sb[v] / mb:8.0f} MB vs {sb[res] / mb:8.0f} MB   "
+                  f"ratio {r['saved_for_backward' + sfx]:.3f}x")
             print(f"    training step b{args.batch}            : {row['train_step_s'][v]:8.2f} s  vs "
                   f"{row['train_step_s'][res]:8.2f} s    ratio {r['train_step' + sfx]:.2f}x (median; best "
                   f"{r['train_step_best' + sfx]:.2f}x)")

@@ -27,7 +27,15 @@ For the four RedNet-50 stage shapes (K=7, stride 1 and 2) it measures, in one ru
 
 Prints a table of ratios and writes ``ops.json`` and ``ops.csv`` to ``--out``.
 
+``--linear`` instead compares the fused ``aggregate_linear(x, h, weight, bias)`` with its
+composed form (``w = conv1x1(h)`` materialised, then ``aggregate``) at the same stage shapes
+with RedNet-50's generator (M = C/4 features, G = C/16 groups): best time of the forward and
+of forward + backward (all four gradients), calls of the two interleaved, and the exact peak
+of the allocator's bytes during each call (results and gradients included), next to the
+bytes of the results and gradients themselves. Writes ``ops_linear.json``.
+
     python benchmarks/ops.py                # full run (a few minutes on 2 cores)
+    python benchmarks/ops.py --linear --threads 1 --clock thread   # fused vs composed
     python benchmarks/ops.py --quick        # batch 2, fewer repeats, no unfold backward
 
 ``--attention`` instead benchmarks the fused ``local_attention`` against its composed form
@@ -58,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmix.kernel_gen._position import masked_softmax, offset_index
-from tokenmix.ops import Window, aggregate, correlate, local_attention
+from tokenmix.ops import Window, aggregate, aggregate_linear, correlate, local_attention
 from tokenmix.ops.backends import cpu as cpu_backend
 
 SHAPES = [(64, 56, 4), (128, 28, 8), (256, 14, 16), (512, 7, 32)]  # (C, H=W, G): RedNet-50 stages
@@ -450,6 +458,82 @@ def summarise(result: Dict[str, object]) -> str:
     return "\n".join(out)
 
 
+def composed_linear(x, h, weight, bias, window):
+    """aggregate_linear's composed form: the kernel materialised by a 1x1 convolution."""
+    B, _, Ho, Wo = h.shape
+    w = F.conv2d(h, weight[:, :, None, None], bias)
+    return aggregate(x, w.view(B, weight.shape[0] // window.taps, window.taps, Ho, Wo), window)
+
+
+def linear_benchmark(batch: int, kernel: int, strides: List[int], repeats: int) -> Dict[str, object]:
+    """Fused aggregate_linear against its composed form at the RedNet-50 stage shapes."""
+    rows = []
+    impls = {"fused": lambda *a: aggregate_linear(*a), "composed": composed_linear}
+    for (C, H, G) in SHAPES:
+        for s in strides:
+            window = Window(kernel, stride=s)
+            Ho, Wo = window.output_size(H, H)
+            M = C // 4
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(batch, C, H, H, generator=g)
+            h = torch.randn(batch, M, Ho, Wo, generator=g)
+            weight = torch.randn(G * window.taps, M, generator=g) * M ** -0.5
+            bias = torch.randn(G * window.taps, generator=g)
+            gy = torch.randn(batch, C, Ho, Wo, generator=g)
+
+            def fwd(f):
+                def run():
+                    with torch.no_grad():
+                        return f(x, h, weight, bias, window)
+                return run
+
+            def fwdbwd(f):
+                def run():
+                    ins = [t.detach().requires_grad_() for t in (x, h, weight, bias)]
+                    f(*ins, window).backward(gy)
+                    return [t.grad for t in ins]
+                return run
+
+            row = {"C": C, "H": H, "G": G, "M": M, "stride": s}
+            for kind, make in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+                fns = {n: make(f) for n, f in impls.items()}
+                for fn in fns.values():
+                    fn()
+                best = {n: math.inf for n in fns}
+                for _ in range(repeats):  # interleaved: a slow spell hits both
+                    for n, fn in fns.items():
+                        best[n] = min(best[n], _timed(fn))
+                for n in fns:
+                    row[f"{kind}_{n}_s"] = best[n]
+                    row[f"{kind}_{n}_peak_bytes"] = alloc_peak(fns[n])
+                row[f"{kind}_ratio"] = best["fused"] / best["composed"]
+            out_bytes = 4 * batch * C * Ho * Wo
+            grad_bytes = 4 * (x.numel() + h.numel() + weight.numel() + bias.numel())
+            row["fwd_result_bytes"], row["fwdbwd_result_bytes"] = out_bytes, grad_bytes + out_bytes
+            row["kernel_bytes"] = 4 * batch * G * window.taps * Ho * Wo
+            rows.append(row)
+    return {"rows": rows}
+
+
+def summarise_linear(result: Dict[str, object]) -> str:
+    mb = 2 ** 20
+    lines = ["aggregate_linear (fused) vs composed (conv1x1 kernel + aggregate); time ratio fused/composed; "
+             "peak = allocator peak during the call (MB), results = outputs (+ gradients)",
+             f"{'C':>4} {'H':>3} {'s':>1} | {'fwd ratio':>9} {'peak f/c':>13} {'res':>5} | "
+             f"{'fwd+bwd ratio':>13} {'peak f/c':>13} {'res':>5} | {'kernel':>6}"]
+    for r in result["rows"]:
+        def pk(kind):
+            a, b = r[f"{kind}_fused_peak_bytes"], r[f"{kind}_composed_peak_bytes"]
+            return f"{a / mb:6.1f}/{b / mb:6.1f}" if a is not None and b is not None else "n/a"
+        lines.append(f"{r['C']:>4} {r['H']:>3} {r['stride']:>1} | {r['fwd_ratio']:>9.2f} {pk('fwd'):>13} "
+                     f"{r['fwd_result_bytes'] / mb:5.1f} | {r['fwdbwd_ratio']:>13.2f} {pk('fwdbwd'):>13} "
+                     f"{r['fwdbwd_result_bytes'] / mb:5.1f} | {r['kernel_bytes'] / mb:6.1f}")
+    fw = [r["fwd_ratio"] for r in result["rows"]]
+    fb = [r["fwdbwd_ratio"] for r in result["rows"]]
+    lines.append(f"geomean time ratio fused/composed: forward {_geomean(fw):.2f}, forward+backward {_geomean(fb):.2f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=8)
@@ -470,6 +554,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention", action="store_true",
                     help="benchmark the fused local_attention against its composed form instead")
     ap.add_argument("--quick", action="store_true", help="batch 2, 3 repeats, 1 slow repeat, no unfold backward")
+    ap.add_argument("--linear", action="store_true",
+                    help="aggregate_linear (fused) against its composed form instead (writes ops_linear.json)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -495,6 +581,18 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "ops_attention.json"), "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {os.path.join(args.out, 'ops_attention.json')}")
+        return 0
+    if args.linear:
+        result = linear_benchmark(args.batch, args.kernel, args.strides, args.repeats)
+        result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
+                          "processor": platform.processor(), "argv": sys.argv[1:], "loadavg": os.getloadavg()}
+        text = summarise_linear(result)
+        result["summary"] = text
+        print(text)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "ops_linear.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {os.path.join(args.out, 'ops_linear.json')}")
         return 0
     t0 = time.perf_counter()
     reason = cpu_backend.CpuBackend().unavailable_reason()

@@ -32,7 +32,7 @@ import torch
 from tokenmix.ops.backends.triton.common import tile_configs
 from triton_aot import aot_compile, resource_usage
 
-OPS = ("aggregate", "correlate", "aggregate_transpose")
+OPS = ("aggregate", "correlate", "aggregate_transpose", "aggregate_linear")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 

@@ -1,8 +1,8 @@
 """The ``tokenmix::`` custom ops written as standard PyTorch ops, for ONNX export only.
 
 The CPU and Triton kernels behind ``tokenmix::aggregate``, ``tokenmix::correlate``,
-``tokenmix::aggregate_transpose`` and ``tokenmix::local_attention`` (the fused attention of the
-attention mixers, written as its composition) are not ONNX operators. :func:`decompositions` maps each op
+``tokenmix::aggregate_transpose``, ``tokenmix::aggregate_linear`` and ``tokenmix::local_attention``
+(the fused forms of the mixers, written as their compositions) are not ONNX operators. :func:`decompositions` maps each op
 to standard PyTorch ops: one gather of every tap's source pixel from the input extended by a
 zero row and column (:func:`tap_index`, every border), a product with the weight and a sum
 over the taps (``Pad``, ``Gather``, ``Mul``, ``ReduceSum`` in ONNX; the transpose is a
@@ -124,12 +124,27 @@ def _local_attention(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilati
     return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
+def _aggregate_linear(x, h, weight, bias, kernel_size, stride, dilation, padding, border, backend=None):
+    """x: (B, C, H, W), h: (B, M, Ho, Wo), weight (G*K*K, M), bias (G*K*K,) or None ->
+    (B, C, Ho, Wo): the kernel ``weight @ h + bias`` made whole (a ``MatMul``), then
+    :func:`_aggregate`. Weights of taps that no output pixel reads inside the image multiply
+    the zero padding, as in the composed form."""
+    B, M, Ho, Wo = h.shape
+    taps = kernel_size[0] * kernel_size[1]
+    w = torch.matmul(weight, h.reshape(B, M, Ho * Wo))
+    if bias is not None:
+        w = w + bias.unsqueeze(-1)
+    w = w.reshape(B, weight.shape[0] // taps, taps, Ho, Wo)
+    return _aggregate(x, w, kernel_size, stride, dilation, padding, border)
+
+
 def decompositions() -> Dict[Any, Callable]:
     """``{op overload: decomposition}`` of the ``tokenmix::`` ops, for
     ``ExportedProgram.run_decompositions``."""
     ops = torch.ops.tokenmix
     return {ops.aggregate.default: _aggregate, ops.correlate.default: _correlate,
-            ops.aggregate_transpose.default: _aggregate_transpose, ops.local_attention.default: _local_attention}
+            ops.aggregate_transpose.default: _aggregate_transpose, ops.local_attention.default: _local_attention,
+            ops.aggregate_linear.default: _aggregate_linear}
 
 
 def decompose(program: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":

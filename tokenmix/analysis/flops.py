@@ -13,6 +13,8 @@ traced op                              counted (fvcore convention)
 ``tokenmix::aggregate_transpose``      B*C*Ho*Wo*K*K MACs (``aggregate_transpose_macs``)
 ``tokenmix::local_attention``          as its composition: B*C*Ho*Wo*K*K MACs under ``correlate``
                                        and under ``aggregate``, B*heads*K*K*Ho*Wo under ``softmax``
+``tokenmix::aggregate_linear``         B*Ho*Wo*(G*K*K*M + C*K*K) MACs: the kernel's linear map
+                                       and the aggregation (``aggregate_linear_macs``)
 conv, linear, (add)mm, (b)mm, matmul   MACs, fvcore's own handles
 ``aten::einsum``                       MACs; two operands: exact (product of all index sizes)
 ``aten::scaled_dot_product_attention`` B*H*L*S*(E + Ev) MACs (q.k and attn.v; as torch counts it)
@@ -29,7 +31,8 @@ shape / data-movement ops              0, explicitly ignored (:data:`DATA_MOVEME
 
 ``FlopCount.macs`` sums the multiply-add operators only (:data:`MAC_OPERATORS`); ``total``
 adds the norm, pool and softmax counts above. Models are counted as at inference: eval mode,
-no autograd (the mode is restored afterwards).
+no autograd, every mixer on its composed path (``fused = False``, so a generator's last linear
+map counts as its convolution; the fused op counts the same total); all restored afterwards.
 
 ``strict=True`` (the default) raises :class:`UnsupportedOpError` when the trace contains any
 op that has neither a handle nor an explicit ignore entry, so a new op can never count as 0
@@ -49,7 +52,7 @@ from torch import nn
 
 from .._args import check_pair
 from ..ops import library  # noqa: F401  (defines torch.ops.tokenmix.* so traces name them)
-from ..ops.flops import aggregate_macs, aggregate_transpose_macs, correlate_macs
+from ..ops.flops import aggregate_linear_macs, aggregate_macs, aggregate_transpose_macs, correlate_macs
 
 __all__ = [
     "FlopCount",
@@ -115,6 +118,15 @@ def local_attention_handle(inputs, outputs) -> Counter:
                     "softmax": q[0] * heads * taps * q[2] * q[3]})
 
 
+def aggregate_linear_handle(inputs, outputs) -> int:
+    """``tokenmix::aggregate_linear(x, h, weight, bias, kernel_size, ...)``: the kernel's linear
+    map B*Ho*Wo*G*K*K*M plus the aggregation B*C*Ho*Wo*K*K multiply-adds (what the composed
+    1x1 convolution and aggregate count)."""
+    kernel_size = _ivalue(inputs[4])
+    return aggregate_linear_macs(_shape(inputs[0]), _shape(inputs[1]), _shape(inputs[2]),
+                                 int(kernel_size[0]) * int(kernel_size[1]))
+
+
 def sdpa_handle(inputs, outputs) -> int:
     """``aten::scaled_dot_product_attention(q, k, v, ...)``, q (..., L, E), k (..., S, E),
     v (..., S, Ev): L*S*E MACs for q.k plus L*S*Ev for attn.v per batch/head."""
@@ -158,6 +170,7 @@ EXTRA_HANDLES: Dict[str, Any] = {
     "tokenmix::correlate": correlate_handle,
     "tokenmix::aggregate_transpose": aggregate_transpose_handle,
     "tokenmix::local_attention": local_attention_handle,
+    "tokenmix::aggregate_linear": aggregate_linear_handle,
     "aten::scaled_dot_product_attention": sdpa_handle,
     "aten::einsum": einsum_handle,
     "aten::softmax": per_element_handle,
@@ -200,7 +213,7 @@ DATA_MOVEMENT_OPS = frozenset(
 
 MAC_OPERATORS = frozenset(
     {"conv", "linear", "addmm", "mm", "bmm", "matmul", "einsum", "baddbmm",
-     "aggregate", "correlate", "aggregate_transpose", "scaled_dot_product_attention"}
+     "aggregate", "correlate", "aggregate_transpose", "aggregate_linear", "scaled_dot_product_attention"}
 )
 """``by_operator`` keys whose counts are multiply-adds (those torch's FlopCounterMode counts)."""
 
@@ -243,14 +256,23 @@ class FlopCount:
 
 @contextlib.contextmanager
 def _inference(model: nn.Module, no_grad: bool = True):
+    """Eval mode (and no_grad), with every mixer on its composed path (``fused = False``), so the
+    counts split into the generator's and the aggregation's as the model is written; the fused
+    ops count the same total (``tokenmix::aggregate_linear``: the linear map plus the
+    aggregation). Restored afterwards."""
     was_training = [m.training for m in model.modules()]
+    fused = [m for m in model.modules() if getattr(m, "fused", None) is True]
     model.eval()
+    for m in fused:
+        m.fused = False
     try:
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             yield
     finally:
         for m, t in zip(model.modules(), was_training):
             m.training = t
+        for m in fused:
+            m.fused = True
 
 
 def flop_analysis(model: nn.Module, *inputs: torch.Tensor):
@@ -356,7 +378,9 @@ def module_hook_flops(model: nn.Module, *inputs: torch.Tensor) -> int:
 
     It sees modules only, so it is blind to functional ops such as ``tokenmix::aggregate``
     (or the official involution's unfold-multiply-sum): compare with :func:`count_flops` to
-    see what such a counter misses. Counted in eval mode under no_grad.
+    see what such a counter misses. Counted in eval mode under no_grad, with every mixer on its
+    composed path (``fused = False``; restored afterwards): a fused mixer never calls its
+    generator's last convolution, which a module counter would then miss.
     """
     total = [0]
 

@@ -97,20 +97,38 @@ class BottleneckKernel(KernelGenerator):
         self.norm.reset_parameters()
         self.span.reset_parameters()
 
-    def span_kernel(self, h: torch.Tensor, window, input_hw) -> torch.Tensor:
-        """(B, hidden, Ho', Wo') features -> kernel (B, G, K*K, Ho, Wo), checking the size."""
-        w = self.span(self.act(self.norm(h)))
-        B, _, Ho, Wo = w.shape
+    def _check_size(self, Ho: int, Wo: int, window, input_hw) -> None:
         expect = window.output_size(*input_hw)
         if (Ho, Wo) != tuple(expect):
             raise ValueError(f"{type(self).__name__}: kernel branch gives {(Ho, Wo)} pixels but the window "
                              f"{window} gives output {expect} for input {tuple(input_hw)}; build the generator "
                              f"with the window's stride (stride={self.stride})")
+
+    def span_kernel(self, h: torch.Tensor, window, input_hw) -> torch.Tensor:
+        """(B, hidden, Ho', Wo') features -> kernel (B, G, K*K, Ho, Wo), checking the size."""
+        w = self.span(self.act(self.norm(h)))
+        B, _, Ho, Wo = w.shape
+        self._check_size(Ho, Wo, window, input_hw)
         return w.view(B, self.groups, window.taps, Ho, Wo)
 
     def forward(self, x: torch.Tensor, window) -> torch.Tensor:
         self.check_window(x, window)
         return self.span_kernel(self.reduce(self.pool(x)), window, x.shape[2:])
+
+    def linear_form(self, x: torch.Tensor, window):
+        """The fused form (``docs/design.md``, "Fused generators"): ``(h, weight, bias)`` with
+        ``forward(x, window) == (weight @ h + bias).view(B, G, K*K, Ho, Wo)``: h (B, C/r, Ho, Wo)
+        the features before ``span``, weight (G*K*K, C/r) and bias (G*K*K,) span's parameters
+        (views, so gradients reach them). None when ``span`` is not a plain 1x1 convolution."""
+        span = self.span
+        if (type(span) is not nn.Conv2d or span.kernel_size != (1, 1) or span.groups != 1
+                or span.stride != (1, 1) or span.padding != (0, 0) or span.dilation != (1, 1)
+                or span._forward_hooks or span._forward_pre_hooks):
+            return None
+        self.check_window(x, window)
+        h = self.act(self.norm(self.reduce(self.pool(x))))
+        self._check_size(h.shape[2], h.shape[3], window, x.shape[2:])
+        return h, span.weight.view(span.out_channels, span.in_channels), span.bias
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", reduction={self.reduction}"

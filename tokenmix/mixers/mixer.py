@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .._args import check_int
-from ..ops.functional import aggregate, autocast_dtype
+from ..ops.functional import aggregate, aggregate_linear, autocast_dtype
 from ..ops.window import Window
 
 
@@ -33,8 +33,10 @@ class Mixer(nn.Module):
             ``nn.Identity`` (involution, depthwise conv); the v projection of attention.
         proj: module applied after aggregation, (B, C, Ho, Wo) -> (B, C', Ho, Wo); default identity.
         bias: add a learned per-channel bias after aggregation (default False).
-        fused: use the generator's fused form where it offers one (the generated kernel is never
-            stored); False always runs the composed path ``aggregate(value(x), generator(x))``.
+        fused: use the generator's fused form where it offers one (a ``linear_form(x, window)``
+            method returning ``(h, weight, bias)``: the kernel is ``weight @ h + bias``, and
+            :func:`~tokenmix.ops.aggregate_linear` runs without storing it); False always runs
+            the composed path ``aggregate(value(x), generator(x))``.
             Both paths have the same parameters and ``state_dict``.
 
     Shapes: ``x: (B, C, H, W) -> (B, C, Ho, Wo)``, ``(Ho, Wo) = window.output_size(H, W)``.
@@ -70,15 +72,33 @@ class Mixer(nn.Module):
         """The generated kernel ``w: (B|1, G, K*K, Ho|1, Wo|1)`` for ``x: (B, C, H, W)``."""
         return self.generator(x, self.window)
 
+    def linear_form(self, x: torch.Tensor):
+        """``(h, weight, bias)`` of the generator's fused form (its ``linear_form(x, window)``,
+        ``docs/design.md``, "Fused generators") when ``self.fused`` and the generator offers
+        one, else None (the composed path)."""
+        if not self.fused:
+            return None
+        form = getattr(self.generator, "linear_form", None)
+        return form(x, self.window) if callable(form) else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, Ho, Wo)."""
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, {self.dim}, H, W), got {tuple(x.shape)}")
-        w = self.generator(x, self.window)
-        v = self.value(x)
-        if w.dtype != v.dtype and autocast_dtype(v.device) is None:
-            w = w.to(v.dtype)  # under autocast, aggregate casts both to the autocast dtype itself
-        y = aggregate(v, w, self.window)
+        form = self.linear_form(x)
+        if form is not None:  # the kernel is a linear map of features: never stored
+            h, weight, bias = form
+            v = self.value(x)
+            if autocast_dtype(v.device) is None:  # under autocast, aggregate_linear casts to its dtype
+                h, weight = h.to(v.dtype), weight.to(v.dtype)
+                bias = None if bias is None else bias.to(v.dtype)
+            y = aggregate_linear(v, h, weight, bias, self.window)
+        else:
+            w = self.generator(x, self.window)
+            v = self.value(x)
+            if w.dtype != v.dtype and autocast_dtype(v.device) is None:
+                w = w.to(v.dtype)  # under autocast, aggregate casts both to the autocast dtype itself
+            y = aggregate(v, w, self.window)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
         return self.proj(y)

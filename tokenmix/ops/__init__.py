@@ -1,6 +1,7 @@
-"""The shared aggregation op: window geometry, functional API, custom ops and backends."""
+"""The shared aggregation op: window geometry, functional API (the three primitives and the
+fused ``aggregate_linear``), custom ops and backends."""
 
-from .functional import aggregate, aggregate_transpose, correlate, local_attention
+from .functional import aggregate, aggregate_linear, aggregate_transpose, correlate, local_attention
 from .backends import Backend, get_backend, list_backends, register_backend, select_backend
 from .window import Window
 
@@ -10,6 +11,7 @@ __all__ = [
     "correlate",
     "aggregate_transpose",
     "local_attention",
+    "aggregate_linear",
     "Backend",
     "register_backend",
     "get_backend",

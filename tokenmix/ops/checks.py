@@ -139,4 +139,42 @@ def check_local_attention(q, k, v, window, heads, rel_pos=None) -> Tuple[int, in
                     raise ValueError(f"rel_pos needs padding a multiple of the dilation and at most d*(K-1) along "
                                      f"{axis}; got padding={window.padding}, dilation={window.dilation}, "
                                      f"kernel_size={window.kernel_size}")
+
+
+def check_aggregate_linear(x, h, weight, bias, window, grad_y=None) -> Tuple[int, int]:
+    """Validate ``aggregate_linear(x, h, weight, bias, window)`` (and its backward's ``grad_y``);
+    returns (Ho, Wo)."""
+    _window(window)
+    _tensor("x", x, 4, "(B, C, H, W)")
+    _tensor("h", h, 4, "(B, M, Ho, Wo)")
+    _tensor("weight", weight, 2, "(G*K*K, M)")
+    names, tensors = ["x", "h", "weight"], [x, h, weight]
+    if bias is not None:
+        _tensor("bias", bias, 1, "(G*K*K,)")
+        names.append("bias"), tensors.append(bias)
+    _same(names, tensors)
+    B, C, H, W = x.shape
+    out_hw = window.output_size(H, W)
+    if h.shape[0] != B:
+        raise ValueError(f"h batch {h.shape[0]} must be x's batch {B}; h must be (B, M, Ho, Wo), got {tuple(h.shape)}")
+    if tuple(h.shape[2:]) != tuple(out_hw):
+        raise ValueError(f"h spatial size {tuple(h.shape[2:])} must be the window's output size {tuple(out_hw)} "
+                         f"for x of size {(H, W)} and {window}")
+    rows, M = weight.shape
+    if weight.shape[1] != h.shape[1]:
+        raise ValueError(f"weight.shape[1] must be h's channels M={h.shape[1]}, got weight of shape {tuple(weight.shape)}")
+    if rows < 1 or rows % window.taps:
+        raise ValueError(f"weight.shape[0] must be G*K*K, a multiple of K*K = {window.taps} for "
+                         f"kernel_size={window.kernel_size}, got weight of shape {tuple(weight.shape)}")
+    G = rows // window.taps
+    if C % G:
+        raise ValueError(f"channels C={C} of x are not divisible by groups G={G} (weight.shape[0] / K*K); "
+                         f"weight has shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise ValueError(f"bias must have shape (G*K*K,) = ({rows},), got {tuple(bias.shape)}")
+    if grad_y is not None:
+        _tensor("grad_y", grad_y, 4, "(B, C, Ho, Wo)")
+        _same(("x", "grad_y"), (x, grad_y))
+        if tuple(grad_y.shape) != (B, C, *out_hw):
+            raise ValueError(f"grad_y must have the output's shape {(B, C, *out_hw)}, got {tuple(grad_y.shape)}")
     return out_hw

@@ -1,4 +1,4 @@
-"""Multiply-add counts of the three primitives: one formula, used by torch's
+"""Multiply-add counts of the three primitives and the fused ``aggregate_linear``: one formula, used by torch's
 FlopCounterMode (2 flops per multiply-add) and by fvcore (1 flop per multiply-add)."""
 
 from __future__ import annotations
@@ -32,3 +32,25 @@ def local_attention_backward_macs(q_shape: Sequence[int], taps: int) -> int:
     """``local_attention_backward``: the recomputed scores, dP = dout.v, dq, dk and dv, one
     multiply-add per query element and tap each: 5*B*C*Ho*Wo*K*K."""
     return 5 * correlate_macs(q_shape, taps)
+
+
+def aggregate_linear_macs(x_shape: Sequence[int], h_shape: Sequence[int], weight_shape: Sequence[int],
+                          taps: int) -> int:
+    """``aggregate_linear``: the linear map that generates the kernel, B*Ho*Wo*(G*K*K)*M, plus
+    the aggregation, B*C*Ho*Wo*K*K (the bias adds are not counted, as for a convolution)."""
+    B, C = int(x_shape[0]), int(x_shape[1])
+    M, Ho, Wo = int(h_shape[1]), int(h_shape[2]), int(h_shape[3])
+    return B * Ho * Wo * (int(weight_shape[0]) * M + C * int(taps))
+
+
+def aggregate_linear_backward_macs(x_shape: Sequence[int], h_shape: Sequence[int], weight_shape: Sequence[int],
+                                   taps: int, output_mask: Sequence[bool]) -> int:
+    """``aggregate_linear_backward``: per gradient asked for by ``output_mask`` (x, h, weight,
+    bias): the kernel's recomputation (B*Ho*Wo*G*K*K*M) and the transpose (B*C*Ho*Wo*K*K) for
+    x; the correlate (B*C*Ho*Wo*K*K) shared by h, weight and bias, plus one product of
+    B*Ho*Wo*G*K*K*M for each of h and weight."""
+    B, C = int(x_shape[0]), int(x_shape[1])
+    M, Ho, Wo = int(h_shape[1]), int(h_shape[2]), int(h_shape[3])
+    linear, agg = B * Ho * Wo * int(weight_shape[0]) * M, B * C * Ho * Wo * int(taps)
+    gx, gh, gweight, gbias = (bool(m) for m in output_mask)
+    return ((linear + agg) * gx + agg * (gh or gweight or gbias) + linear * gh + linear * gweight)

@@ -205,3 +205,42 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: W
     tensors = (q, k, v) if rel_pos is None else (q, k, v, rel_pos)
     args = (q, k, v, rel_pos, heads, float(scale), *window.as_args(), backend)
     return _call("local_attention", tensors, args, window, backend)[0]
+
+
+def aggregate_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     window: Window, *, backend: Optional[str] = None) -> torch.Tensor:
+    """:func:`aggregate` with a kernel that is a per-pixel linear map of features, without
+    storing that kernel: ``y = aggregate(x, w, window)`` where
+    ``w[b, g, t, i, j] = sum_m weight[g*K*K + t, m] * h[b, m, i, j] + bias[g*K*K + t]``.
+
+    The kernel exists only a tile at a time (on the CPU: a block of groups of one image, or a
+    few whole images, of at most about 512 KiB), in the forward and again in the backward,
+    which recomputes it; autograd keeps x, h, weight and bias, never w.
+
+    Args:
+        x: (B, C, H, W) input.
+        h: (B, M, Ho, Wo) features, ``(Ho, Wo) = window.output_size(H, W)``.
+        weight: (G*K*K, M), G dividing C; row ``g*K*K + t`` makes tap t of group g (the
+            weight of a 1x1 convolution M -> G*K*K, viewed as a matrix).
+        bias: (G*K*K,) or None.
+        window: the :class:`Window` geometry.
+        backend: force a backend by name ("reference", "cpu", "triton"); default: dispatch.
+
+    Rows of weight and bias for a tap that no output pixel reads inside the image (zero
+    border) are never read. Under ``torch.autocast`` the inputs are cast to the autocast dtype.
+
+    Returns:
+        y: (B, C, Ho, Wo).
+
+    Equivalent PyTorch code::
+
+        w = (torch.einsum("rm,bmij->brij", weight, h) + bias.view(1, -1, 1, 1))
+        y = aggregate(x, w.view(B, G, K * K, Ho, Wo), window)
+    """
+    dt = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if dt is not None:
+        x, h, weight = (t.to(dt) if isinstance(t, torch.Tensor) else t for t in (x, h, weight))
+        bias = bias.to(dt) if isinstance(bias, torch.Tensor) else bias
+    checks.check_aggregate_linear(x, h, weight, bias, window)
+    tensors = (x, h, weight) if bias is None else (x, h, weight, bias)
+    return _call("aggregate_linear", tensors, (x, h, weight, bias, *window.as_args(), backend), window, backend)

@@ -1,4 +1,4 @@
-"""The three primitives as operators of the ``tokenmix::`` namespace.
+"""The three primitives and the fused ``aggregate_linear`` (with its backward) as operators of the ``tokenmix::`` namespace.
 
 Each op is defined once, here, with ``torch.library``:
 
@@ -27,6 +27,8 @@ from . import checks
 from .backends import select_backend
 from .flops import (aggregate_macs, aggregate_transpose_macs, correlate_macs, local_attention_backward_macs,
                     local_attention_macs)
+from .flops import aggregate_linear_backward_macs, aggregate_linear_macs, aggregate_macs, aggregate_transpose_macs, \
+    correlate_macs
 from .window import Window
 
 _GEOMETRY = "int[] kernel_size, int[] stride, int[] dilation, int[] padding, str border"
@@ -43,6 +45,11 @@ SCHEMAS = {
     "local_attention_backward": f"local_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
                                 f"Tensor? rel_pos, Tensor out, Tensor lse, int heads, float scale, {_GEOMETRY}, "
                                 f"str? backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    "aggregate_linear": f"aggregate_linear(Tensor x, Tensor h, Tensor weight, Tensor? bias, {_GEOMETRY}, "
+                        f"str? backend) -> Tensor",
+    "aggregate_linear_backward": f"aggregate_linear_backward(Tensor grad_y, Tensor x, Tensor h, Tensor weight, "
+                                 f"Tensor? bias, {_GEOMETRY}, bool[4] output_mask, str? backend) "
+                                 f"-> (Tensor, Tensor, Tensor, Tensor)",
 }
 
 _lib = torch.library.Library("tokenmix", "DEF")
@@ -101,8 +108,30 @@ def _local_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         t[0], t[1], t[2], t[3], rel_pos, t[4], t[5], heads, scale, window)
 
 
+def _aggregate_linear(x: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: List[int],
+                      stride: List[int], dilation: List[int], padding: List[int], border: str,
+                      backend: Optional[str]) -> Tensor:
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_aggregate_linear(x, h, weight, bias, window)
+    x, h = x.contiguous(), h.contiguous()
+    return select_backend("aggregate_linear", (x, h), window, backend).aggregate_linear(x, h, weight, bias, window)
+
+
+def _aggregate_linear_backward(grad_y: Tensor, x: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor],
+                               kernel_size: List[int], stride: List[int], dilation: List[int], padding: List[int],
+                               border: str, output_mask: List[bool], backend: Optional[str]):
+    window = Window.from_args(kernel_size, stride, dilation, padding, border)
+    checks.check_aggregate_linear(x, h, weight, bias, window, grad_y)
+    grad_y, x, h = grad_y.contiguous(), x.contiguous(), h.contiguous()
+    be = select_backend("aggregate_linear_backward", (x, h), window, backend)
+    grads = be.aggregate_linear_backward(grad_y, x, h, weight, bias, window, tuple(bool(m) for m in output_mask))
+    # a gradient left out by the mask (or of an absent bias) is an empty tensor
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
 KERNELS = {"aggregate": _aggregate, "correlate": _correlate, "aggregate_transpose": _aggregate_transpose,
-           "local_attention": _local_attention, "local_attention_backward": _local_attention_backward}
+           "local_attention": _local_attention, "local_attention_backward": _local_attention_backward,
+           "aggregate_linear": _aggregate_linear, "aggregate_linear_backward": _aggregate_linear_backward}
 for _name, _kernel in KERNELS.items():
     _lib.impl(_name, _kernel, "CompositeExplicitAutograd")
 
@@ -145,6 +174,21 @@ def _(grad_out, q, k, v, rel_pos, out, lse, heads, scale, kernel_size, stride, d
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drel
 
 
+@torch.library.register_fake("tokenmix::aggregate_linear", lib=_lib)
+def _(x, h, weight, bias, kernel_size, stride, dilation, padding, border, backend):
+    Ho, Wo = Window.from_args(kernel_size, stride, dilation, padding, border).output_size(x.shape[2], x.shape[3])
+    return x.new_empty(x.shape[0], x.shape[1], Ho, Wo)
+
+
+@torch.library.register_fake("tokenmix::aggregate_linear_backward", lib=_lib)
+def _(grad_y, x, h, weight, bias, kernel_size, stride, dilation, padding, border, output_mask, backend):
+    def grad(t, keep):
+        return t.new_empty(t.shape) if keep and t is not None else x.new_empty(0)
+
+    return (grad(x, output_mask[0]), grad(h, output_mask[1]), grad(weight, output_mask[2]),
+            grad(bias, output_mask[3]))
+
+
 # ------------------------------------------------------------------------------- flops
 # torch's FlopCounterMode counts 2 flops per multiply-add.
 
@@ -174,3 +218,14 @@ def _local_attention_flop(q_shape, k_shape, v_shape, rel_pos_shape, heads, scale
 def _local_attention_backward_flop(grad_out_shape, q_shape, k_shape, v_shape, rel_pos_shape, out_shape_, lse_shape,
                                    heads, scale, kernel_size, *args, out_shape=None, **kwargs) -> int:
     return 2 * local_attention_backward_macs(q_shape, kernel_size[0] * kernel_size[1])
+@register_flop_formula(torch.ops.tokenmix.aggregate_linear)
+def _aggregate_linear_flop(x_shape, h_shape, weight_shape, bias_shape, kernel_size, *args, out_shape=None,
+                           **kwargs) -> int:
+    return 2 * aggregate_linear_macs(x_shape, h_shape, weight_shape, kernel_size[0] * kernel_size[1])
+
+
+@register_flop_formula(torch.ops.tokenmix.aggregate_linear_backward)
+def _aggregate_linear_backward_flop(grad_y_shape, x_shape, h_shape, weight_shape, bias_shape, kernel_size, stride,
+                                    dilation, padding, border, output_mask, *args, out_shape=None, **kwargs) -> int:
+    return 2 * aggregate_linear_backward_macs(x_shape, h_shape, weight_shape, kernel_size[0] * kernel_size[1],
+                                              output_mask)

@@ -18,7 +18,8 @@ import torch
 from ..._registry import Registry
 from ..window import Window
 
-OPS = ("aggregate", "correlate", "aggregate_transpose", "local_attention", "local_attention_backward")
+OPS = ("aggregate", "correlate", "aggregate_transpose", "local_attention", "local_attention_backward",
+       "aggregate_linear", "aggregate_linear_backward")
 #: Name prefixes of the fused ops, which a backend may implement for fewer borders than the primitives.
 FUSED_OPS = ("local_attention", "aggregate_linear")
 
@@ -90,6 +91,23 @@ class Backend:
         """``(dq, dk, dv, drel_pos)`` of :meth:`local_attention` from the saved q, k, v, rel_pos,
         out and lse (drel_pos of shape (0,) without rel_pos)."""
         raise NotImplementedError
+
+    def aggregate_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], window: Window) -> torch.Tensor:
+        """``aggregate(x, weight @ h + bias)``; by default composed of this backend's primitives
+        one image at a time (:mod:`tokenmix.ops.linear_tiles`)."""
+        from .. import linear_tiles
+
+        return linear_tiles.forward(self, x, h, weight, bias, window)
+
+    def aggregate_linear_backward(self, grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor,
+                                  weight: torch.Tensor, bias: Optional[torch.Tensor], window: Window,
+                                  output_mask: Tuple[bool, bool, bool, bool]):
+        """(dx, dh, dweight, dbias) of :meth:`aggregate_linear`, None where ``output_mask`` is
+        False or the bias is absent; by default composed of this backend's primitives."""
+        from .. import linear_tiles
+
+        return linear_tiles.backward(self, grad_y, x, h, weight, bias, window, output_mask)
 
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}>"

@@ -1,4 +1,4 @@
-// The autograd kernel of the three tokenmix:: ops, for every device: the only place where
+// The autograd kernel of the tokenmix:: ops, for every device: the only place where
 // their backward formulas are written. The ops' schemas, fake (meta) kernels and FLOP
 // formulas are registered from Python (tokenmix/ops/library.py); their device kernels pick a
 // backend (reference, cpu, triton). This file registers, for the Autograd dispatch key, a
@@ -20,6 +20,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <ATen/ops/add.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/sum.h>
+
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -86,6 +91,30 @@ struct Geometry {
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, Ints, Ints, Ints, Ints,
                                            c10::string_view, SymInts, Backend)>();
     return op.call(y, w, kernel_size, stride, dilation, padding, border, input_size, backend_arg());
+  }
+
+  at::Tensor aggregate_linear(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                              const at::Tensor& bias) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tokenmix::aggregate_linear", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const std::optional<at::Tensor>&, Ints, Ints, Ints, Ints, c10::string_view,
+                                           Backend)>();
+    const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+    return op.call(x, h, weight, b, kernel_size, stride, dilation, padding, border, backend_arg());
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_linear_backward(
+      const at::Tensor& gy, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+      std::array<bool, 4> mask) const {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("tokenmix::aggregate_linear_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const std::optional<at::Tensor>&, Ints, Ints, Ints, Ints, c10::string_view,
+                             std::array<bool, 4>, Backend)>();
+    const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+    return op.call(gy, x, h, weight, b, kernel_size, stride, dilation, padding, border, mask, backend_arg());
   }
 
   // The weight gradient of a weight (B|1, G, K*K, Ho|1, Wo|1): correlate of (a, b), summed
@@ -251,12 +280,108 @@ LocalAttentionOut local_attention(const at::Tensor& q, const at::Tensor& k, cons
   }
   at::AutoDispatchBelowADInplaceOrView below;
   return local_attention_call(q, k, v, rel_pos, heads, scale, g);
+// aggregate_linear(x, h, weight, bias): y = aggregate(x, w) with w = weight @ h + bias, never
+// stored. The node keeps x, h, weight and bias; its backward calls aggregate_linear_backward,
+// which recomputes the kernel tile by tile and returns the four gradients in one pass:
+//
+//   gx = aggregate_transpose(gy, w)      gw = correlate(gy, x)   (both per tile)
+//   gh = weight^T gw      gweight = sum gw h^T      gbias = sum gw
+//
+// A backward that must itself be differentiable (create_graph) runs these formulas through
+// the dispatcher with the kernel materialised, so higher derivatives exist as for the
+// primitives.
+struct AggregateLinear {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                            const at::Tensor& bias, const Geometry& g) {
+    ctx->save_for_backward({x, h, weight, bias});
+    g.save(ctx);
+    at::AutoDispatchBelowADInplaceOrView below;
+    return g.aggregate_linear(x, h, weight, bias);
+  }
+
+  // {gx, gh, gweight, gbias}
+  static variable_list backward(AutogradContext* ctx, variable_list grads, bool has_bias) {
+    const auto saved = ctx->get_saved_variables();
+    const Geometry g(ctx);
+    const at::Tensor &x = saved[0], &h = saved[1], &weight = saved[2];
+    const at::Tensor bias = has_bias ? saved[3] : at::Tensor();
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                      has_bias && ctx->needs_input_grad(3)};
+    variable_list out(4);
+    if (!(mask[0] || mask[1] || mask[2] || mask[3])) return out;
+    const at::Tensor gy = grads[0];
+    if (at::GradMode::is_enabled()) {  // create_graph: differentiable formulas
+      const int64_t rows = weight.size(0), taps = g.kernel_size[0] * g.kernel_size[1];
+      const auto B = h.sym_size(0), M = h.sym_size(1), Ho = h.sym_size(2), Wo = h.sym_size(3);
+      const at::Tensor hm = h.reshape_symint({B, M, Ho * Wo});
+      const std::vector<c10::SymInt> w_shape = {B, rows / taps, taps, Ho, Wo};
+      if (mask[0]) {
+        at::Tensor w = at::matmul(weight, hm);
+        if (bias.defined()) w = at::add(w, bias.unsqueeze(1));
+        out[0] = g.aggregate_transpose(gy, w.reshape_symint(w_shape), x.sym_sizes().slice(2));
+      }
+      if (mask[1] || mask[2] || mask[3]) {
+        const at::Tensor gw = g.correlate(gy, x, rows / taps, false, false).reshape_symint({B, rows, Ho * Wo});
+        if (mask[1]) out[1] = at::matmul(weight.t(), gw).reshape_symint(h.sym_sizes());
+        if (mask[2]) out[2] = at::matmul(gw, hm.transpose(1, 2)).sum(0);
+        if (mask[3]) out[3] = gw.sum({0, 2});
+      }
+      return out;
+    }
+    const auto r = g.aggregate_linear_backward(gy, x, h, weight, bias, mask);
+    if (mask[0]) out[0] = std::get<0>(r);
+    if (mask[1]) out[1] = std::get<1>(r);
+    if (mask[2]) out[2] = std::get<2>(r);
+    if (mask[3]) out[3] = std::get<3>(r);
+    return out;
+  }
+};
+
+// The node with a bias (x, h, weight, bias) and without (x, h, weight): an autograd function's
+// tensor arguments must be defined.
+struct AggregateLinearFunction : torch::autograd::Function<AggregateLinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                            const at::Tensor& bias, const Geometry& g) {
+    return AggregateLinear::forward(ctx, x, h, weight, bias, g);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto out = AggregateLinear::backward(ctx, grads, true);
+    out.emplace_back();  // the geometry
+    return out;
+  }
+};
+
+struct AggregateLinearNoBiasFunction : torch::autograd::Function<AggregateLinearNoBiasFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                            const Geometry& g) {
+    return AggregateLinear::forward(ctx, x, h, weight, at::Tensor(), g);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto out = AggregateLinear::backward(ctx, grads, false);
+    out[3] = at::Tensor();  // the geometry
+    return out;
+  }
+};
+
+at::Tensor aggregate_linear(const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, Ints kernel_size, Ints stride, Ints dilation,
+                            Ints padding, c10::string_view border, Backend backend) {
+  const Geometry g(kernel_size, stride, dilation, padding, border, backend);
+  const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || h.requires_grad() || weight.requires_grad() || (b.defined() && b.requires_grad()));
+  if (grad)
+    return b.defined() ? AggregateLinearFunction::apply(x, h, weight, b, g)
+                       : AggregateLinearNoBiasFunction::apply(x, h, weight, g);
+  at::AutoDispatchBelowADInplaceOrView below;
+  return g.aggregate_linear(x, h, weight, b);
 }
 
 }  // namespace tokenmix
 
 TORCH_LIBRARY_IMPL(tokenmix, Autograd, m) {
   m.impl("local_attention", TORCH_FN(tokenmix::local_attention));
+  m.impl("aggregate_linear", TORCH_FN(tokenmix::aggregate_linear));
   m.impl("aggregate", TORCH_FN(tokenmix::aggregate));
   m.impl("correlate", TORCH_FN(tokenmix::correlate));
   m.impl("aggregate_transpose", TORCH_FN(tokenmix::aggregate_transpose));

@@ -81,3 +81,16 @@ class CpuBackend(Backend):
         with torch.no_grad():
             return torch.ops.tokenmix.local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, int(heads),
                                                                float(scale), *window.as_args(), "cpu")
+
+    def aggregate_linear(self, x, h, weight, bias, window):
+        self._require()
+        with torch.no_grad():
+            return torch.ops.tokenmix.aggregate_linear(x, h, weight, bias, *window.as_args(), "cpu")
+
+    def aggregate_linear_backward(self, grad_y, x, h, weight, bias, window, output_mask):
+        self._require()
+        with torch.no_grad():
+            grads = torch.ops.tokenmix.aggregate_linear_backward(grad_y, x, h, weight, bias, *window.as_args(),
+                                                                 list(output_mask), "cpu")
+        keep = (*output_mask[:3], output_mask[3] and bias is not None)
+        return tuple(g if k else None for g, k in zip(grads, keep))

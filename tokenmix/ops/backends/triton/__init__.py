@@ -122,5 +122,15 @@ class TritonBackend(Backend):
         composed.aggregate_transpose = self.aggregate_transpose
         return composed.local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, heads, scale, window)
 
+    def aggregate_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                         bias: Optional[torch.Tensor], window: Window) -> torch.Tensor:
+        """The fused forward kernel (the weights generated in registers, never stored) for the
+        16- and 32-bit floats; float64 (whose kernel spills on sm_80) and the backward run the
+        default, composed of the primitives one image at a time."""
+        if x.dtype == torch.float64:
+            return super().aggregate_linear(x, h, weight, bias, window)
+        return self._launch("aggregate_linear", x.contiguous(), h.contiguous(), weight.contiguous(),
+                            None if bias is None else bias.contiguous(), window)
+
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}{' (interpreter)' if self.interpret else ''}>"

@@ -17,6 +17,8 @@ KERNELS = {  # primitive -> (module, jit kernel name, launcher name)
                             "aggregate_transpose"),
     "local_attention": ("tokenmix.ops.backends.triton.local_attention", "local_attention_kernel",
                         "local_attention"),
+    "aggregate_linear": ("tokenmix.ops.backends.triton.aggregate_linear", "aggregate_linear_kernel",
+                         "aggregate_linear"),
 }
 _BIG = 1 << 20  # a plane large enough that the tile heuristics pick their largest tiles
 
@@ -56,6 +58,15 @@ def channel_pixel_grid(B: int, G: int, Cg: int, pixels: int, dtype: torch.dtype)
     n_cblk = -(-Cg // block_c)
     n_pblk = -(-pixels // block_p)
     return block_c, block_p, n_cblk, n_pblk, (launchable(B * G * n_cblk * n_pblk),)
+
+
+def linear_pixel_tile(pixels: int, block_c: int, dtype: torch.dtype) -> int:
+    """BLOCK_P of aggregate_linear: about 512 accumulators per program (256 for float64),
+    16..128 pixels (the weights generated per tap and the feature chunks share the registers;
+    1024 accumulators spilled on sm_80 and sm_90)."""
+    budget = 256 if dtype == torch.float64 else 512
+    p = max(16, min(128, budget // block_c))
+    return min(p, max(16, _next_pow2(pixels)))
 
 
 def tap_tile(taps: int) -> int:
@@ -118,6 +129,9 @@ def tile_configs(op: str, dtype: torch.dtype, taps: int):
     if op == "local_attention":
         bt = tap_tile(taps)
         return [dict(BLOCK_T=bt, BLOCK_P=correlate_pixel_tile(_BIG, bt, dtype), HAS_REL=r) for r in (False, True)]
+    if op == "aggregate_linear":
+        return [dict(BLOCK_C=c, BLOCK_P=linear_pixel_tile(_BIG, c, dtype), BLOCK_M=8, HAS_BIAS=True)
+                for c in (1, 2, 4, 8, 16)]
     if op not in KERNELS:
         raise ValueError(f"op must be one of {list(KERNELS)}, got {op!r}")
     return [dict(BLOCK_C=c, BLOCK_P=pixel_tile(_BIG, c, dtype)) for c in (1, 2, 4, 8, 16)]

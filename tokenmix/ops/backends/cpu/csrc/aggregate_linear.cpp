@@ -1,0 +1,272 @@
+// aggregate_linear: y = aggregate(x, w) with the kernel a per-pixel linear map of features,
+// w[b, g, t, i, j] = sum_m weight[g*K*K + t, m] * h[b, m, i, j] + bias[g*K*K + t], and its
+// backward (the four gradients in one pass). The kernel is never stored whole: the work is
+// split into tiles, a block of groups of one image or a few whole images, each holding at most
+// about kTileBytes (2 MiB) of kernel; a tile's kernel is one matrix product (ATen's, in the
+// accumulation type), consumed at once, while still in cache, by the aggregate /
+// aggregate_transpose / correlate kernels of this folder on the tile's channels:
+//
+//   forward   w_t = weight_t @ h_b + bias_t;  y_t = aggregate(x_t, w_t)
+//   backward  w_t again;  gx_t = aggregate_transpose(gy_t, w_t)
+//             gw_t = correlate(gy_t, x_t);  gh_b += weight_t^T gw_t;
+//             gweight_t += gw_t h_b^T;  gbias_t += sum gw_t
+//
+// so the extra memory is the outputs plus a tile of kernel (and one of its gradient), whatever
+// the batch. The tiles run one after another; each kernel call parallelises inside itself.
+//
+// Taps that no output pixel reads inside the image (zero border) have their rows of weight and
+// bias replaced by 0 first: the weights generated for them are never used, and a NaN or inf
+// there reaches neither the output nor a gradient.
+#include "kernels.h"
+#include "plan.h"
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace tokenmix_cpu {
+namespace {
+
+using Ints = at::IntArrayRef;
+using BackendName = std::optional<c10::string_view>;
+
+// The kernel a tile holds, at most (one group of one image may hold more). Measured at the
+// RedNet-50 stage shapes (batch 8, one thread) against 0.5 and 1 MiB: larger tiles make wider
+// matrix products, which ran faster than the cache misses of the larger tile cost.
+constexpr int64_t kTileBytes = 2 << 20;
+
+void check_tensor(const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D ", layout, ", got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
+  const auto type = t.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, name,
+                   " must have a floating dtype (float16, bfloat16, float32, float64), got ", type);
+}
+
+void check_same_dtype(const char* a_name, const at::Tensor& a, const char* b_name, const at::Tensor& b) {
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have one dtype, got ",
+                   a.scalar_type(), " and ", b.scalar_type());
+}
+
+// The sizes of one call and its tiling.
+struct Linear {
+  std::shared_ptr<const Plan> plan;
+  int64_t B, C, H, W, Ho, Wo, HWo, M, KK, G, Cg, rows;
+  at::ScalarType type, acc;
+  at::Tensor weight, bias;  // in the accumulation type, rows of never-read taps zeroed; bias may be undefined
+  int64_t images, groups;   // per tile: `images` whole images (groups == G), or `groups` groups of one image
+
+  Linear(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight_,
+         const std::optional<at::Tensor>& bias_, Ints kernel_size, Ints stride, Ints dilation, Ints padding,
+         c10::string_view border, BackendName backend) {
+    TORCH_CHECK_VALUE(!backend.has_value() || *backend == "cpu", "tokenmix::", op,
+                      " on CPU tensors runs the cpu backend (backend=None or 'cpu'), got backend='",
+                      std::string(*backend), "'; tokenmix.ops.aggregate_linear runs the other backends on CPU tensors");
+    const Window window = Window::from_args(kernel_size, stride, dilation, padding, border);
+    check_tensor("x", x, 4, "(B, C, H, W)");
+    check_tensor("h", h, 4, "(B, M, Ho, Wo)");
+    check_tensor("weight", weight_, 2, "(G*K*K, M)");
+    check_same_dtype("x", x, "h", h);
+    check_same_dtype("x", x, "weight", weight_);
+    const bool has_bias = bias_.has_value() && bias_->defined();
+    if (has_bias) {
+      check_tensor("bias", *bias_, 1, "(G*K*K,)");
+      check_same_dtype("x", x, "bias", *bias_);
+    }
+    plan = plan_for(window, x.size(2), x.size(3));
+    B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = plan->Ho, Wo = plan->Wo, HWo = Ho * Wo;
+    M = h.size(1), KK = plan->Kh * plan->Kw, rows = weight_.size(0);
+    TORCH_CHECK_VALUE(h.size(0) == B, "h batch ", h.size(0), " must be x's batch ", B, "; h must be (B, M, Ho, Wo), got ",
+                      h.sizes());
+    TORCH_CHECK_VALUE(h.size(2) == Ho && h.size(3) == Wo, "h spatial size ", h.sizes().slice(2),
+                      " must be the window's output size [", Ho, ", ", Wo, "] for an input of [", H, ", ", W, "]");
+    TORCH_CHECK_VALUE(weight_.size(1) == M, "weight.shape[1] must be h's channels M=", M, ", got weight of shape ",
+                      weight_.sizes());
+    TORCH_CHECK_VALUE(rows >= 1 && rows % KK == 0, "weight.shape[0] must be G*K*K, a multiple of K*K = ", KK,
+                      ", got weight of shape ", weight_.sizes());
+    G = rows / KK;
+    TORCH_CHECK_VALUE(C % G == 0, "channels C=", C, " of x are not divisible by groups G=", G,
+                      " (weight.shape[0] / K*K); weight has shape ", weight_.sizes());
+    if (has_bias)
+      TORCH_CHECK_VALUE(bias_->size(0) == rows, "bias must have shape (G*K*K,) = (", rows, ",), got ", bias_->sizes());
+    Cg = C / G;
+    type = x.scalar_type();
+    acc = (type == at::kHalf || type == at::kBFloat16) ? at::kFloat : type;
+    weight = weight_.to(acc).contiguous();
+    if (has_bias) bias = bias_->to(acc).contiguous();
+    mask_unread_taps();
+    // tiles of about equal size, each at most kTileBytes of kernel where a group allows
+    const int64_t esize = static_cast<int64_t>(at::elementSize(acc));
+    const int64_t per_image = rows * HWo * esize, per_group = KK * HWo * esize;
+    if (per_image <= kTileBytes) {
+      const int64_t fit = std::max<int64_t>(1, kTileBytes / per_image), ntiles = (B + fit - 1) / fit;
+      images = (B + ntiles - 1) / ntiles, groups = G;
+    } else {
+      const int64_t fit = std::max<int64_t>(1, kTileBytes / per_group), ntiles = (G + fit - 1) / fit;
+      images = 1, groups = (G + ntiles - 1) / ntiles;
+    }
+  }
+
+  // Zero the rows of weight and bias of taps that read outside the image for every output pixel.
+  void mask_unread_taps() {
+    const Plan& p = *plan;
+    std::vector<bool> used(KK);
+    bool all = true;
+    for (int64_t u = 0; u < p.Kh; ++u) {
+      bool row = false;
+      for (int64_t i = 0; i < p.Ho && !row; ++i) row = p.rows[u * p.Ho + i] >= 0;
+      for (int64_t v = 0; v < p.Kw; ++v) {
+        bool col = false;
+        for (int64_t j = 0; j < p.Wo && !col; ++j) col = p.cols[v * p.Wo + j] >= 0;
+        used[u * p.Kw + v] = row && col;
+        all = all && row && col;
+      }
+    }
+    if (all) return;
+    weight = weight.clone();
+    if (bias.defined()) bias = bias.clone();
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t t = 0; t < KK; ++t)
+        if (!used[t]) {
+          weight[g * KK + t].zero_();
+          if (bias.defined()) bias[g * KK + t].zero_();
+        }
+  }
+
+  // f(first image, images, first group, groups) for every tile, in order.
+  template <typename F>
+  void for_tiles(F&& f) const {
+    if (groups == G) {
+      for (int64_t b0 = 0; b0 < B; b0 += images) f(b0, std::min(images, B - b0), int64_t(0), G);
+    } else {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t g0 = 0; g0 < G; g0 += groups) f(b, int64_t(1), g0, std::min(groups, G - g0));
+    }
+  }
+
+  // Channels [g0 * Cg, (g0 + ng) * Cg) of images [b0, b0 + n) of t (contiguous: n == 1 or ng == G).
+  at::Tensor tile(const at::Tensor& t, int64_t b0, int64_t n, int64_t g0, int64_t ng) const {
+    return t.narrow(0, b0, n).narrow(1, g0 * Cg, ng * Cg);
+  }
+
+  // h of images [b0, b0 + n) as an (M, n * Ho*Wo) matrix in the accumulation type: the
+  // images' pixels side by side, so that each product of a tile is one matrix product (narrow
+  // planes make narrow per-image products, which run well below the machine's rate).
+  at::Tensor features(const at::Tensor& h, int64_t b0, int64_t n) const {
+    const at::Tensor hb = h.narrow(0, b0, n).reshape({n, M, HWo}).to(acc);
+    return n == 1 ? hb[0] : hb.transpose(0, 1).reshape({M, n * HWo});
+  }
+
+  // (R, n * Ho*Wo) <-> (n, R, Ho*Wo): the matrices' layout and the kernels'.
+  static at::Tensor to_images(const at::Tensor& m, int64_t n) {
+    return n == 1 ? m.unsqueeze(0) : m.view({m.size(0), n, m.size(1) / n}).transpose(0, 1).contiguous();
+  }
+  static at::Tensor to_matrix(const at::Tensor& t) {
+    const int64_t n = t.size(0);
+    return n == 1 ? t[0] : t.transpose(0, 1).reshape({t.size(1), n * t.size(2)});
+  }
+
+  // The tile's kernel (n, ng, K*K, Ho, Wo) in the inputs' dtype; hb: features(h, b0, n).
+  at::Tensor kernel(const at::Tensor& hb, int64_t g0, int64_t ng) const {
+    const int64_t n = hb.size(1) / HWo;
+    const at::Tensor wr = weight.narrow(0, g0 * KK, ng * KK);
+    const at::Tensor w =
+        bias.defined() ? at::addmm(bias.narrow(0, g0 * KK, ng * KK).unsqueeze(1), wr, hb) : at::mm(wr, hb);
+    return to_images(w, n).to(type).view({n, ng, KK, Ho, Wo});
+  }
+};
+
+at::Tensor aggregate_linear_op(const at::Tensor& x_, const at::Tensor& h_, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, Ints kernel_size, Ints stride, Ints dilation,
+                               Ints padding, c10::string_view border, BackendName backend) {
+  const Linear L("aggregate_linear", x_, h_, weight, bias, kernel_size, stride, dilation, padding, border, backend);
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous();
+  at::Tensor y;
+  L.for_tiles([&](int64_t b0, int64_t n, int64_t g0, int64_t ng) {
+    const at::Tensor w = L.kernel(L.features(h, b0, n), g0, ng);
+    at::Tensor yt = aggregate(L.tile(x, b0, n, g0, ng).contiguous(), w, *L.plan);
+    if (n == L.B && ng == L.G) {
+      y = yt;  // one tile: its output is the result
+      return;
+    }
+    if (!y.defined()) y = at::empty({L.B, L.C, L.Ho, L.Wo}, x.options());
+    L.tile(y, b0, n, g0, ng).copy_(yt);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_linear_backward_op(
+    const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& h_, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, Ints kernel_size, Ints stride, Ints dilation, Ints padding,
+    c10::string_view border, std::array<bool, 4> mask, BackendName backend) {
+  const Linear L("aggregate_linear_backward", x_, h_, weight, bias, kernel_size, stride, dilation, padding, border,
+                 backend);
+  check_tensor("grad_y", gy_, 4, "(B, C, Ho, Wo)");
+  check_same_dtype("x", x_, "grad_y", gy_);
+  TORCH_CHECK_VALUE(gy_.size(0) == L.B && gy_.size(1) == L.C && gy_.size(2) == L.Ho && gy_.size(3) == L.Wo,
+                    "grad_y must have the output's shape [", L.B, ", ", L.C, ", ", L.Ho, ", ", L.Wo, "], got ",
+                    gy_.sizes());
+  const at::Tensor x = x_.contiguous(), h = h_.contiguous(), gy = gy_.contiguous();
+  const bool need_x = mask[0], need_h = mask[1], need_weight = mask[2], need_bias = mask[3] && L.bias.defined();
+  const bool need_gw = need_h || need_weight || need_bias;
+  const auto opts = x.options().dtype(L.acc);
+  at::Tensor gx, gh, gweight, gbias;
+  if (need_x) gx = at::empty_like(x);
+  // gh: every image's is written by its first tile and accumulated by the others
+  if (need_h) gh = L.groups == L.G ? at::empty({L.B, L.M, L.HWo}, opts) : at::zeros({L.B, L.M, L.HWo}, opts);
+  if (need_weight) gweight = at::zeros({L.rows, L.M}, opts);
+  if (need_bias) gbias = at::zeros({L.rows}, opts);
+  if (need_x || need_gw) {
+    L.for_tiles([&](int64_t b0, int64_t n, int64_t g0, int64_t ng) {
+      const at::Tensor hb = L.features(h, b0, n), gyt = L.tile(gy, b0, n, g0, ng).contiguous();
+      if (need_x) {
+        at::Tensor gxt = aggregate_transpose(gyt, L.kernel(hb, g0, ng), *L.plan);
+        if (n == L.B && ng == L.G)
+          gx = gxt;
+        else
+          L.tile(gx, b0, n, g0, ng).copy_(gxt);
+      }
+      if (!need_gw) return;
+      // gw as (ng*K*K, n * Ho*Wo), the images' pixels side by side
+      const at::Tensor gw = Linear::to_matrix(
+          correlate(gyt, L.tile(x, b0, n, g0, ng).contiguous(), *L.plan, ng, false, false)
+              .view({n, ng * L.KK, L.HWo})
+              .to(L.acc));
+      const at::Tensor wr = L.weight.narrow(0, g0 * L.KK, ng * L.KK);
+      if (need_h) {
+        at::Tensor ght = gh.narrow(0, b0, n);
+        if (n > 1)  // whole images: the tile is their only one
+          ght.copy_(Linear::to_images(at::mm(wr.t(), gw), n));
+        else if (L.groups == L.G) {
+          at::Tensor out = ght[0];
+          at::mm_out(out, wr.t(), gw);
+        } else {
+          ght[0].addmm_(wr.t(), gw);
+        }
+      }
+      if (need_weight) gweight.narrow(0, g0 * L.KK, ng * L.KK).addmm_(gw, hb.t());
+      if (need_bias) gbias.narrow(0, g0 * L.KK, ng * L.KK).add_(gw.sum(1));
+    });
+  }
+  const at::Tensor none = at::empty({0}, x.options());
+  return {need_x ? gx : none, need_h ? gh.view(h.sizes()).to(h.scalar_type()) : none,
+          need_weight ? gweight.to(weight.scalar_type()) : none, need_bias ? gbias.to(bias->scalar_type()) : none};
+}
+
+}  // namespace
+}  // namespace tokenmix_cpu
+
+#ifndef TOKENMIX_TEST_HOOKS
+TORCH_LIBRARY_IMPL(tokenmix, CPU, m) {
+  m.impl("aggregate_linear", TORCH_FN(tokenmix_cpu::aggregate_linear_op));
+  m.impl("aggregate_linear_backward", TORCH_FN(tokenmix_cpu::aggregate_linear_backward_op));
+}
+#endif
