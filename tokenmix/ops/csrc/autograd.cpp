@@ -280,6 +280,8 @@ LocalAttentionOut local_attention(const at::Tensor& q, const at::Tensor& k, cons
   }
   at::AutoDispatchBelowADInplaceOrView below;
   return local_attention_call(q, k, v, rel_pos, heads, scale, g);
+}
+
 // aggregate_linear(x, h, weight, bias): y = aggregate(x, w) with w = weight @ h + bias, never
 // stored. The node keeps x, h, weight and bias; its backward calls aggregate_linear_backward,
 // which recomputes the kernel tile by tile and returns the four gradients in one pass:
