@@ -266,7 +266,7 @@ def test_axial_generator_windows_and_errors():
 
 SPAN_PRESETS = {
     "global_attention": dict(heads=2, span=4),
-    "attention_augmented": dict(heads=2, span=4, min_key_head_dim=2),
+    "attention_augmented": dict(heads=2, span=4, min_key_head_dim=2, value_ratio=0.25),
     "axial_attention": dict(heads=2, span=4),
 }
 
@@ -274,15 +274,17 @@ SPAN_PRESETS = {
 @pytest.mark.parametrize("name", sorted(SPAN_PRESETS))
 def test_span_mixers_gradcheck(name):
     torch.manual_seed(0)
-    m = create_mixer(name, 16, kernel_size=3, stride=2 if name != "global_attention" else 1,
+    m = create_mixer(name, 8, kernel_size=3, stride=2 if name != "global_attention" else 1,
                      dtype=torch.float64, **SPAN_PRESETS[name])
-    x = torch.randn(2, 16, 5, 4, dtype=torch.float64, requires_grad=True)
-    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(1, 8, 4, 3, dtype=torch.float64, requires_grad=True)
+    # x and the attention-specific parameters (relative tables, norms); the 1x1 convs are plain convs
+    params = {n: p for n, p in m.named_parameters() if "rel" in n or "bn" in n}
+    names = list(params)
 
     def f(x, *ps):
-        return torch.func.functional_call(m, dict(zip(names, ps)), (x,))
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,), strict=False)
 
-    inputs = (x, *[p.detach().clone().requires_grad_() for p in m.parameters()])
+    inputs = (x, *[p.detach().clone().requires_grad_() for p in params.values()])
     assert torch.autograd.gradcheck(f, inputs, atol=1e-7, rtol=1e-5)
 
 
