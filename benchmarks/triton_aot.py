@@ -35,6 +35,7 @@ def aot_compile(op: str, dtype: torch.dtype, kernel_size: Tuple[int, int], borde
         raise RuntimeError("aot_compile needs the jit kernels: unset TRITON_INTERPRET before triton is imported")
     constexprs = dict(KH=kernel_size[0], KW=kernel_size[1], CLAMP=border == "clamp", REFLECT=border == "reflect",
                       ACC=tl.float64 if dtype == torch.float64 else tl.float32, **tiles, **(specialize or {}))
+    constexprs = {n: v for n, v in constexprs.items() if n in kernel.arg_names}  # the kernel's own
     sig = {}
     for n in kernel.arg_names:
         if n in constexprs:
