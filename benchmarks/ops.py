@@ -570,29 +570,23 @@ def main(argv=None) -> int:
     if args.memory_only:  # internal: the memory pass, run in its own process
         print(json.dumps(memory_pass(args.batch, args.kernel, args.strides, args.impls, not args.no_unfold_backward)))
         return 0
-    if args.attention:
-        result = attention_benchmark(args.batch, args.repeats, max(1, args.rounds))
+    if args.attention or args.linear:  # a fused op against its composed form
+        if args.attention:
+            name, result = "attention", attention_benchmark(args.batch, args.repeats, max(1, args.rounds))
+            text = summarise_attention(result)
+        else:
+            name, result = "linear", linear_benchmark(args.batch, args.kernel, args.strides, args.repeats)
+            text = summarise_linear(result)
         result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
-                          "argv": sys.argv[1:], "loadavg": os.getloadavg(), "machine": platform.machine()}
-        text = summarise_attention(result)
+                          "processor": platform.processor(), "machine": platform.machine(),
+                          "argv": sys.argv[1:], "loadavg": os.getloadavg()}
         result["summary"] = text
         print(text)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "ops_attention.json"), "w") as f:
+        path = os.path.join(args.out, f"ops_{name}.json")
+        with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"wrote {os.path.join(args.out, 'ops_attention.json')}")
-        return 0
-    if args.linear:
-        result = linear_benchmark(args.batch, args.kernel, args.strides, args.repeats)
-        result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
-                          "processor": platform.processor(), "argv": sys.argv[1:], "loadavg": os.getloadavg()}
-        text = summarise_linear(result)
-        result["summary"] = text
-        print(text)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "ops_linear.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {os.path.join(args.out, 'ops_linear.json')}")
+        print(f"wrote {path}")
         return 0
     t0 = time.perf_counter()
     reason = cpu_backend.CpuBackend().unavailable_reason()
