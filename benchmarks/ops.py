@@ -573,13 +573,12 @@ def main(argv=None) -> int:
     if args.attention or args.linear:  # a fused op against its composed form
         if args.attention:
             name, result = "attention", attention_benchmark(args.batch, args.repeats, max(1, args.rounds))
-            text = summarise_attention(result)
         else:
             name, result = "linear", linear_benchmark(args.batch, args.kernel, args.strides, args.repeats)
-            text = summarise_linear(result)
         result["meta"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "clock": args.clock,
                           "processor": platform.processor(), "machine": platform.machine(),
                           "argv": sys.argv[1:], "loadavg": os.getloadavg()}
+        text = (summarise_attention if args.attention else summarise_linear)(result)
         result["summary"] = text
         print(text)
         os.makedirs(args.out, exist_ok=True)
