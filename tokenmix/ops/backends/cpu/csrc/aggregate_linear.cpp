@@ -42,20 +42,6 @@ using BackendName = std::optional<c10::string_view>;
 // matrix products, which ran faster than the cache misses of the larger tile cost.
 constexpr int64_t kTileBytes = 2 << 20;
 
-void check_tensor(const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
-  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D ", layout, ", got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-  const auto type = t.scalar_type();
-  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, name,
-                   " must have a floating dtype (float16, bfloat16, float32, float64), got ", type);
-}
-
-void check_same_dtype(const char* a_name, const at::Tensor& a, const char* b_name, const at::Tensor& b) {
-  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have one dtype, got ",
-                   a.scalar_type(), " and ", b.scalar_type());
-}
-
 // The sizes of one call and its tiling.
 struct Linear {
   std::shared_ptr<const Plan> plan;
@@ -67,9 +53,7 @@ struct Linear {
   Linear(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& weight_,
          const std::optional<at::Tensor>& bias_, Ints kernel_size, Ints stride, Ints dilation, Ints padding,
          c10::string_view border, BackendName backend) {
-    TORCH_CHECK_VALUE(!backend.has_value() || *backend == "cpu", "tokenmix::", op,
-                      " on CPU tensors runs the cpu backend (backend=None or 'cpu'), got backend='",
-                      std::string(*backend), "'; tokenmix.ops.aggregate_linear runs the other backends on CPU tensors");
+    check_backend(op, backend, "aggregate_linear");
     const Window window = Window::from_args(kernel_size, stride, dilation, padding, border);
     check_tensor("x", x, 4, "(B, C, H, W)");
     check_tensor("h", h, 4, "(B, M, Ho, Wo)");

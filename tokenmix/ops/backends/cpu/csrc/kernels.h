@@ -6,9 +6,19 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/util/string_view.h>
+
 #include <cstdint>
+#include <optional>
 
 namespace tokenmix_cpu {
+
+// The argument checks of the ops' entry points (ops.cpp), one-line ValueError/TypeError naming
+// the argument: a forced backend other than "cpu" (`function`: the tokenmix.ops function to
+// name instead of `op`), a tensor's dimension, device and floating dtype, two tensors' dtypes.
+void check_backend(const char* op, const std::optional<c10::string_view>& backend, const char* function = nullptr);
+void check_tensor(const char* name, const at::Tensor& t, int64_t dim, const char* layout);
+void check_same_dtype(const char* a_name, const at::Tensor& a, const char* b_name, const at::Tensor& b);
 
 at::Tensor aggregate(const at::Tensor& x, const at::Tensor& w, const Plan& plan);
 

@@ -18,6 +18,7 @@
 // border's edge columns (where a tap's column is not affine) go through scalar loops over the
 // plan's tables. float16 and bfloat16 are computed in float32, the statistics are float32
 // (float64 for float64 inputs).
+#include "kernels.h"
 #include "layout.h"
 #include "plan.h"
 #include "scratch.h"
@@ -326,15 +327,6 @@ struct Kernels {
 
 // ------------------------------------------------------------------------- entry points
 
-void check_tensor(const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
-  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D ", layout, ", got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU, got ", t.device());
-  const auto type = t.scalar_type();
-  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16, name,
-                   " must have a floating dtype (float16, bfloat16, float32, float64), got ", type);
-}
-
 struct Call {
   std::shared_ptr<const Plan> plan;
   int64_t sh, dh, dw, ph;
@@ -344,9 +336,7 @@ Call check_call(const char* op, const at::Tensor& q, const at::Tensor& k, const 
                 const std::optional<at::Tensor>& rel_pos, int64_t heads, at::IntArrayRef kernel_size,
                 at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding, c10::string_view border,
                 const std::optional<c10::string_view>& backend) {
-  TORCH_CHECK_VALUE(!backend.has_value() || *backend == "cpu", "tokenmix::", op,
-                    " on CPU tensors runs the cpu backend (backend=None or 'cpu'), got backend='",
-                    std::string(*backend), "'; tokenmix.ops.local_attention runs the other backends on CPU tensors");
+  check_backend(op, backend, "local_attention");
   const Window window = Window::from_args(kernel_size, stride, dilation, padding, border);
   check_tensor("q", q, 4, "(B, C, Ho, Wo)");
   check_tensor("k", k, 4, "(B, C, H, W)");

@@ -17,15 +17,12 @@
 #include <string>
 
 namespace tokenmix_cpu {
-namespace {
 
-using Ints = at::IntArrayRef;
-using BackendName = std::optional<c10::string_view>;
-
-void check_backend(const char* op, const BackendName& backend) {
+void check_backend(const char* op, const std::optional<c10::string_view>& backend, const char* function) {
   TORCH_CHECK_VALUE(!backend.has_value() || *backend == "cpu", "tokenmix::", op,
                     " on CPU tensors runs the cpu backend (backend=None or 'cpu'), got backend='",
-                    std::string(*backend), "'; tokenmix.ops.", op, " runs the other backends on CPU tensors");
+                    std::string(*backend), "'; tokenmix.ops.", function ? function : op,
+                    " runs the other backends on CPU tensors");
 }
 
 void check_tensor(const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
@@ -41,6 +38,11 @@ void check_same_dtype(const char* a_name, const at::Tensor& a, const char* b_nam
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), a_name, " and ", b_name, " must have one dtype, got ",
                    a.scalar_type(), " and ", b.scalar_type());
 }
+
+namespace {
+
+using Ints = at::IntArrayRef;
+using BackendName = std::optional<c10::string_view>;
 
 // w must be (B|1, G, K*K, Ho|1, Wo|1) with G dividing the C channels of `what`.
 void check_weight(const at::Tensor& w, int64_t B, int64_t C, const Plan& plan, const char* what) {
