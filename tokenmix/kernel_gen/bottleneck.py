@@ -18,13 +18,9 @@ from .registry import register_kernel_gen
 
 
 class CeilAvgPool2d(nn.Module):
-    """``nn.AvgPool2d(s, s, ceil_mode=True)``, bitwise, written so that ``torch.export`` can
-    keep the height and width symbolic: zero-pad the bottom/right to a multiple of s, sum
-    each s x s window, divide by the number of in-image pixels it covers. (The pooling op's
-    ceil mode drops a last window that would start outside the input, a condition export
-    cannot decide for a symbolic size; with stride = kernel no window starts outside. The
-    padding is s - 1 so that the output size comes out as ``(H - 1) // s + 1``, the form of
-    the aggregation's output size, and export can match the two.)
+    """``nn.AvgPool2d(s, s, ceil_mode=True)``; inside ``torch.export`` (and so an ONNX export)
+    the same values, bitwise, computed in a form that keeps the height and width symbolic
+    (:meth:`export_form`).
 
     x: (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s)).
     """
@@ -34,6 +30,17 @@ class CeilAvgPool2d(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            return self.export_form(x)
+        return F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+
+    def export_form(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad the bottom/right by s - 1, sum each s x s window, divide by the number of
+        in-image pixels it covers. (The pooling op's ceil mode drops a last window that would
+        start outside the input, a condition export cannot decide for a symbolic size; with
+        stride = kernel no window starts outside. The padding s - 1 makes the output size
+        ``(H - 1) // s + 1``, the form of the aggregation's output size, so export can match
+        the two.) Not the eager form: autograd would keep the padded copy for the backward."""
         s = self.stride
         H, W = x.shape[-2:]
         total = F.avg_pool2d(F.pad(x, (0, s - 1, 0, s - 1)), s, s, divisor_override=1)
