@@ -383,3 +383,22 @@ def test_triton_aot_compile_has_no_spills(capability, dtype, border, tile):
     r = resource_usage(aot_compile("aggregate_linear", dtype, (7, 7), border, tiles, capability), capability)
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["local"] == 0 and r["stack"] == 0, (tiles, r)
     assert 0 < r["regs"] <= 255
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1", reason="needs the jit kernels")
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("op, dtype, border, tile", [
+    ("aggregate_linear_backward", torch.float32, "clamp", 3), ("aggregate_linear_backward", torch.bfloat16, "zero", -1),
+    ("aggregate_linear_backward", torch.float64, "clamp", 2), ("aggregate_linear_dlinear", torch.float32, "zero", 1),
+    ("aggregate_linear_dlinear", torch.bfloat16, "clamp", 1), ("aggregate_linear_dlinear", torch.float64, "zero", 0)])
+def test_triton_backward_aot_compile_has_no_spills(capability, op, dtype, border, tile):
+    """The backward's dx and dlinear kernels, K = 7 (benchmarks/triton_resources.py prints every
+    configuration)."""
+    from triton_aot import aot_compile, resource_usage
+    from tokenmix.ops.backends.triton.common import tile_configs
+
+    tiles = tile_configs(op, dtype, 49, border)[tile]
+    r = resource_usage(aot_compile(op, dtype, (7, 7), border, tiles, capability), capability)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["local"] == 0 and r["stack"] == 0, (tiles, r)
+    assert 0 < r["regs"] <= 255

@@ -132,5 +132,15 @@ class TritonBackend(Backend):
         return self._launch("aggregate_linear", x.contiguous(), h.contiguous(), weight.contiguous(),
                             None if bias is None else bias.contiguous(), window)
 
+    def aggregate_linear_backward(self, grad_y, x, h, weight, bias, window, output_mask):
+        """Two fused kernels (``aggregate_linear.py``) that regenerate the kernel tile by tile
+        in registers, for the zero and clamp borders in every dtype; the reflect border runs
+        the default composition."""
+        if window.border == "reflect":
+            return super().aggregate_linear_backward(grad_y, x, h, weight, bias, window, output_mask)
+        return self._launch("aggregate_linear_backward", grad_y.contiguous(), x.contiguous(), h.contiguous(),
+                            weight.contiguous(), None if bias is None else bias.contiguous(), window,
+                            tuple(output_mask))
+
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}{' (interpreter)' if self.interpret else ''}>"
