@@ -171,8 +171,9 @@ def aggregate_linear_dlinear_kernel(
     the launcher sums the partials over programs with ``torch.sum``: no atomics.
     Dots: with ``TF32`` (16-bit inputs) ``gk`` is rounded to the input dtype (as the composed
     backward rounds ``correlate``'s output) and the dots take tf32 operands, which hold every
-    16-bit value exactly, with float32 accumulation (tensor cores); float32 dots are exact
-    float32 (``input_precision="ieee"``), float64 dots float64."""
+    16-bit value exactly, with float32 accumulation (tensor cores); float32 dots use ``tf32x3``
+    (three tf32 products, near float32 accuracy; the exact float32 FMA dots spilled on sm_80),
+    float64 dots float64."""
     PRECISION: tl.constexpr = "tf32" if TF32 else ("ieee" if ACC == tl.float64 else "tf32x3")
     pid = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
