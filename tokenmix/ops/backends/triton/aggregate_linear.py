@@ -106,12 +106,12 @@ def aggregate_linear_dx_kernel(
     row0 = g.to(tl.int64) * (KH * KW)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     if CLAMP:
-        rh, hp, Lh, lo_h, hi_h = clamp_readers(hh, H, KH, dh)
-        rw, wp, Lw, lo_w, hi_w = clamp_readers(ww, W, KW, dw)
+        rows = clamp_readers(hh, H, KH, dh)
+        cols = clamp_readers(ww, W, KW, dw)
         for n in range(NC_H):
-            i, u, ok_h = clamp_reader(n, rh, hp, Lh, lo_h, hi_h, KH, dh, mask_p)
+            i, u, ok_h = clamp_reader(n, rows, KH, dh, mask_p)
             for n2 in range(NC_W):
-                j, v, ok = clamp_reader(n2, rw, wp, Lw, lo_w, hi_w, KW, dw, ok_h)
+                j, v, ok = clamp_reader(n2, cols, KW, dw, ok_h)
                 o = tl.where(ok, i * Wo + j, 0)
                 row = row0 + tl.where(ok, u * KW + v, 0)          # (BLOCK_P,): a tap per pixel
                 wv = linear_tap_weights((wt_ptr + row * M)[None, :], h_img, o, ok, M, Ho * Wo, ACC, BLOCK_M,

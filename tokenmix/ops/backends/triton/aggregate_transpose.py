@@ -72,12 +72,12 @@ def aggregate_transpose_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     if CLAMP:
         # per axis: sub-grid r, position h' in it, sub-grid length L_r, candidate range [lo, hi]
-        rh, hp, Lh, lo_h, hi_h = clamp_readers(h, H, KH, dh)
-        rw, wp, Lw, lo_w, hi_w = clamp_readers(w, W, KW, dw)
+        rows = clamp_readers(h, H, KH, dh)
+        cols = clamp_readers(w, W, KW, dw)
         for n in range(NC_H):
-            i, u, ok_h = clamp_reader(n, rh, hp, Lh, lo_h, hi_h, KH, dh, mask_p)
+            i, u, ok_h = clamp_reader(n, rows, KH, dh, mask_p)
             for m in range(NC_W):
-                j, v, ok = clamp_reader(m, rw, wp, Lw, lo_w, hi_w, KW, dw, ok_h)
+                j, v, ok = clamp_reader(m, cols, KW, dw, ok_h)
                 o = tl.where(ok, i * Wo + j, 0)                      # output pixel (Wo = W)
                 t = tl.where(ok, u * KW + v, 0)
                 wv = tl.load(w_base + t.to(tl.int64) * w_st + o * w_sp, mask=ok, other=0.0).to(ACC)

@@ -92,10 +92,10 @@ def correlate_pixel_tile(pixels: int, block_t: int, dtype: torch.dtype) -> int:
 
 def dlinear_tiles(pixels: int, taps: int) -> Tuple[int, int]:
     """(BLOCK_T, BLOCK_P) of aggregate_linear's dlinear kernel: all taps (at least 16, a
-    ``tl.dot`` dimension) by about 1024 pixel-taps, 16..256 pixels (2048 spilled in float32 on
-    sm_80, where the float32 dots run on the FMA units)."""
+    ``tl.dot`` dimension) by at most 1024 pixel-taps and 16..32 pixels (64 x 32 spilled on
+    sm_80 in float32, and 16 x 64 in bfloat16)."""
     block_t = max(16, tap_tile(taps))
-    p = max(16, min(256, 1024 // block_t))
+    p = max(16, min(32, 1024 // block_t))
     return block_t, min(p, max(16, _next_pow2(pixels)))
 
 

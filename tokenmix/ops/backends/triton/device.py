@@ -97,7 +97,7 @@ def zero_reader(h, p, k, d, s, Lo, mask):
 def clamp_readers(h, L, K: tl.constexpr, d):
     """Clamp border, along an axis of length ``L``: the outputs whose window covers input
     position ``h`` are ``i = r + d*i'`` for ``i'`` in ``[lo, hi]`` on the sub-grid ``r = h mod d``
-    (length ``Lr``). Returns ``(r, h // d, Lr, lo, hi)`` for :func:`clamp_reader`."""
+    (length ``Lr``). Returns the tuple ``(r, h // d, Lr, lo, hi)`` for :func:`clamp_reader`."""
     r = h % d
     hp = h // d
     Lr = (L - r + d - 1) // d
@@ -107,9 +107,10 @@ def clamp_readers(h, L, K: tl.constexpr, d):
 
 
 @triton.jit
-def clamp_reader(n, r, hp, Lr, lo, hi, K: tl.constexpr, d, mask):
-    """The ``n``-th output of :func:`clamp_readers`' range: ``(i, the tap it reads h through,
+def clamp_reader(n, readers, K: tl.constexpr, d, mask):
+    """The ``n``-th output of a :func:`clamp_readers` range: ``(i, the tap it reads h through,
     valid)``."""
+    r, hp, Lr, lo, hi = readers
     ip = lo + n
     u = hp - tl.minimum(tl.maximum(ip - K // 2, 0), Lr - K)
     return r + d * ip, u, mask & (ip <= hi)
