@@ -268,7 +268,10 @@ def aggregate_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bia
     return y
 
 
-_PROGRAMS = 512  # programs of the dlinear kernel at most (each owns a (G*K*K, M+1) partial sum)
+# Programs of the dlinear kernel at most: about two per SM of an H100 or A100 at its register
+# use (one wave); each owns a (G*K*K, M+1) partial sum, so the partials take at most
+# 256*G*K*K*(M+1) floats whatever the batch and image size (52 MB for G=16, K=7, M=64).
+_PROGRAMS = 256
 
 
 def aggregate_linear_backward(grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias,
