@@ -4,9 +4,16 @@ for float64) and its fused backward (the dx and dlinear kernels, every dtype) on
 tensors held between NaN guard bands, against the composed float64 reference on the same
 rounded values. Prints "ok"."""
 
-import torch
+import os
+import sys
 
-from tokenmix.ops import Window, aggregate
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracle import geometries  # noqa: E402
+from tokenmix.ops import Window, aggregate  # noqa: E402
 from tokenmix.ops.backends.triton import TritonBackend
 
 GUARD = 64
@@ -79,6 +86,21 @@ def check(backend, window, B, C, G, H, W, M, with_bias, dtype, masks=((True, Tru
                                        msg=lambda m: f"d{name} {window} {dtype}: {m}")
 
 
+def drawn_cases(backend):
+    """A few drawn geometries on top of the fixed cases (odd/prime sizes, H != W, custom padding,
+    stride and dilation up to 2, both borders of the fused op)."""
+
+    @settings(max_examples=6, deadline=None, database=None)
+    @given(geo=geometries(max_kernel=5, max_stride=2, max_dilation=2, max_size=9, borders=("zero", "clamp")),
+           M=st.sampled_from([1, 6, 17]), bias=st.booleans(),
+           dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]))
+    def run(geo, M, bias, dtype):
+        window, B, C, G, H, W = geo
+        check(backend, window, min(B, 2), C, G, H, W, M, bias, dtype)
+
+    run()
+
+
 def main():
     import tokenmix.ops.backends.triton.aggregate_linear as kernels
 
@@ -86,6 +108,7 @@ def main():
     assert backend.unavailable_reason() is None, backend.unavailable_reason()
     for case in CASES:
         check(backend, *case)
+    drawn_cases(backend)
     # the output mask, and dlinear programs that loop over several pixel blocks
     kernels._PROGRAMS, programs = 3, kernels._PROGRAMS
     try:
