@@ -40,6 +40,8 @@ def aot_compile(op: str, dtype: torch.dtype, kernel_size: Tuple[int, int], borde
     for n in kernel.arg_names:
         if n in constexprs:
             sig[n] = "constexpr"
+        elif n.endswith("_acc_ptr"):  # accumulator-dtype scratch
+            sig[n] = "*fp64" if dtype == torch.float64 else "*fp32"
         elif n.endswith("_ptr"):
             sig[n] = _PTR[dtype]
         elif n == "scale":

@@ -383,3 +383,50 @@ def test_triton_aot_compile_has_no_spills(capability, dtype, border, tile):
     r = resource_usage(aot_compile("aggregate_linear", dtype, (7, 7), border, tiles, capability), capability)
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["local"] == 0 and r["stack"] == 0, (tiles, r)
     assert 0 < r["regs"] <= 255
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") == "1", reason="needs the jit kernels")
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("op, dtype, border, tile", [
+    ("aggregate_linear_backward", torch.float32, "clamp", 3), ("aggregate_linear_backward", torch.bfloat16, "zero", -1),
+    ("aggregate_linear_backward", torch.float64, "clamp", 2), ("aggregate_linear_dlinear", torch.float32, "zero", 1),
+    ("aggregate_linear_dlinear", torch.bfloat16, "clamp", 1), ("aggregate_linear_dlinear", torch.float64, "zero", 0)])
+def test_triton_backward_aot_compile_has_no_spills(capability, op, dtype, border, tile):
+    """The backward's dx and dlinear kernels, K = 7 (benchmarks/triton_resources.py prints every
+    configuration)."""
+    from triton_aot import aot_compile, resource_usage
+    from tokenmix.ops.backends.triton.common import tile_configs
+
+    tiles = tile_configs(op, dtype, 49, border)[tile]
+    r = resource_usage(aot_compile(op, dtype, (7, 7), border, tiles, capability), capability)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["local"] == 0 and r["stack"] == 0, (tiles, r)
+    assert 0 < r["regs"] <= 255
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("window, B, C, G, H, W, M", [
+    (Window(7), 2, 64, 4, 23, 17, 16),                                  # involution-like
+    (Window(3, stride=2, dilation=2), 3, 12, 3, 19, 26, 5),
+    (Window(5, dilation=(2, 1), border="clamp"), 2, 34, 2, 16, 11, 37)])
+def test_triton_cuda_backward_matches_composed_and_is_deterministic(window, B, C, G, H, W, M, dtype):
+    """The Triton backend's fused backward on a GPU against the composed float64 oracle on the
+    same rounded values, bitwise equal on a rerun, and through the op's autograd."""
+    b = get_backend("triton")
+    x, h, weight, bias = _inputs(window, B, C, G, H, W, M, dtype=dtype)
+    Ho, Wo = window.output_size(H, W)
+    gy = torch.randn(B, C, Ho, Wo, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    _, want = _grads(lambda *t: composed(*t, window), [t.double() for t in (x, h, weight, bias)], gy.double())
+    dev = [t.cuda() for t in (x, h, weight, bias)]
+    got = b.aggregate_linear_backward(gy.cuda(), *dev, window, (True, True, True, True))
+    again = b.aggregate_linear_backward(gy.cuda(), *dev, window, (True, True, True, True))
+    atol, rtol = b.bwd_tol[dtype]
+    scale = 4 if dtype == torch.bfloat16 else 1
+    for g, w, a in zip(got, want, again):
+        torch.testing.assert_close(g.cpu().double(), w, atol=atol * scale * 40, rtol=rtol * scale * 4)
+        assert torch.equal(g, a), "not bitwise deterministic"
+    leaves = [t.clone().requires_grad_(True) for t in dev]
+    aggregate_linear(*leaves, window).backward(gy.cuda())
+    for t, w in zip(leaves, want):
+        torch.testing.assert_close(t.grad.cpu().double(), w, atol=atol * scale * 40, rtol=rtol * scale * 4)

@@ -125,12 +125,22 @@ class TritonBackend(Backend):
     def aggregate_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], window: Window) -> torch.Tensor:
         """The fused forward kernel (the weights generated in registers, never stored) for the
-        16- and 32-bit floats; float64 (whose kernel spills on sm_80) and the backward run the
-        default, composed of the primitives one image at a time."""
+        16- and 32-bit floats; float64 (whose kernel spills on sm_80) runs the default,
+        composed of the primitives one image at a time."""
         if x.dtype == torch.float64:
             return super().aggregate_linear(x, h, weight, bias, window)
         return self._launch("aggregate_linear", x.contiguous(), h.contiguous(), weight.contiguous(),
                             None if bias is None else bias.contiguous(), window)
+
+    def aggregate_linear_backward(self, grad_y, x, h, weight, bias, window, output_mask):
+        """Two fused kernels (``aggregate_linear.py``) that regenerate the kernel tile by tile
+        in registers, for the zero and clamp borders (the fused ops' borders) in every dtype;
+        a reflect window, which dispatch never sends here, runs the default composition."""
+        if window.border == "reflect":
+            return super().aggregate_linear_backward(grad_y, x, h, weight, bias, window, output_mask)
+        return self._launch("aggregate_linear_backward", grad_y.contiguous(), x.contiguous(), h.contiguous(),
+                            weight.contiguous(), None if bias is None else bias.contiguous(), window,
+                            tuple(output_mask))
 
     def __repr__(self):
         return f"<tokenmix backend {self.name!r}{' (interpreter)' if self.interpret else ''}>"

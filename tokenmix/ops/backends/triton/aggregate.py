@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, channel_pixel_grid, check_plane, weight_strides
-from .device import clamp_start, reflect_index, split_program, tile_channels, tile_pixels
+from .device import split_program, tap_source, tile_channels, tile_pixels, window_start
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
@@ -59,37 +59,19 @@ def aggregate_kernel(
     x_rows = x_ptr + bc * H * W                   # (BLOCK_C,) plane pointers
     w_tap = w_ptr + (b * w_sb + g.to(tl.int64) * w_sg)
 
-    if CLAMP:
-        # neighborhood window: per axis, sub-grid r = i mod d, start' clamped into the sub-grid
-        h0 = clamp_start(i, H, KH, dh)
-        w0 = clamp_start(j, W, KW, dw)
-    else:
-        h0 = i * sh - ph
-        w0 = j * sw - pw
+    # the windows' starts (clamp: per axis, sub-grid r = i mod d, start' clamped into the sub-grid)
+    h0 = window_start(i, H, KH, sh, dh, ph, CLAMP)
+    w0 = window_start(j, W, KW, sw, dw, pw, CLAMP)
 
     x_rows = x_rows[:, None]                      # hoisted broadcasts (fewer ops per tap)
     mask_c2 = mask_c[:, None]
     w_pix = w_tap + offs_p * w_sp                 # (BLOCK_P,) weight pointers of tap 0
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     for u in range(KH):  # a loop (not unrolled: keeps K=7 compiles short); the KW taps unroll
-        hs = h0 + u * dh
-        if CLAMP:
-            m_h = mask_p
-        elif REFLECT:
-            hs = reflect_index(hs, H)
-            m_h = mask_p
-        else:
-            m_h = mask_p & (hs >= 0) & (hs < H)
+        hs, m_h = tap_source(h0, u, dh, H, mask_p, CLAMP, REFLECT)
         hs = hs * W
         for v in tl.static_range(KW):
-            ws = w0 + v * dw
-            if CLAMP:
-                m = m_h
-            elif REFLECT:
-                ws = reflect_index(ws, W)
-                m = m_h
-            else:
-                m = m_h & (ws >= 0) & (ws < W)
+            ws, m = tap_source(w0, v, dw, W, m_h, CLAMP, REFLECT)
             # masked like the input: a tap outside the image never reads its weight
             wv = tl.load(w_pix, mask=m, other=0.0).to(ACC)
             xv = tl.load(x_rows + (hs + ws)[None, :], mask=mask_c2 & m[None, :], other=0.0).to(ACC)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, channel_pixel_grid, check_plane, clamp_candidates, weight_strides
-from .device import reflect_index, split_program, tile_channels, tile_pixels
+from .device import clamp_reader, clamp_readers, reflect_index, split_program, tile_channels, tile_pixels, zero_reader
 
 
 # Every integer argument is a plain runtime value (no specialisation on ==1 or %16), so one
@@ -72,26 +72,13 @@ def aggregate_transpose_kernel(
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     if CLAMP:
         # per axis: sub-grid r, position h' in it, sub-grid length L_r, candidate range [lo, hi]
-        rh = h % dh
-        hp = h // dh
-        Lh = (H - rh + dh - 1) // dh
-        lo_h = tl.where(hp - KH + 1 <= 0, 0, hp - KH + 1 + KH // 2)
-        hi_h = tl.where(hp >= Lh - KH, Lh - 1, hp + KH // 2)
-        rw = w % dw
-        wp = w // dw
-        Lw = (W - rw + dw - 1) // dw
-        lo_w = tl.where(wp - KW + 1 <= 0, 0, wp - KW + 1 + KW // 2)
-        hi_w = tl.where(wp >= Lw - KW, Lw - 1, wp + KW // 2)
+        rows = clamp_readers(h, H, KH, dh)
+        cols = clamp_readers(w, W, KW, dw)
         for n in range(NC_H):
-            ip = lo_h + n
-            ok_h = mask_p & (ip <= hi_h)
-            u = hp - tl.minimum(tl.maximum(ip - KH // 2, 0), Lh - KH)
-            i = rh + dh * ip
+            i, u, ok_h = clamp_reader(n, rows, KH, dh, mask_p)
             for m in range(NC_W):
-                jp = lo_w + m
-                ok = ok_h & (jp <= hi_w)
-                v = wp - tl.minimum(tl.maximum(jp - KW // 2, 0), Lw - KW)
-                o = tl.where(ok, i * Wo + rw + dw * jp, 0)           # output pixel (Wo = W)
+                j, v, ok = clamp_reader(m, cols, KW, dw, ok_h)
+                o = tl.where(ok, i * Wo + j, 0)                      # output pixel (Wo = W)
                 t = tl.where(ok, u * KW + v, 0)
                 wv = tl.load(w_base + t.to(tl.int64) * w_st + o * w_sp, mask=ok, other=0.0).to(ACC)
                 yv = tl.load(y_rows + o[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(ACC)
@@ -102,27 +89,15 @@ def aggregate_transpose_kernel(
         # loops (unrolling the 3 x 3 candidates of every tap spills registers), the candidates
         # of a tap unroll
         for u in range(KH):
-            nh = h + ph - u * dh                  # the row candidates, as on the zero border
-            ok0 = mask_p & (nh >= 0)
-            i0 = tl.where(ok0, nh, 0) // sh
-            ok0 = ok0 & (i0 * sh == nh) & (i0 < Ho)
-            nh = ph - h - u * dh
-            ok1 = mask_p & (h > 0) & (nh >= 0)
-            i1 = tl.where(ok1, nh, 0) // sh
-            ok1 = ok1 & (i1 * sh == nh) & (i1 < Ho)
-            nh = 2 * (H - 1) - h + ph - u * dh
-            ok2 = mask_p & (h < H - 1) & (nh >= 0)
-            i2 = tl.where(ok2, nh, 0) // sh
-            ok2 = ok2 & (i2 * sh == nh) & (i2 < Ho)
+            # the row candidates, as on the zero border
+            i0, ok0 = zero_reader(h, ph, u, dh, sh, Ho, mask_p)
+            i1, ok1 = zero_reader(-h, ph, u, dh, sh, Ho, mask_p & (h > 0))
+            i2, ok2 = zero_reader(2 * (H - 1) - h, ph, u, dh, sh, Ho, mask_p & (h < H - 1))
             for v in range(KW):
                 for c in tl.static_range(3):
                     rw = tl.where(c == 0, w, tl.where(c == 1, -w, 2 * (W - 1) - w))
                     ok_w = mask_p & ((c == 0) | ((c == 1) & (w > 0)) | ((c == 2) & (w < W - 1)))
-                    nw = rw + pw - v * dw
-                    ok_w = ok_w & (nw >= 0)
-                    nw = tl.where(ok_w, nw, 0)
-                    j = nw // sw
-                    ok_w = ok_w & (j * sw == nw) & (j < Wo)
+                    j, ok_w = zero_reader(rw, pw, v, dw, sw, Wo, ok_w)
                     for a in tl.static_range(3):
                         i = i0 if a == 0 else (i1 if a == 1 else i2)
                         ok = ok_w & (ok0 if a == 0 else (ok1 if a == 1 else ok2))
@@ -133,17 +108,9 @@ def aggregate_transpose_kernel(
     else:
         w_tap = w_base
         for u in range(KH):  # a loop; the KW taps of a row unroll
-            nh = h + ph - u * dh                      # = i * sh for the output row i reading h
-            ok_h = mask_p & (nh >= 0)
-            nh = tl.where(ok_h, nh, 0)
-            i = nh // sh
-            ok_h = ok_h & (i * sh == nh) & (i < Ho)
+            i, ok_h = zero_reader(h, ph, u, dh, sh, Ho, mask_p)  # the output row i reading h
             for v in tl.static_range(KW):
-                nw = w + pw - v * dw
-                ok = ok_h & (nw >= 0)
-                nw = tl.where(ok, nw, 0)
-                j = nw // sw
-                ok = ok & (j * sw == nw) & (j < Wo)
+                j, ok = zero_reader(w, pw, v, dw, sw, Wo, ok_h)
                 o = tl.where(ok, i * Wo + j, 0)
                 wv = tl.load(w_tap + o * w_sp, mask=ok, other=0.0).to(ACC)
                 yv = tl.load(y_rows + o[None, :], mask=mask_c2 & ok[None, :], other=0.0).to(ACC)

@@ -19,6 +19,11 @@ KERNELS = {  # primitive -> (module, jit kernel name, launcher name)
                         "local_attention"),
     "aggregate_linear": ("tokenmix.ops.backends.triton.aggregate_linear", "aggregate_linear_kernel",
                          "aggregate_linear"),
+    # the backward's two kernels (one launcher)
+    "aggregate_linear_backward": ("tokenmix.ops.backends.triton.aggregate_linear", "aggregate_linear_dx_kernel",
+                                  "aggregate_linear_backward"),
+    "aggregate_linear_dlinear": ("tokenmix.ops.backends.triton.aggregate_linear",
+                                 "aggregate_linear_dlinear_kernel", "aggregate_linear_backward"),
 }
 _BIG = 1 << 20  # a plane large enough that the tile heuristics pick their largest tiles
 
@@ -60,12 +65,16 @@ def channel_pixel_grid(B: int, G: int, Cg: int, pixels: int, dtype: torch.dtype)
     return block_c, block_p, n_cblk, n_pblk, (launchable(B * G * n_cblk * n_pblk),)
 
 
-def linear_pixel_tile(pixels: int, block_c: int, dtype: torch.dtype) -> int:
+def linear_pixel_tile(pixels: int, block_c: int, dtype: torch.dtype, clamp_dx: bool = False) -> int:
     """BLOCK_P of aggregate_linear: about 512 accumulators per program (256 for float64),
     16..128 pixels (the weights generated per tap and the feature chunks share the registers;
-    1024 accumulators spilled on sm_80 and sm_90)."""
+    1024 accumulators spilled on sm_80 and sm_90). The clamp border's dx kernel (``clamp_dx``),
+    whose taps differ per pixel, takes at most 32 pixels with 8 or more channels (8 x 64 spilled
+    on sm_80; so did 16 x 16)."""
     budget = 256 if dtype == torch.float64 else 512
     p = max(16, min(128, budget // block_c))
+    if clamp_dx and block_c >= 8:
+        p = min(p, 32)
     return min(p, max(16, _next_pow2(pixels)))
 
 
@@ -79,6 +88,15 @@ def correlate_pixel_tile(pixels: int, block_t: int, dtype: torch.dtype) -> int:
     budget = 1024 if dtype == torch.float64 else 2048
     p = max(16, min(256, budget // block_t))
     return min(p, max(16, _next_pow2(pixels)))
+
+
+def dlinear_tiles(pixels: int, taps: int) -> Tuple[int, int]:
+    """(BLOCK_T, BLOCK_P) of aggregate_linear's dlinear kernel: all taps (at least 16, a
+    ``tl.dot`` dimension) by at most 1024 pixel-taps and 16..32 pixels (64 x 32 spilled on
+    sm_80 in float32, and 16 x 64 in bfloat16)."""
+    block_t = max(16, tap_tile(taps))
+    p = max(16, min(32, 1024 // block_t))
+    return block_t, min(p, max(16, _next_pow2(pixels)))
 
 
 def weight_strides(w: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -120,18 +138,23 @@ def clamp_candidates(length: int, k: int, d: int) -> int:
 
 
 
-def tile_configs(op: str, dtype: torch.dtype, taps: int):
+def tile_configs(op: str, dtype: torch.dtype, taps: int, border: str = "zero"):
     """Every tile configuration the launcher of ``op`` picks for large planes (smaller planes
-    only shrink BLOCK_P): a list of constexpr dicts."""
+    only shrink BLOCK_P) on ``border``: a list of constexpr dicts."""
     if op == "correlate":
         bt = tap_tile(taps)
         return [dict(BLOCK_T=bt, BLOCK_P=correlate_pixel_tile(_BIG, bt, dtype), SUM_SPACE=s) for s in (False, True)]
     if op == "local_attention":
         bt = tap_tile(taps)
         return [dict(BLOCK_T=bt, BLOCK_P=correlate_pixel_tile(_BIG, bt, dtype), HAS_REL=r) for r in (False, True)]
-    if op == "aggregate_linear":
-        return [dict(BLOCK_C=c, BLOCK_P=linear_pixel_tile(_BIG, c, dtype), BLOCK_M=8, HAS_BIAS=True)
+    if op in ("aggregate_linear", "aggregate_linear_backward"):
+        clamp_dx = op == "aggregate_linear_backward" and border == "clamp"
+        return [dict(BLOCK_C=c, BLOCK_P=linear_pixel_tile(_BIG, c, dtype, clamp_dx), BLOCK_M=8, HAS_BIAS=True)
                 for c in (1, 2, 4, 8, 16)]
+    if op == "aggregate_linear_dlinear":
+        bt, bp = dlinear_tiles(_BIG, taps)
+        return [dict(BLOCK_T=bt, BLOCK_P=bp, BLOCK_M=16, HAS_BIAS=b,
+                     TF32=dtype in (torch.float16, torch.bfloat16)) for b in (False, True)]
     if op not in KERNELS:
         raise ValueError(f"op must be one of {list(KERNELS)}, got {op!r}")
     return [dict(BLOCK_C=c, BLOCK_P=pixel_tile(_BIG, c, dtype)) for c in (1, 2, 4, 8, 16)]

@@ -52,3 +52,97 @@ def tile_channels(cblk, BLOCK_C: tl.constexpr, b, g, C, Cg):
     index ``b*C + g*Cg + c``), each of shape (BLOCK_C,)."""
     cl = cblk * BLOCK_C + tl.arange(0, BLOCK_C)
     return cl < Cg, b * C + g * Cg + cl
+
+
+@triton.jit
+def window_start(i, L, K: tl.constexpr, s, d, p, CLAMP: tl.constexpr):
+    """Raw source index of tap 0 of output ``i`` along an axis of length ``L``: the clamp
+    border's window start (:func:`clamp_start`), else ``i*s - p``."""
+    if CLAMP:
+        start = clamp_start(i, L, K, d)
+    else:
+        start = i * s - p
+    return start
+
+
+@triton.jit
+def tap_source(start, k, d, L, mask, CLAMP: tl.constexpr, REFLECT: tl.constexpr):
+    """Source index along an axis of length ``L`` of tap ``k`` of the windows starting at
+    ``start``, and ``mask`` narrowed to the positions inside the image (zero border; the
+    clamp window is always inside, the reflect border folds the index back in)."""
+    src = start + k * d
+    if CLAMP:
+        ok = mask
+    elif REFLECT:
+        src = reflect_index(src, L)
+        ok = mask
+    else:
+        ok = mask & (src >= 0) & (src < L)
+    return src, ok
+
+
+@triton.jit
+def zero_reader(h, p, k, d, s, Lo, mask):
+    """Zero border, along an axis: the only output ``i`` that reads input position ``h``
+    through tap ``k`` is ``(h + p - k*d) / s``, valid when the division is exact and
+    ``0 <= i < Lo``. Returns ``(i, valid)`` (``i`` is 0 where invalid)."""
+    n = h + p - k * d
+    ok = mask & (n >= 0)
+    n = tl.where(ok, n, 0)
+    i = n // s
+    return i, ok & (i * s == n) & (i < Lo)
+
+
+@triton.jit
+def clamp_readers(h, L, K: tl.constexpr, d):
+    """Clamp border, along an axis of length ``L``: the outputs whose window covers input
+    position ``h`` are ``i = r + d*i'`` for ``i'`` in ``[lo, hi]`` on the sub-grid ``r = h mod d``
+    (length ``Lr``). Returns the tuple ``(r, h // d, Lr, lo, hi)`` for :func:`clamp_reader`."""
+    r = h % d
+    hp = h // d
+    Lr = (L - r + d - 1) // d
+    lo = tl.where(hp - K + 1 <= 0, 0, hp - K + 1 + K // 2)
+    hi = tl.where(hp >= Lr - K, Lr - 1, hp + K // 2)
+    return r, hp, Lr, lo, hi
+
+
+@triton.jit
+def clamp_reader(n, readers, K: tl.constexpr, d, mask):
+    """The ``n``-th output of a :func:`clamp_readers` range: ``(i, the tap it reads h through,
+    valid)``."""
+    r, hp, Lr, lo, hi = readers
+    ip = lo + n
+    u = hp - tl.minimum(tl.maximum(ip - K // 2, 0), Lr - K)
+    return r + d * ip, u, mask & (ip <= hi)
+
+
+@triton.jit
+def linear_tap_weights(w_row, h_img, pix, ok, M, plane, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    """Generated kernel values ``sum_m weight[row, m] * h[m, pix]`` of ``BLOCK_P`` pixels (no
+    bias), over the ``M`` features in chunks of ``BLOCK_M``: ``w_row`` points at the weight row
+    (a scalar pointer: one row for every pixel; a ``(1, BLOCK_P)`` block: one row per pixel),
+    ``h_img`` at the image's features (``M`` planes of ``plane`` elements), ``pix`` the
+    ``(BLOCK_P,)`` pixel offsets inside a plane, read where ``ok``."""
+    offs_m = tl.arange(0, BLOCK_M)
+    wv = tl.zeros([BLOCK_P], dtype=ACC)
+    for m0 in range(0, M, BLOCK_M):
+        mm = m0 + offs_m
+        mask_m = mm < M
+        wrow = tl.load(w_row + mm[:, None], mask=mask_m[:, None], other=0.0).to(ACC)
+        feats = tl.load(h_img + (mm * plane)[:, None] + pix[None, :], mask=mask_m[:, None] & ok[None, :],
+                        other=0.0).to(ACC)
+        wv += tl.sum(wrow * feats, axis=0)
+    return wv
+
+
+@triton.jit
+def channel_pixel_tile(n_pblk, n_cblk, G, C, Cg, rows, cols, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile of a program of a channel-by-pixel grid (:func:`split_program`): group g, image b
+    (int64), then the ``BLOCK_P`` pixels of a ``rows x cols`` plane (:func:`tile_pixels`: flat
+    offsets, mask, row, column) and the ``BLOCK_C`` channels (:func:`tile_channels`: mask,
+    image-channel index)."""
+    pblk, cblk, g, b = split_program(tl.program_id(0), n_pblk, n_cblk, G)
+    offs_p, mask_p, r, c = tile_pixels(pblk, BLOCK_P, rows, cols)
+    mask_c, bc = tile_channels(cblk, BLOCK_C, b, g, C, Cg)
+    return g, b, offs_p, mask_p, r, c, mask_c, bc
