@@ -273,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_linear_back
                                  .to(L.acc);
       at::Tensor gw = gwi[0];
       if (n > 1) {
-        if (!gmat.defined()) gmat = L.buffer(L.groups * L.KK);
+        // the kernel's matrix is free once laid out per image: the gradient's takes its place
+        if (!gmat.defined()) gmat = wmat.defined() ? wmat : L.buffer(L.groups * L.KK);
         gw = L.matrix(gmat, r, n);
         at::Tensor gwm = gw.view({r, n, L.HWo});
         swap_outer(gwm, gwi);
