@@ -15,8 +15,9 @@
 // the (ng*K*K, Ho*Wo) layout the kernels read and write, gh_b is written in place; only a
 // tile of several images copies its matrices between the per-image layout and the pixels
 // side by side. The tiles' buffers are allocated once per call, so the extra memory is the
-// outputs plus a tile of kernel (and one of its gradient), whatever the batch. The tiles run
-// one after another; each kernel call parallelises inside itself.
+// outputs plus a few tiles of kernel and of its gradient (the kernel's matrix, its per-image
+// layout for several images, the correlate's result), whatever the batch. The tiles run one
+// after another; each kernel call parallelises inside itself.
 //
 // Taps that no output pixel reads inside the image (zero border) have their rows of weight and
 // bias replaced by 0 first: the weights generated for them are never used, and a NaN or inf
