@@ -4,7 +4,7 @@ For each pair (rednet50 vs resnet50, rednet26 vs resnet26, sasa_resnet50 vs resn
 run and one process:
 
 * inference latency: batch 1, 224x224, eval mode, ``torch.no_grad``; median (and best) of
-  ``--reps`` calls after warm-up, the two models' calls interleaved (A B A B ...) so that
+  ``--reps`` calls after warm-up, the models' calls interleaved (A B B A ...) so that
   load changes on a shared machine hit both alike;
 * training step: batch 8, 224x224, forward + cross-entropy + backward + SGD(momentum) step;
   median of ``--train-reps`` steps after one warm-up step, interleaved; RedNet as registered
@@ -168,8 +168,9 @@ def interleaved_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: i
             fn()
     times: Dict[str, List[float]] = {k: [] for k in fns}
     clock = CLOCK["fn"]
-    for _ in range(reps):
-        for k, fn in fns.items():
+    order = list(fns.items())
+    for r in range(reps):  # the order reversed every other round: none always runs after the same one
+        for k, fn in (order if r % 2 == 0 else order[::-1]):
             t0 = clock()
             fn()
             times[k].append(clock() - t0)

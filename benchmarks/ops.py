@@ -500,9 +500,10 @@ def linear_benchmark(batch: int, kernel: int, strides: List[int], repeats: int) 
                 for fn in fns.values():
                     fn()
                 best = {n: math.inf for n in fns}
-                for _ in range(repeats):  # interleaved: a slow spell hits both
-                    for n, fn in fns.items():
-                        best[n] = min(best[n], _timed(fn))
+                order = list(fns)
+                for r in range(repeats):  # interleaved (a slow spell hits both), in turn first
+                    for n in (order if r % 2 == 0 else order[::-1]):
+                        best[n] = min(best[n], _timed(fns[n]))
                 for n in fns:
                     row[f"{kind}_{n}_s"] = best[n]
                     row[f"{kind}_{n}_peak_bytes"] = alloc_peak(fns[n])

@@ -93,8 +93,9 @@ def test_backward_op_output_mask(mask):
 
 @pytest.mark.parametrize("shape", [
     (2, 8, 40, 37, 3, 4),   # an image's kernel over the tile size (2 MiB): tiles of groups of one image
-    (5, 2, 48, 48, 3, 1),   # about 0.9 MiB per image: tiles of two whole images, the last of one
-    (7, 6, 5, 8, 4, 3),     # small planes: one tile of every image
+    (5, 2, 48, 48, 3, 1),   # about 0.9 MiB per image: tiles of one image, computed in its planes
+    (7, 6, 5, 8, 4, 3),     # narrow planes: one tile of every image
+    (7, 8, 10, 10, 3, 8),   # narrow planes, about 0.3 MiB per image: tiles of four and three images
 ])
 def test_tiles(shape):
     B, C, H, W, M, G = shape

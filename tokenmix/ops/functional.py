@@ -213,9 +213,10 @@ def aggregate_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bia
     storing that kernel: ``y = aggregate(x, w, window)`` where
     ``w[b, g, t, i, j] = sum_m weight[g*K*K + t, m] * h[b, m, i, j] + bias[g*K*K + t]``.
 
-    The kernel exists only a tile at a time (on the CPU: a block of groups of one image, or a
-    few whole images, of at most about 512 KiB), in the forward and again in the backward,
-    which recomputes it; autograd keeps x, h, weight and bias, never w.
+    The kernel exists only a tile at a time (on the CPU: one image, a block of its groups
+    where its kernel exceeds about 2 MiB, or a few whole images of narrow planes), in the
+    forward and again in the backward, which recomputes it; autograd keeps x, h, weight and
+    bias, never w.
 
     Args:
         x: (B, C, H, W) input.

@@ -1,8 +1,8 @@
 // aggregate_linear: y = aggregate(x, w) with the kernel a per-pixel linear map of features,
 // w[b, g, t, i, j] = sum_m weight[g*K*K + t, m] * h[b, m, i, j] + bias[g*K*K + t], and its
 // backward (the four gradients in one pass). The kernel is never stored whole: the work is
-// split into tiles, a block of groups of one image or a few whole images, each holding at most
-// about kTileBytes (2 MiB) of kernel; a tile's kernel is one matrix product (ATen's, in the
+// split into tiles, one image (a block of its groups where its kernel exceeds kTileBytes) or,
+// for narrow planes, a few whole images; a tile's kernel is one matrix product (ATen's, in the
 // accumulation type), consumed at once, while still in cache, by the aggregate /
 // aggregate_transpose / correlate kernels of this folder on the tile's channels:
 //
@@ -11,8 +11,13 @@
 //             gw_t = correlate(gy_t, x_t);  gh_b += weight_t^T gw_t;
 //             gweight_t += gw_t h_b^T;  gbias_t += sum gw_t
 //
-// so the extra memory is the outputs plus a tile of kernel (and one of its gradient), whatever
-// the batch. The tiles run one after another; each kernel call parallelises inside itself.
+// A tile of one image computes in the tensors' own planes: h_b is h's plane, w_t and gw_t are
+// the (ng*K*K, Ho*Wo) layout the kernels read and write, gh_b is written in place; only a
+// tile of several images copies its matrices between the per-image layout and the pixels
+// side by side. The tiles' buffers are allocated once per call, so the extra memory is the
+// outputs plus a few tiles of kernel and of its gradient (the kernel's matrix, its per-image
+// layout for several images, the correlate's result), whatever the batch. The tiles run one
+// after another; each kernel call parallelises inside itself.
 //
 // Taps that no output pixel reads inside the image (zero border) have their rows of weight and
 // bias replaced by 0 first: the weights generated for them are never used, and a NaN or inf
@@ -25,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <array>
 #include <optional>
 #include <string>
@@ -37,12 +43,33 @@ namespace {
 using Ints = at::IntArrayRef;
 using BackendName = std::optional<c10::string_view>;
 
-// The kernel a tile holds, at most (one group of one image may hold more). Measured at the
-// RedNet-50 stage shapes (batch 8, one thread) against 0.5 and 1 MiB: larger tiles make wider
-// matrix products, which ran faster than the cache misses of the larger tile cost.
+// The kernel a tile holds, at most (one group of one image may hold more): an image whose
+// kernel is larger is cut into blocks of groups, and narrow planes batch whole images up to it.
 constexpr int64_t kTileBytes = 2 << 20;
 
-// The sizes of one call and its tiling.
+// Planes of fewer pixels than this are batched: a tile holds several whole images, whose
+// pixels sit side by side in its matrices (a per-image product with so few columns runs well
+// below the machine's rate: MKL's sgemm at the RedNet-50 shapes, one thread, about 0.8x at 49
+// pixels, the same at 196). Wider planes make tiles of one image, whose matrices are the
+// tensors' own planes: no copies.
+constexpr int64_t kNarrowPlane = 128;
+
+// dst (b, a, n) = src (a, b, n), both contiguous: rows of n elements moved one by one
+// (TensorIterator's copy of the transposed view runs several times slower on rows this short).
+void swap_outer(at::Tensor& dst, const at::Tensor& src) {
+  const int64_t a = src.size(0), b = src.size(1), n = src.size(2);
+  if (dst.scalar_type() != src.scalar_type() || !src.is_contiguous()) {
+    dst.copy_(src.transpose(0, 1));
+    return;
+  }
+  const int64_t bytes = n * src.element_size();
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  for (int64_t i = 0; i < a; ++i)
+    for (int64_t j = 0; j < b; ++j) std::memcpy(d + (j * a + i) * bytes, s + (i * b + j) * bytes, bytes);
+}
+
+// The sizes of one call, its tiling and the tiles' buffers.
 struct Linear {
   std::shared_ptr<const Plan> plan;
   int64_t B, C, H, W, Ho, Wo, HWo, M, KK, G, Cg, rows;
@@ -90,7 +117,7 @@ struct Linear {
     // tiles of about equal size, each at most kTileBytes of kernel where a group allows
     const int64_t esize = static_cast<int64_t>(at::elementSize(acc));
     const int64_t per_image = rows * HWo * esize, per_group = KK * HWo * esize;
-    if (per_image <= kTileBytes) {
+    if (HWo < kNarrowPlane && per_image <= kTileBytes) {
       const int64_t fit = std::max<int64_t>(1, kTileBytes / per_image), ntiles = (B + fit - 1) / fit;
       images = (B + ntiles - 1) / ntiles, groups = G;
     } else {
@@ -125,7 +152,10 @@ struct Linear {
         }
   }
 
-  // f(first image, images, first group, groups) for every tile, in order.
+  bool one_tile() const { return images >= B && groups == G; }
+
+  // f(first image, images, first group, groups) for every tile, in order (an image's groups in
+  // increasing order).
   template <typename F>
   void for_tiles(F&& f) const {
     if (groups == G) {
@@ -141,30 +171,58 @@ struct Linear {
     return t.narrow(0, b0, n).narrow(1, g0 * Cg, ng * Cg);
   }
 
-  // h of images [b0, b0 + n) as an (M, n * Ho*Wo) matrix in the accumulation type: the
-  // images' pixels side by side, so that each product of a tile is one matrix product (narrow
-  // planes make narrow per-image products, which run well below the machine's rate).
-  at::Tensor features(const at::Tensor& h, int64_t b0, int64_t n) const {
-    const at::Tensor hb = h.narrow(0, b0, n).reshape({n, M, HWo}).to(acc);
-    return n == 1 ? hb[0] : hb.transpose(0, 1).reshape({M, n * HWo});
+  // A buffer of the accumulation type for the tiles, `per_pixel` elements per pixel of the
+  // largest tile; a tile's matrices are views of its first elements (see matrix).
+  at::Tensor buffer(int64_t per_pixel) const { return at::empty({per_pixel * images * HWo}, weight.options()); }
+
+  // The first r * n * Ho*Wo elements of `buf` as an (r, n * Ho*Wo) matrix.
+  at::Tensor matrix(const at::Tensor& buf, int64_t r, int64_t n) const {
+    return buf.narrow(0, 0, r * n * HWo).view({r, n * HWo});
   }
 
-  // (R, n * Ho*Wo) <-> (n, R, Ho*Wo): the matrices' layout and the kernels'.
-  static at::Tensor to_images(const at::Tensor& m, int64_t n) {
-    return n == 1 ? m.unsqueeze(0) : m.view({m.size(0), n, m.size(1) / n}).transpose(0, 1).contiguous();
-  }
-  static at::Tensor to_matrix(const at::Tensor& t) {
-    const int64_t n = t.size(0);
-    return n == 1 ? t[0] : t.transpose(0, 1).reshape({t.size(1), n * t.size(2)});
+  // h of images [b0, b0 + n) as an (M, n * Ho*Wo) matrix in the accumulation type: one image's
+  // plane in place; several images' pixels side by side, written into `buf` (its first
+  // M * n * Ho*Wo elements).
+  at::Tensor features(const at::Tensor& h, int64_t b0, int64_t n, at::Tensor& buf) const {
+    const at::Tensor hb = h.narrow(0, b0, n).view({n, M, HWo});
+    if (n == 1 && h.scalar_type() == acc) return hb[0];
+    if (!buf.defined()) buf = buffer(M);
+    const at::Tensor out = matrix(buf, M, n);
+    at::Tensor o = out.view({M, n, HWo});
+    swap_outer(o, hb);
+    return out;
   }
 
-  // The tile's kernel (n, ng, K*K, Ho, Wo) in the inputs' dtype; hb: features(h, b0, n).
-  at::Tensor kernel(const at::Tensor& hb, int64_t g0, int64_t ng) const {
-    const int64_t n = hb.size(1) / HWo;
-    const at::Tensor wr = weight.narrow(0, g0 * KK, ng * KK);
-    const at::Tensor w =
-        bias.defined() ? at::addmm(bias.narrow(0, g0 * KK, ng * KK).unsqueeze(1), wr, hb) : at::mm(wr, hb);
-    return to_images(w, n).to(type).view({n, ng, KK, Ho, Wo});
+  // The tile's kernel (n, ng, K*K, Ho, Wo) in the inputs' dtype, made in `mat` (ng*K*K rows of
+  // the images' pixels side by side) and, for several images, laid out per image in `img`;
+  // hb: features(h, b0, n, .).
+  at::Tensor kernel(const at::Tensor& hb, int64_t g0, int64_t ng, at::Tensor& mat, at::Tensor& img) const {
+    const int64_t n = hb.size(1) / HWo, r = ng * KK;
+    const at::Tensor wr = weight.narrow(0, g0 * KK, r);
+    if (!mat.defined()) mat = buffer(groups * KK);
+    at::Tensor w = matrix(mat, r, n);
+    if (bias.defined())
+      at::addmm_out(w, bias.narrow(0, g0 * KK, r).unsqueeze(1), wr, hb);
+    else
+      at::mm_out(w, wr, hb);
+    if (n > 1) {
+      if (!img.defined()) img = buffer(groups * KK);
+      at::Tensor wi = img.narrow(0, 0, r * n * HWo).view({n, r, HWo});
+      swap_outer(wi, w.view({r, n, HWo}));
+      w = wi;
+    }
+    return w.to(type).view({n, ng, KK, Ho, Wo});
+  }
+
+  // The tile's result t (n, ng*Cg, ., .) into out's tile, or out = t when the tile is the call.
+  void put(at::Tensor& out, const at::Tensor& t, int64_t b0, int64_t n, int64_t g0, int64_t ng,
+           at::IntArrayRef size) const {
+    if (one_tile()) {
+      out = t;
+      return;
+    }
+    if (!out.defined()) out = at::empty(size, t.options());
+    tile(out, b0, n, g0, ng).copy_(t);
   }
 };
 
@@ -173,16 +231,10 @@ at::Tensor aggregate_linear_op(const at::Tensor& x_, const at::Tensor& h_, const
                                Ints padding, c10::string_view border, BackendName backend) {
   const Linear L("aggregate_linear", x_, h_, weight, bias, kernel_size, stride, dilation, padding, border, backend);
   const at::Tensor x = x_.contiguous(), h = h_.contiguous();
-  at::Tensor y;
+  at::Tensor y, hbuf, wmat, wimg;
   L.for_tiles([&](int64_t b0, int64_t n, int64_t g0, int64_t ng) {
-    const at::Tensor w = L.kernel(L.features(h, b0, n), g0, ng);
-    at::Tensor yt = aggregate(L.tile(x, b0, n, g0, ng).contiguous(), w, *L.plan);
-    if (n == L.B && ng == L.G) {
-      y = yt;  // one tile: its output is the result
-      return;
-    }
-    if (!y.defined()) y = at::empty({L.B, L.C, L.Ho, L.Wo}, x.options());
-    L.tile(y, b0, n, g0, ng).copy_(yt);
+    const at::Tensor w = L.kernel(L.features(h, b0, n, hbuf), g0, ng, wmat, wimg);
+    L.put(y, aggregate(L.tile(x, b0, n, g0, ng).contiguous(), w, *L.plan), b0, n, g0, ng, {L.B, L.C, L.Ho, L.Wo});
   });
   return y;
 }
@@ -203,41 +255,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_linear_back
   const bool need_gw = need_h || need_weight || need_bias;
   const auto opts = x.options().dtype(L.acc);
   at::Tensor gx, gh, gweight, gbias;
-  if (need_x) gx = at::empty_like(x);
-  // gh: every image's is written by its first tile and accumulated by the others
-  if (need_h) gh = L.groups == L.G ? at::empty({L.B, L.M, L.HWo}, opts) : at::zeros({L.B, L.M, L.HWo}, opts);
+  // gh: written by an image's first tile (its groups in order), accumulated by the others
+  if (need_h) gh = at::empty({L.B, L.M, L.HWo}, opts);
   if (need_weight) gweight = at::zeros({L.rows, L.M}, opts);
   if (need_bias) gbias = at::zeros({L.rows}, opts);
+  at::Tensor hbuf, wmat, wimg, gmat, dmat;  // the tiles' buffers, made by their first use
   if (need_x || need_gw) {
     L.for_tiles([&](int64_t b0, int64_t n, int64_t g0, int64_t ng) {
-      const at::Tensor hb = L.features(h, b0, n), gyt = L.tile(gy, b0, n, g0, ng).contiguous();
-      if (need_x) {
-        at::Tensor gxt = aggregate_transpose(gyt, L.kernel(hb, g0, ng), *L.plan);
-        if (n == L.B && ng == L.G)
-          gx = gxt;
-        else
-          L.tile(gx, b0, n, g0, ng).copy_(gxt);
-      }
+      const at::Tensor hb = (need_x || need_weight) ? L.features(h, b0, n, hbuf) : at::Tensor();
+      const at::Tensor gyt = L.tile(gy, b0, n, g0, ng).contiguous();
+      if (need_x)
+        L.put(gx, aggregate_transpose(gyt, L.kernel(hb, g0, ng, wmat, wimg), *L.plan), b0, n, g0, ng, x.sizes());
       if (!need_gw) return;
       // gw as (ng*K*K, n * Ho*Wo), the images' pixels side by side
-      const at::Tensor gw = Linear::to_matrix(
-          correlate(gyt, L.tile(x, b0, n, g0, ng).contiguous(), *L.plan, ng, false, false)
-              .view({n, ng * L.KK, L.HWo})
-              .to(L.acc));
-      const at::Tensor wr = L.weight.narrow(0, g0 * L.KK, ng * L.KK);
+      const int64_t r = ng * L.KK;
+      const at::Tensor gwi = correlate(gyt, L.tile(x, b0, n, g0, ng).contiguous(), *L.plan, ng, false, false)
+                                 .view({n, r, L.HWo})
+                                 .to(L.acc);
+      at::Tensor gw = gwi[0];
+      if (n > 1) {
+        // the kernel's matrix is free once laid out per image: the gradient's takes its place
+        if (!gmat.defined()) gmat = wmat.defined() ? wmat : L.buffer(L.groups * L.KK);
+        gw = L.matrix(gmat, r, n);
+        at::Tensor gwm = gw.view({r, n, L.HWo});
+        swap_outer(gwm, gwi);
+      }
+      const at::Tensor wr = L.weight.narrow(0, g0 * L.KK, r);
       if (need_h) {
-        at::Tensor ght = gh.narrow(0, b0, n);
-        if (n > 1)  // whole images: the tile is their only one
-          ght.copy_(Linear::to_images(at::mm(wr.t(), gw), n));
-        else if (L.groups == L.G) {
-          at::Tensor out = ght[0];
+        if (n > 1) {  // whole images: the tile is their only one
+          if (!dmat.defined()) dmat = L.buffer(L.M);
+          at::Tensor d = L.matrix(dmat, L.M, n);
+          at::mm_out(d, wr.t(), gw);
+          at::Tensor ght = gh.narrow(0, b0, n);
+          swap_outer(ght, d.view({L.M, n, L.HWo}));
+        } else if (g0 == 0) {
+          at::Tensor out = gh[b0];
           at::mm_out(out, wr.t(), gw);
         } else {
-          ght[0].addmm_(wr.t(), gw);
+          gh[b0].addmm_(wr.t(), gw);
         }
       }
-      if (need_weight) gweight.narrow(0, g0 * L.KK, ng * L.KK).addmm_(gw, hb.t());
-      if (need_bias) gbias.narrow(0, g0 * L.KK, ng * L.KK).add_(gw.sum(1));
+      if (need_weight) gweight.narrow(0, g0 * L.KK, r).addmm_(gw, hb.t());
+      if (need_bias) gbias.narrow(0, g0 * L.KK, r).add_(gw.sum(1));
     });
   }
   const at::Tensor none = at::empty({0}, x.options());
