@@ -250,7 +250,8 @@ def test_opcheck(window, rel, biases):
         v = v[:, :2].detach().requires_grad_()
         B, _, Ho, Wo = q.shape
         Kh, Kw = window.kernel_size
-        extra = (torch.randn(B, 2, Kh, Ho, Wo, requires_grad=True), torch.randn(B, 2, Kw, Ho, Wo, requires_grad=True))
+        row = torch.randn(B, 2, Kh, Wo, Ho).transpose(3, 4).requires_grad_()  # non-contiguous
+        extra = (row, torch.randn(B, 2, Kw, Ho, Wo, requires_grad=True))
     geo = list(window.as_args())
     torch.library.opcheck(torch.ops.tokenmix.local_attention.default, (q, k, v, r, 2, 0.5, *geo, None, *extra))
     with torch.no_grad():
@@ -374,18 +375,10 @@ def _ops_in(fn):
     return {str(op).split(".")[1] for op in fc.get_flop_counts()["Global"] if str(op).startswith("tokenmix.")}
 
 
-@pytest.mark.parametrize("name,kw,H,W", [
-    ("local_attention", dict(kernel_size=5, heads=2), 9, 11),
-    ("local_attention", dict(kernel_size=3, stride=2, heads=4, qkv_bias=True, proj=True), 9, 8),
-    ("local_attention", dict(kernel_size=3, dilation=2, heads=2, rel_pos=False), 7, 10),
-    ("local_attention", dict(kernel_size=3, heads=2, fused_qkv=True), 6, 7),
-    ("neighborhood_attention", dict(kernel_size=5, heads=2, qkv_bias=True, fused_qkv=True, proj=True), 8, 9),
-    ("neighborhood_attention", dict(kernel_size=3, dilation=2, heads=2), 7, 9),
-    ("neighborhood_attention", dict(kernel_size=5, heads=2, pad_to_window=True, fused_qkv=True), 3, 6),
-])
-def test_mixers_fused_equals_composed(name, kw, H, W):
-    """The attention mixers run local_attention by default (fused=True): same parameters and
-    state_dict as fused=False, equal outputs and gradients; kernel() still gives the full kernel."""
+def _fused_and_composed(name, kw, H, W):
+    """The mixer ``name`` built fused (the default) and with fused=False, one state_dict, and an
+    input x (2, 8, H, W); asserts which path runs local_attention and that outputs and
+    gradients (input and parameters) agree in float64."""
     torch.manual_seed(0)
     fused = create_mixer(name, 8, **kw).double()
     composed_m = create_mixer(name, 8, fused=False, **kw).double()
@@ -401,6 +394,22 @@ def test_mixers_fused_equals_composed(name, kw, H, W):
     p2 = [x] + list(composed_m.parameters())
     for a, b in zip(torch.autograd.grad(y1, p1, g), torch.autograd.grad(y2, p2, g)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    return fused, composed_m, x
+
+
+@pytest.mark.parametrize("name,kw,H,W", [
+    ("local_attention", dict(kernel_size=5, heads=2), 9, 11),
+    ("local_attention", dict(kernel_size=3, stride=2, heads=4, qkv_bias=True, proj=True), 9, 8),
+    ("local_attention", dict(kernel_size=3, dilation=2, heads=2, rel_pos=False), 7, 10),
+    ("local_attention", dict(kernel_size=3, heads=2, fused_qkv=True), 6, 7),
+    ("neighborhood_attention", dict(kernel_size=5, heads=2, qkv_bias=True, fused_qkv=True, proj=True), 8, 9),
+    ("neighborhood_attention", dict(kernel_size=3, dilation=2, heads=2), 7, 9),
+    ("neighborhood_attention", dict(kernel_size=5, heads=2, pad_to_window=True, fused_qkv=True), 3, 6),
+])
+def test_mixers_fused_equals_composed(name, kw, H, W):
+    """The attention mixers run local_attention by default (fused=True): same parameters and
+    state_dict as fused=False, equal outputs and gradients; kernel() still gives the full kernel."""
+    fused, composed_m, x = _fused_and_composed(name, kw, H, W)
     if not kw.get("pad_to_window"):
         w = fused.kernel(x)
         Ho, Wo = fused.window.output_size(H, W)
@@ -418,21 +427,7 @@ def test_span_attention_fused_equals_composed(name, kw, H, W):
     by default (dk != dv, the relative logits as row_bias/col_bias): same parameters and
     state_dict as fused=False, equal outputs and gradients, and the same fvcore count."""
     from tokenmix.analysis.flops import count_flops
-    torch.manual_seed(0)
-    fused = create_mixer(name, 8, **kw).double()
-    composed_m = create_mixer(name, 8, fused=False, **kw).double()
-    composed_m.load_state_dict(fused.state_dict())
-    assert list(fused.state_dict()) == list(composed_m.state_dict())
-    x = torch.randn(2, 8, H, W, dtype=torch.float64, requires_grad=True)
-    assert "local_attention" in _ops_in(lambda: fused(x))
-    assert "local_attention" not in _ops_in(lambda: composed_m(x))
-    y1, y2 = fused(x), composed_m(x)
-    torch.testing.assert_close(y1, y2, atol=1e-10, rtol=1e-9)
-    g = torch.randn_like(y1)
-    p1 = [x] + list(fused.parameters())
-    p2 = [x] + list(composed_m.parameters())
-    for a, b in zip(torch.autograd.grad(y1, p1, g), torch.autograd.grad(y2, p2, g)):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    fused, composed_m, x = _fused_and_composed(name, kw, H, W)
     c1, c2 = count_flops(fused, x.detach(), strict=True), count_flops(composed_m, x.detach(), strict=True)
     assert c1.by_operator == c2.by_operator
 

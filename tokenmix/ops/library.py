@@ -179,8 +179,8 @@ def _(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilation, padding, bo
 @torch.library.register_fake("tokenmix::local_attention_backward", lib=_lib)
 def _(grad_out, q, k, v, rel_pos, out, lse, heads, scale, kernel_size, stride, dilation, padding, border, backend,
       row_bias=None, col_bias=None):
-    def grad(t):
-        return q.new_empty(0) if t is None else torch.empty_like(t)
+    def grad(t):  # contiguous, as every backend returns it
+        return q.new_empty(0) if t is None else t.new_empty(t.shape)
 
     return grad(q), grad(k), grad(v), grad(rel_pos), grad(row_bias), grad(col_bias)
 

@@ -695,29 +695,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             }
           }
         }
-        // d row_bias[u] = sum_v dS[u, v], d col_bias[v] = sum_u dS[u, v], through a row of o
-        if (drowp != nullptr)
-          for (int64_t u = 0; u < L.Kh; ++u) {
+        // d row_bias[u] = sum_v dS[u, v], d col_bias[v] = sum_u dS[u, v], through a row of o:
+        // out[n] (n < count) sums the taps n * n_step + m * m_step, m < terms
+        auto tap_sums = [&](scalar_t* out, int64_t count, int64_t n_step, int64_t terms, int64_t m_step) {
+          for (int64_t n = 0; n < count; ++n) {
             acc_t* sum = o.data();
             std::fill(sum, sum + L.Wo, acc_t(0));
-            for (int64_t v = 0; v < L.Kw; ++v) {
-              const acc_t* ds = dSp + (u * L.Kw + v) * ts;
+            for (int64_t m = 0; m < terms; ++m) {
+              const acc_t* ds = dSp + (n * n_step + m * m_step) * ts;
               #pragma GCC ivdep
               for (int64_t j = 0; j < L.Wo; ++j) sum[j] += ds[j];
             }
-            convert(drowp + (((b * heads + h) * L.Kh + u) * L.Ho + i) * L.Wo, sum, L.Wo);
+            convert(out + (((b * heads + h) * count + n) * L.Ho + i) * L.Wo, sum, L.Wo);
           }
-        if (dcolp != nullptr)
-          for (int64_t v = 0; v < L.Kw; ++v) {
-            acc_t* sum = o.data();
-            std::fill(sum, sum + L.Wo, acc_t(0));
-            for (int64_t u = 0; u < L.Kh; ++u) {
-              const acc_t* ds = dSp + (u * L.Kw + v) * ts;
-              #pragma GCC ivdep
-              for (int64_t j = 0; j < L.Wo; ++j) sum[j] += ds[j];
-            }
-            convert(dcolp + (((b * heads + h) * L.Kw + v) * L.Ho + i) * L.Wo, sum, L.Wo);
-          }
+        };
+        if (drowp != nullptr) tap_sums(drowp, L.Kh, L.Kw, L.Kw, 1);
+        if (dcolp != nullptr) tap_sums(dcolp, L.Kw, 1, L.Kh, L.Kw);
         // dq (scaled)
         kern.row_aggregate(dSp, kb.data(), Cgk, i, o.data());
         for (int64_t c = 0; c < Cgk; ++c) {
