@@ -141,14 +141,16 @@ def test_matches_composed_float64(backend, case):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("window", [Window(7, stride=2), Window((3, 5), border="clamp", dilation=(1, 2))])
 def test_low_precision(backend, dtype, tol, window):
-    case = dict(window=window, H=13, W=14, heads=2, C=8, B=2, rel=True, contiguous=True, seed=3)
-    q, k, v, rel = make_inputs(case)
-    ref = composed(q, k, v, window, 2, 0.5, rel)
-    lo = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, rel)]
-    out = local_attention(*lo[:3], window, 2, scale=0.5, rel_pos=lo[3], backend=backend)
+    case = dict(window=window, H=13, W=14, heads=2, C=8, Cv=4, B=2, rel=True, row=True, col=True, contiguous=True,
+                seed=3)
+    inputs = make_inputs(case)
+    ref = composed(*inputs[:3], window, 2, 0.5, *inputs[3:])
+    lo = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = local_attention(*lo[:3], window, 2, scale=0.5, rel_pos=lo[3], row_bias=lo[4], col_bias=lo[5],
+                          backend=backend)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    for a, b in zip(grads(out, lo), grads(ref, (q, k, v, rel))):
+    for a, b in zip(grads(out, lo), grads(ref, inputs)):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, atol=tol * 4, rtol=tol * 4)
 
