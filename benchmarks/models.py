@@ -116,11 +116,11 @@ class Trainer:
 def composed_overrides(name: str) -> Dict[str, object]:
     """create_model overrides that build every mixer of ``name`` that has a fused form on its
     composed path (``fused=False`` in the stages' and the stem's ``mixer_kwargs``); {} when it
-    has none (a MetaFormer config, or no involution mixer)."""
+    has none (a MetaFormer config, or no involution or AA attention mixer)."""
     cfg = get_config(name)
     if not isinstance(cfg, ModelConfig):
         return {}
-    fusable = ("involution", "patch_involution")
+    fusable = ("involution", "patch_involution", "attention_augmented", "global_attention")
     stages = tuple(dataclasses.replace(st, mixer_kwargs={**st.mixer_kwargs, "fused": False})
                    if st.mixer in fusable else st for st in cfg.stages)
     out: Dict[str, object] = {}

@@ -51,7 +51,7 @@ def build(name: str, unfused: bool) -> nn.Module:
     model = create_model(name)
     if unfused:
         for m in model.modules():
-            if hasattr(m, "fused") and hasattr(m, "generator"):
+            if hasattr(m, "fused") and (hasattr(m, "generator") or hasattr(m, "kernel_gen")):
                 m.fused = False
     return model.train()
 

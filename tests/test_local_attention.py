@@ -1,7 +1,8 @@
 """The fused op ``tokenmix.ops.local_attention`` against the composed float64 reference
-(correlate + relative position bias + masked softmax + aggregate), forward and every gradient
-(dq, dk, dv, drel_pos), over drawn geometries; gradcheck, opcheck, FLOP counts, NaN locality,
-torch.compile / torch.export."""
+(correlate + relative position bias + per-pixel row/column biases + masked softmax +
+aggregate), forward and every gradient (dq, dk, dv, drel_pos, drow_bias, dcol_bias), over drawn
+geometries with key and value widths that differ; gradcheck, opcheck, FLOP counts, NaN
+locality, torch.compile / torch.export."""
 
 import math
 
@@ -17,14 +18,20 @@ from tokenmix.ops import get_backend, native
 BACKENDS = ["reference"] + (["cpu"] if native.load() else [])
 
 
-def composed(q, k, v, window, heads, scale, rel_pos):
-    """The composed path (the float64 oracle): what the attention mixers ran before."""
+def composed(q, k, v, window, heads, scale, rel_pos, row_bias=None, col_bias=None):
+    """The composed path (the float64 oracle): what the attention mixers ran before. Tap t =
+    a*Kw + b gets row_bias[:, :, a] + col_bias[:, :, b]."""
     H, W = k.shape[-2:]
     s = correlate(q, k, window, heads, backend="reference") * scale
     if rel_pos is not None:
         ri, ci = offset_index(window, H, W)
         b = rel_pos[:, ri[:, None, :, None], ci[None, :, None, :]]
         s = s + b.reshape(1, heads, window.taps, b.shape[-2], b.shape[-1])
+    taps = torch.arange(window.taps)
+    if row_bias is not None:
+        s = s + row_bias[:, :, taps // window.kernel_size[1]]
+    if col_bias is not None:
+        s = s + col_bias[:, :, taps % window.kernel_size[1]]
     return aggregate(v, masked_softmax(s, window, H, W), window, backend="reference")
 
 
@@ -48,7 +55,7 @@ def attention_cases(draw):
         window = Window((Kh, Kw), stride=stride, dilation=(dh, dw), border="zero")
         H, W = max(H, Kh * dh), max(W, Kw * dw)
     heads = draw(st.sampled_from([1, 2, 3, 8]))
-    Cg = draw(st.integers(1, 3))
+    Cg, Cgv = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     B = draw(st.integers(1, 2))
     try:
         check_relative_window(window)
@@ -56,7 +63,8 @@ def attention_cases(draw):
     except ValueError:
         rel = False
     contiguous = draw(st.booleans())
-    return dict(window=window, H=H, W=W, heads=heads, C=heads * Cg, B=B, rel=rel, contiguous=contiguous,
+    return dict(window=window, H=H, W=W, heads=heads, C=heads * Cg, Cv=heads * Cgv, B=B, rel=rel,
+                row=draw(st.booleans()), col=draw(st.booleans()), contiguous=contiguous,
                 seed=draw(st.integers(0, 2**16)))
 
 
@@ -73,13 +81,23 @@ def make_inputs(case, dtype=torch.float64, requires_grad=True):
             t = t.permute(0, 3, 1, 2)
         return t.to(dtype).requires_grad_(requires_grad)
 
-    q, k, v = rand(B, C, Ho, Wo), rand(B, C, H, W), rand(B, C, H, W)
+    q, k, v = rand(B, C, Ho, Wo), rand(B, C, H, W), rand(B, case.get("Cv", C), H, W)
+    Kh, Kw = window.kernel_size
     rel = None
     if case["rel"]:
-        Kh, Kw = window.kernel_size
         rel = torch.randn(heads, 2 * Kh - 1, 2 * Kw - 1, generator=g, dtype=torch.float64).to(dtype)
         rel.requires_grad_(requires_grad)
-    return q, k, v, rel
+    if "row" not in case:
+        return q, k, v, rel
+
+    def rand5(*shape):  # non-contiguous: stored with the last two dims swapped
+        t = torch.randn(*shape[:3], shape[4], shape[3], generator=g, dtype=torch.float64).transpose(3, 4)
+        t = t.contiguous() if case["contiguous"] else t
+        return t.to(dtype).requires_grad_(requires_grad)
+
+    row = rand5(B, heads, Kh, Ho, Wo) if case["row"] else None
+    col = rand5(B, heads, Kw, Ho, Wo) if case["col"] else None
+    return q, k, v, rel, row, col
 
 
 def grads(out, inputs, seed=1):
@@ -96,28 +114,43 @@ def test_matches_composed_float64(backend, case):
     # a pixel whose every tap is outside the image is NaN on the composed path (a softmax over
     # nothing) and 0 here: test_lse_and_all_masked_pixels covers it
     assume(bool(case["window"].valid_mask(case["H"], case["W"]).any(0).all()))
-    q, k, v, rel = make_inputs(case)
+    q, k, v, rel, row, col = make_inputs(case)
     heads = case["heads"]
     scale = (case["C"] // heads) ** -0.5
-    ref = composed(q, k, v, case["window"], heads, scale, rel)
-    out = local_attention(q, k, v, case["window"], heads, rel_pos=rel, backend=backend)
+    ref = composed(q, k, v, case["window"], heads, scale, rel, row, col)
+    out = local_attention(q, k, v, case["window"], heads, rel_pos=rel, row_bias=row, col_bias=col, backend=backend)
+    assert out.shape == (case["B"], case["Cv"], *case["window"].output_size(case["H"], case["W"]))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
-    for a, b in zip(grads(out, (q, k, v, rel)), grads(ref, (q, k, v, rel))):
+    inputs = (q, k, v, rel, row, col)
+    want = grads(ref, inputs)
+    for a, b in zip(grads(out, inputs), want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    if backend == "reference":
+        # the backend's explicit backward (what the op's autograd kernel runs; the call above
+        # differentiates the composition instead)
+        be, d = get_backend("reference"), [None if t is None else t.detach() for t in inputs]
+        o, lse = be.local_attention(*d[:4], heads, scale, case["window"], row_bias=d[4], col_bias=d[5])
+        go = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        got = be.local_attention_backward(go, *d[:4], o, lse, heads, scale, case["window"], row_bias=d[4],
+                                          col_bias=d[5])
+        for a, b in zip([g for g, t in zip(got, inputs) if t is not None], want):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("window", [Window(7, stride=2), Window((3, 5), border="clamp", dilation=(1, 2))])
 def test_low_precision(backend, dtype, tol, window):
-    case = dict(window=window, H=13, W=14, heads=2, C=8, B=2, rel=True, contiguous=True, seed=3)
-    q, k, v, rel = make_inputs(case)
-    ref = composed(q, k, v, window, 2, 0.5, rel)
-    lo = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, rel)]
-    out = local_attention(*lo[:3], window, 2, scale=0.5, rel_pos=lo[3], backend=backend)
+    case = dict(window=window, H=13, W=14, heads=2, C=8, Cv=4, B=2, rel=True, row=True, col=True, contiguous=True,
+                seed=3)
+    inputs = make_inputs(case)
+    ref = composed(*inputs[:3], window, 2, 0.5, *inputs[3:])
+    lo = [t.detach().to(dtype).requires_grad_() for t in inputs]
+    out = local_attention(*lo[:3], window, 2, scale=0.5, rel_pos=lo[3], row_bias=lo[4], col_bias=lo[5],
+                          backend=backend)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
-    for a, b in zip(grads(out, lo), grads(ref, (q, k, v, rel))):
+    for a, b in zip(grads(out, lo), grads(ref, inputs)):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, atol=tol * 4, rtol=tol * 4)
 
@@ -136,6 +169,22 @@ def test_gradcheck(backend, window):
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [Window((3, 2), stride=2, padding=1), Window((2, 3), border="clamp", dilation=(2, 1))])
+def test_gradcheck_biases_and_value_width(backend, window):
+    """Ck != Cv, both per-pixel biases (and the table): every gradient, float64."""
+    case = dict(window=window, H=6, W=5, heads=2, C=4, Cv=2, B=2, rel=False, row=True, col=True,
+                contiguous=False, seed=7)
+    q, k, v, _, row, col = make_inputs(case)
+
+    def f(q, k, v, row, col):
+        return local_attention(q, k, v, window, 2, row_bias=row, col_bias=col, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, row, col), fast_mode=True)
+    # one bias alone
+    assert torch.autograd.gradcheck(lambda q, col: f(q, k, v, None, col), (q, col), fast_mode=True)
+
+
 def test_lse_and_all_masked_pixels():
     """A pixel whose every tap is outside the image (zero border, padding past the window) gets
     0, a log-sum-exp of -inf, and zero gradients; the reference and cpu backends agree."""
@@ -147,7 +196,7 @@ def test_lse_and_all_masked_pixels():
         assert torch.isinf(lse[0, 0, 0]).all() and (out[:, :, 0] == 0).all() and (out[..., -1] == 0).all()
         torch.testing.assert_close(out[:, :, 1:-1, 1:-1], v)
         go = torch.randn_like(out)
-        dq, dk, dv, _ = get_backend(backend).local_attention_backward(go, q, k, v, None, out, lse, 1, 1.0, window)
+        dq, dk, dv = get_backend(backend).local_attention_backward(go, q, k, v, None, out, lse, 1, 1.0, window)[:3]
         assert (dq[:, :, 0] == 0).all() and (dk == 0).all()
         torch.testing.assert_close(dv, go[:, :, 1:-1, 1:-1])
 
@@ -195,17 +244,25 @@ def _op_args(window, rel=True, requires_grad=True, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("window", [Window(3, stride=2), Window(3, border="clamp")])
-@pytest.mark.parametrize("rel", [True, False])
-def test_opcheck(window, rel):
+@pytest.mark.parametrize("rel,biases", [(True, False), (False, False), (False, True)])
+def test_opcheck(window, rel, biases):
     q, k, v, r = _op_args(window, rel)
+    extra = ()
+    if biases:  # v narrower than k, both per-pixel biases
+        v = v[:, :2].detach().requires_grad_()
+        B, _, Ho, Wo = q.shape
+        Kh, Kw = window.kernel_size
+        row = torch.randn(B, 2, Kh, Wo, Ho).transpose(3, 4).requires_grad_()  # non-contiguous
+        extra = (row, torch.randn(B, 2, Kw, Ho, Wo, requires_grad=True))
     geo = list(window.as_args())
-    torch.library.opcheck(torch.ops.tokenmix.local_attention.default, (q, k, v, r, 2, 0.5, *geo, None))
+    torch.library.opcheck(torch.ops.tokenmix.local_attention.default, (q, k, v, r, 2, 0.5, *geo, None, *extra))
     with torch.no_grad():
-        out, lse = torch.ops.tokenmix.local_attention(q, k, v, r, 2, 0.5, *geo, None)
+        out, lse = torch.ops.tokenmix.local_attention(q, k, v, r, 2, 0.5, *geo, None, *extra)
     go = torch.randn_like(out)
     d = [t.detach() for t in (q, k, v)]
     torch.library.opcheck(torch.ops.tokenmix.local_attention_backward.default,
-                          (go, *d, None if r is None else r.detach(), out, lse, 2, 0.5, *geo, None))
+                          (go, *d, None if r is None else r.detach(), out, lse, 2, 0.5, *geo, None,
+                           *(t.detach() for t in extra)))
 
 
 def test_flop_counts():
@@ -223,6 +280,14 @@ def test_flop_counts():
         out.sum().backward()
     assert fc.get_total_flops() == 2 * 5 * macs
     assert "tokenmix::local_attention" in EXTRA_HANDLES
+    # v of Cv = 2 channels: q.k on Ck = 4, the aggregation on Cv (forward 4 + 2, backward 3*4 + 2*2)
+    v2 = v[:, :2].detach().requires_grad_()
+    with FlopCounterMode(display=False) as fc:
+        out = local_attention(q, k, v2, window, 2, rel_pos=r)
+    assert fc.get_total_flops() == 2 * macs * 6 // 4
+    with FlopCounterMode(display=False) as fc:
+        out.sum().backward()
+    assert fc.get_total_flops() == 2 * macs * 16 // 4
 
 
 def test_fvcore_counts_it_as_correlate_aggregate_and_softmax():
@@ -280,7 +345,13 @@ def test_default_scale_and_heads_split():
 @pytest.mark.parametrize("call,match", [
     (lambda q, k, v, w: local_attention(q, k, v, w, 3), "not divisible by heads=3"),
     (lambda q, k, v, w: local_attention(q, k, v, w, 0), "heads must be a positive int, got 0"),
-    (lambda q, k, v, w: local_attention(q, k, v[:, :2], w, 2), "k and v must have one shape"),
+    (lambda q, k, v, w: local_attention(q, k, v[:, :1], w, 2), r"channels Cv=1 of v are not divisible by heads=2"),
+    (lambda q, k, v, w: local_attention(q, k, v[..., :3], w, 2), "k and v must have one batch and size"),
+    (lambda q, k, v, w: local_attention(q, k, v, w, 2, row_bias=torch.zeros(2, 2, 3, 7, 5)),
+     r"row_bias must have shape \(B, heads, Kh, Ho, Wo\) = \(2, 2, 3, 7, 6\), got \(2, 2, 3, 7, 5\)"),
+    (lambda q, k, v, w: local_attention(q, k, v, w, 2, col_bias=torch.zeros(2, 2, 3, 7)), "col_bias must be 5-D"),
+    (lambda q, k, v, w: local_attention(q, k, v, w, 2, col_bias=torch.zeros(2, 2, 3, 7, 6).double()),
+     "q and col_bias must have one dtype"),
     (lambda q, k, v, w: local_attention(q, k, v, w, 2, rel_pos=torch.zeros(2, 3, 3)), r"rel_pos must have shape"),
     (lambda q, k, v, w: local_attention(q, k, v, w, 2, scale="a"), "scale must be a float, got 'a'"),
     (lambda q, k, v, w: local_attention(q[..., :2], k, v, w, 2), "q spatial size"),
@@ -306,18 +377,10 @@ def _ops_in(fn):
     return {str(op).split(".")[1] for op in fc.get_flop_counts()["Global"] if str(op).startswith("tokenmix.")}
 
 
-@pytest.mark.parametrize("name,kw,H,W", [
-    ("local_attention", dict(kernel_size=5, heads=2), 9, 11),
-    ("local_attention", dict(kernel_size=3, stride=2, heads=4, qkv_bias=True, proj=True), 9, 8),
-    ("local_attention", dict(kernel_size=3, dilation=2, heads=2, rel_pos=False), 7, 10),
-    ("local_attention", dict(kernel_size=3, heads=2, fused_qkv=True), 6, 7),
-    ("neighborhood_attention", dict(kernel_size=5, heads=2, qkv_bias=True, fused_qkv=True, proj=True), 8, 9),
-    ("neighborhood_attention", dict(kernel_size=3, dilation=2, heads=2), 7, 9),
-    ("neighborhood_attention", dict(kernel_size=5, heads=2, pad_to_window=True, fused_qkv=True), 3, 6),
-])
-def test_mixers_fused_equals_composed(name, kw, H, W):
-    """The attention mixers run local_attention by default (fused=True): same parameters and
-    state_dict as fused=False, equal outputs and gradients; kernel() still gives the full kernel."""
+def _fused_and_composed(name, kw, H, W):
+    """The mixer ``name`` built fused (the default) and with fused=False, one state_dict, and an
+    input x (2, 8, H, W); asserts which path runs local_attention and that outputs and
+    gradients (input and parameters) agree in float64."""
     torch.manual_seed(0)
     fused = create_mixer(name, 8, **kw).double()
     composed_m = create_mixer(name, 8, fused=False, **kw).double()
@@ -333,11 +396,61 @@ def test_mixers_fused_equals_composed(name, kw, H, W):
     p2 = [x] + list(composed_m.parameters())
     for a, b in zip(torch.autograd.grad(y1, p1, g), torch.autograd.grad(y2, p2, g)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    return fused, composed_m, x
+
+
+@pytest.mark.parametrize("name,kw,H,W", [
+    ("local_attention", dict(kernel_size=5, heads=2), 9, 11),
+    ("local_attention", dict(kernel_size=3, stride=2, heads=4, qkv_bias=True, proj=True), 9, 8),
+    ("local_attention", dict(kernel_size=3, dilation=2, heads=2, rel_pos=False), 7, 10),
+    ("local_attention", dict(kernel_size=3, heads=2, fused_qkv=True), 6, 7),
+    ("neighborhood_attention", dict(kernel_size=5, heads=2, qkv_bias=True, fused_qkv=True, proj=True), 8, 9),
+    ("neighborhood_attention", dict(kernel_size=3, dilation=2, heads=2), 7, 9),
+    ("neighborhood_attention", dict(kernel_size=5, heads=2, pad_to_window=True, fused_qkv=True), 3, 6),
+])
+def test_mixers_fused_equals_composed(name, kw, H, W):
+    """The attention mixers run local_attention by default (fused=True): same parameters and
+    state_dict as fused=False, equal outputs and gradients; kernel() still gives the full kernel."""
+    fused, composed_m, x = _fused_and_composed(name, kw, H, W)
     if not kw.get("pad_to_window"):
         w = fused.kernel(x)
         Ho, Wo = fused.window.output_size(H, W)
         assert w.shape == (2, kw["heads"], fused.window.taps, Ho, Wo)
         torch.testing.assert_close(w.sum(2), torch.ones_like(w.sum(2)))
+
+
+@pytest.mark.parametrize("name,kw,H,W", [
+    ("global_attention", dict(heads=2, span=8, key_channels=6), 5, 7),          # the whole image
+    ("global_attention", dict(heads=2, span=4, key_channels=4, stride=2), 9, 6),  # a sliding 4 x 4 clamp window
+    ("attention_augmented", dict(heads=2, span=4, min_key_head_dim=3, value_ratio=0.25, stride=2), 7, 8),
+])
+def test_span_attention_fused_equals_composed(name, kw, H, W):
+    """GlobalAttention / AttentionAugmentedConv run relative_attention through local_attention
+    by default (dk != dv, the relative logits as row_bias/col_bias): same parameters and
+    state_dict as fused=False, equal outputs and gradients, and the same fvcore count."""
+    from tokenmix.analysis.flops import count_flops
+    fused, composed_m, x = _fused_and_composed(name, kw, H, W)
+    c1, c2 = count_flops(fused, x.detach(), strict=True), count_flops(composed_m, x.detach(), strict=True)
+    assert c1.by_operator == c2.by_operator
+
+
+def test_aa_resnet_counts_the_same_on_both_paths():
+    """aa_resnet50: the same parameters and fvcore count (by operator) fused and composed."""
+    import dataclasses
+
+    from tokenmix.analysis.flops import count_flops
+    from tokenmix.models import create_model
+    from tokenmix.models.registry import get_config
+
+    cfg = get_config("aa_resnet50")
+    stages = tuple(dataclasses.replace(st, mixer_kwargs={**st.mixer_kwargs, "fused": False})
+                   if st.mixer == "attention_augmented" else st for st in cfg.stages)
+    fused, composed_m = create_model("aa_resnet50"), create_model("aa_resnet50", stages=stages)
+    assert [p.shape for p in fused.parameters()] == [p.shape for p in composed_m.parameters()]
+    x = torch.randn(1, 3, 64, 64)
+    assert "local_attention" in _ops_in(lambda: fused.eval()(x))
+    assert "local_attention" not in _ops_in(lambda: composed_m.eval()(x))
+    assert count_flops(fused, x).by_operator == count_flops(composed_m, x).by_operator
 
 
 def test_models_use_the_fused_path():
@@ -404,6 +517,18 @@ r = torch.randn(2, 5, 5, dtype=torch.float64, generator=g)
 out, lse = b.local_attention(q, k, v, r, 2, 0.5, window)
 got = b.local_attention_backward(go, q, k, v, r, out, lse, 2, 0.5, window)
 want = ref.local_attention_backward(go, q, k, v, r, out, lse, 2, 0.5, window)
+for a, c in zip(got, want):
+    torch.testing.assert_close(a, c)
+# per-pixel biases and Cv != Ck: the reference composition on the interpreted primitives
+rb, cb = (torch.randn(1, 2, 3, 4, 4, dtype=torch.float64, generator=g) for _ in range(2))
+v2, go2 = v[:, :2].contiguous(), go[:, :2].contiguous()
+out, lse = b.local_attention(q, k, v2, r, 2, 0.5, window, row_bias=rb, col_bias=cb)
+wo, wl = ref.local_attention(q, k, v2, r, 2, 0.5, window, row_bias=rb, col_bias=cb)
+torch.testing.assert_close(out, wo)
+torch.testing.assert_close(lse, wl)
+got = b.local_attention_backward(go2, q, k, v2, r, out, lse, 2, 0.5, window, row_bias=rb, col_bias=cb)
+want = ref.local_attention_backward(go2, q, k, v2, r, out, lse, 2, 0.5, window, row_bias=rb, col_bias=cb)
+assert len(got) == 6
 for a, c in zip(got, want):
     torch.testing.assert_close(a, c)
 print("INTERP OK", n)

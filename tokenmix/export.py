@@ -101,8 +101,9 @@ def _aggregate_transpose(y, w, kernel_size, stride, dilation, padding, border, i
     return out.unflatten(-1, (H + 1, W + 1))[..., :H, :W].reshape(B, C, H, W).to(y.dtype)
 
 
-def _local_attention(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilation, padding, border, backend=None):
-    """The fused attention op as its composition: (out (B, C, Ho, Wo), lse (B, heads, Ho, Wo))."""
+def _local_attention(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilation, padding, border, backend=None,
+                     row_bias=None, col_bias=None):
+    """The fused attention op as its composition: (out (B, Cv, Ho, Wo), lse (B, heads, Ho, Wo))."""
     window = _window(kernel_size, stride, dilation, padding, border)
     B, C, Ho, Wo = q.shape
     H, W = k.shape[-2:]
@@ -115,6 +116,13 @@ def _local_attention(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilati
         ci = torch.div(dx, dw, rounding_mode="floor") + (Kw - 1)
         idx = (ri[:, None, :, None] * (2 * Kw - 1) + ci[None, :, None, :]).reshape(window.taps, Ho, Wo)
         s = s + rel_pos.to(cd).reshape(heads, -1)[:, idx].unsqueeze(0)
+    if row_bias is not None or col_bias is not None:  # tap (a, b): + row_bias[a] + col_bias[b]
+        s = s.reshape(B, heads, kernel_size[0], kernel_size[1], Ho, Wo)
+        if row_bias is not None:
+            s = s + row_bias.to(cd).unsqueeze(3)
+        if col_bias is not None:
+            s = s + col_bias.to(cd).unsqueeze(2)
+        s = s.reshape(B, heads, kernel_size[0] * kernel_size[1], Ho, Wo)
     valid = window.valid_mask(H, W, device=q.device)
     s = s.masked_fill(~valid, float("-inf"))
     lse = torch.logsumexp(s, dim=2)

@@ -11,8 +11,9 @@ traced op                              counted (fvcore convention)
 ``tokenmix::aggregate``                B*C*Ho*Wo*K*K MACs (:func:`tokenmix.ops.flops.aggregate_macs`)
 ``tokenmix::correlate``                B*C*Ho*Wo*K*K MACs (``correlate_macs``)
 ``tokenmix::aggregate_transpose``      B*C*Ho*Wo*K*K MACs (``aggregate_transpose_macs``)
-``tokenmix::local_attention``          as its composition: B*C*Ho*Wo*K*K MACs under ``correlate``
-                                       and under ``aggregate``, B*heads*K*K*Ho*Wo under ``softmax``
+``tokenmix::local_attention``          as its composition: B*Ck*Ho*Wo*K*K MACs under ``correlate``
+                                       and B*Cv*Ho*Wo*K*K under ``aggregate``, B*heads*K*K*Ho*Wo
+                                       under ``softmax``
 ``tokenmix::aggregate_linear``         B*Ho*Wo*(G*K*K*M + C*K*K) MACs: the kernel's linear map
                                        and the aggregation (``aggregate_linear_macs``)
 conv, linear, (add)mm, (b)mm, matmul   MACs, fvcore's own handles
@@ -107,14 +108,15 @@ def aggregate_transpose_handle(inputs, outputs) -> int:
 
 def local_attention_handle(inputs, outputs) -> Counter:
     """``tokenmix::local_attention(q, k, v, rel_pos, heads, ...)``: counted as the composition it
-    fuses, B*C*Ho*Wo*K*K MACs of ``correlate`` (q.k) and as many of ``aggregate``, plus the
-    softmax's one flop per score (B*heads*K*K*Ho*Wo), so a model counts the same on the fused
-    and the composed path."""
-    q = _shape(inputs[0])
+    fuses, B*Ck*Ho*Wo*K*K MACs of ``correlate`` (q.k) and B*Cv*Ho*Wo*K*K of ``aggregate`` (v
+    has Cv channels), plus the softmax's one flop per score (B*heads*K*K*Ho*Wo), so a model
+    counts the same on the fused and the composed path (the bias adds are not counted)."""
+    q, v = _shape(inputs[0]), _shape(inputs[2])
     heads = int(_ivalue(inputs[4]))
     kernel = _ivalue(inputs[6])
     taps = int(kernel[0]) * int(kernel[1])
-    return Counter({"correlate": correlate_macs(q, taps), "aggregate": correlate_macs(q, taps),
+    out = (q[0], v[1], q[2], q[3])
+    return Counter({"correlate": correlate_macs(q, taps), "aggregate": correlate_macs(out, taps),
                     "softmax": q[0] * heads * taps * q[2] * q[3]})
 
 

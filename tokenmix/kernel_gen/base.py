@@ -55,12 +55,17 @@ class KernelGenerator(nn.Module):
         self.kernel_size = check_pair("kernel_size", kernel_size, 1)
         self.stride = check_int("stride", stride)
 
-    def check_window(self, x, window: Window) -> None:
-        if not isinstance(window, Window):
-            raise TypeError(f"window must be a tokenmix.ops.Window, got {type(window).__name__}")
+    def check_kernel_size(self, window: Window) -> None:
+        """The taps :meth:`check_window` accepts: exactly ``kernel_size`` (a generator whose
+        tables serve smaller windows too overrides this)."""
         if tuple(window.kernel_size) != tuple(self.kernel_size):
             raise ValueError(f"{type(self).__name__} was built for kernel_size={self.kernel_size}, "
                              f"got a window with kernel_size={window.kernel_size}")
+
+    def check_window(self, x, window: Window) -> None:
+        if not isinstance(window, Window):
+            raise TypeError(f"window must be a tokenmix.ops.Window, got {type(window).__name__}")
+        self.check_kernel_size(window)
         if tuple(window.stride) != (self.stride, self.stride):
             raise ValueError(f"{type(self).__name__} was built for stride={self.stride}, "
                              f"got a window with stride={window.stride}")

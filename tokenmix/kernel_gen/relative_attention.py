@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.functional import correlate
+from ..ops.functional import correlate, local_attention
 from ..ops.window import Window
 from .._args import check_int, check_pair
 from ._position import masked_softmax, strided_queries
@@ -103,18 +103,25 @@ class RelativeAttentionKernel(KernelGenerator):
         nn.init.normal_(self.rel_h, std=self.key_head_dim ** -0.5)
         nn.init.normal_(self.rel_w, std=self.key_head_dim ** -0.5)
 
-    def check_window(self, x, window: Window) -> None:
-        if not isinstance(window, Window):
-            raise TypeError(f"window must be a tokenmix.ops.Window, got {type(window).__name__}")
+    def check_kernel_size(self, window: Window) -> None:
+        """Any window of at most ``span`` taps per axis (the relative tables' reach)."""
         if any(k > s for k, s in zip(window.kernel_size, self.kernel_size)):
             raise ValueError(f"{type(self).__name__} has relative tables for span={self.kernel_size}, "
                              f"got a window with kernel_size={window.kernel_size}")
-        if tuple(window.stride) != (self.stride, self.stride):
-            raise ValueError(f"{type(self).__name__} was built for stride={self.stride}, "
-                             f"got a window with stride={window.stride}")
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"{type(self).__name__} expects x of shape (B, {self.channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+
+    def relative_logits(self, q: torch.Tensor, window: Window, height: int, width: int):
+        """The decomposed relative logits of scaled queries q (B, dk, Ho, Wo):
+        ``(row (B, heads, Kh, Ho, Wo), col (B, heads, Kw, Ho, Wo))`` with ``row[b,h,a,i,j] =
+        q[b,h,:,i,j] . rel_h[dy_a(i)]`` and ``col[b,h,b',i,j] = q[b,h,:,i,j] . rel_w[dx_b'(j)]``;
+        tap (a, b') of the window gets ``row[a] + col[b']``."""
+        B, _, Ho, Wo = q.shape
+        ri, ci = relative_index(window, height, width, self.kernel_size, device=q.device)  # (Kh, Ho|1), (Kw, Wo|1)
+        eh = self.rel_h[ri]  # (Kh, Ho|1, dkh)
+        ew = self.rel_w[ci]  # (Kw, Wo|1, dkh)
+        qh = q.reshape(B, self.heads, self.key_head_dim, Ho, Wo)
+        if eh.shape[1] == 1:  # zero border: the same offsets for every pixel
+            return (torch.einsum("bhcij,uc->bhuij", qh, eh[:, 0]), torch.einsum("bhcij,vc->bhvij", qh, ew[:, 0]))
+        return torch.einsum("bhcij,uic->bhuij", qh, eh), torch.einsum("bhcij,vjc->bhvij", qh, ew)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, window: Window, height: int, width: int) -> torch.Tensor:
         """Pre-softmax scores (B, heads, K*K, Ho, Wo) of projected q (B, dk, Ho, Wo) and k
@@ -122,24 +129,31 @@ class RelativeAttentionKernel(KernelGenerator):
         q = q * self.key_head_dim ** -0.5
         s = correlate(q, k, window, self.heads)
         B, _, Ho, Wo = q.shape
-        h, (Kh, Kw) = self.heads, window.kernel_size
-        ri, ci = relative_index(window, height, width, self.kernel_size, device=q.device)  # (Kh, Ho|1), (Kw, Wo|1)
-        eh = self.rel_h[ri]  # (Kh, Ho|1, dkh)
-        ew = self.rel_w[ci]  # (Kw, Wo|1, dkh)
-        qh = q.view(B, h, self.key_head_dim, Ho, Wo)
-        if eh.shape[1] == 1:  # zero border: the same offsets for every pixel
-            lh = torch.einsum("bhcij,uc->bhuij", qh, eh[:, 0])
-            lw = torch.einsum("bhcij,vc->bhvij", qh, ew[:, 0])
-        else:
-            lh = torch.einsum("bhcij,uic->bhuij", qh, eh)
-            lw = torch.einsum("bhcij,vjc->bhvij", qh, ew)
-        rel = (lh[:, :, :, None] + lw[:, :, None]).reshape(B, h, Kh * Kw, Ho, Wo)
+        lh, lw = self.relative_logits(q, window, height, width)
+        rel = (lh[:, :, :, None] + lw[:, :, None]).reshape(B, self.heads, window.taps, Ho, Wo)
         return s + rel
 
-    def logits(self, x: torch.Tensor, window: Window) -> torch.Tensor:
+    def query_key(self, x: torch.Tensor, window: Window):
+        """Projected queries at the output pixels and keys: ``(q (B, dk, Ho, Wo), k (B, dk, H, W))``."""
         self.check_window(x, window)
-        q, k = self.query(strided_queries(x, window)), self.key(x)
+        return self.query(strided_queries(x, window)), self.key(x)
+
+    def logits(self, x: torch.Tensor, window: Window) -> torch.Tensor:
+        q, k = self.query_key(x, window)
         return self.scores(q, k, window, x.shape[2], x.shape[3])
+
+    def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window) -> torch.Tensor:
+        """The fused form (``docs/design.md``, "Fused forms"): ``aggregate(v, softmax(scores))``
+        by :func:`tokenmix.ops.local_attention`, which never stores the kernel; the relative
+        logits enter as its per-pixel ``row_bias``/``col_bias`` (:meth:`relative_logits`).
+        q: (B, dk, Ho, Wo) at the output pixels, k: (B, dk, H, W), v: (B, dv, H, W), dv
+        divisible by heads -> (B, dv, Ho, Wo)."""
+        q = q * self.key_head_dim ** -0.5
+        row, col = self.relative_logits(q, window, k.shape[2], k.shape[3])
+        if v.dtype != q.dtype:
+            v = v.to(q.dtype)
+        row, col = row.to(q.dtype), col.to(q.dtype)
+        return local_attention(q, k, v, window, self.heads, scale=1.0, row_bias=row, col_bias=col)
 
     def forward(self, x: torch.Tensor, window: Window) -> torch.Tensor:
         return masked_softmax(self.logits(x, window), window, x.shape[2], x.shape[3])

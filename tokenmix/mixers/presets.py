@@ -175,21 +175,21 @@ def _span(span, kernel_size):
 @register_mixer("global_attention")
 def global_attention(dim: int, *, kernel_size=3, stride: int = 1, heads: int = 8, span=16,
                      key_channels: Optional[int] = None, qkv_bias: bool = False, dilation: int = 1,
-                     device=None, dtype=None) -> nn.Module:
+                     fused: bool = True, device=None, dtype=None) -> nn.Module:
     """Global multi-head self-attention with 2-D relative logits (AA-ResNet's attention; the
     ``relative_attention`` generator over a clamp window as large as the image, built per
     call): dim -> dim, a 1x1 output projection. ``span``: the longest side attended whole
     (relative tables of 2*span - 1 rows; a longer side is attended in a clamp window of
     ``span`` taps). ``kernel_size`` (odd) and ``dilation`` are accepted for the presets'
     common signature and not used. With stride s the attention reads the input average-pooled
-    by s (ceil mode)."""
+    by s (ceil mode). ``fused=False``: the composed path (:class:`~tokenmix.mixers.span.GlobalAttention`)."""
     from .span import GlobalAttention
 
     check_odd_kernel(kernel_size, _SIZE)
     heads = _check_heads(dim, heads)
     check_int("dilation", dilation)
     att = GlobalAttention(dim, key_channels=key_channels, heads=heads, span=span, qkv_bias=qkv_bias,
-                          device=device, dtype=dtype)
+                          fused=fused, device=device, dtype=dtype)
     if stride == 1:
         return att
     from ..kernel_gen.bottleneck import stride_pool
@@ -213,17 +213,19 @@ def aa_channels(dim: int, heads: int = 8, key_ratio: float = 0.2, value_ratio: f
 @register_mixer("attention_augmented")
 def attention_augmented(dim: int, *, kernel_size=3, stride: int = 1, heads: int = 8, span=16,
                         key_ratio: float = 0.2, value_ratio: float = 0.1, min_key_head_dim: int = 20,
-                        dilation: int = 1, device=None, dtype=None) -> nn.Module:
+                        dilation: int = 1, fused: bool = True, device=None, dtype=None) -> nn.Module:
     """Attention-augmented convolution (AA-ResNet, Bello et al., ICCV 2019): a K x K conv to
     dim - dv channels concatenated with ``global_attention`` to dv channels (widths
-    :func:`aa_channels`); with stride s the attention reads the input average-pooled by s."""
+    :func:`aa_channels`); with stride s the attention reads the input average-pooled by s.
+    ``fused=False``: the attention's composed path."""
     from .span import AttentionAugmentedConv
 
     check_odd_kernel(kernel_size, _SIZE)
     heads = check_int("heads", heads)
     dk, dv = aa_channels(dim, heads, key_ratio, value_ratio, min_key_head_dim)
     return AttentionAugmentedConv(dim, kernel_size=kernel_size, stride=stride, dilation=check_int("dilation", dilation),
-                                  value_channels=dv, key_channels=dk, heads=heads, span=span, device=device, dtype=dtype)
+                                  value_channels=dv, key_channels=dk, heads=heads, span=span, fused=fused,
+                                  device=device, dtype=dtype)
 
 
 @register_mixer("axial_attention")

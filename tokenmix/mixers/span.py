@@ -8,11 +8,20 @@ feature-map side the model is built for); each call builds the window with
 L it has ``min(span, L)`` taps and the clamp border, so an axis up to ``span`` long is
 attended whole and a longer one in a sliding window of ``span`` taps.
 
-Memory: the generated kernel has one weight per (head, tap, output pixel): a global window on
-an H x W map holds ``B * heads * (H*W)**2`` weights (8 heads at 28 x 28: 4.9 M, 19.7 MB in
-float32 per image; at 14 x 14: 0.31 M, 1.2 MB), an axial one ``B * heads * L * H * W`` per
-axis (8 heads at 56 x 56: 1.4 M, 5.6 MB per image and axis), plus as much again for the
-softmax's input in training. (A fused attention op would keep none of them.)
+Memory: the composed path generates a kernel of one weight per (head, tap, output pixel): a
+global window on an H x W map holds ``B * heads * (H*W)**2`` weights (8 heads at 28 x 28: 4.9
+M, 19.7 MB in float32 per image; at 14 x 14: 0.31 M, 1.2 MB), an axial one
+``B * heads * L * H * W`` per axis (8 heads at 56 x 56: 1.4 M, 5.6 MB per image and axis), and
+autograd keeps it for the backward. :class:`GlobalAttention` (and so
+:class:`AttentionAugmentedConv`) runs fused by default instead
+(:func:`tokenmix.ops.local_attention`, the relative logits as its per-pixel row and column
+biases): it keeps q, k, v, the biases (``B * heads * (H + W) * H * W`` values), the output and
+one log-sum-exp per (pixel, head), never the kernel. Measured with
+``benchmarks/aa_attention.py`` (aa_resnet50, batch 2, 224 x 224, float32), autograd keeps per
+attention layer 6.9 MiB fused against 41.7 MiB composed at 28 x 28, 1.75 against 3.74 MiB at
+14 x 14 and 1.06 against 1.16 MiB at 7 x 7 (the layer's input and projections included).
+Axial attention runs the composed path (its key and value positional terms do not fit the
+fused op).
 """
 
 from __future__ import annotations
@@ -49,12 +58,17 @@ class GlobalAttention(nn.Module):
         span: the longest side attended whole (relative tables of 2*span - 1 rows per axis).
         qkv_bias: bias in the q, k and v projections; the output projection has one.
         proj: the 1x1 output projection dv -> dv (AA's W_O).
+        fused: run the attention as :func:`tokenmix.ops.local_attention` (the default), whose
+            scores are never stored, with the relative logits as its per-pixel row and column
+            biases (``kernel_gen.fused_attention``); ``fused=False`` generates the kernel and
+            aggregates it (the composed path). Same parameters and ``state_dict`` either way.
 
     Shapes: ``x: (B, C, H, W) -> (B, dv, H, W)``.
     """
 
     def __init__(self, dim: int, *, value_channels: Optional[int] = None, key_channels: Optional[int] = None,
-                 heads: int = 8, span=16, qkv_bias: bool = False, proj: bool = True, device=None, dtype=None):
+                 heads: int = 8, span=16, qkv_bias: bool = False, proj: bool = True, fused: bool = True,
+                 device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
         self.dim = check_int("dim", dim)
@@ -62,6 +76,7 @@ class GlobalAttention(nn.Module):
         if dv % heads:
             raise ValueError(f"value_channels={dv} is not divisible by heads={heads}")
         self.value_channels = dv
+        self.fused = bool(fused)
         self.span = check_pair("span", span, 1)
         self.kernel_gen = RelativeAttentionKernel(dim, self.span, heads=heads, key_channels=key_channels,
                                                  qkv_bias=qkv_bias, **fk)
@@ -77,11 +92,15 @@ class GlobalAttention(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects x of shape (B, {self.dim}, H, W), got {tuple(x.shape)}")
         win = self.window_for(x.shape[2], x.shape[3])
+        if self.fused:
+            q, k = self.kernel_gen.query_key(x, win)
+            return self.proj(self.kernel_gen.fused_attention(q, k, self.value(x), win))
         w = self.kernel_gen(x, win)
         return self.proj(_aggregate(self.value(x), w, win))
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, value_channels={self.value_channels}, span={self.span}"
+        return (f"dim={self.dim}, value_channels={self.value_channels}, span={self.span}"
+                + ("" if self.fused else ", fused=False"))
 
 
 class AttentionAugmentedConv(nn.Module):
@@ -95,14 +114,14 @@ class AttentionAugmentedConv(nn.Module):
         dim: C (input and output channels).
         kernel_size, stride, dilation: of the convolution.
         value_channels, key_channels: dv and dk of the attention.
-        heads, span: of the attention.
+        heads, span, fused: of the attention (:class:`GlobalAttention`).
 
     Shapes: ``x: (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s))``; output channels
     ``[0, C - dv)`` are the convolution's, ``[C - dv, C)`` the attention's.
     """
 
     def __init__(self, dim: int, *, kernel_size=3, stride: int = 1, dilation: int = 1, value_channels: int,
-                 key_channels: int, heads: int = 8, span=16, device=None, dtype=None):
+                 key_channels: int, heads: int = 8, span=16, fused: bool = True, device=None, dtype=None):
         super().__init__()
         fk = dict(device=device, dtype=dtype)
         self.dim = check_int("dim", dim)
@@ -113,7 +132,7 @@ class AttentionAugmentedConv(nn.Module):
         self.conv = nn.Conv2d(dim, dim - value_channels, ks, stride, pad, dilation=dilation, bias=False, **fk)
         self.pool = stride_pool(stride)
         self.attention = GlobalAttention(dim, value_channels=value_channels, key_channels=key_channels, heads=heads,
-                                         span=span, qkv_bias=True, **fk)
+                                         span=span, qkv_bias=True, fused=fused, **fk)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, ceil(H/s), ceil(W/s))."""

@@ -105,30 +105,46 @@ def check_aggregate_transpose(y, w, window, input_size) -> Tuple[int, int]:
     return H, W
 
 
-def check_local_attention(q, k, v, window, heads, rel_pos=None) -> Tuple[int, int]:
-    """Validate ``local_attention(q, k, v, window, heads, rel_pos=...)``; returns (Ho, Wo)."""
+def _operands(window, *specs) -> None:
+    """The preamble of the fused ops' checks: ``window`` is a Window and every ``(name, tensor,
+    ndim, layout)`` of ``specs`` whose tensor is not None a floating tensor of that rank, all of
+    them on one device with one dtype."""
     _window(window)
-    _tensor("q", q, 4, "(B, C, Ho, Wo)")
-    _tensor("k", k, 4, "(B, C, H, W)")
-    _tensor("v", v, 4, "(B, C, H, W)")
-    _same(("q", "k", "v"), (q, k, v))
+    given = [(name, t) for name, t, ndim, layout in specs if t is not None]
+    for name, t, ndim, layout in specs:
+        if t is not None:
+            _tensor(name, t, ndim, layout)
+    _same([n for n, _ in given], [t for _, t in given])
+
+
+def check_local_attention(q, k, v, window, heads, rel_pos=None, row_bias=None, col_bias=None) -> Tuple[int, int]:
+    """Validate ``local_attention(q, k, v, window, heads, rel_pos=..., row_bias=...,
+    col_bias=...)``: q (B, Ck, Ho, Wo), k (B, Ck, H, W), v (B, Cv, H, W), Ck and Cv divisible
+    by heads; returns (Ho, Wo)."""
+    Kh, Kw = window.kernel_size if isinstance(window, Window) else (0, 0)
+    _operands(window, ("q", q, 4, "(B, Ck, Ho, Wo)"), ("k", k, 4, "(B, Ck, H, W)"), ("v", v, 4, "(B, Cv, H, W)"),
+              ("rel_pos", rel_pos, 3, "(heads, 2*Kh-1, 2*Kw-1)"), ("row_bias", row_bias, 5, "(B, heads, Kh, Ho, Wo)"),
+              ("col_bias", col_bias, 5, "(B, heads, Kw, Ho, Wo)"))
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k and v must have one shape (B, C, H, W), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[0] != v.shape[0] or k.shape[2:] != v.shape[2:]:
+        raise ValueError(f"k and v must have one batch and size (B, _, H, W), got k {tuple(k.shape)} "
+                         f"and v {tuple(v.shape)}")
     if q.shape[:2] != k.shape[:2]:
-        raise ValueError(f"q and k must have the same (B, C), got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    C = q.shape[1]
-    if C % heads:
-        raise ValueError(f"channels C={C} of q/k/v are not divisible by heads={heads}")
+        raise ValueError(f"q and k must have the same (B, Ck), got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[1] % heads:
+        raise ValueError(f"channels Ck={q.shape[1]} of q/k are not divisible by heads={heads}")
+    if v.shape[1] % heads:
+        raise ValueError(f"channels Cv={v.shape[1]} of v are not divisible by heads={heads}")
     out_hw = window.output_size(*k.shape[2:])
     if tuple(q.shape[2:]) != tuple(out_hw):
         raise ValueError(f"q spatial size {tuple(q.shape[2:])} must be the window's output size {out_hw} "
                          f"for k of size {tuple(k.shape[2:])} and {window}")
+    for name, bias, taps, axis in (("row_bias", row_bias, Kh, "Kh"), ("col_bias", col_bias, Kw, "Kw")):
+        want = (q.shape[0], heads, taps, *out_hw)
+        if bias is not None and tuple(bias.shape) != want:
+            raise ValueError(f"{name} must have shape (B, heads, {axis}, Ho, Wo) = {want}, got {tuple(bias.shape)}")
     if rel_pos is not None:
-        _tensor("rel_pos", rel_pos, 3, "(heads, 2*Kh-1, 2*Kw-1)")
-        _same(("q", "rel_pos"), (q, rel_pos))
-        Kh, Kw = window.kernel_size
         if tuple(rel_pos.shape) != (heads, 2 * Kh - 1, 2 * Kw - 1):
             raise ValueError(f"rel_pos must have shape (heads, 2*Kh-1, 2*Kw-1) = {(heads, 2 * Kh - 1, 2 * Kw - 1)}, "
                              f"got {tuple(rel_pos.shape)}")
@@ -139,20 +155,14 @@ def check_local_attention(q, k, v, window, heads, rel_pos=None) -> Tuple[int, in
                     raise ValueError(f"rel_pos needs padding a multiple of the dilation and at most d*(K-1) along "
                                      f"{axis}; got padding={window.padding}, dilation={window.dilation}, "
                                      f"kernel_size={window.kernel_size}")
+    return out_hw
 
 
 def check_aggregate_linear(x, h, weight, bias, window, grad_y=None) -> Tuple[int, int]:
     """Validate ``aggregate_linear(x, h, weight, bias, window)`` (and its backward's ``grad_y``);
     returns (Ho, Wo)."""
-    _window(window)
-    _tensor("x", x, 4, "(B, C, H, W)")
-    _tensor("h", h, 4, "(B, M, Ho, Wo)")
-    _tensor("weight", weight, 2, "(G*K*K, M)")
-    names, tensors = ["x", "h", "weight"], [x, h, weight]
-    if bias is not None:
-        _tensor("bias", bias, 1, "(G*K*K,)")
-        names.append("bias"), tensors.append(bias)
-    _same(names, tensors)
+    _operands(window, ("x", x, 4, "(B, C, H, W)"), ("h", h, 4, "(B, M, Ho, Wo)"), ("weight", weight, 2, "(G*K*K, M)"),
+              ("bias", bias, 1, "(G*K*K,)"))
     B, C, H, W = x.shape
     out_hw = window.output_size(H, W)
     if h.shape[0] != B:

@@ -4,7 +4,7 @@ FlopCounterMode (2 flops per multiply-add) and by fvcore (1 flop per multiply-ad
 from __future__ import annotations
 
 from math import prod
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def aggregate_macs(x_shape: Sequence[int], w_shape: Sequence[int], out_shape: Sequence[int]) -> int:
@@ -22,16 +22,20 @@ def aggregate_transpose_macs(y_shape: Sequence[int], w_shape: Sequence[int]) -> 
     return int(prod(y_shape)) * int(w_shape[2])
 
 
-def local_attention_macs(q_shape: Sequence[int], taps: int) -> int:
-    """``local_attention``: the q.k products and the aggregation over v, one multiply-add per
-    query element and tap each: 2*B*C*Ho*Wo*K*K (as correlate + aggregate)."""
-    return 2 * correlate_macs(q_shape, taps)
+def local_attention_macs(q_shape: Sequence[int], taps: int, v_shape: Optional[Sequence[int]] = None) -> int:
+    """``local_attention``: the q.k products, one multiply-add per query element and tap
+    (B*Ck*Ho*Wo*K*K, as correlate), and the aggregation over v, one per output element and tap
+    (B*Cv*Ho*Wo*K*K, as aggregate); v_shape defaults to q's channels. The bias adds are not
+    counted."""
+    Cv = q_shape[1] if v_shape is None else v_shape[1]
+    return correlate_macs(q_shape, taps) + correlate_macs((q_shape[0], Cv, *q_shape[2:]), taps)
 
 
-def local_attention_backward_macs(q_shape: Sequence[int], taps: int) -> int:
-    """``local_attention_backward``: the recomputed scores, dP = dout.v, dq, dk and dv, one
-    multiply-add per query element and tap each: 5*B*C*Ho*Wo*K*K."""
-    return 5 * correlate_macs(q_shape, taps)
+def local_attention_backward_macs(q_shape: Sequence[int], taps: int, v_shape: Optional[Sequence[int]] = None) -> int:
+    """``local_attention_backward``: the recomputed scores, dq and dk (3*B*Ck*Ho*Wo*K*K), dP =
+    dout.v and dv (2*B*Cv*Ho*Wo*K*K); with Ck = Cv, 5*B*C*Ho*Wo*K*K."""
+    Cv = q_shape[1] if v_shape is None else v_shape[1]
+    return 3 * correlate_macs(q_shape, taps) + 2 * correlate_macs((q_shape[0], Cv, *q_shape[2:]), taps)
 
 
 def aggregate_linear_macs(x_shape: Sequence[int], h_shape: Sequence[int], weight_shape: Sequence[int],

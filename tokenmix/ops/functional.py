@@ -43,8 +43,9 @@ def _autocast(a: torch.Tensor, b: torch.Tensor):
     return a, b
 
 
-def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
-    """Run ``torch.ops.tokenmix.<op>(*args)``, the one route of every call, whose autograd kernel
+def _call(op: str, tensors, args, window: Window, backend: Optional[str], extra=()):
+    """Run ``torch.ops.tokenmix.<op>(*args, *extra)`` (``args`` ending with ``backend``, ``extra``
+    the optional arguments after it), the one route of every call, whose autograd kernel
     and CPU kernels are the native library's. Four cases run the op's Python device kernel
     (:data:`tokenmix.ops.library.KERNELS`) directly instead: a backend other than ``"cpu"``
     forced on CPU tensors, a backend registered before "cpu" that runs on CPU tensors, a CPU
@@ -58,12 +59,12 @@ def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
     if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
         from ..export import decompositions
 
-        return decompositions()[getattr(torch.ops.tokenmix, op).default](*args)
+        return decompositions()[getattr(torch.ops.tokenmix, op).default](*args, *extra)
     borders = _NATIVE_CPU_FUSED_BORDERS if op.startswith(FUSED_OPS) else _NATIVE_CPU_BORDERS
     native_cpu = tensors[0].device.type != "cpu" or (
         (backend == "cpu" or (backend is None and cpu_runs_first())) and window.border in borders)
     if native_cpu and native.load():
-        return getattr(torch.ops.tokenmix, op)(*args)
+        return getattr(torch.ops.tokenmix, op)(*args, *extra)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         chosen = select_backend(op, tensors, window, backend)  # a forced backend's refusal, the fallback warning
         if backend is not None and chosen.name != "reference":
@@ -71,7 +72,7 @@ def _call(op: str, tensors, args, window: Window, backend: Optional[str]):
                              f"(the native library is not loaded or the tensors are on the CPU); "
                              f"use backend=None or 'reference' for a gradient")
         args = (*args[:-1], "reference")
-    return library.KERNELS[op](*args)
+    return library.KERNELS[op](*args, *extra)
 
 
 def aggregate(x: torch.Tensor, w: torch.Tensor, window: Window, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -157,54 +158,69 @@ def aggregate_transpose(y: torch.Tensor, w: torch.Tensor, window: Window, input_
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window, heads: int, *,
                     scale: Optional[float] = None, rel_pos: Optional[torch.Tensor] = None,
+                    row_bias: Optional[torch.Tensor] = None, col_bias: Optional[torch.Tensor] = None,
                     backend: Optional[str] = None) -> torch.Tensor:
     """Fused local self-attention, flash-attention style: the scores and their softmax are
     never stored, forward or backward.
 
-    ``out[b,c,i,j] = sum_t p_t * v[b,c,src_t(i,j)]`` with, for head h = g(c) (channels
-    ``h*C/heads .. (h+1)*C/heads - 1``, as :class:`~tokenmix.kernel_gen.QueryKeyKernel` splits them),
-    ``p_t = softmax_t(scale * q[b,h,:,i,j] . k[b,h,:,src_t(i,j)] + rel_pos[h, dy_t/dh + Kh-1, dx_t/dw + Kw-1])``
-    over the window's taps; ``(dy_t, dx_t)`` is the true offset of tap t
-    (:meth:`Window.relative_offset`, which shifts near the edges of a clamp border). Taps
-    outside the image (zero border) take no probability mass and their values are never read;
-    a pixel whose every tap is outside the image gets 0.
+    ``out[b,c,i,j] = sum_t p_t * v[b,c,src_t(i,j)]`` with, for head h (query/key channels
+    ``h*Ck/heads .. (h+1)*Ck/heads - 1``, value and output channels ``h*Cv/heads .. (h+1)*Cv/heads - 1``,
+    as :class:`~tokenmix.kernel_gen.QueryKeyKernel` splits them) and tap ``t = a*Kw + b`` (window
+    row a, window column b)::
 
-    Autograd keeps q, k, v, rel_pos, the output and one log-sum-exp per (pixel, head); the
-    backward recomputes the scores (``tokenmix::local_attention_backward``).
+        p_t = softmax_t(scale * q[b,h,:,i,j] . k[b,h,:,src_t(i,j)]
+                        + rel_pos[h, dy_t/dh + Kh-1, dx_t/dw + Kw-1]
+                        + row_bias[b,h,a,i,j] + col_bias[b,h,b,i,j])
+
+    over the window's taps; ``(dy_t, dx_t)`` is the true offset of tap t
+    (:meth:`Window.relative_offset`, which shifts near the edges of a clamp border). Each bias
+    term is optional and added unscaled. ``row_bias``/``col_bias`` are per-pixel, per-head logits
+    of the window row / column, the decomposed form of 2-D relative logits (Bello et al.'s AA-Net,
+    SAM/MViTv2's "decomposed relative position": ``row_bias[b,h,a,i,j] = q . rel_h[offset_a]``).
+    Taps outside the image (zero border) take no probability mass and their values are never
+    read; a pixel whose every tap is outside the image gets 0.
+
+    Autograd keeps q, k, v, the biases, the output and one log-sum-exp per (pixel, head); the
+    backward recomputes the scores (``tokenmix::local_attention_backward``). The gradients of
+    the per-pixel biases are the score gradient dS summed over the other window axis:
+    ``d row_bias[a] = sum_b dS[a, b]``, ``d col_bias[b] = sum_a dS[a, b]`` (0 on taps outside
+    the image).
 
     Args:
-        q: (B, C, Ho, Wo) queries at the output pixels, ``(Ho, Wo) = window.output_size(H, W)``.
-        k: (B, C, H, W) keys.
-        v: (B, C, H, W) values.
+        q: (B, Ck, Ho, Wo) queries at the output pixels, ``(Ho, Wo) = window.output_size(H, W)``.
+        k: (B, Ck, H, W) keys.
+        v: (B, Cv, H, W) values; Ck and Cv divisible by heads.
         window: the :class:`Window` geometry.
-        heads: number of heads, dividing C.
-        scale: score scale; default ``(C / heads) ** -0.5``.
+        heads: number of heads.
+        scale: score scale; default ``(Ck / heads) ** -0.5``.
         rel_pos: optional (heads, 2*Kh-1, 2*Kw-1) relative position bias table.
+        row_bias: optional (B, heads, Kh, Ho, Wo) per-pixel bias of each window row.
+        col_bias: optional (B, heads, Kw, Ho, Wo) per-pixel bias of each window column.
         backend: force a backend by name; default: dispatch.
 
     Returns:
-        (B, C, Ho, Wo).
+        (B, Cv, Ho, Wo).
 
     Equivalent composed code (what ``backend="reference"`` computes)::
 
         s = correlate(q, k, window, heads) * scale + bias            # (B, heads, K*K, Ho, Wo)
+        s = (s.unflatten(2, (Kh, Kw)) + row_bias.unsqueeze(3) + col_bias.unsqueeze(2)).flatten(2, 3)
         s = s.masked_fill(~window.valid_mask(H, W), float("-inf"))
         out = aggregate(v, torch.softmax(s, dim=2), window)
     """
-    if rel_pos is None:
-        q, k = _autocast(q, k)
-        v, _ = _autocast(v, v)
-    else:
-        q, k = _autocast(q, k)
-        v, rel_pos = _autocast(v, rel_pos)
-    checks.check_local_attention(q, k, v, window, heads, rel_pos)
+    dt = autocast_dtype(q.device) if isinstance(q, torch.Tensor) else None
+    if dt is not None:
+        q, k, v, rel_pos, row_bias, col_bias = (t.to(dt) if isinstance(t, torch.Tensor) else t
+                                                for t in (q, k, v, rel_pos, row_bias, col_bias))
+    checks.check_local_attention(q, k, v, window, heads, rel_pos, row_bias, col_bias)
     if scale is None:
         scale = (q.shape[1] // heads) ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale == scale:
         raise ValueError(f"scale must be a float, got {scale!r}")
-    tensors = (q, k, v) if rel_pos is None else (q, k, v, rel_pos)
+    tensors = tuple(t for t in (q, k, v, rel_pos, row_bias, col_bias) if t is not None)
     args = (q, k, v, rel_pos, heads, float(scale), *window.as_args(), backend)
-    return _call("local_attention", tensors, args, window, backend)[0]
+    extra = () if row_bias is None and col_bias is None else (row_bias, col_bias)
+    return _call("local_attention", tensors, args, window, backend, extra)[0]
 
 
 def aggregate_linear(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

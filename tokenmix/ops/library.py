@@ -38,13 +38,15 @@ SCHEMAS = {
                  f"str? backend) -> Tensor",
     "aggregate_transpose": f"aggregate_transpose(Tensor y, Tensor w, {_GEOMETRY}, SymInt[] input_size, "
                            f"str? backend) -> Tensor",
-    # fused local attention: (out, lse), lse the log-sum-exp of the scores per (pixel, head)
+    # fused local attention: (out, lse), lse the log-sum-exp of the scores per (pixel, head); the
+    # per-pixel tap biases come last, with defaults
     "local_attention": f"local_attention(Tensor q, Tensor k, Tensor v, Tensor? rel_pos, int heads, float scale, "
-                       f"{_GEOMETRY}, str? backend) -> (Tensor, Tensor)",
-    # its gradients (dq, dk, dv, drel_pos; drel_pos of shape (0,) without rel_pos)
+                       f"{_GEOMETRY}, str? backend, Tensor? row_bias=None, Tensor? col_bias=None) -> (Tensor, Tensor)",
+    # its gradients (dq, dk, dv, drel_pos, drow_bias, dcol_bias; shape (0,) for an absent bias)
     "local_attention_backward": f"local_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
                                 f"Tensor? rel_pos, Tensor out, Tensor lse, int heads, float scale, {_GEOMETRY}, "
-                                f"str? backend) -> (Tensor, Tensor, Tensor, Tensor)",
+                                f"str? backend, Tensor? row_bias=None, Tensor? col_bias=None) "
+                                f"-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "aggregate_linear": f"aggregate_linear(Tensor x, Tensor h, Tensor weight, Tensor? bias, {_GEOMETRY}, "
                         f"str? backend) -> Tensor",
     "aggregate_linear_backward": f"aggregate_linear_backward(Tensor grad_y, Tensor x, Tensor h, Tensor weight, "
@@ -85,27 +87,32 @@ def _aggregate_transpose(y: Tensor, w: Tensor, kernel_size: List[int], stride: L
     return select_backend("aggregate_transpose", (y, w), window, backend).aggregate_transpose(y, w, window, size)
 
 
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 def _local_attention(q: Tensor, k: Tensor, v: Tensor, rel_pos: Optional[Tensor], heads: int, scale: float,
                      kernel_size: List[int], stride: List[int], dilation: List[int], padding: List[int], border: str,
-                     backend: Optional[str]):
+                     backend: Optional[str], row_bias: Optional[Tensor] = None, col_bias: Optional[Tensor] = None):
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
-    checks.check_local_attention(q, k, v, window, heads, rel_pos)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    rel_pos = None if rel_pos is None else rel_pos.contiguous()
+    checks.check_local_attention(q, k, v, window, heads, rel_pos, row_bias, col_bias)
+    q, k, v, rel_pos, row_bias, col_bias = _contiguous(q, k, v, rel_pos, row_bias, col_bias)
     return select_backend("local_attention", (q, k, v), window, backend).local_attention(
-        q, k, v, rel_pos, heads, scale, window)
+        q, k, v, rel_pos, heads, scale, window, row_bias=row_bias, col_bias=col_bias)
 
 
 def _local_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, rel_pos: Optional[Tensor],
                               out: Tensor, lse: Tensor, heads: int, scale: float, kernel_size: List[int],
                               stride: List[int], dilation: List[int], padding: List[int], border: str,
-                              backend: Optional[str]):
+                              backend: Optional[str], row_bias: Optional[Tensor] = None,
+                              col_bias: Optional[Tensor] = None):
     window = Window.from_args(kernel_size, stride, dilation, padding, border)
-    checks.check_local_attention(q, k, v, window, heads, rel_pos)
-    t = [a.contiguous() for a in (grad_out, q, k, v, out, lse)]
-    rel_pos = None if rel_pos is None else rel_pos.contiguous()
-    return select_backend("local_attention_backward", (q, k, v), window, backend).local_attention_backward(
-        t[0], t[1], t[2], t[3], rel_pos, t[4], t[5], heads, scale, window)
+    checks.check_local_attention(q, k, v, window, heads, rel_pos, row_bias, col_bias)
+    t = _contiguous(grad_out, q, k, v, rel_pos, out, lse, row_bias, col_bias)
+    grads = select_backend("local_attention_backward", (q, k, v), window, backend).local_attention_backward(
+        *t[:7], heads, scale, window, row_bias=t[7], col_bias=t[8])
+    # the gradient of an absent tensor is an empty tensor
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 def _aggregate_linear(x: Tensor, h: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_size: List[int],
@@ -163,15 +170,19 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("tokenmix::local_attention", lib=_lib)
-def _(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilation, padding, border, backend):
+def _(q, k, v, rel_pos, heads, scale, kernel_size, stride, dilation, padding, border, backend, row_bias=None,
+      col_bias=None):
     B, C, Ho, Wo = q.shape
     return q.new_empty(B, v.shape[1], Ho, Wo), q.new_empty(B, heads, Ho, Wo, dtype=_stats_dtype(q.dtype))
 
 
 @torch.library.register_fake("tokenmix::local_attention_backward", lib=_lib)
-def _(grad_out, q, k, v, rel_pos, out, lse, heads, scale, kernel_size, stride, dilation, padding, border, backend):
-    drel = q.new_empty(0) if rel_pos is None else torch.empty_like(rel_pos)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drel
+def _(grad_out, q, k, v, rel_pos, out, lse, heads, scale, kernel_size, stride, dilation, padding, border, backend,
+      row_bias=None, col_bias=None):
+    def grad(t):  # contiguous, as every backend returns it
+        return q.new_empty(0) if t is None else t.new_empty(t.shape)
+
+    return grad(q), grad(k), grad(v), grad(rel_pos), grad(row_bias), grad(col_bias)
 
 
 @torch.library.register_fake("tokenmix::aggregate_linear", lib=_lib)
@@ -211,13 +222,15 @@ def _aggregate_transpose_flop(y_shape, w_shape, *args, out_shape=None, **kwargs)
 @register_flop_formula(torch.ops.tokenmix.local_attention)
 def _local_attention_flop(q_shape, k_shape, v_shape, rel_pos_shape, heads, scale, kernel_size, *args,
                           out_shape=None, **kwargs) -> int:
-    return 2 * local_attention_macs(q_shape, kernel_size[0] * kernel_size[1])
+    return 2 * local_attention_macs(q_shape, kernel_size[0] * kernel_size[1], v_shape)
 
 
 @register_flop_formula(torch.ops.tokenmix.local_attention_backward)
 def _local_attention_backward_flop(grad_out_shape, q_shape, k_shape, v_shape, rel_pos_shape, out_shape_, lse_shape,
                                    heads, scale, kernel_size, *args, out_shape=None, **kwargs) -> int:
-    return 2 * local_attention_backward_macs(q_shape, kernel_size[0] * kernel_size[1])
+    return 2 * local_attention_backward_macs(q_shape, kernel_size[0] * kernel_size[1], v_shape)
+
+
 @register_flop_formula(torch.ops.tokenmix.aggregate_linear)
 def _aggregate_linear_flop(x_shape, h_shape, weight_shape, bias_shape, kernel_size, *args, out_shape=None,
                            **kwargs) -> int:

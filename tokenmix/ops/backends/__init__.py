@@ -79,17 +79,19 @@ class Backend:
         raise NotImplementedError
 
     def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos: Optional[torch.Tensor],
-                        heads: int, scale: float, window: Window) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Fused local attention (:func:`tokenmix.ops.local_attention`): ``(out (B, C, Ho, Wo),
+                        heads: int, scale: float, window: Window, row_bias: Optional[torch.Tensor] = None,
+                        col_bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Fused local attention (:func:`tokenmix.ops.local_attention`): ``(out (B, Cv, Ho, Wo),
         lse (B, heads, Ho, Wo))``, lse the log-sum-exp of each pixel's scores (float32, float64
         for float64 inputs; -inf where every tap is outside the image). Optional: a backend
         without it is skipped for this op."""
         raise NotImplementedError
 
     def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads: int, scale: float,
-                                 window: Window):
-        """``(dq, dk, dv, drel_pos)`` of :meth:`local_attention` from the saved q, k, v, rel_pos,
-        out and lse (drel_pos of shape (0,) without rel_pos)."""
+                                 window: Window, row_bias=None, col_bias=None):
+        """``(dq, dk, dv, drel_pos, drow_bias, dcol_bias)`` of :meth:`local_attention` from the
+        saved q, k, v, rel_pos, out, lse and the biases (the gradient of an absent tensor: shape
+        (0,))."""
         raise NotImplementedError
 
     def aggregate_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,

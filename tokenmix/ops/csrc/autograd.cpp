@@ -206,47 +206,59 @@ at::Tensor aggregate_transpose(const at::Tensor& y, const at::Tensor& w, Ints ke
   return run<AggregateTranspose>(y, w, g, [&] { return g.aggregate_transpose(y, w, input_size); });
 }
 
-// local_attention(q, k, v, rel_pos) -> (out, lse): flash-attention style, autograd keeps q, k,
-// v, rel_pos, out and lse (one log-sum-exp per pixel and head), never the scores; the backward
-// is one op, local_attention_backward, which recomputes them. lse is not differentiable.
+// local_attention(q, k, v, rel_pos, row_bias, col_bias) -> (out, lse): flash-attention style,
+// autograd keeps q, k, v, the biases, out and lse (one log-sum-exp per pixel and head), never
+// the scores; the backward is one op, local_attention_backward, which recomputes them and
+// returns the six gradients. lse is not differentiable.
 using LocalAttentionOut = std::tuple<at::Tensor, at::Tensor>;
-using LocalAttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using LocalAttentionGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 
+// The optional tensor arguments of local_attention: rel_pos, row_bias, col_bias.
+struct AttentionBiases {
+  OptTensor rel_pos, row_bias, col_bias;
+  static OptTensor from(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+  static at::Tensor of(const OptTensor& t) { return t ? *t : at::Tensor(); }
+};
+
 LocalAttentionOut local_attention_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const OptTensor& rel_pos, int64_t heads, double scale, const Geometry& g) {
+                                       const AttentionBiases& bias, int64_t heads, double scale, const Geometry& g) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("tokenmix::local_attention", "")
                        .typed<LocalAttentionOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                 const OptTensor&, int64_t, double, Ints, Ints, Ints, Ints,
-                                                c10::string_view, Backend)>();
-  return op.call(q, k, v, rel_pos, heads, scale, g.kernel_size, g.stride, g.dilation, g.padding, g.border,
-                 g.backend_arg());
+                                                c10::string_view, Backend, const OptTensor&, const OptTensor&)>();
+  return op.call(q, k, v, bias.rel_pos, heads, scale, g.kernel_size, g.stride, g.dilation, g.padding, g.border,
+                 g.backend_arg(), bias.row_bias, bias.col_bias);
 }
 
 LocalAttentionGrads local_attention_backward_call(const at::Tensor& grad_out, const at::Tensor& q,
-                                                  const at::Tensor& k, const at::Tensor& v, const OptTensor& rel_pos,
-                                                  const at::Tensor& out, const at::Tensor& lse, int64_t heads,
-                                                  double scale, const Geometry& g) {
+                                                  const at::Tensor& k, const at::Tensor& v,
+                                                  const AttentionBiases& bias, const at::Tensor& out,
+                                                  const at::Tensor& lse, int64_t heads, double scale,
+                                                  const Geometry& g) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("tokenmix::local_attention_backward", "")
                        .typed<LocalAttentionGrads(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, const OptTensor&, const at::Tensor&,
                                                   const at::Tensor&, int64_t, double, Ints, Ints, Ints, Ints,
-                                                  c10::string_view, Backend)>();
-  return op.call(grad_out, q, k, v, rel_pos, out, lse, heads, scale, g.kernel_size, g.stride, g.dilation,
-                 g.padding, g.border, g.backend_arg());
+                                                  c10::string_view, Backend, const OptTensor&, const OptTensor&)>();
+  return op.call(grad_out, q, k, v, bias.rel_pos, out, lse, heads, scale, g.kernel_size, g.stride, g.dilation,
+                 g.padding, g.border, g.backend_arg(), bias.row_bias, bias.col_bias);
 }
 
 struct LocalAttentionFunction : torch::autograd::Function<LocalAttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const OptTensor& rel_pos, int64_t heads, double scale, const Geometry& g) {
+                               const OptTensor& rel_pos, const OptTensor& row_bias, const OptTensor& col_bias,
+                               int64_t heads, double scale, const Geometry& g) {
+    const AttentionBiases bias{rel_pos, row_bias, col_bias};
     at::Tensor out, lse;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::tie(out, lse) = local_attention_call(q, k, v, rel_pos, heads, scale, g);
+      std::tie(out, lse) = local_attention_call(q, k, v, bias, heads, scale, g);
     }
-    ctx->save_for_backward({q, k, v, rel_pos ? *rel_pos : at::Tensor(), out, lse});
+    ctx->save_for_backward({q, k, v, AttentionBiases::of(rel_pos), out, lse, AttentionBiases::of(row_bias),
+                            AttentionBiases::of(col_bias)});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["scale"] = scale;
     g.save(ctx);
@@ -259,27 +271,41 @@ struct LocalAttentionFunction : torch::autograd::Function<LocalAttentionFunction
     const Geometry g(ctx);
     at::Tensor grad_out = grads[0];
     if (!grad_out.defined()) grad_out = at::zeros_like(s[4]);
-    const OptTensor rel_pos = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
-    auto [dq, dk, dv, drel] =
-        local_attention_backward_call(grad_out, s[0], s[1], s[2], rel_pos, s[4], s[5],
-                                      ctx->saved_data["heads"].toInt(), ctx->saved_data["scale"].toDouble(), g);
-    return {ctx->needs_input_grad(0) ? dq : at::Tensor(), ctx->needs_input_grad(1) ? dk : at::Tensor(),
-            ctx->needs_input_grad(2) ? dv : at::Tensor(),
-            rel_pos && ctx->needs_input_grad(3) ? drel : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const AttentionBiases bias{AttentionBiases::from(s[3]), AttentionBiases::from(s[6]), AttentionBiases::from(s[7])};
+    auto [dq, dk, dv, drel, drow, dcol] =
+        local_attention_backward_call(grad_out, s[0], s[1], s[2], bias, s[4], s[5], ctx->saved_data["heads"].toInt(),
+                                      ctx->saved_data["scale"].toDouble(), g);
+    // one gradient per argument; needs_input_grad counts the tensors given (an absent optional
+    // one has no edge)
+    int64_t edge = 0;
+    auto keep = [&](const at::Tensor& grad, bool given) {
+      return given && ctx->needs_input_grad(edge++) ? grad : at::Tensor();
+    };
+    variable_list out;
+    out.push_back(keep(dq, true));
+    out.push_back(keep(dk, true));
+    out.push_back(keep(dv, true));
+    out.push_back(keep(drel, bias.rel_pos.has_value()));
+    out.push_back(keep(drow, bias.row_bias.has_value()));
+    out.push_back(keep(dcol, bias.col_bias.has_value()));
+    out.resize(9);  // heads, scale, the geometry
+    return out;
   }
 };
 
 LocalAttentionOut local_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const OptTensor& rel_pos, int64_t heads, double scale, Ints kernel_size, Ints stride,
-                                  Ints dilation, Ints padding, c10::string_view border, Backend backend) {
+                                  Ints dilation, Ints padding, c10::string_view border, Backend backend,
+                                  const OptTensor& row_bias, const OptTensor& col_bias) {
   const Geometry g(kernel_size, stride, dilation, padding, border, backend);
-  const bool rel_grad = rel_pos && rel_pos->requires_grad();
-  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad() || rel_grad)) {
-    auto r = LocalAttentionFunction::apply(q, k, v, rel_pos, heads, scale, g);
+  auto grad = [](const OptTensor& t) { return t && t->requires_grad(); };
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad() || grad(rel_pos) ||
+                                     grad(row_bias) || grad(col_bias))) {
+    auto r = LocalAttentionFunction::apply(q, k, v, rel_pos, row_bias, col_bias, heads, scale, g);
     return {r[0], r[1]};
   }
   at::AutoDispatchBelowADInplaceOrView below;
-  return local_attention_call(q, k, v, rel_pos, heads, scale, g);
+  return local_attention_call(q, k, v, AttentionBiases{rel_pos, row_bias, col_bias}, heads, scale, g);
 }
 
 // aggregate_linear(x, h, weight, bias): y = aggregate(x, w) with w = weight @ h + bias, never

@@ -70,17 +70,19 @@ class CpuBackend(Backend):
             return torch.ops.tokenmix.aggregate_transpose(y, w, *window.as_args(),
                                                           [int(input_size[0]), int(input_size[1])], "cpu")
 
-    def local_attention(self, q, k, v, rel_pos, heads, scale, window):
+    def local_attention(self, q, k, v, rel_pos, heads, scale, window, row_bias=None, col_bias=None):
         self._require()
         with torch.no_grad():
             return torch.ops.tokenmix.local_attention(q, k, v, rel_pos, int(heads), float(scale), *window.as_args(),
-                                                      "cpu")
+                                                      "cpu", row_bias, col_bias)
 
-    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
+    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window, row_bias=None,
+                                 col_bias=None):
         self._require()
         with torch.no_grad():
             return torch.ops.tokenmix.local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, int(heads),
-                                                               float(scale), *window.as_args(), "cpu")
+                                                               float(scale), *window.as_args(), "cpu", row_bias,
+                                                               col_bias)
 
     def aggregate_linear(self, x, h, weight, bias, window):
         self._require()

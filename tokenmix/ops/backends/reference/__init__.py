@@ -205,9 +205,9 @@ class ReferenceBackend(Backend):
         idx = ri[:, None, :, None] * (2 * Kw - 1) + ci[None, :, None, :]
         return idx.reshape(Kh * Kw, ri.shape[1], ci.shape[1])
 
-    def _probabilities(self, q, k, rel_pos, heads, scale, window, lse=None):
-        """Masked scores ``s`` (B, heads, K*K, Ho, Wo), the validity mask, the probabilities and
-        the log-sum-exp (given, or computed), all in the compute dtype."""
+    def _probabilities(self, q, k, rel_pos, heads, scale, window, lse=None, row_bias=None, col_bias=None):
+        """The validity mask (K*K, Ho, Wo), the probabilities (B, heads, K*K, Ho, Wo) of the
+        masked scores and the log-sum-exp (given, or computed), all in the compute dtype."""
         H, W = k.shape[-2:]
         cd = compute_dtype(q.dtype)
         s = self.correlate(q.to(cd), k.to(cd), window, heads) * scale
@@ -215,6 +215,14 @@ class ReferenceBackend(Backend):
             idx = self._bias_index(window, H, W, q.device)
             table = rel_pos.to(cd).reshape(heads, -1)
             s = s + table[:, idx].unsqueeze(0)
+        if row_bias is not None or col_bias is not None:  # tap (a, b) = t: + row_bias[a] + col_bias[b]
+            Kh, Kw = window.kernel_size
+            s = s.unflatten(2, (Kh, Kw))
+            if row_bias is not None:
+                s = s + row_bias.to(cd).unsqueeze(3)
+            if col_bias is not None:
+                s = s + col_bias.to(cd).unsqueeze(2)
+            s = s.flatten(2, 3)
         valid = window.valid_mask(H, W, device=q.device)
         s = s.masked_fill(~valid, float("-inf"))
         if lse is None:
@@ -224,21 +232,23 @@ class ReferenceBackend(Backend):
         p = torch.where(valid, torch.exp(s - finite.unsqueeze(2)), torch.zeros_like(s))
         return valid, p, lse
 
-    def local_attention(self, q, k, v, rel_pos, heads, scale, window):
+    def local_attention(self, q, k, v, rel_pos, heads, scale, window, row_bias=None, col_bias=None):
         cd = compute_dtype(q.dtype)
-        _, p, lse = self._probabilities(q, k, rel_pos, heads, scale, window)
+        _, p, lse = self._probabilities(q, k, rel_pos, heads, scale, window, None, row_bias, col_bias)
         out = self.aggregate(v.to(cd), p, window)
         sd = torch.float64 if q.dtype == torch.float64 else torch.float32
         return out.to(q.dtype), lse.to(sd)
 
-    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
-        B, C, Ho, Wo = q.shape
+    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window, row_bias=None,
+                                 col_bias=None):
+        B, _, Ho, Wo = q.shape
+        Cv = v.shape[1]
         H, W = k.shape[-2:]
         cd = compute_dtype(q.dtype)
-        valid, p, _ = self._probabilities(q, k, rel_pos, heads, scale, window, lse)
+        valid, p, _ = self._probabilities(q, k, rel_pos, heads, scale, window, lse, row_bias, col_bias)
         go, qc, kc, vc = grad_out.to(cd), q.to(cd), k.to(cd), v.to(cd)
         dp = self.correlate(go, vc, window, heads)
-        D = (go * out.to(cd)).reshape(B, heads, C // heads, Ho, Wo).sum(2)
+        D = (go * out.to(cd)).reshape(B, heads, Cv // heads, Ho, Wo).sum(2)
         ds = torch.where(valid, p * (dp - D.unsqueeze(2)), torch.zeros_like(p))
         dq = self.aggregate(kc, ds, window) * scale
         dk = self.aggregate_transpose(qc, ds, window, (H, W)) * scale
@@ -250,4 +260,7 @@ class ReferenceBackend(Backend):
             drel = torch.zeros(heads, rel_pos[0].numel(), dtype=cd, device=q.device)
             drel.scatter_add_(1, idx, ds.sum(0).reshape(heads, -1))
             drel = drel.reshape(rel_pos.shape).to(rel_pos.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drel
+        ds2 = ds.unflatten(2, window.kernel_size)  # (B, heads, Kh, Kw, Ho, Wo)
+        drow = q.new_zeros(0) if row_bias is None else ds2.sum(3).to(row_bias.dtype)
+        dcol = q.new_zeros(0) if col_bias is None else ds2.sum(2).to(col_bias.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), drel, drow, dcol

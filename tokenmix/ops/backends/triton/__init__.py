@@ -105,22 +105,32 @@ class TritonBackend(Backend):
                             input_size: Tuple[int, int]) -> torch.Tensor:
         return self._launch("aggregate_transpose", y.contiguous(), w.contiguous(), window, tuple(input_size))
 
-    def local_attention(self, q, k, v, rel_pos, heads, scale, window):
-        """Forward in one kernel (``local_attention.py``): the scores stay in registers."""
+    def local_attention(self, q, k, v, rel_pos, heads, scale, window, row_bias=None, col_bias=None):
+        """Forward in one kernel (``local_attention.py``): the scores stay in registers. A call
+        with per-pixel tap biases (row_bias, col_bias) or with k and v of different widths runs
+        the reference composition on this backend's primitives."""
+        if row_bias is not None or col_bias is not None or k.shape[1] != v.shape[1]:
+            return self._composed().local_attention(q, k, v, rel_pos, heads, scale, window, row_bias, col_bias)
         return self._launch("local_attention", q.contiguous(), k.contiguous(), v.contiguous(),
                             None if rel_pos is None else rel_pos.contiguous(), heads, scale, window)
 
-    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
-        """The reference composition of the gradients, on the Triton primitives (no fused
-        backward kernel yet): it recomputes the scores from lse, so autograd still keeps no
-        scores, but the backward holds K*K-sized temporaries while it runs."""
+    def _composed(self):
+        """The reference backend's composition of local attention, on this backend's primitives."""
         from ..reference import ReferenceBackend
 
-        composed = ReferenceBackend()  # its composition, on this backend's primitives
+        composed = ReferenceBackend()
         composed.correlate = self.correlate
         composed.aggregate = self.aggregate
         composed.aggregate_transpose = self.aggregate_transpose
-        return composed.local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, heads, scale, window)
+        return composed
+
+    def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window, row_bias=None,
+                                 col_bias=None):
+        """The reference composition of the gradients, on the Triton primitives (no fused
+        backward kernel yet): it recomputes the scores from lse, so autograd still keeps no
+        scores, but the backward holds K*K-sized temporaries while it runs."""
+        return self._composed().local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, heads, scale, window,
+                                                         row_bias, col_bias)
 
     def aggregate_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], window: Window) -> torch.Tensor:

@@ -8,12 +8,16 @@
 // tap_offset[v] + j) and its queries into rows padded to whole vectors, then runs its output
 // rows in order:
 //   forward:  S = scale * q.k_t + bias (out-of-image taps -inf), E = exp(S - max_t S),
+//             (bias: the relative position table's entry and the per-pixel row_bias[a] +
+//             col_bias[b] of tap t = (a, b), converted a row at a time into scratch)
 //             out = sum_t E_t v_t / sum_t E_t,
 //             lse = log sum_t exp(S_t)
 //   backward: S and P recomputed from lse, dP_t = dout.v_t, D = dout.out, dS = P (dP - D),
 //             dq = scale sum_t dS_t k_t, and dk, dv (scaled at the end) accumulated tap by tap
 //             into padded rows of the task's own head, so tasks never write the same memory
-//             and nothing of the size of the kernel is allocated.
+//             and nothing of the size of the kernel is allocated; d row_bias[a] = sum_b dS
+//             and d col_bias[b] = sum_a dS are written per output row.
+// Queries and keys have Ck channels (Cgk per head), values and outputs Cv (Cgv per head).
 // The vectorised loops run over output columns (a vector of 8 floats or 4 doubles); a clamp
 // border's edge columns (where a tap's column is not affine) go through scalar loops over the
 // plan's tables. float16 and bfloat16 are computed in float32, the statistics are float32
@@ -78,7 +82,7 @@ inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a +
 struct Layout {
   const Plan& plan;
   ColPlan cp;
-  int64_t B, C, heads, Cg, H, W, Ho, Wo, Kh, Kw, KK;
+  int64_t B, Ck, Cv, heads, Cgk, Cgv, H, W, Ho, Wo, Kh, Kw, KK;
   int64_t rs, cs;     // input-side scratch: row stride, channel stride (H rows)
   int64_t Wb;         // output-side row width, whole vectors
   int64_t vb, ve;     // output columns [vb, ve) run in vectors (whole blocks)
@@ -88,10 +92,10 @@ struct Layout {
   std::vector<int64_t> pos;         // scratch position of input column col
   std::vector<int64_t> jlo, jhi;    // per tap column v: output columns whose tap is inside the image
 
-  Layout(const Plan& p, int64_t B_, int64_t C_, int64_t heads_, int64_t sh, int64_t dh, int64_t dw, int64_t ph,
-         bool rel_, int64_t N)
-      : plan(p), cp(make_colplan(p, N)), B(B_), C(C_), heads(heads_), Cg(C_ / heads_), H(p.H), W(p.W), Ho(p.Ho),
-        Wo(p.Wo), Kh(p.Kh), Kw(p.Kw), KK(p.Kh * p.Kw), rel(rel_) {
+  Layout(const Plan& p, int64_t B_, int64_t Ck_, int64_t Cv_, int64_t heads_, int64_t sh, int64_t dh, int64_t dw,
+         int64_t ph, bool rel_, int64_t N)
+      : plan(p), cp(make_colplan(p, N)), B(B_), Ck(Ck_), Cv(Cv_), heads(heads_), Cgk(Ck_ / heads_),
+        Cgv(Cv_ / heads_), H(p.H), W(p.W), Ho(p.Ho), Wo(p.Wo), Kh(p.Kh), Kw(p.Kw), KK(p.Kh * p.Kw), rel(rel_) {
     cp.plan_fill(H);
     rs = cp.s * cp.phase_width;
     cs = H * rs;
@@ -134,11 +138,11 @@ struct Kernels {
   const Layout& L;
   int64_t ts;  // tap-row stride of the K*K x Wb arrays (S, P, dS): Wb, or wider rows with margins
 
-  // d[t * Wb + j] = sum_c a[c * a_cs + j] * in_t(c, j) for output row i: the dot products of a
-  // row of queries (or output gradients) with the keys (or values) of every tap; 0 for a tap
-  // row outside the image.
-  void row_dots(const acc_t* a, int64_t a_cs, const acc_t* in, int64_t i, acc_t* d) const {
-    const int64_t Wb = L.Wb, Kw = L.Kw, Cg = L.Cg, cs = L.cs;
+  // d[t * Wb + j] = sum_{c < Cg} a[c * a_cs + j] * in_t(c, j) for output row i: the dot products
+  // of a row of queries (or output gradients) with the keys (or values) of every tap; 0 for a
+  // tap row outside the image.
+  void row_dots(const acc_t* a, int64_t a_cs, const acc_t* in, int64_t Cg, int64_t i, acc_t* d) const {
+    const int64_t Wb = L.Wb, Kw = L.Kw, cs = L.cs;
     const int64_t* toff = L.cp.tap_offset.data();
     for (int64_t u = 0; u < L.Kh; ++u) {
       const int64_t r = L.plan.rows[u * L.Ho + i];
@@ -175,10 +179,10 @@ struct Kernels {
     }
   }
 
-  // o[c * Wb + j] = sum_t w[t * Wb + j] * in_t(c, j) for output row i (taps outside the image
-  // skipped: their weights are 0).
-  void row_aggregate(const acc_t* w, const acc_t* in, int64_t i, acc_t* o) const {
-    const int64_t Wb = L.Wb, Kw = L.Kw, Cg = L.Cg, cs = L.cs;
+  // o[c * Wb + j] = sum_t w[t * Wb + j] * in_t(c, j), c < Cg, for output row i (taps outside
+  // the image skipped: their weights are 0).
+  void row_aggregate(const acc_t* w, const acc_t* in, int64_t Cg, int64_t i, acc_t* o) const {
+    const int64_t Wb = L.Wb, Kw = L.Kw, cs = L.cs;
     const int64_t* toff = L.cp.tap_offset.data();
     const int64_t* rows = L.plan.rows.data();
     for (int64_t j0 = L.vb; j0 < L.ve; j0 += N) {
@@ -219,8 +223,8 @@ struct Kernels {
   // in_t(c, j) += w[t * Wb + j] * a[c * a_cs + j] for output row i: the adjoint of row_aggregate,
   // into the padded rows of a task's gradient (w is 0 on taps outside the image and on the
   // columns past Wo, whose positions are padding or added 0).
-  void row_scatter(const acc_t* w, const acc_t* a, int64_t a_cs, int64_t i, acc_t* in) const {
-    const int64_t Wb = L.Wb, Kw = L.Kw, Cg = L.Cg, cs = L.cs;
+  void row_scatter(const acc_t* w, const acc_t* a, int64_t a_cs, int64_t Cg, int64_t i, acc_t* in) const {
+    const int64_t Wb = L.Wb, Kw = L.Kw, cs = L.cs;
     const int64_t* toff = L.cp.tap_offset.data();
     for (int64_t u = 0; u < L.Kh; ++u) {
       const int64_t r = L.plan.rows[u * L.Ho + i];
@@ -253,8 +257,10 @@ struct Kernels {
   }
 
   // S (raw dot products from row_dots) -> scale * S + bias, -inf on taps outside the image and
-  // on the columns past Wo. table: the head's (2Kh-1) x (2Kw-1) bias, or null.
-  void scores(acc_t* S, int64_t i, acc_t scale, const acc_t* table) const {
+  // on the columns past Wo. table: the head's (2Kh-1) x (2Kw-1) bias, or null; rb, cb: output
+  // row i's per-pixel biases of tap row u (rb[u * Wb + j]) and tap column v (cb[v * Wb + j]),
+  // or null.
+  void scores(acc_t* S, int64_t i, acc_t scale, const acc_t* table, const acc_t* rb, const acc_t* cb) const {
     const int64_t Wb = L.Wb, Kw = L.Kw, Wo = L.Wo;
     const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t u = 0; u < L.Kh; ++u) {
@@ -276,6 +282,16 @@ struct Kernels {
         } else {
           #pragma GCC ivdep
           for (int64_t j = 0; j < Wo; ++j) s[j] *= scale;
+        }
+        if (rb != nullptr) {
+          const acc_t* r = rb + u * Wb;
+          #pragma GCC ivdep
+          for (int64_t j = 0; j < Wo; ++j) s[j] += r[j];
+        }
+        if (cb != nullptr) {
+          const acc_t* c = cb + v * Wb;
+          #pragma GCC ivdep
+          for (int64_t j = 0; j < Wo; ++j) s[j] += c[j];
         }
         for (int64_t j = 0; j < L.jlo[v]; ++j) s[j] = ninf;
         for (int64_t j = L.jhi[v]; j < Wb; ++j) s[j] = ninf;
@@ -332,30 +348,46 @@ struct Call {
   int64_t sh, dh, dw, ph;
 };
 
+using OptTensor = std::optional<at::Tensor>;
+
 Call check_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const std::optional<at::Tensor>& rel_pos, int64_t heads, at::IntArrayRef kernel_size,
-                at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding, c10::string_view border,
-                const std::optional<c10::string_view>& backend) {
+                const OptTensor& rel_pos, int64_t heads, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                at::IntArrayRef dilation, at::IntArrayRef padding, c10::string_view border,
+                const std::optional<c10::string_view>& backend, const OptTensor& row_bias,
+                const OptTensor& col_bias) {
   check_backend(op, backend, "local_attention");
   const Window window = Window::from_args(kernel_size, stride, dilation, padding, border);
-  check_tensor("q", q, 4, "(B, C, Ho, Wo)");
-  check_tensor("k", k, 4, "(B, C, H, W)");
-  check_tensor("v", v, 4, "(B, C, H, W)");
+  check_tensor("q", q, 4, "(B, Ck, Ho, Wo)");
+  check_tensor("k", k, 4, "(B, Ck, H, W)");
+  check_tensor("v", v, 4, "(B, Cv, H, W)");
   TORCH_CHECK_TYPE(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
                    "q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
                    v.scalar_type());
   TORCH_CHECK_VALUE(heads >= 1, "heads must be a positive int, got ", heads);
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have one shape (B, C, H, W), got k ", k.sizes(), " and v ",
-                    v.sizes());
-  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(1) == k.size(1), "q and k must have the same (B, C), got q ",
+  TORCH_CHECK_VALUE(k.size(0) == v.size(0) && k.size(2) == v.size(2) && k.size(3) == v.size(3),
+                    "k and v must have one batch and size (B, _, H, W), got k ", k.sizes(), " and v ", v.sizes());
+  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(1) == k.size(1), "q and k must have the same (B, Ck), got q ",
                     q.sizes(), " and k ", k.sizes());
-  TORCH_CHECK_VALUE(q.size(1) % heads == 0, "channels C=", q.size(1), " of q/k/v are not divisible by heads=", heads);
+  TORCH_CHECK_VALUE(q.size(1) % heads == 0, "channels Ck=", q.size(1), " of q/k are not divisible by heads=", heads);
+  TORCH_CHECK_VALUE(v.size(1) % heads == 0, "channels Cv=", v.size(1), " of v are not divisible by heads=", heads);
   Call call{plan_for(window, k.size(2), k.size(3)), window.stride[0], window.dilation[0], window.dilation[1],
             window.padding[0]};
   const Plan& p = *call.plan;
   TORCH_CHECK_VALUE(q.size(2) == p.Ho && q.size(3) == p.Wo, "q spatial size ", q.sizes().slice(2),
                     " must be the window's output size [", p.Ho, ", ", p.Wo, "] for k of size [", p.H, ", ", p.W,
                     "]");
+  for (int a = 0; a < 2; ++a) {
+    const OptTensor& bias = a == 0 ? row_bias : col_bias;
+    if (!bias) continue;
+    const char* name = a == 0 ? "row_bias" : "col_bias";
+    const int64_t taps = a == 0 ? p.Kh : p.Kw;
+    check_tensor(name, *bias, 5, a == 0 ? "(B, heads, Kh, Ho, Wo)" : "(B, heads, Kw, Ho, Wo)");
+    check_same_dtype("q", q, name, *bias);
+    TORCH_CHECK_VALUE(bias->size(0) == q.size(0) && bias->size(1) == heads && bias->size(2) == taps &&
+                          bias->size(3) == p.Ho && bias->size(4) == p.Wo,
+                      name, " must have shape (B, heads, ", a == 0 ? "Kh" : "Kw", ", Ho, Wo) = (", q.size(0), ", ",
+                      heads, ", ", taps, ", ", p.Ho, ", ", p.Wo, "), got ", bias->sizes());
+  }
   if (rel_pos) {
     check_tensor("rel_pos", *rel_pos, 3, "(heads, 2*Kh-1, 2*Kw-1)");
     TORCH_CHECK_TYPE(rel_pos->scalar_type() == q.scalar_type(), "q and rel_pos must have one dtype, got ",
@@ -373,18 +405,42 @@ Call check_call(const char* op, const at::Tensor& q, const at::Tensor& k, const 
   return call;
 }
 
+// The per-pixel tap biases of one call: row_bias (B, heads, Kh, Ho, Wo) and col_bias (B, heads,
+// Kw, Ho, Wo), either absent (null), read a row at a time into the accumulation type.
+template <typename scalar_t>
+struct TapBiases {
+  const scalar_t *row = nullptr, *col = nullptr;
+  TapBiases(const at::Tensor& row_bias, const at::Tensor& col_bias) {
+    if (row_bias.defined()) row = row_bias.data_ptr<scalar_t>();
+    if (col_bias.defined()) col = col_bias.data_ptr<scalar_t>();
+  }
+  bool any() const { return row != nullptr || col != nullptr; }
+  // rb[u * Wb + j] and cb[v * Wb + j] of output row i of task (b, h) (the given ones only)
+  template <typename acc_t>
+  void load(const Layout& L, int64_t bh, int64_t i, acc_t* rb, acc_t* cb) const {
+    if (row != nullptr)
+      for (int64_t u = 0; u < L.Kh; ++u) convert(rb + u * L.Wb, row + ((bh * L.Kh + u) * L.Ho + i) * L.Wo, L.Wo);
+    if (col != nullptr)
+      for (int64_t v = 0; v < L.Kw; ++v) convert(cb + v * L.Wb, col + ((bh * L.Kw + v) * L.Ho + i) * L.Wo, L.Wo);
+  }
+};
+
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& table, int64_t heads, double scale,
+                                                const at::Tensor& table, const at::Tensor& row_bias,
+                                                const at::Tensor& col_bias, int64_t heads, double scale,
                                                 const Call& call) {
   using acc_t = at::opmath_type<scalar_t>;
   using K = Kernels<acc_t>;
-  const Layout L(*call.plan, q.size(0), q.size(1), heads, call.sh, call.dh, call.dw, call.ph, table.defined(), K::N);
-  auto out = at::empty(q.sizes(), q.options());
+  const Layout L(*call.plan, q.size(0), q.size(1), v.size(1), heads, call.sh, call.dh, call.dw, call.ph,
+                 table.defined(), K::N);
+  auto out = at::empty({L.B, L.Cv, L.Ho, L.Wo}, q.options());
   at::Tensor lse = at::empty({L.B, heads, L.Ho, L.Wo}, q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  const int64_t Cg = L.Cg, HoWb = L.Ho * L.Wb;
-  const int64_t need =
-      bytes_of({Cg * L.cs, Cg * L.cs, Cg * HoWb, L.KK * L.Wb, Cg * L.Wb, L.Wb, L.T, L.Wb}, sizeof(acc_t));
+  const int64_t Cgk = L.Cgk, Cgv = L.Cgv, HoWb = L.Ho * L.Wb;
+  const TapBiases<scalar_t> tap(row_bias, col_bias);
+  const int64_t rbn = tap.row != nullptr ? L.Kh * L.Wb : 0, cbn = tap.col != nullptr ? L.Kw * L.Wb : 0;
+  const int64_t need = bytes_of(
+      {Cgk * L.cs, Cgv * L.cs, Cgk * HoWb, L.KK * L.Wb, Cgv * L.Wb, L.Wb, L.T, L.Wb, rbn, cbn}, sizeof(acc_t));
   const ThreadScratch scratch(need);
   const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
   const scalar_t* tp = table.defined() ? table.data_ptr<scalar_t>() : nullptr;
@@ -392,24 +448,28 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
   acc_t* lp = lse.data_ptr<acc_t>();
   const K kern{L, L.Wb};
   for_each_task(L.B * heads, heads, 1, scratch, [&](Carver& carver, const TaskRange& tasks) {
-    auto kb = carver.take<acc_t>(Cg * L.cs), vb = carver.take<acc_t>(Cg * L.cs), qb = carver.take<acc_t>(Cg * HoWb);
-    auto S = carver.take<acc_t>(L.KK * L.Wb), o = carver.take<acc_t>(Cg * L.Wb), lrow = carver.take<acc_t>(L.Wb);
+    auto kb = carver.take<acc_t>(Cgk * L.cs), vb = carver.take<acc_t>(Cgv * L.cs), qb = carver.take<acc_t>(Cgk * HoWb);
+    auto S = carver.take<acc_t>(L.KK * L.Wb), o = carver.take<acc_t>(Cgv * L.Wb), lrow = carver.take<acc_t>(L.Wb);
     auto tb = carver.take<acc_t>(L.T), irow = carver.take<acc_t>(L.Wb);
+    auto rb = carver.take<acc_t>(rbn), cb = carver.take<acc_t>(cbn);
+    const acc_t* rbp = tap.row != nullptr ? rb.data() : nullptr;
+    const acc_t* cbp = tap.col != nullptr ? cb.data() : nullptr;
     for (const Task task : tasks) {
-      const int64_t b = task.batch, h = task.group, plane = (b * L.C + h * Cg);
-      fill_rows(kb.data(), L.cs, kp + plane * L.H * L.W, Cg, L.H, 0, L.H, L.cp);
-      fill_rows(vb.data(), L.cs, vp + plane * L.H * L.W, Cg, L.H, 0, L.H, L.cp);
-      for (int64_t c = 0; c < Cg; ++c)
+      const int64_t b = task.batch, h = task.group, kplane = b * L.Ck + h * Cgk, vplane = b * L.Cv + h * Cgv;
+      fill_rows(kb.data(), L.cs, kp + kplane * L.H * L.W, Cgk, L.H, 0, L.H, L.cp);
+      fill_rows(vb.data(), L.cs, vp + vplane * L.H * L.W, Cgv, L.H, 0, L.H, L.cp);
+      for (int64_t c = 0; c < Cgk; ++c)
         for (int64_t i = 0; i < L.Ho; ++i)
-          convert(qb.data() + c * HoWb + i * L.Wb, qp + ((plane + c) * L.Ho + i) * L.Wo, L.Wo);
+          convert(qb.data() + c * HoWb + i * L.Wb, qp + ((kplane + c) * L.Ho + i) * L.Wo, L.Wo);
       if (tp != nullptr) convert(tb.data(), tp + h * L.T, L.T);
       for (int64_t i = 0; i < L.Ho; ++i) {
-        kern.row_dots(qb.data() + i * L.Wb, HoWb, kb.data(), i, S.data());
-        kern.scores(S.data(), i, static_cast<acc_t>(scale), tp != nullptr ? tb.data() : nullptr);
+        kern.row_dots(qb.data() + i * L.Wb, HoWb, kb.data(), Cgk, i, S.data());
+        tap.load(L, b * heads + h, i, rb.data(), cb.data());
+        kern.scores(S.data(), i, static_cast<acc_t>(scale), tp != nullptr ? tb.data() : nullptr, rbp, cbp);
         kern.softmax(S.data(), lrow.data(), irow.data());
-        kern.row_aggregate(S.data(), vb.data(), i, o.data());
-        for (int64_t c = 0; c < Cg; ++c) {
-          scalar_t* dst = op + ((plane + c) * L.Ho + i) * L.Wo;
+        kern.row_aggregate(S.data(), vb.data(), Cgv, i, o.data());
+        for (int64_t c = 0; c < Cgv; ++c) {
+          scalar_t* dst = op + ((vplane + c) * L.Ho + i) * L.Wo;
           const acc_t* src = o.data() + c * L.Wb;
           #pragma GCC ivdep
           for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * irow[j]);
@@ -460,8 +520,8 @@ struct Gather {
 };
 
 template <typename acc_t>
-void gather_row(const Layout& L, const Gather& G, const acc_t* ring, const acc_t* a, int64_t a_cs, int64_t r,
-                acc_t* rowbuf, int64_t rb_cs) {
+void gather_row(const Layout& L, const Gather& G, const acc_t* ring, const acc_t* a, int64_t a_cs, int64_t Cg,
+                int64_t r, acc_t* rowbuf, int64_t rb_cs) {
   using V = typename Vec<acc_t>::type;
   constexpr int N = Vec<acc_t>::N;
   const int64_t pw = L.cp.phase_width, KKWm = L.KK * G.Wm;
@@ -476,7 +536,7 @@ void gather_row(const Layout& L, const Gather& G, const acc_t* ring, const acc_t
     if (count <= 0) continue;
     for (int64_t b0 = 0; b0 < count; b0 += N) {
       const int64_t p0 = first + std::max<int64_t>(0, std::min(b0, count - N));
-      channel_blocks_of<8, 4, 2, 1>(L.Cg, [&](auto cb, int64_t c0) {
+      channel_blocks_of<8, 4, 2, 1>(Cg, [&](auto cb, int64_t c0) {
         constexpr int CB = decltype(cb)::value;
         V acc[CB];
         for (int n = 0; n < CB; ++n) acc[n] = V{};
@@ -496,27 +556,34 @@ void gather_row(const Layout& L, const Gather& G, const acc_t* ring, const acc_t
 }
 
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& table,
-    const at::Tensor& out, const at::Tensor& lse, int64_t heads, double scale, const Call& call) {
+    const at::Tensor& row_bias, const at::Tensor& col_bias, const at::Tensor& out, const at::Tensor& lse,
+    int64_t heads, double scale, const Call& call) {
   using acc_t = at::opmath_type<scalar_t>;
   using K = Kernels<acc_t>;
   using V = typename K::V;
   constexpr int N = K::N;
-  const Layout L(*call.plan, q.size(0), q.size(1), heads, call.sh, call.dh, call.dw, call.ph, table.defined(), N);
+  const Layout L(*call.plan, q.size(0), q.size(1), v.size(1), heads, call.sh, call.dh, call.dw, call.ph,
+                 table.defined(), N);
   const bool gather = L.plan.zero_border;
   const Gather G(L, N);
   auto dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
+  const TapBiases<scalar_t> tap(row_bias, col_bias);
+  auto drow = row_bias.defined() ? at::empty(row_bias.sizes(), q.options()) : at::empty({0}, q.options());
+  auto dcol = col_bias.defined() ? at::empty(col_bias.sizes(), q.options()) : at::empty({0}, q.options());
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   at::Tensor drel_parts = table.defined() ? at::empty({L.B, heads, L.T}, q.options().dtype(acc_type)) : at::Tensor();
-  const int64_t Cg = L.Cg, Wb = L.Wb, Wm = G.Wm, HoWm = L.Ho * Wm, KK = L.KK;
+  const int64_t Cgk = L.Cgk, Cgv = L.Cgv, Wb = L.Wb, Wm = G.Wm, HoWm = L.Ho * Wm, KK = L.KK;
   const int64_t rb_cs = L.cp.s * L.cp.phase_width + N;  // a gathered row per channel (gather) ...
-  const int64_t grad_rows = gather ? 0 : Cg * L.cs;     // ... or the task's whole padded gradients (scatter)
+  const int64_t kgrad_rows = gather ? 0 : Cgk * L.cs;   // ... or the task's whole padded gradients (scatter)
+  const int64_t vgrad_rows = gather ? 0 : Cgv * L.cs;
   const int64_t ring = gather ? G.R * KK * Wm : 0;
-  const int64_t need = bytes_of({Cg * L.cs, Cg * L.cs, grad_rows, grad_rows, Cg * HoWm, Cg * HoWm, gather ? 0 : KK * Wb,
-                                 gather ? 0 : KK * Wb,
-                                 ring, ring, Cg * Wb, 2 * Wb, 2 * L.T, gather ? 2 * Cg * rb_cs : 0},
+  const int64_t rbn = tap.row != nullptr ? L.Kh * Wb : 0, cbn = tap.col != nullptr ? L.Kw * Wb : 0;
+  const int64_t need = bytes_of({Cgk * L.cs, Cgv * L.cs, kgrad_rows, vgrad_rows, Cgk * HoWm, Cgv * HoWm,
+                                 gather ? 0 : KK * Wb, gather ? 0 : KK * Wb, ring, ring, std::max(Cgk, Cgv) * Wb,
+                                 2 * Wb, 2 * L.T, gather ? (Cgk + Cgv) * rb_cs : 0, rbn, cbn},
                                 sizeof(acc_t));
   const ThreadScratch scratch(need);
   const scalar_t *gp = go.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
@@ -524,56 +591,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const scalar_t* tp = table.defined() ? table.data_ptr<scalar_t>() : nullptr;
   const acc_t* lp = lse.data_ptr<acc_t>();
   scalar_t *dqp = dq.data_ptr<scalar_t>(), *dkp = dk.data_ptr<scalar_t>(), *dvp = dv.data_ptr<scalar_t>();
+  scalar_t* drowp = row_bias.defined() ? drow.data_ptr<scalar_t>() : nullptr;
+  scalar_t* dcolp = col_bias.defined() ? dcol.data_ptr<scalar_t>() : nullptr;
   acc_t* drp = table.defined() ? drel_parts.data_ptr<acc_t>() : nullptr;
   const acc_t sc = static_cast<acc_t>(scale);
   const K kern{L, gather ? G.Wm : L.Wb};
   for_each_task(L.B * heads, heads, 1, scratch, [&](Carver& carver, const TaskRange& tasks) {
-    auto kb = carver.take<acc_t>(Cg * L.cs), vb = carver.take<acc_t>(Cg * L.cs);
-    auto dkb = carver.take<acc_t>(grad_rows), dvb = carver.take<acc_t>(grad_rows);
-    auto qb = carver.take<acc_t>(Cg * HoWm), gb = carver.take<acc_t>(Cg * HoWm);
+    auto kb = carver.take<acc_t>(Cgk * L.cs), vb = carver.take<acc_t>(Cgv * L.cs);
+    auto dkb = carver.take<acc_t>(kgrad_rows), dvb = carver.take<acc_t>(vgrad_rows);
+    auto qb = carver.take<acc_t>(Cgk * HoWm), gb = carver.take<acc_t>(Cgv * HoWm);
     auto S = carver.take<acc_t>(gather ? 0 : KK * Wb), dP = carver.take<acc_t>(gather ? 0 : KK * Wb);
     auto pring = carver.take<acc_t>(ring), sring = carver.take<acc_t>(ring);
-    auto o = carver.take<acc_t>(Cg * Wb);
+    auto o = carver.take<acc_t>(std::max(Cgk, Cgv) * Wb);
     auto lrow = carver.take<acc_t>(2 * Wb);
     auto tb = carver.take<acc_t>(2 * L.T);
-    auto rowbuf = carver.take<acc_t>(gather ? 2 * Cg * rb_cs : 0);
+    auto rowbuf = carver.take<acc_t>(gather ? (Cgk + Cgv) * rb_cs : 0);
+    auto rb = carver.take<acc_t>(rbn), cb = carver.take<acc_t>(cbn);
+    const acc_t* rbp = tap.row != nullptr ? rb.data() : nullptr;
+    const acc_t* cbp = tap.col != nullptr ? cb.data() : nullptr;
     acc_t* D = lrow.data() + Wb;
     acc_t* drel = tb.data() + L.T;
-    // input row r of channel c of the task's plane: dk (scaled) and dv from scratch rows whose
-    // column col sits at pos[col]
-    auto write_rows = [&](int64_t plane, int64_t r, const acc_t* sk, const acc_t* sv, int64_t cstride) {
+    // input row r of the Cg channels of the task's plane of dst (dk, scaled by f = scale, or dv,
+    // f = 1) from scratch rows whose column col sits at pos[col]
+    auto write_rows = [&](scalar_t* dst, int64_t plane, int64_t Cg, int64_t r, const acc_t* src, int64_t cstride,
+                          acc_t f) {
       for (int64_t c = 0; c < Cg; ++c) {
-        scalar_t* ok = dkp + ((plane + c) * L.H + r) * L.W;
-        scalar_t* ov = dvp + ((plane + c) * L.H + r) * L.W;
-        const acc_t *k1 = sk + c * cstride, *v1 = sv + c * cstride;
+        scalar_t* o1 = dst + ((plane + c) * L.H + r) * L.W;
+        const acc_t* s1 = src + c * cstride;
         if (L.cp.s == 1) {
           const int64_t p0 = L.pos[0];
 #pragma GCC ivdep
-          for (int64_t col = 0; col < L.W; ++col) {
-            ok[col] = static_cast<scalar_t>(k1[p0 + col] * sc);
-            ov[col] = static_cast<scalar_t>(v1[p0 + col]);
-          }
+          for (int64_t col = 0; col < L.W; ++col) o1[col] = static_cast<scalar_t>(s1[p0 + col] * f);
         } else {
-          for (int64_t col = 0; col < L.W; ++col) {
-            ok[col] = static_cast<scalar_t>(k1[L.pos[col]] * sc);
-            ov[col] = static_cast<scalar_t>(v1[L.pos[col]]);
-          }
+          for (int64_t col = 0; col < L.W; ++col) o1[col] = static_cast<scalar_t>(s1[L.pos[col]] * f);
         }
       }
     };
     for (const Task task : tasks) {
-      const int64_t b = task.batch, h = task.group, plane = (b * L.C + h * Cg);
-      fill_rows(kb.data(), L.cs, kp + plane * L.H * L.W, Cg, L.H, 0, L.H, L.cp);
-      fill_rows(vb.data(), L.cs, vp + plane * L.H * L.W, Cg, L.H, 0, L.H, L.cp);
+      const int64_t b = task.batch, h = task.group, kplane = b * L.Ck + h * Cgk, vplane = b * L.Cv + h * Cgv;
+      fill_rows(kb.data(), L.cs, kp + kplane * L.H * L.W, Cgk, L.H, 0, L.H, L.cp);
+      fill_rows(vb.data(), L.cs, vp + vplane * L.H * L.W, Cgv, L.H, 0, L.H, L.cp);
       if (!gather) {
         std::fill(dkb.begin(), dkb.end(), acc_t(0));
         std::fill(dvb.begin(), dvb.end(), acc_t(0));
       }
-      for (int64_t c = 0; c < Cg; ++c)
-        for (int64_t i = 0; i < L.Ho; ++i) {
-          convert(qb.data() + c * HoWm + i * Wm + G.M, qp + ((plane + c) * L.Ho + i) * L.Wo, L.Wo);
-          convert(gb.data() + c * HoWm + i * Wm + G.M, gp + ((plane + c) * L.Ho + i) * L.Wo, L.Wo);
-        }
+      for (int64_t i = 0; i < L.Ho; ++i) {
+        for (int64_t c = 0; c < Cgk; ++c)
+          convert(qb.data() + c * HoWm + i * Wm + G.M, qp + ((kplane + c) * L.Ho + i) * L.Wo, L.Wo);
+        for (int64_t c = 0; c < Cgv; ++c)
+          convert(gb.data() + c * HoWm + i * Wm + G.M, gp + ((vplane + c) * L.Ho + i) * L.Wo, L.Wo);
+      }
       if (tp != nullptr) {
         convert(tb.data(), tp + h * L.T, L.T);
         std::fill(drel, drel + L.T, acc_t(0));
@@ -587,17 +654,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
         acc_t* dSp = gather ? sring.data() + (i % G.R) * KK * Wm + G.M : dP.data();
         const int64_t ts = kern.ts;
         // P from the saved log-sum-exp
-        kern.row_dots(qrow, HoWm, kb.data(), i, Pp);
-        kern.scores(Pp, i, sc, tp != nullptr ? tb.data() : nullptr);
+        kern.row_dots(qrow, HoWm, kb.data(), Cgk, i, Pp);
+        tap.load(L, b * heads + h, i, rb.data(), cb.data());
+        kern.scores(Pp, i, sc, tp != nullptr ? tb.data() : nullptr, rbp, cbp);
         std::memcpy(lrow.data(), lp + ((b * heads + h) * L.Ho + i) * L.Wo, L.Wo * sizeof(acc_t));
         std::fill(lrow.data() + L.Wo, lrow.data() + Wb, -std::numeric_limits<acc_t>::infinity());
         kern.probabilities(Pp, lrow.data());
         // dP and D = dout . out
-        kern.row_dots(grow, HoWm, vb.data(), i, dSp);
+        kern.row_dots(grow, HoWm, vb.data(), Cgv, i, dSp);
         std::fill(D, D + Wb, acc_t(0));
-        for (int64_t c = 0; c < Cg; ++c) {
+        for (int64_t c = 0; c < Cgv; ++c) {
           const acc_t* g = grow + c * HoWm;
-          const scalar_t* orow = outp + ((plane + c) * L.Ho + i) * L.Wo;
+          const scalar_t* orow = outp + ((vplane + c) * L.Ho + i) * L.Wo;
           #pragma GCC ivdep
           for (int64_t j = 0; j < L.Wo; ++j) D[j] += g[j] * static_cast<acc_t>(orow[j]);
         }
@@ -627,37 +695,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
             }
           }
         }
+        // d row_bias[u] = sum_v dS[u, v], d col_bias[v] = sum_u dS[u, v], through a row of o:
+        // out[n] (n < count) sums the taps n * n_step + m * m_step, m < terms
+        auto tap_sums = [&](scalar_t* out, int64_t count, int64_t n_step, int64_t terms, int64_t m_step) {
+          for (int64_t n = 0; n < count; ++n) {
+            acc_t* sum = o.data();
+            std::fill(sum, sum + L.Wo, acc_t(0));
+            for (int64_t m = 0; m < terms; ++m) {
+              const acc_t* ds = dSp + (n * n_step + m * m_step) * ts;
+              #pragma GCC ivdep
+              for (int64_t j = 0; j < L.Wo; ++j) sum[j] += ds[j];
+            }
+            convert(out + (((b * heads + h) * count + n) * L.Ho + i) * L.Wo, sum, L.Wo);
+          }
+        };
+        if (drowp != nullptr) tap_sums(drowp, L.Kh, L.Kw, L.Kw, 1);
+        if (dcolp != nullptr) tap_sums(dcolp, L.Kw, 1, L.Kh, L.Kw);
         // dq (scaled)
-        kern.row_aggregate(dSp, kb.data(), i, o.data());
-        for (int64_t c = 0; c < Cg; ++c) {
-          scalar_t* dst = dqp + ((plane + c) * L.Ho + i) * L.Wo;
+        kern.row_aggregate(dSp, kb.data(), Cgk, i, o.data());
+        for (int64_t c = 0; c < Cgk; ++c) {
+          scalar_t* dst = dqp + ((kplane + c) * L.Ho + i) * L.Wo;
           const acc_t* src = o.data() + c * Wb;
           #pragma GCC ivdep
           for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * sc);
         }
         if (!gather) {  // the scatters into dk (scaled at the end) and dv
-          kern.row_scatter(dSp, qrow, HoWm, i, dkb.data());
-          kern.row_scatter(Pp, grow, HoWm, i, dvb.data());
+          kern.row_scatter(dSp, qrow, HoWm, Cgk, i, dkb.data());
+          kern.row_scatter(Pp, grow, HoWm, Cgv, i, dvb.data());
           continue;
         }
         // the input rows whose readers are all done
         for (const int64_t r : G.emit[i]) {
-          acc_t *rk = rowbuf.data(), *rv = rowbuf.data() + Cg * rb_cs;
-          gather_row(L, G, sring.data(), qb.data(), HoWm, r, rk, rb_cs);
-          gather_row(L, G, pring.data(), gb.data(), HoWm, r, rv, rb_cs);
-          write_rows(plane, r, rk, rv, rb_cs);
+          acc_t *rk = rowbuf.data(), *rv = rowbuf.data() + Cgk * rb_cs;
+          gather_row(L, G, sring.data(), qb.data(), HoWm, Cgk, r, rk, rb_cs);
+          gather_row(L, G, pring.data(), gb.data(), HoWm, Cgv, r, rv, rb_cs);
+          write_rows(dkp, kplane, Cgk, r, rk, rb_cs, sc);
+          write_rows(dvp, vplane, Cgv, r, rv, rb_cs, acc_t(1));
         }
       }
       if (gather) {
         for (int64_t r = 0; r < L.H; ++r) {
           if (G.last[r] >= 0) continue;  // read by no tap: zero gradients
-          for (int64_t c = 0; c < Cg; ++c) {
-            std::fill(dkp + ((plane + c) * L.H + r) * L.W, dkp + ((plane + c) * L.H + r + 1) * L.W, scalar_t(0));
-            std::fill(dvp + ((plane + c) * L.H + r) * L.W, dvp + ((plane + c) * L.H + r + 1) * L.W, scalar_t(0));
-          }
+          for (int64_t c = 0; c < Cgk; ++c)
+            std::fill(dkp + ((kplane + c) * L.H + r) * L.W, dkp + ((kplane + c) * L.H + r + 1) * L.W, scalar_t(0));
+          for (int64_t c = 0; c < Cgv; ++c)
+            std::fill(dvp + ((vplane + c) * L.H + r) * L.W, dvp + ((vplane + c) * L.H + r + 1) * L.W, scalar_t(0));
         }
       } else {
-        for (int64_t r = 0; r < L.H; ++r) write_rows(plane, r, dkb.data() + r * L.rs, dvb.data() + r * L.rs, L.cs);
+        for (int64_t r = 0; r < L.H; ++r) {
+          write_rows(dkp, kplane, Cgk, r, dkb.data() + r * L.rs, L.cs, sc);
+          write_rows(dvp, vplane, Cgv, r, dvb.data() + r * L.rs, L.cs, acc_t(1));
+        }
       }
       if (tp != nullptr) std::memcpy(drp + (b * heads + h) * L.T, drel, L.T * sizeof(acc_t));
     }
@@ -667,37 +755,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     drel = drel_parts.sum(0).view(table.sizes()).to(table.scalar_type());
   else
     drel = at::empty({0}, q.options());
-  return {dq, dk, dv, drel};
+  return {dq, dk, dv, drel, drow, dcol};
 }
 
+at::Tensor contiguous_or_undefined(const OptTensor& t) { return t ? t->contiguous() : at::Tensor(); }
+
 std::tuple<at::Tensor, at::Tensor> local_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const std::optional<at::Tensor>& rel_pos, int64_t heads,
-                                                      double scale, at::IntArrayRef kernel_size,
-                                                      at::IntArrayRef stride, at::IntArrayRef dilation,
-                                                      at::IntArrayRef padding, c10::string_view border,
-                                                      std::optional<c10::string_view> backend) {
-  const Call call =
-      check_call("local_attention", q, k, v, rel_pos, heads, kernel_size, stride, dilation, padding, border, backend);
-  const at::Tensor table = rel_pos ? rel_pos->contiguous() : at::Tensor();
+                                                      const OptTensor& rel_pos, int64_t heads, double scale,
+                                                      at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                                      at::IntArrayRef dilation, at::IntArrayRef padding,
+                                                      c10::string_view border,
+                                                      std::optional<c10::string_view> backend,
+                                                      const OptTensor& row_bias, const OptTensor& col_bias) {
+  const Call call = check_call("local_attention", q, k, v, rel_pos, heads, kernel_size, stride, dilation, padding,
+                               border, backend, row_bias, col_bias);
+  const at::Tensor table = contiguous_or_undefined(rel_pos);
+  const at::Tensor rb = contiguous_or_undefined(row_bias), cb = contiguous_or_undefined(col_bias);
   std::tuple<at::Tensor, at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention", [&] {
-    r = forward_impl<scalar_t>(q.contiguous(), k.contiguous(), v.contiguous(), table, heads, scale, call);
+    r = forward_impl<scalar_t>(q.contiguous(), k.contiguous(), v.contiguous(), table, rb, cb, heads, scale, call);
   });
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_backward_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_backward_op(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& rel_pos, const at::Tensor& out, const at::Tensor& lse, int64_t heads,
-    double scale, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef dilation,
-    at::IntArrayRef padding, c10::string_view border, std::optional<c10::string_view> backend) {
+    const OptTensor& rel_pos, const at::Tensor& out, const at::Tensor& lse, int64_t heads, double scale,
+    at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef dilation, at::IntArrayRef padding,
+    c10::string_view border, std::optional<c10::string_view> backend, const OptTensor& row_bias,
+    const OptTensor& col_bias) {
   const Call call = check_call("local_attention_backward", q, k, v, rel_pos, heads, kernel_size, stride, dilation,
-                               padding, border, backend);
-  check_tensor("grad_out", grad_out, 4, "(B, C, Ho, Wo)");
-  check_tensor("out", out, 4, "(B, C, Ho, Wo)");
-  TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-                    "grad_out and out must have the shape of q ", q.sizes(), ", got ", grad_out.sizes(), " and ",
-                    out.sizes());
+                               padding, border, backend, row_bias, col_bias);
+  check_tensor("grad_out", grad_out, 4, "(B, Cv, Ho, Wo)");
+  check_tensor("out", out, 4, "(B, Cv, Ho, Wo)");
+  const std::vector<int64_t> out_size = {q.size(0), v.size(1), q.size(2), q.size(3)};
+  TORCH_CHECK_VALUE(grad_out.sizes() == out_size && out.sizes() == out_size,
+                    "grad_out and out must have the output's shape (B, Cv, Ho, Wo) = ", at::IntArrayRef(out_size),
+                    ", got ", grad_out.sizes(), " and ", out.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
                    "grad_out and out must have the dtype of q (", q.scalar_type(), "), got ", grad_out.scalar_type(),
                    " and ", out.scalar_type());
@@ -706,10 +800,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> local_attention_backw
                         lse.size(3) == q.size(3) && lse.scalar_type() == stats,
                     "lse must be (B, heads, Ho, Wo) = (", q.size(0), ", ", heads, ", ", q.size(2), ", ", q.size(3),
                     ") of dtype ", stats, ", got ", lse.sizes(), " of dtype ", lse.scalar_type());
-  const at::Tensor table = rel_pos ? rel_pos->contiguous() : at::Tensor();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> r;
+  const at::Tensor table = contiguous_or_undefined(rel_pos);
+  const at::Tensor rb = contiguous_or_undefined(row_bias), cb = contiguous_or_undefined(col_bias);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "local_attention_backward", [&] {
-    r = backward_impl<scalar_t>(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), table,
+    r = backward_impl<scalar_t>(grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), table, rb, cb,
                                 out.contiguous(), lse.contiguous(), heads, scale, call);
   });
   return r;
