@@ -1,8 +1,8 @@
 """Triton GPU backend of the three primitives (``docs/triton-backend.md``; the backend
 contract: ``docs/design.md``, "Backends").
 
-One file per kernel (``aggregate.py``, ``correlate.py``, ``aggregate_transpose.py``, and the
-forward of the fused ``local_attention.py``): the
+One file per kernel (``aggregate.py``, ``correlate.py``, ``aggregate_transpose.py``, the fused
+``local_attention.py`` and its backward ``local_attention_backward.py``): the
 ``@triton.jit`` kernel, whose docstring states the grid and the work per program, then its
 launcher. This module holds the backend class; the tile heuristics the launchers share are in
 ``common.py``, the device helpers the kernels share in ``device.py``. It never imports Triton
@@ -111,9 +111,15 @@ class TritonBackend(Backend):
                             None if rel_pos is None else rel_pos.contiguous(), heads, scale, window)
 
     def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
-        """The reference composition of the gradients, on the Triton primitives (no fused
-        backward kernel yet): it recomputes the scores from lse, so autograd still keeps no
-        scores, but the backward holds K*K-sized temporaries while it runs."""
+        """Two kernels (``local_attention_backward.py``): the scores are recomputed tile by tile,
+        nothing of the kernel's size is stored."""
+        return self._launch("local_attention_backward", grad_out.contiguous(), q.contiguous(), k.contiguous(),
+                            v.contiguous(), None if rel_pos is None else rel_pos.contiguous(), out.contiguous(),
+                            lse.contiguous(), heads, scale, window)
+
+    def _composed_local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window):
+        """The reference composition of the gradients, on the Triton primitives: it recomputes
+        the scores from lse, but holds K*K-sized temporaries while it runs."""
         from ..reference import ReferenceBackend
 
         composed = ReferenceBackend()  # its composition, on this backend's primitives
