@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
-from .device import score_tile, split_program, tile_pixels, window_sources
+from .device import score_tile, tap_pixel_tile
 
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
 
@@ -55,12 +55,9 @@ def correlate_kernel(
     over the last dim / the chunks with ``torch.sum``. No atomics: every output element has
     exactly one writer.
     """
-    pblk, _, g, bo = split_program(tl.program_id(0), n_pblk, 1, G)
-    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
-    t = tl.arange(0, BLOCK_T)
-    mask_t = t < KH * KW
-    hs, ws, valid = window_sources(i, j, mask_p, t, H, W, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, REFLECT)
-    k_offs = tl.where(valid, hs * W + ws, 0)      # (BLOCK_T, BLOCK_P) int32, inside one plane
+    pblk, g, bo, offs_p, mask_p, i, j, t, hs, ws, valid, k_offs = tap_pixel_tile(
+        n_pblk, G, H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, REFLECT, BLOCK_T, BLOCK_P)
+    mask_t = t < KH * KW                          # k_offs: (BLOCK_T, BLOCK_P) int32, inside one plane
 
     acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
     b0 = bo * b_per_prog

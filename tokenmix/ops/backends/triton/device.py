@@ -185,3 +185,18 @@ def rel_index(hs, ws, i, j, sh, sw, dh, dw, KH: tl.constexpr, KW: tl.constexpr):
     ``(hs, ws)``, divided by the dilation (exact: the offsets are multiples of it when a table
     is given)."""
     return ((hs - i * sh) // dh + (KH - 1)) * (2 * KW - 1) + (ws - j * sw) // dw + (KW - 1)
+
+
+@triton.jit
+def tap_pixel_tile(n_pblk, G, H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, KH: tl.constexpr, KW: tl.constexpr,
+                   CLAMP: tl.constexpr, REFLECT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile of a program of a tap-by-pixel grid (all taps of ``BLOCK_P`` output pixels;
+    :func:`split_program` without channel blocks): pixel block, group ``g``, image or batch
+    chunk ``b`` (int64), the pixels (:func:`tile_pixels`), the taps ``t`` (BLOCK_T,), their
+    sources and validity (:func:`window_sources`) and the in-plane source offsets (0 where
+    invalid)."""
+    pblk, _, g, b = split_program(tl.program_id(0), n_pblk, 1, G)
+    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
+    t = tl.arange(0, BLOCK_T)
+    hs, ws, valid = window_sources(i, j, mask_p, t, H, W, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, REFLECT)
+    return pblk, g, b, offs_p, mask_p, i, j, t, hs, ws, valid, tl.where(valid, hs * W + ws, 0)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
-from .device import rel_index, score_tile, split_program, tile_pixels, window_sources
+from .device import rel_index, score_tile, tap_pixel_tile
 
 _RUNTIME_INTS = ("B", "C", "H", "W", "Ho", "Wo", "Cg", "G", "n_pblk", "sh", "sw", "dh", "dw", "ph", "pw")
 
@@ -44,11 +44,8 @@ def local_attention_kernel(
     over the channels gathers the value tile and stores ``sum_t p_t v_t`` per channel. No
     atomics: every output element has exactly one writer.
     """
-    pblk, _, g, b = split_program(tl.program_id(0), n_pblk, 1, G)
-    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
-    t = tl.arange(0, BLOCK_T)
-    hs, ws, valid = window_sources(i, j, mask_p, t, H, W, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, False)
-    k_offs = tl.where(valid, hs * W + ws, 0)      # (BLOCK_T, BLOCK_P) int32, inside one plane
+    _, g, b, offs_p, mask_p, i, j, t, hs, ws, valid, k_offs = tap_pixel_tile(
+        n_pblk, G, H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, False, BLOCK_T, BLOCK_P)
 
     plane = b * C + g * Cg                        # int64 index of the head's first channel
     s = score_tile(tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC), q_ptr + plane * Ho * Wo, k_ptr + plane * H * W,

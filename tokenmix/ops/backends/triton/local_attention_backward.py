@@ -30,8 +30,8 @@ import triton.language as tl
 
 from .common import (acc_dtype, attention_kv_tiles, attention_query_pixel_tile, check_plane, clamp_candidates,
                      launchable, tap_tile)
-from .device import (clamp_reader, clamp_readers, clamp_start, rel_index, score_tile, split_program, tile_pixels,
-                     window_sources, zero_reader)
+from .device import (clamp_reader, clamp_readers, clamp_start, rel_index, score_tile, split_program, tap_pixel_tile,
+                     tile_pixels, zero_reader)
 
 # Every integer argument is a plain runtime value: one compiled variant per (K, border, dtype,
 # table or not, tiles) serves every shape and geometry.
@@ -66,12 +66,8 @@ def local_attention_backward_query_kernel(
     n_pblk, (2KH-1)(2KW-1))``.
     Float32 (float64) accumulation; every output element has exactly one writer.
     """
-    pid = tl.program_id(0)
-    pblk, _, g, b = split_program(pid, n_pblk, 1, G)
-    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
-    t = tl.arange(0, BLOCK_T)
-    hs, ws, valid = window_sources(i, j, mask_p, t, H, W, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, False)
-    k_offs = tl.where(valid, hs * W + ws, 0)      # (BLOCK_T, BLOCK_P) int32, inside one plane
+    _, g, b, offs_p, mask_p, i, j, t, hs, ws, valid, k_offs = tap_pixel_tile(
+        n_pblk, G, H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, False, BLOCK_T, BLOCK_P)
 
     qk = b * CK + g * Ck                          # int64 index of the head's first q/k channel
     vo = b * CV + g * Cv                          # ... and v/out/dout channel
@@ -111,7 +107,7 @@ def local_attention_backward_query_kernel(
 
     if HAS_REL:
         if CLAMP:  # table entry (u + a_p, v + b_p) for tap (u, v): (a_p, b_p) the pixel's shift
-            row = drel_ptr + pid.to(tl.int64) * NE
+            row = drel_ptr + tl.program_id(0).to(tl.int64) * NE
             a0 = (clamp_start(i, H, KH, dh) - i) // dh + (KH - 1)   # table row of tap row 0
             b0 = (clamp_start(j, W, KW, dw) - j) // dw + (KW - 1)
             e = tl.arange(0, BLOCK_E)
@@ -121,7 +117,7 @@ def local_attention_backward_query_kernel(
             part = tl.where(ok, tl.gather(ds, tl.where(ok, ue * KW + ve, 0), 0), 0.0)
             tl.store(row + e, tl.sum(part, axis=1).to(drel_ptr.dtype.element_ty), mask=e < NE)
         else:  # one table entry per tap, the same for every pixel: the launcher places the taps
-            row = drel_ptr + pid.to(tl.int64) * (KH * KW)
+            row = drel_ptr + tl.program_id(0).to(tl.int64) * (KH * KW)
             tl.store(row + t, tl.sum(ds, axis=1).to(drel_ptr.dtype.element_ty), mask=t < KH * KW)
 
 
