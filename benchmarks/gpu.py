@@ -17,6 +17,9 @@ of the kernel time, CUDA events), in one run:
 * the fused ``aggregate_linear`` (RedNet's generator: M = C/4 features, G = C/16), forward and
   forward + backward on ``triton`` against its composed form on the same backend (the kernel
   materialised by a 1x1 convolution, then ``aggregate``): the "composed/fused" column;
+* the backward of ``local_attention`` alone (SASA: zero border; neighborhood attention: clamp
+  border; both with a relative position table), from the tensors its forward saved: the
+  backend's fused backward against its composition of the primitives, "composed/fused";
 and the machine's own ceiling: the device-to-device copy bandwidth (best of a 256 MiB copy,
 read + write bytes), from which each triton time gets ``ceiling = bytes / bandwidth`` where
 bytes is what the op must at least read and write once. It prints ratios (other / triton,
@@ -43,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmix.ops import Window, aggregate, aggregate_linear, correlate, local_attention
+from tokenmix.ops.backends import get_backend
 
 SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]  # (C, H=W): RedNet-50 stages
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -113,8 +117,6 @@ def main(argv=None) -> int:
             print("benchmarks/gpu.py: no CUDA device (torch.cuda.is_available() is False); nothing to time. "
                   "The static figures come from benchmarks/triton_resources.py.")
             return 0
-        from tokenmix.ops.backends import get_backend
-
         why = get_backend("triton").unavailable_reason()
         if why:
             print(f"benchmarks/gpu.py: the triton backend is unavailable ({why})")
@@ -198,6 +200,20 @@ def main(argv=None) -> int:
             cases["local attn fwd+bwd (fused)"] = dict(
                 triton=fwd_bwd(la_fused, q, k, v, rel), ref=fwd_bwd(la_composed, q, k, v, rel),
                 bytes=3 * nbytes(q, k, v, x))
+            # the backward alone, on the tensors the forward saved: the backend's fused backward
+            # against its composition of the primitives (the "composed/fused" column); SASA
+            # (zero border, table) and neighborhood attention (clamp border, table)
+            bk = get_backend(be)
+            for label, win, hh in (("local attn bwd", zero, la_heads), ("neighborhood attn bwd", clamp, heads)):
+                sc = (C // hh) ** -0.5
+                tab = 0.02 * rnd(hh, 13, 13, dtype=dt)
+                o_, l_ = bk.local_attention(q, k, v, tab, hh, sc, win)
+                bargs = (rnd(*o_.shape, dtype=dt), q, k, v, tab, o_, l_, hh, sc, win)
+                composed_bwd = bk._composed().local_attention_backward if hasattr(bk, "_composed") else bk.local_attention_backward
+                cases[label] = dict(
+                    triton=lambda bargs=bargs: bk.local_attention_backward(*bargs),
+                    composed=lambda bargs=bargs, f=composed_bwd: f(*bargs),
+                    bytes=2 * nbytes(q, k, v, x) + B * hh * H * H * 4)
             # the fused op vs its composed form (kernel by a 1x1 convolution, then aggregate)
             M = max(1, C // 4)
             h = rnd(B, M, H, H, dtype=dt)

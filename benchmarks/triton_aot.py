@@ -50,8 +50,9 @@ def aot_compile(op: str, dtype: torch.dtype, kernel_size: Tuple[int, int], borde
             sig[n] = "i32"
     if op == "correlate" and tiles.get("SUM_SPACE"):
         sig["out_ptr"] = "*fp64" if dtype == torch.float64 else "*fp32"
-    if op == "local_attention":
-        sig["lse_ptr"] = "*fp64" if dtype == torch.float64 else "*fp32"
+    for n in ("lse_ptr", "delta_ptr", "drel_ptr"):  # per-pixel statistics and partial sums: the accumulator type
+        if n in sig:
+            sig[n] = "*fp64" if dtype == torch.float64 else "*fp32"
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n.endswith("_ptr")}
     src = ASTSource(kernel, sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),

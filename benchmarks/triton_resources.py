@@ -33,7 +33,7 @@ from tokenmix.ops.backends.triton.common import tile_configs
 from triton_aot import aot_compile, resource_usage
 
 OPS = ("aggregate", "correlate", "aggregate_transpose", "aggregate_linear", "aggregate_linear_backward",
-       "aggregate_linear_dlinear")
+       "aggregate_linear_dlinear", "local_attention_backward", "local_attention_backward_kv")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     dtypes = ["float32"] if args.quick else args.dtypes
     K = args.kernel_size
     rows = []
-    head = (f"{'kernel':<25} {'border':<6} {'dtype':<9} {'tiles':<36} {'sm':>3} {'regs':>5} {'spill st/ld':>12} "
+    head = (f"{'kernel':<27} {'border':<6} {'dtype':<9} {'tiles':<43} {'sm':>3} {'regs':>5} {'spill st/ld':>12} "
             f"{'local':>6} {'stack':>6} {'smem':>6} {'occup.':>7}")
     print(f"triton {triton.__version__}, K={K}, num_warps=4; occupancy = warps/SM allowed by registers / 64")
     print(head)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                         r = resource_usage(aot_compile(op, DTYPES[dn], (K, K), border, tiles, cc), cc)
                         occ = occupancy_warps(r["regs"]) / 64
                         tiles_s = " ".join(f"{k}={int(v)}" for k, v in tiles.items())
-                        print(f"{op:<25} {border:<6} {dn:<9} {tiles_s:<36} {cc:>3} {r['regs']:>5} "
+                        print(f"{op:<27} {border:<6} {dn:<9} {tiles_s:<43} {cc:>3} {r['regs']:>5} "
                               f"{r['spill_stores']:>5}/{r['spill_loads']:<6} {r['local']:>6} {r['stack']:>6} "
                               f"{r['shared']:>6} {occ:>7.2f}", flush=True)
                         rows.append(dict(kernel=op, border=border, dtype=dn, kernel_size=K, capability=cc,

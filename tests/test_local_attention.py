@@ -508,7 +508,7 @@ for window, B, C, H, W in cases:
                 torch.testing.assert_close(lse.double(), wl, atol=tol[0] * 4, rtol=tol[1] * 4)
                 assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
                 n += 1
-# the backward (the reference composition on the interpreted primitives)
+# the backward (the fused kernels; test_triton_interpreter_backward covers them in full)
 window = Window(3, stride=2)
 g = torch.Generator().manual_seed(1)
 q, go = (torch.randn(1, 4, 4, 4, dtype=torch.float64, generator=g) for _ in range(2))
@@ -535,13 +535,95 @@ print("INTERP OK", n)
 """
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
-def test_triton_interpreter():
+def _run_interpreted(script: str, expect: str):
+    """Run ``script`` in a child process started with TRITON_INTERPRET=1; it must print ``expect``."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONDONTWRITEBYTECODE="1")
-    out = subprocess.run([sys.executable, "-c", INTERP_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
                          timeout=600)
-    assert out.returncode == 0 and "INTERP OK 72" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0 and expect in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_triton_interpreter():
+    _run_interpreted(INTERP_SCRIPT, "INTERP OK 72")
+
+
+# The fused Triton backward in the interpreter, against the float64 reference composition on
+# the same rounded inputs (q, k, v, rel_pos, grad_out, and out/lse from the float64 forward): odd
+# and prime sizes, H != W, stride and dilation 2, both borders, an all-masked pixel, heads 1..4,
+# head widths 1, 2, 3, 5 and 33 (two channel blocks), the four dtypes, with and without a table;
+# every input between NaN guard bands (an unmasked read past either end shows up as NaN); a
+# rerun is bitwise equal; key/value widths that differ, against autograd of the reference.
+INTERP_BWD_SCRIPT = r"""
+import itertools
+import torch
+from tokenmix.ops import Window, get_backend, register_backend
+from tokenmix.ops.backends.triton import TritonBackend
+b = TritonBackend(interpret=True)
+assert b.unavailable_reason() is None, b.unavailable_reason()
+register_backend(b)
+ref = get_backend("reference")
+GUARD = 32
+
+def poisoned(t):
+    buf = torch.full((t.numel() + 2 * GUARD,), float("nan"), dtype=t.dtype)
+    out = buf[GUARD:GUARD + t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+cases = [(Window(3), 2, 6, 2, 5, 7), (Window(3, stride=2), 1, 4, 4, 7, 8),
+         (Window((3, 5), border="clamp", dilation=(2, 1)), 1, 6, 3, 7, 6), (Window(5, stride=2, dilation=2), 1, 3, 1, 9, 11),
+         (Window((5, 3), stride=(1, 2), padding=(2, 1)), 1, 6, 2, 6, 8), (Window(3, border="clamp"), 2, 5, 1, 5, 4),
+         (Window(7, dilation=(1, 2), border="clamp"), 1, 2, 1, 7, 15), (Window(3, padding=(1, 0)), 1, 66, 2, 3, 5),
+         (Window(1, padding=1), 1, 2, 1, 3, 4)]
+dtypes = itertools.cycle([torch.float32, torch.bfloat16, torch.float64, torch.float16])
+n = 0
+for window, B, C, heads, H, W in cases:
+    for rel in (False, True):
+        if rel and window.kernel_size == (1, 1):
+            continue
+        dtype = next(dtypes)
+        g = torch.Generator().manual_seed(n)
+        Ho, Wo = window.output_size(H, W)
+        Kh, Kw = window.kernel_size
+        q, go = (torch.randn(B, C, Ho, Wo, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2))
+        k, v = (torch.randn(B, C, H, W, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2))
+        r = torch.randn(heads, 2 * Kh - 1, 2 * Kw - 1, generator=g, dtype=torch.float64).to(dtype).double() if rel else None
+        out, lse = ref.local_attention(q, k, v, r, heads, 0.7, window)
+        want = ref.local_attention_backward(go, q, k, v, r, out, lse, heads, 0.7, window)
+        args = [poisoned(t.to(dtype)) if t is not None else None for t in (go, q, k, v, r, out)]
+        lse_p = poisoned(lse.to(torch.float64 if dtype == torch.float64 else torch.float32))
+        got = b.local_attention_backward(*args, lse_p, heads, 0.7, window)
+        atol, rtol = b.bwd_tol[dtype]
+        for name, a, w in zip(("dq", "dk", "dv", "drel"), got, want):
+            assert a.dtype == (dtype if name != "drel" or rel else a.dtype) and a.shape == w.shape, (name, a.dtype, a.shape)
+            assert not torch.isnan(a).any(), (name, window, dtype, "NaN: an unmasked read of the guard band?")
+            torch.testing.assert_close(a.double(), w, atol=atol * 4, rtol=rtol * 4, msg=lambda m: f"{name} {window} {dtype} rel={rel}: {m}")
+        again = b.local_attention_backward(*args, lse_p, heads, 0.7, window)
+        assert all(torch.equal(a, c) for a, c in zip(got, again)), "not bitwise reproducible"
+        n += 1
+# key/value head widths that differ (the launcher takes them separately): autograd of the reference forward
+window = Window(3, stride=2, dilation=(1, 2))
+g = torch.Generator().manual_seed(7)
+q = torch.randn(2, 4, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+k = torch.randn(2, 4, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+v = torch.randn(2, 6, 6, 7, generator=g, dtype=torch.float64, requires_grad=True)
+r = torch.randn(2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+out, lse = ref.local_attention(q, k, v, r, 2, 0.5, window)
+go = torch.randn_like(out)
+want = torch.autograd.grad(out, (q, k, v, r), go)
+from tokenmix.ops.backends.triton.local_attention_backward import local_attention_backward
+got = local_attention_backward(go, q.detach(), k.detach(), v.detach(), r.detach(), out.detach(), lse, 2, 0.5, window)
+for a, c in zip(got, want):
+    torch.testing.assert_close(a, c)
+print("INTERP BWD OK", n)
+"""
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_triton_interpreter_backward():
+    _run_interpreted(INTERP_BWD_SCRIPT, "INTERP BWD OK 17")
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -558,6 +640,55 @@ def test_triton_aot_compile_has_no_spills(dtype, border, tile, capability):
     r = resource_usage(ck, capability)
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (dtype, border, tiles, r)
     assert r["local"] == 0 and r["stack"] == 0 and 0 < r["regs"] <= 255, r
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="AOT compilation needs the jit kernels")
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("op,dtype,border,tile", [
+    ("local_attention_backward", torch.float32, "clamp", -1), ("local_attention_backward", torch.float64, "clamp", -1),
+    ("local_attention_backward_kv", torch.float16, "clamp", 1), ("local_attention_backward_kv", torch.float64, "zero", 1),
+    ("local_attention_backward_kv", torch.bfloat16, "zero", -1)])
+def test_triton_backward_aot_compile_has_no_spills(op, dtype, border, tile, capability):
+    """The backward's two kernels, 7x7, both borders, the tiles with the most registers
+    (benchmarks/triton_resources.py prints them all)."""
+    from triton_aot import aot_compile, resource_usage
+    from tokenmix.ops.backends.triton.common import tile_configs
+
+    tiles = tile_configs(op, dtype, 49)[tile]
+    r = resource_usage(aot_compile(op, dtype, (7, 7), border, tiles, capability), capability)
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (op, dtype, border, tiles, r)
+    assert r["local"] == 0 and r["stack"] == 0 and 0 < r["regs"] <= 255 and r["shared"] <= 48 * 1024, r
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("window,C,heads,H,W", [(Window(7), 64, 2, 23, 17), (Window(7, dilation=(1, 2), border="clamp"), 96, 2, 16, 19),
+                                                (Window(5, stride=2), 128, 2, 19, 26)])
+def test_triton_backward_on_cuda_matches_reference(window, C, heads, H, W, dtype):
+    """On a CUDA device: the fused backward against the float64 reference on the same rounded
+    inputs (head widths 32, 48 and 64: one and two channel blocks), bitwise reproducible, and
+    reached by autograd through the op."""
+    b, ref = get_backend("triton"), get_backend("reference")
+    g = torch.Generator().manual_seed(0)
+    Ho, Wo = window.output_size(H, W)
+    Kh, Kw = window.kernel_size
+    q, go = (torch.randn(2, C, Ho, Wo, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    k, v = (torch.randn(2, C, H, W, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    r = (0.5 * torch.randn(heads, 2 * Kh - 1, 2 * Kw - 1, generator=g, dtype=torch.float64)).to(dtype)
+    dev = [t.cuda() for t in (go, q, k, v, r)]
+    out, lse = b.local_attention(*dev[1:4], dev[4], heads, 0.3, window)
+    got = b.local_attention_backward(*dev, out, lse, heads, 0.3, window)
+    want = ref.local_attention_backward(*(t.double() for t in (go, q, k, v, r)), out.cpu().double(), lse.cpu().double(),
+                                        heads, 0.3, window)
+    atol, rtol = b.bwd_tol[dtype]
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.cpu().double(), w, atol=atol * 4, rtol=rtol * 4)
+    again = b.local_attention_backward(*dev, out, lse, heads, 0.3, window)
+    assert all(torch.equal(a, c) for a, c in zip(got, again)), "not bitwise reproducible"
+    qa, ka, va, ra = (t.clone().requires_grad_(True) for t in dev[1:])
+    local_attention(qa, ka, va, window, heads, scale=0.3, rel_pos=ra).float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in (qa, ka, va, ra))
 
 
 @pytest.mark.parametrize("window", [Window(3, stride=2), Window((3, 5), border="clamp"), Window(1, padding=1)])

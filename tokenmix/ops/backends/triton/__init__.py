@@ -1,8 +1,8 @@
 """Triton GPU backend of the three primitives (``docs/triton-backend.md``; the backend
 contract: ``docs/design.md``, "Backends").
 
-One file per kernel (``aggregate.py``, ``correlate.py``, ``aggregate_transpose.py``, and the
-forward of the fused ``local_attention.py``): the
+One file per kernel (``aggregate.py``, ``correlate.py``, ``aggregate_transpose.py``, the fused
+``local_attention.py`` and its backward ``local_attention_backward.py``): the
 ``@triton.jit`` kernel, whose docstring states the grid and the work per program, then its
 launcher. This module holds the backend class; the tile heuristics the launchers share are in
 ``common.py``, the device helpers the kernels share in ``device.py``. It never imports Triton
@@ -126,11 +126,18 @@ class TritonBackend(Backend):
 
     def local_attention_backward(self, grad_out, q, k, v, rel_pos, out, lse, heads, scale, window, row_bias=None,
                                  col_bias=None):
-        """The reference composition of the gradients, on the Triton primitives (no fused
-        backward kernel yet): it recomputes the scores from lse, so autograd still keeps no
-        scores, but the backward holds K*K-sized temporaries while it runs."""
-        return self._composed().local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, heads, scale, window,
-                                                         row_bias, col_bias)
+        """Two kernels (``local_attention_backward.py``): the scores are recomputed tile by tile,
+        nothing of the kernel's size is stored. A call with per-pixel tap biases or with k and
+        v of different widths runs the reference composition on this backend's primitives
+        (it recomputes the scores from lse, but holds K*K-sized temporaries while it runs)."""
+        if row_bias is not None or col_bias is not None or k.shape[1] != v.shape[1]:
+            return self._composed().local_attention_backward(grad_out, q, k, v, rel_pos, out, lse, heads, scale,
+                                                             window, row_bias, col_bias)
+        grads = self._launch("local_attention_backward", grad_out.contiguous(), q.contiguous(), k.contiguous(),
+                             v.contiguous(), None if rel_pos is None else rel_pos.contiguous(), out.contiguous(),
+                             lse.contiguous(), heads, scale, window)
+        none = q.new_empty(0)
+        return (*grads, none, none)
 
     def aggregate_linear(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                          bias: Optional[torch.Tensor], window: Window) -> torch.Tensor:

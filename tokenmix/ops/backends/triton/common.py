@@ -4,6 +4,7 @@ the backend class and the kernels both import it and neither imports the other."
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Tuple
 
@@ -24,6 +25,11 @@ KERNELS = {  # primitive -> (module, jit kernel name, launcher name)
                                   "aggregate_linear_backward"),
     "aggregate_linear_dlinear": ("tokenmix.ops.backends.triton.aggregate_linear",
                                  "aggregate_linear_dlinear_kernel", "aggregate_linear_backward"),
+    # the backward of local_attention: two kernels, one launcher
+    "local_attention_backward": ("tokenmix.ops.backends.triton.local_attention_backward",
+                                 "local_attention_backward_query_kernel", "local_attention_backward"),
+    "local_attention_backward_kv": ("tokenmix.ops.backends.triton.local_attention_backward",
+                                    "local_attention_backward_kv_kernel", "local_attention_backward"),
 }
 _BIG = 1 << 20  # a plane large enough that the tile heuristics pick their largest tiles
 
@@ -99,6 +105,27 @@ def dlinear_tiles(pixels: int, taps: int) -> Tuple[int, int]:
     return block_t, min(p, max(16, _next_pow2(pixels)))
 
 
+def attention_query_pixel_tile(pixels: int, block_t: int, dtype: torch.dtype) -> int:
+    """BLOCK_P of the query kernel of local_attention's backward: about 1024 elements per
+    ``BLOCK_T x BLOCK_P`` tile (512 for float64; the scores and dP tiles live together), 16..128
+    pixels."""
+    budget = 512 if dtype == torch.float64 else 1024
+    p = max(16, min(128, budget // block_t))
+    return min(p, max(16, _next_pow2(pixels)))
+
+
+def attention_kv_tiles(head_width: int, pixels: int, dtype: torch.dtype) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of the key/value kernel of local_attention's backward: the head's
+    widest channel count rounded up to a power of two, at most 32 (a wider head takes several
+    channel blocks, each recomputing the scores); about 512 elements per ``BLOCK_C x BLOCK_P``
+    accumulator (128 for float64; dk and dv live together; 256 spilled on sm_80), 16..128
+    pixels."""
+    block_c = min(_next_pow2(head_width), 32)
+    budget = 128 if dtype == torch.float64 else 512
+    p = max(16, min(128, budget // block_c))
+    return block_c, min(p, max(16, _next_pow2(pixels)))
+
+
 def weight_strides(w: torch.Tensor) -> Tuple[int, int, int, int]:
     """(batch, group, tap, pixel) element strides of a contiguous (B|1, G, KK, Ho|1, Wo|1)
     weight; a broadcast dim gets stride 0 (never expanded in memory)."""
@@ -151,6 +178,13 @@ def tile_configs(op: str, dtype: torch.dtype, taps: int, border: str = "zero"):
         clamp_dx = op == "aggregate_linear_backward" and border == "clamp"
         return [dict(BLOCK_C=c, BLOCK_P=linear_pixel_tile(_BIG, c, dtype, clamp_dx), BLOCK_M=8, HAS_BIAS=True)
                 for c in (1, 2, 4, 8, 16)]
+    if op == "local_attention_backward":
+        bt, k = tap_tile(taps), math.isqrt(taps)  # a square kernel: the table has (2K-1)**2 entries
+        return [dict(BLOCK_T=bt, BLOCK_P=attention_query_pixel_tile(_BIG, bt, dtype),
+                     BLOCK_E=_next_pow2((2 * k - 1) ** 2), HAS_REL=r) for r in (False, True)]
+    if op == "local_attention_backward_kv":
+        return [dict(zip(("BLOCK_C", "BLOCK_P"), attention_kv_tiles(c, _BIG, dtype)), HAS_REL=r)
+                for c in (8, 32) for r in (False, True)]
     if op == "aggregate_linear_dlinear":
         bt, bp = dlinear_tiles(_BIG, taps)
         return [dict(BLOCK_T=bt, BLOCK_P=bp, BLOCK_M=16, HAS_BIAS=b,

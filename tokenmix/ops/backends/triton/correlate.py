@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
-from .device import clamp_start, reflect_index, tile_pixels
+from .device import score_tile, tap_pixel_tile
 
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
 
@@ -55,47 +55,17 @@ def correlate_kernel(
     over the last dim / the chunks with ``torch.sum``. No atomics: every output element has
     exactly one writer.
     """
-    pid = tl.program_id(0)
-    pblk = pid % n_pblk
-    rest = pid // n_pblk
-    g = rest % G
-    bo = rest // G
-
-    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
-    t = tl.arange(0, BLOCK_T)
-    mask_t = t < KH * KW
-    u = t // KW
-    v = t % KW
-
-    if CLAMP:
-        h0 = clamp_start(i, H, KH, dh)
-        w0 = clamp_start(j, W, KW, dw)
-        hs = h0[None, :] + (u * dh)[:, None]
-        ws = w0[None, :] + (v * dw)[:, None]
-        valid = mask_t[:, None] & mask_p[None, :]
-    elif REFLECT:
-        hs = reflect_index((i * sh - ph)[None, :] + (u * dh)[:, None], H)
-        ws = reflect_index((j * sw - pw)[None, :] + (v * dw)[:, None], W)
-        valid = mask_t[:, None] & mask_p[None, :]
-    else:
-        hs = (i * sh - ph)[None, :] + (u * dh)[:, None]
-        ws = (j * sw - pw)[None, :] + (v * dw)[:, None]
-        valid = mask_t[:, None] & mask_p[None, :] & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-    k_offs = tl.where(valid, hs * W + ws, 0)      # (BLOCK_T, BLOCK_P) int32, inside one plane
+    pblk, g, bo, offs_p, mask_p, i, j, t, hs, ws, valid, k_offs = tap_pixel_tile(
+        n_pblk, G, H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, REFLECT, BLOCK_T, BLOCK_P)
+    mask_t = t < KH * KW                          # k_offs: (BLOCK_T, BLOCK_P) int32, inside one plane
 
     acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
-    b0 = bo.to(tl.int64) * b_per_prog
+    b0 = bo * b_per_prog
     n_b = (tl.minimum(b0 + b_per_prog, B) - b0).to(tl.int32)   # images of this chunk
     for bb in range(n_b):
         plane = (b0 + bb) * C + g * Cg            # int64 index of the group's first channel
-        q_c = q_ptr + plane * Ho * Wo
-        k_c = k_ptr + plane * H * W
-        for c in range(Cg):
-            qv = tl.load(q_c + offs_p, mask=mask_p, other=0.0).to(ACC)
-            kv = tl.load(k_c + k_offs, mask=valid, other=0.0).to(ACC)
-            acc += qv[None, :] * kv
-            q_c += Ho * Wo
-            k_c += H * W
+        acc = score_tile(acc, q_ptr + plane * Ho * Wo, k_ptr + plane * H * W, offs_p, mask_p, k_offs, valid,
+                         Cg, Ho * Wo, H * W, ACC)
 
     if not CLAMP and not REFLECT:
         acc = tl.where(valid, acc, 0.0)           # out-of-image taps: exactly 0, whatever q holds

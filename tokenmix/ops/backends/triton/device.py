@@ -146,3 +146,57 @@ def channel_pixel_tile(n_pblk, n_cblk, G, C, Cg, rows, cols, BLOCK_C: tl.constex
     offs_p, mask_p, r, c = tile_pixels(pblk, BLOCK_P, rows, cols)
     mask_c, bc = tile_channels(cblk, BLOCK_C, b, g, C, Cg)
     return g, b, offs_p, mask_p, r, c, mask_c, bc
+
+
+@triton.jit
+def window_sources(i, j, mask_p, t, H, W, sh, sw, dh, dw, ph, pw,
+                   KH: tl.constexpr, KW: tl.constexpr, CLAMP: tl.constexpr, REFLECT: tl.constexpr):
+    """Source pixels of taps ``t`` (BLOCK_T,) of the output pixels ``(i, j)`` (BLOCK_P,):
+    ``(hs, ws, valid)``, each ``(BLOCK_T, BLOCK_P)``; ``valid`` is False for padding taps
+    (``t >= KH*KW``), padding pixels (``~mask_p``) and, on the zero border, taps outside the
+    image (their ``hs``/``ws`` are then out of range)."""
+    u = t // KW
+    v = t % KW
+    h0 = window_start(i, H, KH, sh, dh, ph, CLAMP)
+    w0 = window_start(j, W, KW, sw, dw, pw, CLAMP)
+    hs, ok = tap_source(h0[None, :], u[:, None], dh, H, (t < KH * KW)[:, None] & mask_p[None, :], CLAMP, REFLECT)
+    ws, valid = tap_source(w0[None, :], v[:, None], dw, W, ok, CLAMP, REFLECT)
+    return hs, ws, valid
+
+
+@triton.jit
+def score_tile(acc, q_c, k_c, offs_p, mask_p, k_offs, valid, Cg, q_plane, k_plane, ACC: tl.constexpr):
+    """``acc + sum_c q[c, p] * k[c, k_offs[t, p]]`` over ``Cg`` channels, ``q_c``/``k_c`` the
+    first channel's planes, ``q_plane``/``k_plane`` the elements per channel: the
+    ``(BLOCK_T, BLOCK_P)`` key tile gathered per channel, one FMA per element."""
+    for c in range(Cg):
+        qv = tl.load(q_c + offs_p, mask=mask_p, other=0.0).to(ACC)
+        kv = tl.load(k_c + k_offs, mask=valid, other=0.0).to(ACC)
+        acc += qv[None, :] * kv
+        q_c += q_plane
+        k_c += k_plane
+    return acc
+
+
+@triton.jit
+def rel_index(hs, ws, i, j, sh, sw, dh, dw, KH: tl.constexpr, KW: tl.constexpr):
+    """Flat index ``row * (2KW-1) + col`` into a ``(2KH-1, 2KW-1)`` relative position table of
+    the true offset from output ``(i, j)`` (centred on input ``(i*sh, j*sw)``) to source
+    ``(hs, ws)``, divided by the dilation (exact: the offsets are multiples of it when a table
+    is given)."""
+    return ((hs - i * sh) // dh + (KH - 1)) * (2 * KW - 1) + (ws - j * sw) // dw + (KW - 1)
+
+
+@triton.jit
+def tap_pixel_tile(n_pblk, G, H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, KH: tl.constexpr, KW: tl.constexpr,
+                   CLAMP: tl.constexpr, REFLECT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The tile of a program of a tap-by-pixel grid (all taps of ``BLOCK_P`` output pixels;
+    :func:`split_program` without channel blocks): pixel block, group ``g``, image or batch
+    chunk ``b`` (int64), the pixels (:func:`tile_pixels`), the taps ``t`` (BLOCK_T,), their
+    sources and validity (:func:`window_sources`) and the in-plane source offsets (0 where
+    invalid)."""
+    pblk, _, g, b = split_program(tl.program_id(0), n_pblk, 1, G)
+    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
+    t = tl.arange(0, BLOCK_T)
+    hs, ws, valid = window_sources(i, j, mask_p, t, H, W, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, REFLECT)
+    return pblk, g, b, offs_p, mask_p, i, j, t, hs, ws, valid, tl.where(valid, hs * W + ws, 0)

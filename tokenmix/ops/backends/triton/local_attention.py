@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
-from .device import clamp_start, tile_pixels
+from .device import rel_index, score_tile, tap_pixel_tile
 
 _RUNTIME_INTS = ("B", "C", "H", "W", "Ho", "Wo", "Cg", "G", "n_pblk", "sh", "sw", "dh", "dw", "ph", "pw")
 
@@ -44,49 +44,14 @@ def local_attention_kernel(
     over the channels gathers the value tile and stores ``sum_t p_t v_t`` per channel. No
     atomics: every output element has exactly one writer.
     """
-    pid = tl.program_id(0)
-    pblk = pid % n_pblk
-    rest = pid // n_pblk
-    g = rest % G
-    b = rest // G
+    _, g, b, offs_p, mask_p, i, j, t, hs, ws, valid, k_offs = tap_pixel_tile(
+        n_pblk, G, H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, KH, KW, CLAMP, False, BLOCK_T, BLOCK_P)
 
-    offs_p, mask_p, i, j = tile_pixels(pblk, BLOCK_P, Ho, Wo)
-    t = tl.arange(0, BLOCK_T)
-    mask_t = t < KH * KW
-    u = t // KW
-    v = t % KW
-
-    if CLAMP:
-        h0 = clamp_start(i, H, KH, dh)
-        w0 = clamp_start(j, W, KW, dw)
-        hs = h0[None, :] + (u * dh)[:, None]
-        ws = w0[None, :] + (v * dw)[:, None]
-        valid = mask_t[:, None] & mask_p[None, :]
-    else:
-        hs = (i * sh - ph)[None, :] + (u * dh)[:, None]
-        ws = (j * sw - pw)[None, :] + (v * dw)[:, None]
-        valid = mask_t[:, None] & mask_p[None, :] & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-    k_offs = tl.where(valid, hs * W + ws, 0)      # (BLOCK_T, BLOCK_P) int32, inside one plane
-
-    acc = tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC)
-    plane = b.to(tl.int64) * C + g * Cg           # int64 index of the head's first channel
-    q_c = q_ptr + plane * Ho * Wo
-    k_c = k_ptr + plane * H * W
-    for c in range(Cg):
-        qv = tl.load(q_c + offs_p, mask=mask_p, other=0.0).to(ACC)
-        kv = tl.load(k_c + k_offs, mask=valid, other=0.0).to(ACC)
-        acc += qv[None, :] * kv
-        q_c += Ho * Wo
-        k_c += H * W
-    s = acc * scale
+    plane = b * C + g * Cg                        # int64 index of the head's first channel
+    s = score_tile(tl.zeros([BLOCK_T, BLOCK_P], dtype=ACC), q_ptr + plane * Ho * Wo, k_ptr + plane * H * W,
+                   offs_p, mask_p, k_offs, valid, Cg, Ho * Wo, H * W, ACC) * scale
     if HAS_REL:  # table index of the true offset (divided by the dilation)
-        if CLAMP:
-            ri = (hs - i[None, :]) // dh + (KH - 1)
-            ci = (ws - j[None, :]) // dw + (KW - 1)
-        else:
-            ri = (u - ph // dh + (KH - 1))[:, None] + tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
-            ci = (v - pw // dw + (KW - 1))[:, None] + tl.zeros([BLOCK_T, BLOCK_P], dtype=tl.int32)
-        r_offs = tl.where(valid, ri * (2 * KW - 1) + ci, 0)
+        r_offs = tl.where(valid, rel_index(hs, ws, i[None, :], j[None, :], sh, sw, dh, dw, KH, KW), 0)
         s += tl.load(rel_ptr + g * ((2 * KH - 1) * (2 * KW - 1)) + r_offs, mask=valid, other=0.0).to(ACC)
     s = tl.where(valid, s, float("-inf"))
     m = tl.max(s, axis=0)                          # (BLOCK_P,)
@@ -96,7 +61,7 @@ def local_attention_kernel(
     total = tl.sum(p, axis=0)
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, total))
     lse = tl.where(empty, float("-inf"), m0 + tl.log(tl.where(empty, 1.0, total)))
-    tl.store(lse_ptr + (b.to(tl.int64) * G + g) * Ho * Wo + offs_p, lse.to(lse_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(lse_ptr + (b * G + g) * Ho * Wo + offs_p, lse.to(lse_ptr.dtype.element_ty), mask=mask_p)
     p = p * inv[None, :]
 
     v_c = v_ptr + plane * H * W
