@@ -17,30 +17,30 @@
 namespace tokenmix_cpu {
 namespace {
 
-// The operands of the column kernels (corr_block, corr_block2): an input row of the
-// phase-split scratch (channel c's at ks + c * cstride, tap tv's column at tap_offset[tv]), the
-// q rows (channel c's at qs + c * qstep; the second output row's q2 further) of Cg channels,
-// and the pitch of the result rows (tap tv's row at r + tv * rstep).
+// The operands of the column kernels (corr_block, corr_block2) for one input row: the row in
+// the phase-split scratch (channel c's at ks + c * cstride), the q rows (channel c's at
+// qs + c * qstep; the second output row's q2 further) of Cg channels, and the pitch of the
+// result rows (tap tv's row at r + tv * rstep). The kernels take TV taps at a time, tap tv's
+// column at tap_offset[tv].
 template <typename acc_t>
 struct CorrBlock {
   const acc_t* ks;
   int64_t cstride;
   const acc_t* qs;
-  int64_t qstep, q2, Cg;
-  const int64_t* tap_offset;
-  int64_t rstep;
+  int64_t qstep, q2, Cg, rstep;
 };
 
 // TV taps of one output row, columns [j0, j0 + L), into result_rows.
 template <typename acc_t, int TV>
-__attribute__((noinline)) void corr_block(const CorrBlock<acc_t>& a, acc_t* result_rows, int64_t j0) {
+__attribute__((noinline)) void corr_block(const CorrBlock<acc_t>& a, const int64_t* tap_offset, acc_t* result_rows,
+                                          int64_t j0) {
   using V = typename Vec<acc_t>::type;
   V acc[TV];
   for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
   for (int64_t c = 0; c < a.Cg; ++c) {
     const V qv = loadu(a.qs + c * a.qstep + j0);
     const acc_t* kc = a.ks + c * a.cstride + j0;
-    for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + a.tap_offset[tv]), acc[tv]);
+    for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + tap_offset[tv]), acc[tv]);
   }
   for (int tv = 0; tv < TV; ++tv) storeu(result_rows + tv * a.rstep + j0, acc[tv]);
 }
@@ -49,7 +49,8 @@ __attribute__((noinline)) void corr_block(const CorrBlock<acc_t>& a, acc_t* resu
 // taps of each row, and each input vector loaded feeds both (8 accumulators, 2 query vectors, 1
 // input vector in registers for TV = 4). r0 / r1: the two rows' results of the first tap.
 template <typename acc_t, int TV>
-__attribute__((noinline)) void corr_block2(const CorrBlock<acc_t>& a, acc_t* r0, acc_t* r1, int64_t j0) {
+__attribute__((noinline)) void corr_block2(const CorrBlock<acc_t>& a, const int64_t* tap_offset, acc_t* r0, acc_t* r1,
+                                           int64_t j0) {
   using V = typename Vec<acc_t>::type;
   V a0[TV], a1[TV];
   for (int tv = 0; tv < TV; ++tv) a0[tv] = a1[tv] = V{};
@@ -57,7 +58,7 @@ __attribute__((noinline)) void corr_block2(const CorrBlock<acc_t>& a, acc_t* r0,
     const V q0 = in_register(loadu(a.qs + c * a.qstep + j0)), q1 = in_register(loadu(a.qs + a.q2 + c * a.qstep + j0));
     const acc_t* kc = a.ks + c * a.cstride + j0;
     for (int tv = 0; tv < TV; ++tv) {
-      const V kv = in_register(loadu(kc + a.tap_offset[tv]));
+      const V kv = in_register(loadu(kc + tap_offset[tv]));
       a0[tv] = fmadd(q0, kv, a0[tv]);
       a1[tv] = fmadd(q1, kv, a1[tv]);
     }
@@ -557,11 +558,11 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
             const acc_t* kr = ks.data() + steps[3 * a] * rowstride;
             acc_t* rb0 = rrow + u0 * Kw * rstep;
             acc_t* rb1 = rrow + rrow2 + u1 * Kw * rstep;
-            // the taps from v0 on, q rows from qr
-            auto block_operands = [&](const acc_t* qr, int64_t v0) {
-              return CorrBlock<acc_t>{.ks = kr, .cstride = cstride, .qs = qr, .qstep = qstep, .q2 = q2, .Cg = Cg,
-                                      .tap_offset = p.tap_offset.data() + v0, .rstep = rstep};
-            };
+            const acc_t* qk = u0 >= 0 ? qrow : qrow + q2;  // a row read by one of the two only
+            acc_t* rk = u0 >= 0 ? rb0 : rb1;
+            const CorrBlock<acc_t> both{.ks = kr, .cstride = cstride, .qs = qrow, .qstep = qstep, .q2 = q2, .Cg = Cg, .rstep = rstep},
+                one{.ks = kr, .cstride = cstride, .qs = qk, .qstep = qstep, .q2 = q2, .Cg = Cg, .rstep = rstep};
+            const int64_t* tap_offset = p.tap_offset.data();
             for_blocks(p, L, [&](int64_t j0) {
               if (u0 >= 0 && u1 >= 0) {
                 // taps in near-equal chunks of at most 6 (7 = 4 + 3)
@@ -569,17 +570,15 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
                 for (int64_t q = 0, v0 = 0; q < nchunk; ++q) {
                   const int64_t v1 = (q + 1) * Kw / nchunk;
                   with_count<6>(v1 - v0, [&](auto tv) {
-                    corr_block2<acc_t, decltype(tv)::value>(block_operands(qrow, v0), rb0 + v0 * rstep, rb1 + v0 * rstep, j0);
+                    corr_block2<acc_t, decltype(tv)::value>(both, tap_offset + v0, rb0 + v0 * rstep, rb1 + v0 * rstep, j0);
                   });
                   v0 = v1;
                 }
                 return;
               }
-              const acc_t* qk = u0 >= 0 ? qrow : qrow + q2;
-              acc_t* rk = u0 >= 0 ? rb0 : rb1;
               for (int64_t v0 = 0; v0 < Kw; v0 += 8)
                 with_count<8>(Kw - v0, [&](auto tv) {
-                  corr_block<acc_t, decltype(tv)::value>(block_operands(qk, v0), rk + v0 * rstep, j0);
+                  corr_block<acc_t, decltype(tv)::value>(one, tap_offset + v0, rk + v0 * rstep, j0);
                 });
             });
           }
