@@ -12,14 +12,7 @@ from ..ops.window import Window
 def check_relative_window(window: Window) -> None:
     """The offset tables have 2K-1 entries per axis, indexed by the true offset / dilation;
     ValueError for a zero-border padding that makes offsets fall outside or between entries."""
-    if window.border != "zero":
-        return
-    for a, axis in enumerate(("height", "width")):
-        K, d, p = window.kernel_size[a], window.dilation[a], window.padding[a]
-        if p % d or p > d * (K - 1):
-            raise ValueError(f"relative positions need padding a multiple of the dilation and at most "
-                             f"d*(K-1) along {axis}; got padding={window.padding}, dilation={window.dilation}, "
-                             f"kernel_size={window.kernel_size}")
+    window.check_relative_offsets("relative positions need")
 
 
 def offset_index(window: Window, height: int, width: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:

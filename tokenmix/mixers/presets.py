@@ -28,6 +28,15 @@ def _window(kernel_size, stride, dilation=1, border="zero") -> Window:
     return Window(kernel_size, stride=stride, dilation=dilation, border=border)
 
 
+def _grouped(dim, groups, group_channels, kernel_size, stride, dilation):
+    """(group_channels, window) of a grouped generator: ``groups`` wins over ``group_channels``,
+    checked against ``dim``."""
+    if groups is not None:
+        group_channels = None
+    resolve_groups(dim, groups, group_channels, cname="dim")
+    return group_channels, _window(kernel_size, stride, dilation)
+
+
 @register_mixer("conv")
 def conv(dim: int, *, kernel_size=7, stride: int = 1, groups: int = 1, dilation: int = 1, bias: bool = False,
          device=None, dtype=None) -> nn.Conv2d:
@@ -62,10 +71,7 @@ def involution(dim: int, *, kernel_size=7, stride: int = 1, group_channels: Opti
     act, span), G = dim // group_channels (or ``groups``), value and proj identity.
     State dict: ``generator.reduce.weight``, ``generator.norm.*``, ``generator.span.{weight,bias}``.
     ``fused=False``: the composed path (see :class:`~tokenmix.mixers.Mixer`)."""
-    if groups is not None:
-        group_channels = None
-    resolve_groups(dim, groups, group_channels, cname="dim")
-    window = _window(kernel_size, stride, dilation)
+    group_channels, window = _grouped(dim, groups, group_channels, kernel_size, stride, dilation)
     gen = BottleneckKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
                            reduction=reduction, device=device, dtype=dtype)
     return Mixer(dim, gen, window, fused=fused, device=device, dtype=dtype)
@@ -140,10 +146,7 @@ def patch_involution(dim: int, *, kernel_size=7, stride: int = 1, patch_size: in
     """Involution with a patch-conditioned kernel (``patch`` generator): the kernel at (i, j)
     comes from a P x P neighborhood (P x P reduce conv); ``patch_size=1`` is ``involution``.
     ``fused`` as ``involution``."""
-    if groups is not None:
-        group_channels = None
-    resolve_groups(dim, groups, group_channels, cname="dim")
-    window = _window(kernel_size, stride, dilation)
+    group_channels, window = _grouped(dim, groups, group_channels, kernel_size, stride, dilation)
     gen = PatchKernel(dim, kernel_size, stride=stride, patch_size=patch_size, groups=groups,
                       group_channels=group_channels, reduction=reduction, device=device, dtype=dtype)
     return Mixer(dim, gen, window, fused=fused, device=device, dtype=dtype)
@@ -159,10 +162,7 @@ def local_relation(dim: int, *, kernel_size=7, stride: int = 1, group_channels: 
     K x K window, out-of-image taps masked), aggregating x itself (value and proj identity)."""
     from ..kernel_gen.local_relation import LocalRelationKernel
 
-    if groups is not None:
-        group_channels = None
-    resolve_groups(dim, groups, group_channels, cname="dim")
-    window = _window(kernel_size, stride, dilation)
+    group_channels, window = _grouped(dim, groups, group_channels, kernel_size, stride, dilation)
     gen = LocalRelationKernel(dim, kernel_size, stride=stride, groups=groups, group_channels=group_channels,
                               geometry_hidden=geometry_hidden, device=device, dtype=dtype)
     return Mixer(dim, gen, window, device=device, dtype=dtype)

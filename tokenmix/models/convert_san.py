@@ -52,31 +52,23 @@ def san_channel_permutation(mid: int, share_planes: int) -> torch.Tensor:
     return (c % share_planes) * (mid // share_planes) + c // share_planes
 
 
-def _to_ours(key: str) -> str:
+def _rename(key: str, to_ours: bool) -> str:
+    """A block key renamed by the first rule of _SAM_RULES that fits, official -> ours (to_ours)
+    or back; other keys unchanged."""
     m = _BLOCK.match(key)
     if not m:
         return key
     prefix, rest = m.groups()
     for off, ours in _SAM_RULES:
-        if rest.startswith(off):
-            return prefix + ours + rest[len(off):]
-    return key
-
-
-def _to_official(key: str) -> str:
-    m = _BLOCK.match(key)
-    if not m:
-        return key
-    prefix, rest = m.groups()
-    for off, ours in _SAM_RULES:
-        if rest.startswith(ours):
-            return prefix + off + rest[len(ours):]
+        old, new = (off, ours) if to_ours else (ours, off)
+        if rest.startswith(old):
+            return prefix + new + rest[len(old):]
     return key
 
 
 def official_san_keys(model) -> Dict[str, Tuple[int, ...]]:
     """Official name -> shape of every tensor the tokenmix SAN ``model`` holds."""
-    return {_to_official(k): tuple(v.shape) for k, v in model.state_dict().items()}
+    return {_rename(k, to_ours=False): tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _variant(variant: str):
@@ -101,7 +93,7 @@ def convert_official_san(state_dict: Mapping, variant: str) -> Dict[str, torch.T
     sd = _unwrap(state_dict)
     out = {}
     for k, v in sd.items():
-        new = _to_ours(k)
+        new = _rename(k, to_ours=True)
         m = _BLOCK.match(new)
         if m and m.group(2) in _PERMUTED:
             axis = _PERMUTED[m.group(2)]

@@ -153,6 +153,19 @@ class Window:
             return dy[:, None].expand_as(rows), dx[:, None].expand_as(cols)
         return rows - ci[None, :], cols - cj[None, :]
 
+    def check_relative_offsets(self, needs: str) -> None:
+        """Relative-position tables have 2K-1 entries per axis, indexed by the true offset /
+        dilation (``relative_offset``); ValueError (starting with ``needs``) for a zero-border
+        padding that makes offsets fall outside or between entries."""
+        if self.border != "zero":
+            return
+        for a, axis in enumerate(("height", "width")):
+            K, d, p = self.kernel_size[a], self.dilation[a], self.padding[a]
+            if p % d or p > d * (K - 1):
+                raise ValueError(f"{needs} padding a multiple of the dilation and at most d*(K-1) along "
+                                 f"{axis}; got padding={self.padding}, dilation={self.dilation}, "
+                                 f"kernel_size={self.kernel_size}")
+
     def as_args(self):
         """Flat argument list used by the ``tokenmix::`` custom ops."""
         return list(self.kernel_size), list(self.stride), list(self.dilation), list(self.padding), self.border

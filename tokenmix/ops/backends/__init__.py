@@ -22,6 +22,13 @@ OPS = ("aggregate", "correlate", "aggregate_transpose", "local_attention", "loca
        "aggregate_linear", "aggregate_linear_backward")
 #: Name prefixes of the fused ops, which a backend may implement for fewer borders than the primitives.
 FUSED_OPS = ("local_attention", "aggregate_linear")
+#: The four floating dtypes and the three borders, for backends that take them all.
+FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+BORDERS = frozenset({"zero", "clamp", "reflect"})
+#: (rtol, atol) against the float64 reference for results that differ from it by summation
+#: order only (float16 and bfloat16 summed in float32, rounded once).
+SUMMATION_ORDER_TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),
+                       torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
 
 class Backend:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from ... import native
-from .. import Backend
+from .. import BORDERS, FLOATING, SUMMATION_ORDER_TOL, Backend
 
 
 # ------------------------------------------------------------------------------ backend
@@ -37,11 +37,9 @@ class CpuBackend(Backend):
 
     name = "cpu"
     devices = frozenset({"cpu"})
-    dtypes = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
-    borders = frozenset({"zero", "clamp", "reflect"})
-    fwd_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),
-               torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-    bwd_tol = fwd_tol
+    dtypes = FLOATING
+    borders = BORDERS
+    fwd_tol = bwd_tol = SUMMATION_ORDER_TOL
 
     def unavailable_reason(self) -> Optional[str]:
         native.load()

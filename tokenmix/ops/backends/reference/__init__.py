@@ -15,7 +15,7 @@ from typing import Iterator, Tuple
 import torch
 import torch.nn.functional as F
 
-from .. import Backend
+from .. import BORDERS, FLOATING, SUMMATION_ORDER_TOL, Backend
 from ...window import Window
 
 
@@ -100,12 +100,9 @@ def shifted_views(x: torch.Tensor, window: Window) -> Iterator[Tuple[int, torch.
 class ReferenceBackend(Backend):
     name = "reference"
     devices = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
-    dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-    borders = frozenset({"zero", "clamp", "reflect"})
-    fused_borders = borders
-    fwd_tol = {torch.float64: (1e-12, 1e-10), torch.float32: (1e-5, 1e-5),
-               torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-    bwd_tol = fwd_tol
+    dtypes = FLOATING
+    borders = fused_borders = BORDERS
+    fwd_tol = bwd_tol = SUMMATION_ORDER_TOL
 
     def aggregate(self, x, w, window):
         B, C, H, W = x.shape

@@ -19,78 +19,94 @@
 namespace tokenmix_cpu {
 namespace {
 
-// One vector of output columns [j0, j0 + L) for CB channels over all taps. weight_prefetch / out_prefetch > 0:
-// also prefetch the weights / outputs that many elements ahead (the next row, when they are
-// read / written in place).
+// The operands of the column kernels (agg_block, agg_block2) for one block of CB channels:
+// phase-split scratch rows (channel c's at x_rows + c * cstride, scratch rows rowstride apart,
+// tap column v at tap_offset[v]), the weights of the first output row (tap t's row at
+// wb + t * tap_pitch; the second row's wrow further), the outputs (channel c's row at
+// out_rows + c * block_width; the second row's out_row_pitch further). weight_prefetch /
+// out_prefetch > 0: also prefetch the weights / outputs that many elements ahead (the next
+// row, when they are read / written in place).
+template <typename acc_t>
+struct AggBlock {
+  const acc_t* x_rows;
+  int64_t cstride, rowstride;
+  const acc_t* wb;
+  int64_t tap_pitch, wrow;
+  acc_t* out_rows;
+  int64_t block_width, out_row_pitch;
+  int64_t Kw;
+  const int64_t* tap_offset;
+  int64_t weight_prefetch, out_prefetch;
+};
+
+// acc[c] += the Kw taps of one tap row for channel c: weights at wr (taps tap_pitch apart),
+// the scratch input row at xr.
+template <typename acc_t, int CB, typename V = typename Vec<acc_t>::type>
+__attribute__((always_inline)) inline void agg_taps(const AggBlock<acc_t>& a, V (&acc)[CB], const acc_t* xr, const acc_t* wr) {
+  for (int64_t v = 0; v < a.Kw; ++v) {
+    const V wv = loadu(wr + v * a.tap_pitch);
+    if (a.weight_prefetch) __builtin_prefetch(wr + v * a.tap_pitch + a.weight_prefetch, 0, 3);
+    const acc_t* xp = xr + a.tap_offset[v];
+    for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(xp + c * a.cstride);
+  }
+}
+
+// One vector of output columns [j0, j0 + L) of one output row for CB channels over all taps
+// (scratch_row_of_tap[u]: the scratch row of tap row u, or -1).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void agg_block(const acc_t* x_rows, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch, int64_t block_width,
-                      const int64_t* scratch_row_of_tap, int64_t Kh, int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* out_rows,
-                      int64_t weight_prefetch, int64_t out_prefetch) {
+__attribute__((noinline)) void agg_block(const AggBlock<acc_t>& a, const int64_t* scratch_row_of_tap, int64_t Kh, int64_t j0) {
   using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t u = 0; u < Kh; ++u) {
     if (scratch_row_of_tap[u] < 0) continue;
-    const acc_t* xr = x_rows + scratch_row_of_tap[u] * rowstride + j0;
-    const acc_t* wr = wb + u * Kw * tap_pitch + j0;
-    for (int64_t v = 0; v < Kw; ++v) {
-      const V wv = loadu(wr + v * tap_pitch);
-      if (weight_prefetch) __builtin_prefetch(wr + v * tap_pitch + weight_prefetch, 0, 3);
-      const acc_t* xp = xr + tap_offset[v];
-      for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(xp + c * cstride);
-    }
+    const acc_t* xr = a.x_rows + scratch_row_of_tap[u] * a.rowstride + j0;
+    const acc_t* wr = a.wb + u * a.Kw * a.tap_pitch + j0;
+    agg_taps(a, acc, xr, wr);
   }
-  if (out_prefetch)
-    for (int c = 0; c < CB; ++c) __builtin_prefetch(out_rows + c * block_width + j0 + out_prefetch, 1, 3);
-  for (int c = 0; c < CB; ++c) storeu(out_rows + c * block_width + j0, acc[c]);
+  if (a.out_prefetch)
+    for (int c = 0; c < CB; ++c) __builtin_prefetch(a.out_rows + c * a.block_width + j0 + a.out_prefetch, 1, 3);
+  for (int c = 0; c < CB; ++c) storeu(a.out_rows + c * a.block_width + j0, acc[c]);
 }
 
-// Two output rows at once (their weights wrow apart, outputs out_row_pitch apart), over the steps of
-// row_steps (key: scratch input row): where both rows read a scratch row, each input vector is loaded once for two
-// FMAs (12 accumulators, 2 weight vectors, 1 input vector in registers for CB = 6).
+// Two output rows at once, over the steps of row_steps (key: scratch input row): where both
+// rows read a scratch row, each input vector is loaded once for two FMAs (12 accumulators, 2
+// weight vectors, 1 input vector in registers for CB = 6).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void agg_block2(const acc_t* x_rows, int64_t cstride, int64_t rowstride, const acc_t* wb, int64_t tap_pitch,
-                                          int64_t wrow, int64_t block_width, int64_t out_row_pitch, const int64_t* steps, int64_t nsteps,
-                                          int64_t Kw, const int64_t* tap_offset, int64_t j0, acc_t* out_rows, int64_t weight_prefetch,
-                                          int64_t out_prefetch) {
+__attribute__((noinline)) void agg_block2(const AggBlock<acc_t>& a, const int64_t* steps, int64_t nsteps, int64_t j0) {
   using V = typename Vec<acc_t>::type;
   V a0[CB], a1[CB];
   for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
-  for (int64_t k = 0; k < nsteps; ++k) {
-    const int64_t u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
-    const acc_t* xr = x_rows + steps[3 * k] * rowstride + j0;
-    const acc_t* w0r = wb + std::max<int64_t>(u0, 0) * Kw * tap_pitch + j0;  // read only if u0 >= 0
-    const acc_t* w1r = wb + wrow + std::max<int64_t>(u1, 0) * Kw * tap_pitch + j0;
-    if (u0 >= 0 && u1 >= 0) {
-      for (int64_t v = 0; v < Kw; ++v) {
-        const V w0 = loadu(w0r + v * tap_pitch), w1 = loadu(w1r + v * tap_pitch);
-        if (weight_prefetch) __builtin_prefetch(w0r + v * tap_pitch + weight_prefetch, 0, 3), __builtin_prefetch(w1r + v * tap_pitch + weight_prefetch, 0, 3);
-        const acc_t* xp = xr + tap_offset[v];
-        for (int c = 0; c < CB; ++c) {
-          const V xv = in_register(loadu(xp + c * cstride));
-          a0[c] += w0 * xv;
-          a1[c] += w1 * xv;
+  for_steps(
+      steps, nsteps,
+      [&](int64_t key, int64_t u0, int64_t u1) {
+        const acc_t* xr = a.x_rows + key * a.rowstride + j0;
+        const acc_t* w0r = a.wb + u0 * a.Kw * a.tap_pitch + j0;
+        const acc_t* w1r = a.wb + a.wrow + u1 * a.Kw * a.tap_pitch + j0;
+        for (int64_t v = 0; v < a.Kw; ++v) {
+          const V w0 = loadu(w0r + v * a.tap_pitch), w1 = loadu(w1r + v * a.tap_pitch);
+          if (a.weight_prefetch)
+            __builtin_prefetch(w0r + v * a.tap_pitch + a.weight_prefetch, 0, 3), __builtin_prefetch(w1r + v * a.tap_pitch + a.weight_prefetch, 0, 3);
+          const acc_t* xp = xr + a.tap_offset[v];
+          for (int c = 0; c < CB; ++c) {
+            const V xv = in_register(loadu(xp + c * a.cstride));
+            a0[c] += w0 * xv;
+            a1[c] += w1 * xv;
+          }
         }
-      }
-    } else {  // a row read by one of the two only
-      auto one = [&](V(&a)[CB], const acc_t* wr) {
-        for (int64_t v = 0; v < Kw; ++v) {
-          const V wv = loadu(wr + v * tap_pitch);
-          if (weight_prefetch) __builtin_prefetch(wr + v * tap_pitch + weight_prefetch, 0, 3);
-          const acc_t* xp = xr + tap_offset[v];
-          for (int c = 0; c < CB; ++c) a[c] += wv * loadu(xp + c * cstride);
-        }
-      };
-      if (u0 >= 0)
-        one(a0, w0r);
-      else
-        one(a1, w1r);
-    }
-  }
-  if (out_prefetch)
+      },
+      [&](int64_t key, int64_t u, auto row) {  // a row read by one of the two only
+        V(&acc)[CB] = decltype(row)::value ? a1 : a0;
+        const acc_t* xr = a.x_rows + key * a.rowstride + j0;
+        const acc_t* wr = a.wb + decltype(row)::value * a.wrow + u * a.Kw * a.tap_pitch + j0;
+        agg_taps(a, acc, xr, wr);
+      });
+  if (a.out_prefetch)
     for (int c = 0; c < CB; ++c)
-      __builtin_prefetch(out_rows + c * block_width + j0 + out_prefetch, 1, 3), __builtin_prefetch(out_rows + out_row_pitch + c * block_width + j0 + out_prefetch, 1, 3);
-  for (int c = 0; c < CB; ++c) storeu(out_rows + c * block_width + j0, a0[c]), storeu(out_rows + out_row_pitch + c * block_width + j0, a1[c]);
+      __builtin_prefetch(a.out_rows + c * a.block_width + j0 + a.out_prefetch, 1, 3),
+          __builtin_prefetch(a.out_rows + a.out_row_pitch + c * a.block_width + j0 + a.out_prefetch, 1, 3);
+  for (int c = 0; c < CB; ++c)
+    storeu(a.out_rows + c * a.block_width + j0, a0[c]), storeu(a.out_rows + a.out_row_pitch + c * a.block_width + j0, a1[c]);
 }
 
 // Weights at the source pixel (aggregate's source_weights mode): the weight of output (i, j) and tap
@@ -116,15 +132,16 @@ struct SourceWeights {
         TORCH_CHECK(j >= a && j < e ? c[j] == j + shift[v] : c[j] < 0, "tokenmix: source weights need affine columns");
     }
   }
-  // rows [ia, ib) of the KK taps of one (batch, group), wg: its weights (planes wHW apart, rows
-  // wW apart); tap t of row i goes to dst + t * tstride + (i - ia) * rstride: Wo entries, or
+  // rows [ia, ib) of the taps of one (batch, group), wg: its weights (args: the call's sizes);
+  // tap t of row i goes to dst + t * tstride + (i - ia) * rstride: Wo entries, or
   // Wo rounded up to whole vectors (zeros past Wo) when per-pixel weights are already in the
   // accumulation type (masked vector loads: one or two per row on narrow planes, where
   // per-row fills and copies would cost more than the FMAs)
   template <typename scalar_t, typename acc_t>
-  void copy(acc_t* dst0, int64_t tstride, int64_t rstride, const scalar_t* wg, int64_t KK, int64_t wHW, int64_t wW,
-            const int64_t* rows, int64_t Ho, int64_t ia, int64_t ib) const {
+  void copy(acc_t* dst0, int64_t tstride, int64_t rstride, const scalar_t* wg, const Args& args, int64_t ia, int64_t ib) const {
     constexpr int L = Vec<acc_t>::N;
+    const int64_t KK = args.KK, wHW = args.wHW, wW = args.wW, Ho = args.Ho;
+    const int64_t* rows = args.plan.rows.data();
     for (int64_t t = 0; t < KK; ++t) {
       const int64_t u = t / Kw, v = t % Kw, a = lo[v], e = hi[v];
       for (int64_t i = ia; i < ib; ++i) {
@@ -165,27 +182,23 @@ struct SourceWeights {
 // image, and every output pixel sums, per tap, the broadcast weight times its input pixel's
 // channel vectors. Indices come straight from the tables (any geometry, both borders).
 // NP consecutive output pixels of one row x NB channel vectors over all taps (NP * NB
-// independent accumulators: one pixel's 2 would wait on the FMA latency). rr[u]: scratch row
-// offset (elements) of tap row u, or -1; cidx[p * Kw + v]: scratch column offset of tap
-// column v of pixel p; w[(u * Kw + v) * wstep + p * wpix]: its weight; out + p * ostep: its
-// channels.
+// independent accumulators: one pixel's 2 would wait on the FMA latency), reading the taps of
+// t from x_rows; out + p * ostep: pixel p's channels.
 template <typename scalar_t, typename acc_t, int NB, int NP>
-__attribute__((noinline)) void agg_pixels_cl(const acc_t* x_rows, const int64_t* rr, const int64_t* cidx, int64_t Kh,
-                                             int64_t Kw, const scalar_t* w, int64_t wstep, int64_t wpix, acc_t* out,
-                                             int64_t ostep) {
+__attribute__((noinline)) void agg_pixels_cl(const acc_t* x_rows, PixelTaps<scalar_t> a, acc_t* out, int64_t ostep) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::N;
   V acc[NP][NB];
   for (int p = 0; p < NP; ++p)
     for (int k = 0; k < NB; ++k) acc[p][k] = V{};
-  for (int64_t u = 0; u < Kh; ++u) {
-    if (rr[u] < 0) continue;
-    const acc_t* xr = x_rows + rr[u];
-    const scalar_t* wr = w + u * Kw * wstep;
-    for (int64_t v = 0; v < Kw; ++v) {
+  for (int64_t u = 0; u < a.Kh; ++u) {
+    if (a.rr[u] < 0) continue;
+    const acc_t* xr = x_rows + a.rr[u];
+    const scalar_t* wr = a.w + u * a.Kw * a.wstep;
+    for (int64_t v = 0; v < a.Kw; ++v) {
       for (int p = 0; p < NP; ++p) {
-        const acc_t* xp = xr + cidx[p * Kw + v];
-        const V wv = splat(static_cast<acc_t>(wr[v * wstep + p * wpix]));
+        const acc_t* xp = xr + a.cidx[p * a.Kw + v];
+        const V wv = splat(static_cast<acc_t>(wr[v * a.wstep + p * a.wpix]));
         for (int k = 0; k < NB; ++k) acc[p][k] += wv * loadu(xp + k * L);
       }
     }
@@ -243,10 +256,7 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
   const int64_t* rows = args.plan.rows.data();
   const int64_t* cols = args.plan.cols.data();
   const int64_t* col_offset = args.plan.col_offset.data();
-  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
-  const scalar_t* xd = x.data_ptr<scalar_t>();
-  const scalar_t* wd = w.data_ptr<scalar_t>();
-  scalar_t* yd = y.data_ptr<scalar_t>();
+  const auto [y, xd, wd, yd] = new_output<scalar_t>(x, w, {B, C, Ho, Wo});
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
   const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch);
   const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, args.zero_border);
@@ -271,7 +281,7 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
       to_last(x_rows.data(), xoff.data(), xg, H * W, Cg, rows_read * W);
       const scalar_t* wg = wd + ((wB == 1 ? 0 : b) * G + g) * KK * wHW;
       scalar_t* yg = yd + (b * C + g * Cg) * Ho * Wo;
-      if (source_weights) sw.copy(shifted_weights.data(), tap_pitch, wpitch, wg, KK, wHW, w.size(4), rows, Ho, i0, i1);
+      if (source_weights) sw.copy(shifted_weights.data(), tap_pitch, wpitch, wg, args, i0, i1);
       // the kernels multiply the weights of taps outside the image by a zero column: a
       // non-finite weight there gives a non-finite output, computed again without those taps
       // (rr: row i's scratch rows)
@@ -320,11 +330,15 @@ at::Tensor aggregate_cl(const at::Tensor& x, const at::Tensor& w, const Args& ar
           constexpr int NB = decltype(nb)::value, NP = decltype(np)::value;
           acc_t* o = orow + j * Cg + k * L;
           if (source_weights)
-            agg_pixels_cl<acc_t, acc_t, NB, NP>(x_rows.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
-                                                shifted_weights.data() + (i - i0) * wpitch + j, tap_pitch, 1, o, Cg);
+            agg_pixels_cl<acc_t, acc_t, NB, NP>(x_rows.data() + k * L,
+                                                {.rr = rr.data(), .cidx = cidx.data() + j * Kw, .Kh = Kh, .Kw = Kw,
+                                                 .w = shifted_weights.data() + (i - i0) * wpitch + j, .wstep = tap_pitch, .wpix = 1},
+                                                o, Cg);
           else
-            agg_pixels_cl<scalar_t, acc_t, NB, NP>(x_rows.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw,
-                                                   wg + (i * Wo + j) * wpix, wHW, wpix, o, Cg);
+            agg_pixels_cl<scalar_t, acc_t, NB, NP>(x_rows.data() + k * L,
+                                                   {.rr = rr.data(), .cidx = cidx.data() + j * Kw, .Kh = Kh, .Kw = Kw,
+                                                    .w = wg + (i * Wo + j) * wpix, .wstep = wHW, .wpix = wpix},
+                                                   o, Cg);
         });
       }
       if (edges.any && !all_finite(out_rows.data(), (i1 - i0) * Wo * Cg))
@@ -364,10 +378,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
   const bool output_in_place = weights_in_place || (source_weights && std::is_same<scalar_t, acc_t>::value && Wo >= L);
   ColPlan p = make_colplan(args.plan, block, output_in_place);
   const int64_t* rows = args.plan.rows.data();
-  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
-  const scalar_t* xd = x.data_ptr<scalar_t>();
-  const scalar_t* wd = w.data_ptr<scalar_t>();
-  scalar_t* yd = y.data_ptr<scalar_t>();
+  const auto [y, xd, wd, yd] = new_output<scalar_t>(x, w, {B, C, Ho, Wo});
   // source_weights: rows per task such that the task's weight copy stays within about 96 KiB (the
   // transpose's peak memory is output-sized plus this per-thread scratch)
   const int64_t most = source_weights ? std::min<int64_t>(16, std::max<int64_t>(2, (96 << 10) / (KK * p.block_width * sizeof(acc_t)))) : 16;
@@ -422,7 +433,7 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
           convert(dst, src, (i1 - i0) * Wo);
         }
       } else if (source_weights) {
-        sw.copy(weight_rows.data(), tap_pitch, block_width, wg, KK, wHW, wW, rows, Ho, i0, i1);
+        sw.copy(weight_rows.data(), tap_pitch, block_width, wg, args, i0, i1);
       } else if (!weights_in_place) {
         for (int64_t t = 0; t < KK; ++t) {
           for (int64_t i = i0; i < i1; ++i) {
@@ -476,22 +487,25 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
           // in place: the first channel block prefetches the next rows' weights, every block
           // its outputs' next rows
           const int64_t ahead = output_in_place && i + n < Ho ? n * Wo : 0, wahead = weights_in_place ? ahead : 0;
+          auto block_operands = [&](int64_t c) {
+            return AggBlock<acc_t>{.x_rows = x_rows.data() + c * cstride, .cstride = cstride, .rowstride = rowstride,
+                                   .wb = wb, .tap_pitch = wstep, .wrow = wrow, .out_rows = orow + c * ostep,
+                                   .block_width = ostep, .out_row_pitch = out_row_pitch, .Kw = Kw,
+                                   .tap_offset = p.tap_offset.data(), .weight_prefetch = c == 0 ? wahead : 0,
+                                   .out_prefetch = ahead};
+          };
           if (n == 2) {
             const int64_t nsteps = row_steps({scratch_row_of_tap.data(), nullptr, Kh}, {scratch_row_of_tap.data() + Kh, nullptr, Kh}, true,
                                              used.data(), steps.data());
             channel_blocks2(Cg, [&](auto channel_block, int64_t c) {
-              for_blocks(p, block, [&](int64_t j0) {
-                agg_block2<acc_t, decltype(channel_block)::value>(x_rows.data() + c * cstride, cstride, rowstride, wb, wstep, wrow, ostep,
-                                                       out_row_pitch, steps.data(), nsteps, Kw, p.tap_offset.data(), j0,
-                                                       orow + c * ostep, c == 0 ? wahead : 0, ahead);
-              });
+              const AggBlock<acc_t> a = block_operands(c);
+              for_blocks(p, block, [&](int64_t j0) { agg_block2<acc_t, decltype(channel_block)::value>(a, steps.data(), nsteps, j0); });
             });
           } else {
             channel_blocks(Cg, [&](auto channel_block, int64_t c) {
+              const AggBlock<acc_t> a = block_operands(c);
               for_blocks(p, block, [&](int64_t j0) {
-                agg_block<acc_t, decltype(channel_block)::value>(x_rows.data() + c * cstride, cstride, rowstride, wb, wstep, ostep,
-                                                      scratch_row_of_tap.data(), Kh, Kw, p.tap_offset.data(), j0, orow + c * ostep,
-                                                      c == 0 ? wahead : 0, ahead);
+                agg_block<acc_t, decltype(channel_block)::value>(a, scratch_row_of_tap.data(), Kh, j0);
               });
             });
           }
@@ -531,14 +545,8 @@ at::Tensor aggregate_impl(const at::Tensor& x, const at::Tensor& w, const Args& 
             });
           }
         }
-        if (!output_in_place) {
-          for (int64_t k = 0; k < n; ++k)
-            for (int64_t c = 0; c < Cg; ++c) {
-              scalar_t* dst = yg + (c * Ho + i + k) * Wo;
-              const acc_t* src = out_rows.data() + k * out_row_pitch + c * block_width;
-              convert(dst, src, Wo);
-            }
-        }
+        if (!output_in_place)
+          for (int64_t k = 0; k < n; ++k) convert_rows(yg + (i + k) * Wo, Ho * Wo, out_rows.data() + k * out_row_pitch, block_width, Cg, Wo);
         i += n;
       }
     }

@@ -22,65 +22,78 @@ namespace {
 // w[t, i, j] * y[c, i, j]. Affine columns: col + pad_cols = s*m + phase_v with j = m - e_v, so for
 // a fixed phase the sum over taps is unit-stride in m. Output-side scratch (y and w rows of
 // the task) is zero-padded by left_pad on the left so that j = m - e_v outside [0, Wo) reads 0.
-// One vector of phase-row entries [m0, m0 + L) for CB channels over the (tap, output) pairs.
+
+// The operands of the column kernels (tr_block, tr_block2) for one block of CB channels: the
+// task's y rows (channel c's at ys + c * cplane, row slot ii at ii * padded_row_width, output
+// row imin in slot 0) and weight rows (tap t's plane at wb + t * tplane, the same slots), the
+// taps vl[0 .. nv) of the phase (tap column v's scratch index of j = m - e_v at m = 0: base[v]),
+// the outputs (channel c's phase row at xo + c * out_block_width; the second input row's x2
+// further).
+template <typename acc_t>
+struct TrBlock {
+  const acc_t* ys;
+  const acc_t* wb;
+  int64_t cplane, tplane, padded_row_width, imin;
+  const int64_t* vl;
+  int64_t nv, Kw;
+  const int64_t* base;
+  acc_t* xo;
+  int64_t out_block_width, x2;
+};
+
+// acc[c] += the terms of tap row u with output row slot ii for channel c: the phase's taps,
+// phase-row entries [m0, m0 + L).
+template <typename acc_t, int CB, typename V = typename Vec<acc_t>::type>
+__attribute__((always_inline)) inline void tr_taps(const TrBlock<acc_t>& a, V (&acc)[CB], int64_t ii, int64_t u, int64_t m0) {
+  for (int64_t n = 0; n < a.nv; ++n) {
+    const int64_t v = a.vl[n], off = ii * a.padded_row_width + a.base[v] + m0;
+    const V wv = loadu(a.wb + (u * a.Kw + v) * a.tplane + off);
+    for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(a.ys + off + c * a.cplane);
+  }
+}
+
+// One vector of phase-row entries [m0, m0 + L) for CB channels over the (tap, output row) pairs
+// p0 .. p1 of (reader_tap, reader_row).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void tr_block(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t padded_row_width,
-                     const int64_t* reader_tap, const int64_t* reader_row, int64_t p0, int64_t p1, int64_t imin, const int64_t* vl,
-                     int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo, int64_t out_block_width) {
+__attribute__((noinline)) void tr_block(const TrBlock<acc_t>& a, const int64_t* reader_tap, const int64_t* reader_row, int64_t p0,
+                                        int64_t p1, int64_t m0) {
   using V = typename Vec<acc_t>::type;
   V acc[CB];
   for (int c = 0; c < CB; ++c) acc[c] = V{};
   for (int64_t pp = p0; pp < p1; ++pp) {
-    const int64_t u = reader_tap[pp], ii = reader_row[pp] - imin;
-    for (int64_t a = 0; a < nv; ++a) {
-      const int64_t v = vl[a];
-      const int64_t off = ii * padded_row_width + base[v] + m0;
-      const acc_t* wp = wb + (u * Kw + v) * tplane + off;
-      const acc_t* yp = ys + off;
-      const V wv = loadu(wp);
-      for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(yp + c * cplane);
-    }
+    const int64_t u = reader_tap[pp], ii = reader_row[pp] - a.imin;
+    tr_taps(a, acc, ii, u, m0);
   }
-  for (int c = 0; c < CB; ++c) storeu(xo + c * out_block_width + m0, acc[c]);
+  for (int c = 0; c < CB; ++c) storeu(a.xo + c * a.out_block_width + m0, acc[c]);
 }
 
-// tr_block for two input rows (outputs x2 apart) over the steps of row_steps (key: output row).
+// tr_block for two input rows over the steps of row_steps (key: output row).
 template <typename acc_t, int CB>
-__attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64_t cplane, int64_t tplane, int64_t padded_row_width,
-                                         const int64_t* steps, int64_t nsteps, int64_t imin, const int64_t* vl,
-                                         int64_t nv, int64_t Kw, const int64_t* base, int64_t m0, acc_t* xo,
-                                         int64_t out_block_width, int64_t x2) {
+__attribute__((noinline)) void tr_block2(const TrBlock<acc_t>& a, const int64_t* steps, int64_t nsteps, int64_t m0) {
   using V = typename Vec<acc_t>::type;
   V a0[CB], a1[CB];
   for (int c = 0; c < CB; ++c) a0[c] = a1[c] = V{};
-  for (int64_t k = 0; k < nsteps; ++k) {
-    const int64_t ii = steps[3 * k] - imin, u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
-    if (u0 >= 0 && u1 >= 0) {
-      for (int64_t a = 0; a < nv; ++a) {
-        const int64_t v = vl[a], off = ii * padded_row_width + base[v] + m0;
-        const V w0 = loadu(wb + (u0 * Kw + v) * tplane + off), w1 = loadu(wb + (u1 * Kw + v) * tplane + off);
-        const acc_t* yp = ys + off;
-        for (int c = 0; c < CB; ++c) {
-          const V yv = in_register(loadu(yp + c * cplane));
-          a0[c] += w0 * yv;
-          a1[c] += w1 * yv;
+  for_steps(
+      steps, nsteps,
+      [&](int64_t key, int64_t u0, int64_t u1) {
+        const int64_t ii = key - a.imin;
+        for (int64_t n = 0; n < a.nv; ++n) {
+          const int64_t v = a.vl[n], off = ii * a.padded_row_width + a.base[v] + m0;
+          const V w0 = loadu(a.wb + (u0 * a.Kw + v) * a.tplane + off), w1 = loadu(a.wb + (u1 * a.Kw + v) * a.tplane + off);
+          const acc_t* yp = a.ys + off;
+          for (int c = 0; c < CB; ++c) {
+            const V yv = in_register(loadu(yp + c * a.cplane));
+            a0[c] += w0 * yv;
+            a1[c] += w1 * yv;
+          }
         }
-      }
-    } else {  // an output row read by one of the two only
-      auto one = [&](V(&acc)[CB], int64_t u) {
-        for (int64_t a = 0; a < nv; ++a) {
-          const int64_t v = vl[a], off = ii * padded_row_width + base[v] + m0;
-          const V wv = loadu(wb + (u * Kw + v) * tplane + off);
-          for (int c = 0; c < CB; ++c) acc[c] += wv * loadu(ys + off + c * cplane);
-        }
-      };
-      if (u0 >= 0)
-        one(a0, u0);
-      else
-        one(a1, u1);
-    }
-  }
-  for (int c = 0; c < CB; ++c) storeu(xo + c * out_block_width + m0, a0[c]), storeu(xo + x2 + c * out_block_width + m0, a1[c]);
+      },
+      [&](int64_t key, int64_t u, auto row) {  // an output row read by one of the two only
+        V(&acc)[CB] = decltype(row)::value ? a1 : a0;
+        const int64_t ii = key - a.imin;
+        tr_taps(a, acc, ii, u, m0);
+      });
+  for (int c = 0; c < CB; ++c) storeu(a.xo + c * a.out_block_width + m0, a0[c]), storeu(a.xo + a.x2 + c * a.out_block_width + m0, a1[c]);
 }
 
 // The same layout for the transpose (gradient of x): a task owns a band of input rows of one
@@ -90,23 +103,22 @@ __attribute__((noinline)) void tr_block2(const acc_t* ys, const acc_t* wb, int64
 // gradient vectors stay in registers while its taps add weight x gradient to their input
 // pixels. Each (pixel, tap) product is computed once, in the band of its input row, and every
 // input pixel sums its terms in the same order (output row, tap, ...) whatever the bands.
+// The taps of t land in the band rows gs; gy + p * gstep: pixel p's gradient channels.
 template <typename scalar_t, typename acc_t, int NB, int NP>
-__attribute__((noinline)) void tr_pixels_cl(acc_t* gs, const int64_t* rr, const int64_t* cidx, int64_t Kh, int64_t Kw,
-                                            const scalar_t* w, int64_t wstep, int64_t wpix, const acc_t* gy,
-                                            int64_t gstep) {
+__attribute__((noinline)) void tr_pixels_cl(acc_t* gs, PixelTaps<scalar_t> a, const acc_t* gy, int64_t gstep) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::N;
   V q[NP][NB];
   for (int p = 0; p < NP; ++p)
     for (int k = 0; k < NB; ++k) q[p][k] = loadu(gy + p * gstep + k * L);
-  for (int64_t u = 0; u < Kh; ++u) {
-    if (rr[u] < 0) continue;
-    acc_t* xr = gs + rr[u];
-    const scalar_t* wr = w + u * Kw * wstep;
-    for (int64_t v = 0; v < Kw; ++v) {
+  for (int64_t u = 0; u < a.Kh; ++u) {
+    if (a.rr[u] < 0) continue;
+    acc_t* xr = gs + a.rr[u];
+    const scalar_t* wr = a.w + u * a.Kw * a.wstep;
+    for (int64_t v = 0; v < a.Kw; ++v) {
       for (int p = 0; p < NP; ++p) {
-        acc_t* xp = xr + cidx[p * Kw + v];
-        const V wv = splat(static_cast<acc_t>(wr[v * wstep + p * wpix]));
+        acc_t* xp = xr + a.cidx[p * a.Kw + v];
+        const V wv = splat(static_cast<acc_t>(wr[v * a.wstep + p * a.wpix]));
         for (int k = 0; k < NB; ++k) storeu(xp + k * L, loadu(xp + k * L) + wv * q[p][k]);
       }
     }
@@ -159,10 +171,7 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
   const int64_t* col_offset = args.plan.col_offset.data();
   const int64_t* rows = args.plan.rows.data();
   const int64_t* cols = args.plan.cols.data();
-  at::Tensor gx = at::empty({B, C, H, W}, gy.options());
-  const scalar_t* gyd = gy.data_ptr<scalar_t>();
-  const scalar_t* wd = w.data_ptr<scalar_t>();
-  scalar_t* gxd = gx.data_ptr<scalar_t>();
+  const auto [gx, gyd, wd, gxd] = new_output<scalar_t>(gy, w, {B, C, H, W});
   const LastRows lr = LastRows::for_taps(W, Cg, col_offset, s, Kw, Wo, args.zero_border);
   const int64_t pitch = lr.pitch, wpix = wHW == 1 ? 0 : 1;  // static weights: one per tap
   const int64_t band = chunk_rows(B * G, H, 16), nband = ceil_div(H, band);
@@ -209,7 +218,8 @@ at::Tensor aggregate_transpose_cl(const at::Tensor& gy, const at::Tensor& w, con
         }
         pixel_blocks(Wo, Cg / L, [&](auto np, auto nb, int64_t j, int64_t k) {
           tr_pixels_cl<scalar_t, acc_t, decltype(nb)::value, decltype(np)::value>(
-              gs.data() + k * L, rr.data(), cidx.data() + j * Kw, Kh, Kw, wg + (i * Wo + j) * wpix, wHW, wpix,
+              gs.data() + k * L,
+              {.rr = rr.data(), .cidx = cidx.data() + j * Kw, .Kh = Kh, .Kw = Kw, .w = wg + (i * Wo + j) * wpix, .wstep = wHW, .wpix = wpix},
               qrow + j * Cg + k * L, Cg);
         });
       }
@@ -304,10 +314,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
     vptr[f + 1] = static_cast<int64_t>(vlist.size());
   }
 
-  at::Tensor x = at::empty({B, C, H, W}, y.options());
-  const scalar_t* yd = y.data_ptr<scalar_t>();
-  const scalar_t* wd = w.data_ptr<scalar_t>();
-  scalar_t* xd = x.data_ptr<scalar_t>();
+  const auto [x, yd, wd, xd] = new_output<scalar_t>(y, w, {B, C, H, W});
   // 16 input rows per task: the y and w rows a task copies (its rows plus the window's reach)
   // are re-read by the next task less often than with 8
   const int64_t ch = chunk_rows(B * G, H, 16), nch = ceil_div(H, ch);
@@ -354,11 +361,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
         // rows land at fixed positions (row slot ii, columns [left_pad, left_pad + Wo)); everything around
         // them stays as zeroed once per thread, which is the zero padding the blocks read
         for (int64_t c = 0; c < Cg; ++c)
-          for (int64_t ii = 0; ii < nri; ++ii) {
-            const scalar_t* src = yd + ((b * C + g * Cg + c) * Ho + imin + ii) * Wo;
-            acc_t* dst = ys.data() + c * cplane + ii * padded_row_width + left_pad;
-            convert(dst, src, Wo);
-          }
+          convert_rows(ys.data() + c * cplane + left_pad, padded_row_width, yd + ((b * C + g * Cg + c) * Ho + imin) * Wo, Wo, nri, Wo);
         // weights: only the rows the task's (u, i) pairs read, [urows[u].first, urows[u].second)
         // of the tap row u planes (each weight is read by exactly one input row, so tasks do not
         // copy the same weight twice)
@@ -433,18 +436,19 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
               continue;
             }
             auto run = [&](int64_t m0) {
+              auto block_operands = [&](int64_t c) {
+                return TrBlock<acc_t>{.ys = ys.data() + c * cplane, .wb = wb.data(), .cplane = cplane, .tplane = tplane,
+                                      .padded_row_width = padded_row_width, .imin = imin, .vl = vl, .nv = nv, .Kw = Kw,
+                                      .base = base.data(), .xo = bout + c * bstep, .out_block_width = bstep, .x2 = x2};
+              };
               if (n == 2) {
                 channel_blocks2(Cg, [&](auto channel_block, int64_t c) {
-                  tr_block2<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, padded_row_width,
-                                                        steps.data(), nsteps, imin, vl, nv, Kw, base.data(), m0,
-                                                        bout + c * bstep, bstep, x2);
+                  tr_block2<acc_t, decltype(channel_block)::value>(block_operands(c), steps.data(), nsteps, m0);
                 });
                 return;
               }
               channel_blocks(Cg, [&](auto channel_block, int64_t c) {
-                tr_block<acc_t, decltype(channel_block)::value>(ys.data() + c * cplane, wb.data(), cplane, tplane, padded_row_width,
-                                                         reader_tap.data(), reader_row.data(), p0, p2, imin, vl, nv, Kw, base.data(),
-                                                         m0, bout + c * bstep, bstep);
+                tr_block<acc_t, decltype(channel_block)::value>(block_operands(c), reader_tap.data(), reader_row.data(), p0, p2, m0);
               });
             };
             if (pair) {
@@ -471,8 +475,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             }
           }
           if (pair && s == 1) {  // column col = m - pad_cols
-            for (int64_t k = 0; k < n; ++k)
-              for (int64_t c = 0; c < Cg; ++c) convert(xout + k * W + c * xstep, xo.data() + k * x2 + c * out_block_width + pad_cols, W);
+            for (int64_t k = 0; k < n; ++k) convert_rows(xout + k * W, xstep, xo.data() + k * x2 + pad_cols, out_block_width, Cg, W);
           } else if (pair) {
             // column col = 2m + f - pad_cols: even columns from the phase of pad_cols, odd from the other
             const int64_t f0 = pad_cols % 2, m0 = pad_cols / 2, m1 = (pad_cols + 1) / 2;
@@ -507,12 +510,7 @@ at::Tensor aggregate_transpose_impl(const at::Tensor& y, const at::Tensor& w, co
             }
           }
         }
-        if (!direct && !pair)
-          for (int64_t c = 0; c < Cg; ++c) {
-            scalar_t* dst = xd + ((b * C + g * Cg + c) * H + h) * W;
-            const acc_t* src = xrow.data() + c * W;
-            convert(dst, src, W);
-          }
+        if (!direct && !pair) convert_rows(xd + ((b * C + g * Cg) * H + h) * W, H * W, xrow.data(), W, Cg, W);
         h += n;
       }
     }

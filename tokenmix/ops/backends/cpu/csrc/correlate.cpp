@@ -17,40 +17,53 @@
 namespace tokenmix_cpu {
 namespace {
 
+// The operands of the column kernels (corr_block, corr_block2) for one input row: the row in
+// the phase-split scratch (channel c's at ks + c * cstride), the q rows (channel c's at
+// qs + c * qstep; the second output row's q2 further) of Cg channels, and the pitch of the
+// result rows (tap tv's row at r + tv * rstep). The kernels take TV taps at a time, tap tv's
+// column at tap_offset[tv].
+template <typename acc_t>
+struct CorrBlock {
+  const acc_t* ks;
+  int64_t cstride;
+  const acc_t* qs;
+  int64_t qstep, q2, Cg, rstep;
+};
+
+// TV taps of one output row, columns [j0, j0 + L), into result_rows.
 template <typename acc_t, int TV>
-__attribute__((noinline)) void corr_block(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t Cg,
-                       const int64_t* tap_offset, int64_t j0, acc_t* result_rows, int64_t rstep) {
+__attribute__((noinline)) void corr_block(const CorrBlock<acc_t>& a, const int64_t* tap_offset, acc_t* result_rows,
+                                          int64_t j0) {
   using V = typename Vec<acc_t>::type;
   V acc[TV];
   for (int tv = 0; tv < TV; ++tv) acc[tv] = V{};
-  for (int64_t c = 0; c < Cg; ++c) {
-    const V qv = loadu(qs + c * qstep + j0);
-    const acc_t* kc = ks + c * cstride + j0;
+  for (int64_t c = 0; c < a.Cg; ++c) {
+    const V qv = loadu(a.qs + c * a.qstep + j0);
+    const acc_t* kc = a.ks + c * a.cstride + j0;
     for (int tv = 0; tv < TV; ++tv) acc[tv] = fmadd(qv, loadu(kc + tap_offset[tv]), acc[tv]);
   }
-  for (int tv = 0; tv < TV; ++tv) storeu(result_rows + tv * rstep + j0, acc[tv]);
+  for (int tv = 0; tv < TV; ++tv) storeu(result_rows + tv * a.rstep + j0, acc[tv]);
 }
 
 // Two output rows i and i + 1 that read input row ks with tap rows u0 and u1: a0 / a1 hold TV
 // taps of each row, and each input vector loaded feeds both (8 accumulators, 2 query vectors, 1
 // input vector in registers for TV = 4). r0 / r1: the two rows' results of the first tap.
 template <typename acc_t, int TV>
-__attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, const acc_t* qs, int64_t qstep, int64_t q2,
-                                           int64_t Cg, const int64_t* tap_offset, int64_t j0, acc_t* r0, acc_t* r1,
-                                           int64_t rstep) {
+__attribute__((noinline)) void corr_block2(const CorrBlock<acc_t>& a, const int64_t* tap_offset, acc_t* r0, acc_t* r1,
+                                           int64_t j0) {
   using V = typename Vec<acc_t>::type;
   V a0[TV], a1[TV];
   for (int tv = 0; tv < TV; ++tv) a0[tv] = a1[tv] = V{};
-  for (int64_t c = 0; c < Cg; ++c) {
-    const V q0 = in_register(loadu(qs + c * qstep + j0)), q1 = in_register(loadu(qs + q2 + c * qstep + j0));
-    const acc_t* kc = ks + c * cstride + j0;
+  for (int64_t c = 0; c < a.Cg; ++c) {
+    const V q0 = in_register(loadu(a.qs + c * a.qstep + j0)), q1 = in_register(loadu(a.qs + a.q2 + c * a.qstep + j0));
+    const acc_t* kc = a.ks + c * a.cstride + j0;
     for (int tv = 0; tv < TV; ++tv) {
       const V kv = in_register(loadu(kc + tap_offset[tv]));
       a0[tv] = fmadd(q0, kv, a0[tv]);
       a1[tv] = fmadd(q1, kv, a1[tv]);
     }
   }
-  for (int tv = 0; tv < TV; ++tv) storeu(r0 + tv * rstep + j0, a0[tv]), storeu(r1 + tv * rstep + j0, a1[tv]);
+  for (int tv = 0; tv < TV; ++tv) storeu(r0 + tv * a.rstep + j0, a0[tv]), storeu(r1 + tv * a.rstep + j0, a1[tv]);
 }
 
 // A block of L output columns of NT taps of one tap row, for correlate_tail: out[m * ostep + l]
@@ -61,11 +74,22 @@ __attribute__((noinline)) void corr_block2(const acc_t* ks, int64_t cstride, con
 // zeros (a zero border's edge blocks, as the column kernels' zero padding: the same chains),
 // with masked loads (the 16-bit types: a plain load with the lanes cleared where it stays
 // inside k's tensor [kbeg, kend), else lane by lane). The 16-bit types store lane by lane.
+template <typename scalar_t>
+struct TailBlock {
+  const scalar_t* q;
+  int64_t qstep;
+  const scalar_t* k;
+  int64_t kstep, Cg;
+  const int64_t* col_offset;
+  int64_t s;
+  scalar_t* out;
+  int64_t ostep;
+  int64_t col0, W;  // S = -1: the block's first input column (tap offset 0) and the row width
+  const scalar_t *kbeg, *kend;
+};
+
 template <typename scalar_t, int NT, int S>
-__attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, const scalar_t* k, int64_t kstep,
-                                          int64_t Cg, const int64_t* col_offset, int64_t s, scalar_t* out, int64_t ostep,
-                                          int64_t col0 = 0, int64_t W = 0, const scalar_t* kbeg = nullptr,
-                                          const scalar_t* kend = nullptr) {
+__attribute__((noinline)) void tail_block(const TailBlock<scalar_t>& a) {
   using acc_t = at::opmath_type<scalar_t>;
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::N;
@@ -75,43 +99,43 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
   for (int m = 0; m < NT; ++m) {
     acc[m] = V{};
     if constexpr (S == -1) {  // lanes l with 0 <= col0 + col_offset[m] + l * s < W
-      const int64_t c0 = col0 + col_offset[m];
-      lo[m] = c0 >= 0 ? 0 : ceil_div(-c0, s);
-      hi[m] = W - 1 - c0 >= 0 ? std::min<int64_t>(L, (W - 1 - c0) / s + 1) : 0;
+      const int64_t c0 = a.col0 + a.col_offset[m];
+      lo[m] = c0 >= 0 ? 0 : ceil_div(-c0, a.s);
+      hi[m] = a.W - 1 - c0 >= 0 ? std::min<int64_t>(L, (a.W - 1 - c0) / a.s + 1) : 0;
     }
   }
-  for (int64_t c = 0; c < Cg; ++c) {
-    const V qv = load_acc<1>(q + c * qstep);
-    const scalar_t* kc = k + c * kstep;
+  for (int64_t c = 0; c < a.Cg; ++c) {
+    const V qv = load_acc<1>(a.q + c * a.qstep);
+    const scalar_t* kc = a.k + c * a.kstep;
     for (int m = 0; m < NT; ++m) {
       V kv;
       if constexpr (S == 1) {
-        kv = load_acc<1>(kc + col_offset[m]);
+        kv = load_acc<1>(kc + a.col_offset[m]);
       } else if constexpr (S == 2) {
-        kv = load_acc<2>(kc + col_offset[m]);
+        kv = load_acc<2>(kc + a.col_offset[m]);
       } else if constexpr (S == -1 && same) {
-        kv = masked_step(kc + col_offset[m], s, lo[m], hi[m]);
+        kv = masked_step(kc + a.col_offset[m], a.s, lo[m], hi[m]);
       } else if constexpr (S == -1) {  // the 16-bit types
-        const scalar_t* p = kc + col_offset[m];
+        const scalar_t* p = kc + a.col_offset[m];
         bool loaded = false;
 #if defined(__AVX2__)
-        if (p >= kbeg && p + s * L <= kend && (s == 1 || s == 2)) {
-          const V all = s == 1 ? load_acc<1>(p) : load_acc<2>(p);
+        if (p >= a.kbeg && p + a.s * L <= a.kend && (a.s == 1 || a.s == 2)) {
+          const V all = a.s == 1 ? load_acc<1>(p) : load_acc<2>(p);
           kv = (V)_mm256_and_ps((__m256)all, _mm256_castsi256_ps(lane_range<float>(lo[m], hi[m])));
           loaded = true;
         }
 #endif
         for (int l = 0; l < L && !loaded; ++l)
-          kv[l] = l >= lo[m] && l < hi[m] ? static_cast<acc_t>(p[l * s]) : acc_t(0);
+          kv[l] = l >= lo[m] && l < hi[m] ? static_cast<acc_t>(p[l * a.s]) : acc_t(0);
       }
       acc[m] = fmadd(qv, kv, acc[m]);
     }
   }
   for (int m = 0; m < NT; ++m) {
     if constexpr (same) {
-      storeu(out + m * ostep, acc[m]);
+      storeu(a.out + m * a.ostep, acc[m]);
     } else {
-      for (int l = 0; l < L; ++l) out[m * ostep + l] = static_cast<scalar_t>(acc[m][l]);
+      for (int l = 0; l < L; ++l) a.out[m * a.ostep + l] = static_cast<scalar_t>(acc[m][l]);
     }
   }
 }
@@ -130,7 +154,7 @@ __attribute__((noinline)) void tail_block(const scalar_t* q, int64_t qstep, cons
 // - the other columns (the clamp border's edges) through the tables.
 // The 16-bit types sum in float32, as the column kernels do; they load and store lane by lane.
 template <typename scalar_t>
-void correlate_tail(const at::Tensor& q_t, const at::Tensor& k_t, at::Tensor& out_t, int64_t p0, int64_t p1, int64_t Cg,
+void correlate_tail(const at::Tensor& q_t, const at::Tensor& k_t, const at::Tensor& out_t, int64_t p0, int64_t p1, int64_t Cg,
                     const Plan& plan) {
   const scalar_t* qd = q_t.data_ptr<scalar_t>();
   const scalar_t* kd = k_t.data_ptr<scalar_t>();
@@ -244,16 +268,15 @@ void correlate_tail(const at::Tensor& q_t, const at::Tensor& k_t, at::Tensor& ou
             for (int64_t v0 = 0; v0 < Kw; v0 += 8)
               with_count<8>(Kw - v0, [&](auto tv) {
                 constexpr int NT = decltype(tv)::value;
-                const scalar_t* qj = q + j0;
-                const scalar_t* kj = k + j0 * s;
-                scalar_t* oj = o + v0 * Ho * Wo + j0;
+                const TailBlock<scalar_t> a{.q = q + j0, .qstep = Ho * Wo, .k = k + j0 * s, .kstep = H * W, .Cg = Cg,
+                                            .col_offset = col_offset + v0, .s = s, .out = o + v0 * Ho * Wo + j0,
+                                            .ostep = Ho * Wo, .col0 = j0 * s, .W = W, .kbeg = kd, .kend = kend};
                 if (!edge && s == 1)
-                  tail_block<scalar_t, NT, 1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
+                  tail_block<scalar_t, NT, 1>(a);
                 else if (!edge && two)
-                  tail_block<scalar_t, NT, 2>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo);
+                  tail_block<scalar_t, NT, 2>(a);
                 else  // edges, other strides (every lane inside the row: none cleared)
-                  tail_block<scalar_t, NT, -1>(qj, Ho * Wo, kj, H * W, Cg, col_offset + v0, s, oj, Ho * Wo, j0 * s, W, kd,
-                                               kend);
+                  tail_block<scalar_t, NT, -1>(a);
               });
           };
           if (zero_affine) {  // blocks over the whole row, the edge ones masked
@@ -283,41 +306,46 @@ void correlate_tail(const at::Tensor& q_t, const at::Tensor& k_t, at::Tensor& ou
   });
 }
 
+// The taps of one output row in the channels-last scratch: trow[t] + tcol[j * KKp + t], the
+// scratch offset of tap t of pixel j (taps outside the image and the padding taps t >= K*K
+// read a zero pixel); only the blocks of 8 taps from tap ta on, up to tap tb, are computed
+// (the taps before ta and from the end of the last block on read zeros only).
+struct RowTaps {
+  const int64_t* trow;
+  const int64_t* tcol;
+  int64_t KKp, ta, tb;
+};
+
 // The taps of Wo pixels of one output row, 8 at a time: each tap's NV channel vectors of the
-// pixel's q (the gradient) times its input pixel's, summed over lanes. trow[t] + tcol[j * KKp
-// + t]: scratch offset of tap t of pixel j (taps outside the image and the padding taps
-// t >= K*K read a zero pixel); results at out[j * KKp + t].
-// Only the blocks from tap ta on, up to tap tb, are computed (the taps before ta and from the
-// end of the last block on read zeros only): out holds zeros there.
+// pixel's q (the gradient) times its input pixel's, summed over lanes; results at
+// out[j * KKp + t], zeros for the taps that ta and tb leave out.
 template <typename acc_t>
-__attribute__((noinline)) void corr_row_cl(const acc_t* x_rows, const int64_t* trow, const int64_t* tcol, int64_t KKp,
-                                           int64_t ta, int64_t tb, int64_t Wo, const acc_t* q, int64_t NV,
-                                           acc_t* out) {
+__attribute__((noinline)) void corr_row_cl(const acc_t* x_rows, RowTaps t, int64_t Wo, const acc_t* q, int64_t NV, acc_t* out) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::N;
   for (int64_t j = 0; j < Wo; ++j) {
     const acc_t* qj = q + j * NV * L;
-    const int64_t* tc = tcol + j * KKp;
-    std::fill(out + j * KKp, out + j * KKp + ta, acc_t(0));
-    int64_t t0 = ta;
-    for (; t0 < tb; t0 += 8) {
+    const int64_t* tc = t.tcol + j * t.KKp;
+    std::fill(out + j * t.KKp, out + j * t.KKp + t.ta, acc_t(0));
+    int64_t t0 = t.ta;
+    for (; t0 < t.tb; t0 += 8) {
       V a[8];
       for (int m = 0; m < 8; ++m) a[m] = V{};
       int64_t k = 0;
       for (; k + 2 <= NV; k += 2) {
         const V q0 = in_register(loadu(qj + k * L)), q1 = in_register(loadu(qj + (k + 1) * L));
         for (int m = 0; m < 8; ++m) {
-          const acc_t* xp = x_rows + trow[t0 + m] + tc[t0 + m] + k * L;
+          const acc_t* xp = x_rows + t.trow[t0 + m] + tc[t0 + m] + k * L;
           a[m] += q0 * loadu(xp) + q1 * loadu(xp + L);
         }
       }
       if (k < NV) {
         const V q0 = loadu(qj + k * L);
-        for (int m = 0; m < 8; ++m) a[m] += q0 * loadu(x_rows + trow[t0 + m] + tc[t0 + m] + k * L);
+        for (int m = 0; m < 8; ++m) a[m] += q0 * loadu(x_rows + t.trow[t0 + m] + tc[t0 + m] + k * L);
       }
-      lane_sums8(a, out + j * KKp + t0);
+      lane_sums8(a, out + j * t.KKp + t0);
     }
-    std::fill(out + j * KKp + t0, out + (j + 1) * KKp, acc_t(0));
+    std::fill(out + j * t.KKp + t0, out + (j + 1) * t.KKp, acc_t(0));
   }
 }
 
@@ -330,10 +358,7 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Args& ar
   const int64_t KKp = round_up(KK + 7, 8);  // a block starting at any tap < K*K fits
   const int64_t* rows = args.plan.rows.data();
   const int64_t* cols = args.plan.cols.data();
-  at::Tensor out = at::empty({B, G, KK, Ho, Wo}, q.options());
-  const scalar_t* qd = q.data_ptr<scalar_t>();
-  const scalar_t* kd = k.data_ptr<scalar_t>();
-  scalar_t* od = out.data_ptr<scalar_t>();
+  const auto [out, qd, kd, od] = new_output<scalar_t>(q, k, {B, G, KK, Ho, Wo});
   const int64_t ch = chunk_rows(B * G, Ho, 16), nch = ceil_div(Ho, ch);
   const int64_t max_rows_read = max_row_span(rows, Kh, Ho, ch);
   const LastRows lr(W, Cg);
@@ -370,8 +395,8 @@ at::Tensor correlate_cl(const at::Tensor& q, const at::Tensor& k, const Args& ar
           if (r >= 0) ta = std::min(ta, t), tb = t + 1;
         }
         ta = std::min(ta, tb);
-        corr_row_cl(x_rows.data(), trow.data(), tcol.data(), KKp, ta, tb, Wo, qs.data() + (i - i0) * Wo * Cg, Cg / L,
-                    result_rows.data() + (i - i0) * Wo * KKp);
+        corr_row_cl(x_rows.data(), {.trow = trow.data(), .tcol = tcol.data(), .KKp = KKp, .ta = ta, .tb = tb}, Wo,
+                    qs.data() + (i - i0) * Wo * Cg, Cg / L, result_rows.data() + (i - i0) * Wo * KKp);
         // taps outside the image: 0, whatever q holds (the zero pixel times a non-finite q is not)
         if (!q_finite) {
           acc_t* res = result_rows.data() + (i - i0) * Wo * KKp;
@@ -408,10 +433,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
   ColPlan p = make_colplan(args.plan, L, direct);
   const int64_t* rows = args.plan.rows.data();
   const int64_t nb = sum_batch ? 1 : B;
-  at::Tensor out = at::empty({nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo}, q.options());
-  const scalar_t* qd = q.data_ptr<scalar_t>();
-  const scalar_t* kd = k.data_ptr<scalar_t>();
-  scalar_t* od = out.data_ptr<scalar_t>();
+  const auto [out, qd, kd, od] = new_output<scalar_t>(q, k, {nb, G, KK, sum_space ? 1 : Ho, sum_space ? 1 : Wo});
   // rows per task: up to 16 where the packed result buffer stays within about 96 KiB (it is
   // part of the scratch the result's last planes lend), fewer rows re-copy more shared input rows
   const int64_t most = std::min<int64_t>(16, std::max<int64_t>(8, (96 << 10) / (KK * Wo * sizeof(acc_t))));
@@ -517,12 +539,8 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
             qstep = Ho * Wo;
             q2 = Wo;
           } else {
-            for (int64_t k = 0; k < n; ++k)
-              for (int64_t c = 0; c < Cg; ++c) {
-                const scalar_t* src = qd + ((b * C + g * Cg + c) * Ho + i + k) * Wo;
-                acc_t* dst = qs.data() + k * q2 + c * block_width;
-                convert(dst, src, Wo);
-              }  // columns [Wo, block_width) stay zero
+            for (int64_t k = 0; k < n; ++k)  // columns [Wo, block_width) stay zero
+              convert_rows(qs.data() + k * q2, block_width, qd + ((b * C + g * Cg) * Ho + i + k) * Wo, Ho * Wo, Cg, Wo);
           }
           acc_t* rrow = result_rows.data() + (packed ? (i - i0) * Wo : 0);
           const int64_t rstep = rtp, rrow2 = packed ? Wo : KK * rtp;
@@ -540,6 +558,11 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
             const acc_t* kr = ks.data() + steps[3 * a] * rowstride;
             acc_t* rb0 = rrow + u0 * Kw * rstep;
             acc_t* rb1 = rrow + rrow2 + u1 * Kw * rstep;
+            const acc_t* qk = u0 >= 0 ? qrow : qrow + q2;  // a row read by one of the two only
+            acc_t* rk = u0 >= 0 ? rb0 : rb1;
+            const CorrBlock<acc_t> both{.ks = kr, .cstride = cstride, .qs = qrow, .qstep = qstep, .q2 = q2, .Cg = Cg, .rstep = rstep},
+                one{.ks = kr, .cstride = cstride, .qs = qk, .qstep = qstep, .q2 = q2, .Cg = Cg, .rstep = rstep};
+            const int64_t* tap_offset = p.tap_offset.data();
             for_blocks(p, L, [&](int64_t j0) {
               if (u0 >= 0 && u1 >= 0) {
                 // taps in near-equal chunks of at most 6 (7 = 4 + 3)
@@ -547,19 +570,15 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
                 for (int64_t q = 0, v0 = 0; q < nchunk; ++q) {
                   const int64_t v1 = (q + 1) * Kw / nchunk;
                   with_count<6>(v1 - v0, [&](auto tv) {
-                    corr_block2<acc_t, decltype(tv)::value>(kr, cstride, qrow, qstep, q2, Cg, p.tap_offset.data() + v0, j0,
-                                                            rb0 + v0 * rstep, rb1 + v0 * rstep, rstep);
+                    corr_block2<acc_t, decltype(tv)::value>(both, tap_offset + v0, rb0 + v0 * rstep, rb1 + v0 * rstep, j0);
                   });
                   v0 = v1;
                 }
                 return;
               }
-              const acc_t* qk = u0 >= 0 ? qrow : qrow + q2;
-              acc_t* rk = u0 >= 0 ? rb0 : rb1;
               for (int64_t v0 = 0; v0 < Kw; v0 += 8)
                 with_count<8>(Kw - v0, [&](auto tv) {
-                  corr_block<acc_t, decltype(tv)::value>(kr, cstride, qk, qstep, Cg, p.tap_offset.data() + v0, j0,
-                                                         rk + v0 * rstep, rstep);
+                  corr_block<acc_t, decltype(tv)::value>(one, tap_offset + v0, rk + v0 * rstep, j0);
                 });
             });
           }
@@ -631,11 +650,7 @@ at::Tensor correlate_impl(const at::Tensor& q, const at::Tensor& k, const Args& 
       }
       if (sum_batch && !sum_space) {
         for (int64_t t = 0; t < KK; ++t)
-          for (int64_t i = i0; i < i1; ++i) {
-            scalar_t* dst = od + ((g * KK + t) * Ho + i) * Wo;
-            const acc_t* src = accb.data() + (t * ch + (i - i0)) * Wo;
-            convert(dst, src, Wo);
-          }
+          convert_rows(od + ((g * KK + t) * Ho + i0) * Wo, Wo, accb.data() + t * ch * Wo, Wo, i1 - i0, Wo);
       }
     }
   });

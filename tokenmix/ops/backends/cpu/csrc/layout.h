@@ -8,6 +8,7 @@
 #include "vec.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <climits>
@@ -19,10 +20,6 @@
 
 namespace tokenmix_cpu {
 
-// The sizes of one call, named once (as ATen's depthwise convolution kernels take an Arguments
-// struct): the activation (x, y or q: B x C x . x .) in G groups of Cg channels, the weight
-// (B|1, G, K*K, Ho|1, Wo|1; correlate has none), and the plan's geometry. Built by an op's entry
-// point, passed to its kernels.
 // f(scalar_t{}) for the tensor dtype t (float32, float64, bfloat16, float16): the kernels'
 // entry points instantiate their templates for each.
 template <typename F>
@@ -32,6 +29,26 @@ at::Tensor dispatch_floating(at::ScalarType t, F&& f) {
   return out;
 }
 
+// A call's output, a new tensor of the given sizes in the dtype and device of its first input
+// a, with the data of a, of b (the weight, or correlate's k) and of the output:
+//   const auto [y, xd, wd, yd] = new_output<scalar_t>(x, w, {B, C, Ho, Wo});
+template <typename scalar_t>
+struct NewOutput {
+  at::Tensor tensor;
+  const scalar_t* a;
+  const scalar_t* b;
+  scalar_t* out;
+};
+template <typename scalar_t>
+NewOutput<scalar_t> new_output(const at::Tensor& a, const at::Tensor& b, at::IntArrayRef sizes) {
+  at::Tensor t = at::empty(sizes, a.options());
+  return {t, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(), t.data_ptr<scalar_t>()};
+}
+
+// The sizes of one call, named once (as ATen's depthwise convolution kernels take an Arguments
+// struct): the activation (x, y or q: B x C x . x .) in G groups of Cg channels, the weight
+// (B|1, G, K*K, Ho|1, Wo|1; correlate has none), and the plan's geometry. Built by an op's entry
+// point, passed to its kernels.
 struct Args {
   const Plan& plan;
   int64_t B, C, G, Cg;  // batch, channels, groups, channels per group
@@ -327,6 +344,22 @@ inline int64_t row_steps(TapList a, TapList b, bool match, char* used, int64_t* 
   return n;
 }
 
+// The steps of row_steps in order: both(key, u0, u1) where both rows take the step, else
+// one(key, u, row) with row an integral_constant (0: the first row, 1: the second), so that a
+// kernel picks the accumulators of that row at compile time.
+template <typename Both, typename One>
+inline void for_steps(const int64_t* steps, int64_t nsteps, Both&& both, One&& one) {
+  for (int64_t k = 0; k < nsteps; ++k) {
+    const int64_t key = steps[3 * k], u0 = steps[3 * k + 1], u1 = steps[3 * k + 2];
+    if (u0 >= 0 && u1 >= 0)
+      both(key, u0, u1);
+    else if (u0 >= 0)
+      one(key, u0, std::integral_constant<int, 0>{});
+    else
+      one(key, u1, std::integral_constant<int, 1>{});
+  }
+}
+
 // rr[k * Kh + u] = scratch row (source row - rmin, or -1) of tap row u of output row i + k, k < n.
 inline void tap_scratch_rows(const int64_t* rows, int64_t Kh, int64_t Ho, int64_t i, int64_t n, int64_t rmin,
                              int64_t* rr) {
@@ -396,6 +429,19 @@ inline std::vector<int64_t> strided(int64_t n, int64_t step) {
   for (int64_t k = 0; k < n; ++k) o[k] = k * step;
   return o;
 }
+
+// The taps of a block of consecutive output pixels of one row, for the channels-last pixel
+// kernels (agg_pixels_cl, tr_pixels_cl): rr[u], the scratch row offset (elements) of tap row
+// u, or -1; cidx[p * Kw + v], the scratch column offset of tap column v of pixel p;
+// w[(u * Kw + v) * wstep + p * wpix], its weight.
+template <typename scalar_t>
+struct PixelTaps {
+  const int64_t* rr;
+  const int64_t* cidx;
+  int64_t Kh, Kw;
+  const scalar_t* w;
+  int64_t wstep, wpix;
+};
 
 // Register blocks of the channels-last pixel kernels covering Wo pixels x NV channel vectors:
 // f(integral_constant NP, integral_constant NB, first pixel, first vector), NP <= 4, NB <= 2.

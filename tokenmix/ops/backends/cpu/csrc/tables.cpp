@@ -25,10 +25,7 @@ at::Tensor aggregate_tables_impl(const at::Tensor& x, const at::Tensor& w, const
                 KK = a.KK, wB = a.wB, wHW = a.wHW;
   const int64_t* rows = a.plan.rows.data();
   const int64_t* cols = a.plan.cols.data();
-  at::Tensor y = at::empty({B, C, Ho, Wo}, x.options());
-  const scalar_t* xd = x.data_ptr<scalar_t>();
-  const scalar_t* wd = w.data_ptr<scalar_t>();
-  scalar_t* yd = y.data_ptr<scalar_t>();
+  const auto [y, xd, wd, yd] = new_output<scalar_t>(x, w, {B, C, Ho, Wo});
   at::parallel_for(0, B * C * Ho, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {  // output row (b, c, i)
       const int64_t b = r / (C * Ho), c = (r / Ho) % C, i = r % Ho;
@@ -61,10 +58,7 @@ at::Tensor correlate_tables_impl(const at::Tensor& q, const at::Tensor& k, const
   const int64_t* rows = a.plan.rows.data();
   const int64_t* cols = a.plan.cols.data();
   const int64_t nb = sum_batch ? 1 : B, oh = sum_space ? 1 : Ho, ow = sum_space ? 1 : Wo;
-  at::Tensor out = at::empty({nb, G, KK, oh, ow}, q.options());
-  const scalar_t* qd = q.data_ptr<scalar_t>();
-  const scalar_t* kd = k.data_ptr<scalar_t>();
-  scalar_t* od = out.data_ptr<scalar_t>();
+  const auto [out, qd, kd, od] = new_output<scalar_t>(q, k, {nb, G, KK, oh, ow});
   // one pixel's tap t of image b: 0 outside the image, whatever q holds
   auto pixel = [&](int64_t b, int64_t g, int64_t t, int64_t i, int64_t j) {
     const int64_t h = rows[(t / Kw) * Ho + i], col = cols[(t % Kw) * Wo + j];
@@ -106,10 +100,7 @@ at::Tensor aggregate_transpose_tables_impl(const at::Tensor& y, const at::Tensor
                 KK = a.KK, wB = a.wB, wHW = a.wHW;
   const int64_t* rows = a.plan.rows.data();
   const int64_t* cols = a.plan.cols.data();
-  at::Tensor x = at::empty({B, C, H, W}, y.options());
-  const scalar_t* yd = y.data_ptr<scalar_t>();
-  const scalar_t* wd = w.data_ptr<scalar_t>();
-  scalar_t* xd = x.data_ptr<scalar_t>();
+  const auto [x, yd, wd, xd] = new_output<scalar_t>(y, w, {B, C, H, W});
   // per plane (b, c): the (tap, output) terms scattered in a fixed order into an input-sized
   // accumulator (the thread's buffer), then converted into x
   at::parallel_for(0, B * C, 1, [&](int64_t p0, int64_t p1) {

@@ -229,48 +229,51 @@ inline void transpose8x8(__m256 (&r)[8]) {
 }
 #endif
 
-template <typename From, typename To>
-void to_last(To* dst, const int64_t* off, const From* src, int64_t cs, int64_t nc, int64_t n) {
+// to_last (ToLast) or from_last: element (c, k) at c * cs + k channel-major, off[k] + c
+// channels-last.
+template <bool ToLast, typename From, typename To>
+void relayout(To* dst, const From* src, const int64_t* off, int64_t cs, int64_t nc, int64_t n) {
+  auto major = [cs](int64_t c, int64_t k) { return c * cs + k; };
+  auto last = [off](int64_t c, int64_t k) { return off[k] + c; };
+  auto from = [&](int64_t c, int64_t k) { return ToLast ? major(c, k) : last(c, k); };
+  auto to = [&](int64_t c, int64_t k) { return ToLast ? last(c, k) : major(c, k); };
   int64_t c0 = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same<From, float>::value && std::is_same<To, float>::value) {
+    // 8 x 8 blocks: the channel-major side as 8 rows of 8 positions, the channels-last side as
+    // 8 rows of 8 channels
+    auto row = [&](bool channel_major, int m, int64_t k) { return channel_major ? major(c0 + m, k) : last(c0, k + m); };
     for (; c0 + 8 <= nc; c0 += 8) {
       int64_t k = 0;
       for (; k + 8 <= n; k += 8) {
         __m256 r[8];
-        for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(src + (c0 + m) * cs + k);
+        for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(src + row(ToLast, m, k));
         transpose8x8(r);
-        for (int m = 0; m < 8; ++m) _mm256_storeu_ps(dst + off[k + m] + c0, r[m]);
+        for (int m = 0; m < 8; ++m) _mm256_storeu_ps(dst + row(!ToLast, m, k), r[m]);
       }
       for (; k < n; ++k)
-        for (int64_t c = c0; c < c0 + 8; ++c) dst[off[k] + c] = src[c * cs + k];
+        for (int64_t c = c0; c < c0 + 8; ++c) dst[to(c, k)] = src[from(c, k)];
     }
   }
 #endif
   for (int64_t c = c0; c < nc; ++c)
-    for (int64_t k = 0; k < n; ++k) dst[off[k] + c] = static_cast<To>(src[c * cs + k]);
+    for (int64_t k = 0; k < n; ++k) dst[to(c, k)] = static_cast<To>(src[from(c, k)]);
+}
+
+template <typename From, typename To>
+void to_last(To* dst, const int64_t* off, const From* src, int64_t cs, int64_t nc, int64_t n) {
+  relayout<true>(dst, src, off, cs, nc, n);
 }
 
 template <typename From, typename To>
 void from_last(To* dst, int64_t cs, const From* src, const int64_t* off, int64_t nc, int64_t n) {
-  int64_t c0 = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same<From, float>::value && std::is_same<To, float>::value) {
-    for (; c0 + 8 <= nc; c0 += 8) {
-      int64_t k = 0;
-      for (; k + 8 <= n; k += 8) {
-        __m256 r[8];
-        for (int m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(src + off[k + m] + c0);
-        transpose8x8(r);
-        for (int m = 0; m < 8; ++m) _mm256_storeu_ps(dst + (c0 + m) * cs + k, r[m]);
-      }
-      for (; k < n; ++k)
-        for (int64_t c = c0; c < c0 + 8; ++c) dst[c * cs + k] = src[off[k] + c];
-    }
-  }
-#endif
-  for (int64_t c = c0; c < nc; ++c)
-    for (int64_t k = 0; k < n; ++k) dst[c * cs + k] = static_cast<To>(src[off[k] + c]);
+  relayout<false>(dst, src, off, cs, nc, n);
+}
+
+// n rows of width elements, converted: row r from src + r * src_step to dst + r * dst_step.
+template <typename From, typename To>
+inline void convert_rows(To* dst, int64_t dst_step, const From* src, int64_t src_step, int64_t n, int64_t width) {
+  for (int64_t r = 0; r < n; ++r) convert(dst + r * dst_step, src + r * src_step, width);
 }
 
 // out[m] = sum of the lanes of a[m], m < 8 (8 x 8 register transpose + adds for float).
