@@ -148,13 +148,7 @@ def check_local_attention(q, k, v, window, heads, rel_pos=None, row_bias=None, c
         if tuple(rel_pos.shape) != (heads, 2 * Kh - 1, 2 * Kw - 1):
             raise ValueError(f"rel_pos must have shape (heads, 2*Kh-1, 2*Kw-1) = {(heads, 2 * Kh - 1, 2 * Kw - 1)}, "
                              f"got {tuple(rel_pos.shape)}")
-        if window.border == "zero":
-            for a, axis in enumerate(("height", "width")):
-                K, d, p = window.kernel_size[a], window.dilation[a], window.padding[a]
-                if p % d or p > d * (K - 1):
-                    raise ValueError(f"rel_pos needs padding a multiple of the dilation and at most d*(K-1) along "
-                                     f"{axis}; got padding={window.padding}, dilation={window.dilation}, "
-                                     f"kernel_size={window.kernel_size}")
+        window.check_relative_offsets("rel_pos needs")
     return out_hw
 
 

@@ -96,6 +96,17 @@ def correlate_pixel_tile(pixels: int, block_t: int, dtype: torch.dtype) -> int:
     return min(p, max(16, _next_pow2(pixels)))
 
 
+def score_tiles(q: torch.Tensor, k: torch.Tensor, window) -> Tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_P, pixel blocks) of the kernels whose program holds every tap of a
+    block of output pixels (correlate, local_attention's forward), for q (B, C, Ho, Wo) and
+    k (B, C, H, W); refuses planes too large for int32 offsets (:func:`check_plane`)."""
+    (Ho, Wo), (H, W) = q.shape[-2:], k.shape[-2:]
+    check_plane(H, W, Ho, Wo)
+    block_t = tap_tile(window.taps)
+    block_p = correlate_pixel_tile(Ho * Wo, block_t, q.dtype)
+    return block_t, block_p, -(-(Ho * Wo) // block_p)
+
+
 def dlinear_tiles(pixels: int, taps: int) -> Tuple[int, int]:
     """(BLOCK_T, BLOCK_P) of aggregate_linear's dlinear kernel: all taps (at least 16, a
     ``tl.dot`` dimension) by at most 1024 pixel-taps and 16..32 pixels (64 x 32 spilled on

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
+from .common import acc_dtype, launchable, score_tiles
 from .device import score_tile, tap_pixel_tile
 
 _FILL = 2048  # programs to aim for when summing over the batch (~16 per SM on an H100)
@@ -89,11 +89,8 @@ def correlate(q: torch.Tensor, k: torch.Tensor, window, groups: int, sum_batch: 
     B, C, Ho, Wo = q.shape
     H, W = k.shape[-2:]
     G = groups
-    check_plane(H, W, Ho, Wo)
     KK = window.taps
-    BLOCK_T = tap_tile(KK)
-    BLOCK_P = correlate_pixel_tile(Ho * Wo, BLOCK_T, q.dtype)
-    n_pblk = triton.cdiv(Ho * Wo, BLOCK_P)
+    BLOCK_T, BLOCK_P, n_pblk = score_tiles(q, k, window)
     if sum_batch:  # chunks of b_per_prog images, enough of them for ~_FILL programs
         n_chunks = min(B, max(1, triton.cdiv(_FILL, max(1, G * n_pblk))))
         b_per_prog = triton.cdiv(B, n_chunks) if B else 1

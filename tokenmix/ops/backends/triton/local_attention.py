@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import acc_dtype, check_plane, correlate_pixel_tile, launchable, tap_tile
+from .common import acc_dtype, launchable, score_tiles
 from .device import rel_index, score_tile, tap_pixel_tile
 
 _RUNTIME_INTS = ("B", "C", "H", "W", "Ho", "Wo", "Cg", "G", "n_pblk", "sh", "sw", "dh", "dw", "ph", "pw")
@@ -81,11 +81,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos, 
     B, C, Ho, Wo = q.shape
     H, W = k.shape[-2:]
     G = heads
-    check_plane(H, W, Ho, Wo)
-    KK = window.taps
-    BLOCK_T = tap_tile(KK)
-    BLOCK_P = correlate_pixel_tile(Ho * Wo, BLOCK_T, q.dtype)
-    n_pblk = triton.cdiv(Ho * Wo, BLOCK_P)
+    BLOCK_T, BLOCK_P, n_pblk = score_tiles(q, k, window)
     stats = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     lse = torch.empty(B, G, Ho, Wo, dtype=stats, device=q.device)
