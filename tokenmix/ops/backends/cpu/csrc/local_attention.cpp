@@ -631,10 +631,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t rbn = tap.row != nullptr ? L.Kh * Wb : 0, cbn = tap.col != nullptr ? L.Kw * Wb : 0;
   // the zero border's rel_pos gradient: one table entry per tap, its sum over the task's
   // output rows kept as a vector per tap and added up across lanes once per task
+  const int64_t HoWo = L.Ho * L.Wo;
   const int64_t tsum = table.defined() && L.plan.zero_border ? KK * N : 0;
   const int64_t need = bytes_of({Cgk * L.cs, Cgv * L.cs, kgrad_rows, vgrad_rows, Cgk * HoWm, Cgv * HoWm,
                                  gather ? 0 : KK * Wb, gather ? 0 : KK * Wb, ring, ring, std::max(Cgk, Cgv) * Wb,
-                                 2 * Wb, 2 * L.T, gather ? (Cgk + Cgv) * rb_cs : 0, rbn, cbn, tsum},
+                                 Wb, 2 * L.T, gather ? (Cgk + Cgv) * rb_cs : 0, rbn, cbn, tsum, HoWo + Wb},
                                 sizeof(acc_t));
   const ThreadScratch scratch(need);
   const scalar_t *gp = go.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
@@ -654,14 +655,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto S = carver.take<acc_t>(gather ? 0 : KK * Wb), dP = carver.take<acc_t>(gather ? 0 : KK * Wb);
     auto pring = carver.take<acc_t>(ring), sring = carver.take<acc_t>(ring);
     auto o = carver.take<acc_t>(std::max(Cgk, Cgv) * Wb);
-    auto lrow = carver.take<acc_t>(2 * Wb);
+    auto lrow = carver.take<acc_t>(Wb);
     auto tb = carver.take<acc_t>(2 * L.T);
     auto rowbuf = carver.take<acc_t>(gather ? (Cgk + Cgv) * rb_cs : 0);
     auto rb = carver.take<acc_t>(rbn), cb = carver.take<acc_t>(cbn);
-    auto tacc = carver.take<acc_t>(tsum);
+    auto tacc = carver.take<acc_t>(tsum), Dt = carver.take<acc_t>(HoWo + Wb);
     const acc_t* rbp = tap.row != nullptr ? rb.data() : nullptr;
     const acc_t* cbp = tap.col != nullptr ? cb.data() : nullptr;
-    acc_t* D = lrow.data() + Wb;
     acc_t* drel = tb.data() + L.T;
     // input row r of the Cg channels of the task's plane of dst (dk, scaled by f = scale, or dv,
     // f = 1) from scratch rows whose column col sits at pos[col]
@@ -685,11 +685,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         std::fill(dkb.begin(), dkb.end(), acc_t(0));
         std::fill(dvb.begin(), dvb.end(), acc_t(0));
       }
-      for (int64_t i = 0; i < L.Ho; ++i) {
-        for (int64_t c = 0; c < Cgk; ++c)
+      // (plane by plane, row by row: the tensors read in order)
+      for (int64_t c = 0; c < Cgk; ++c)
+        for (int64_t i = 0; i < L.Ho; ++i)
           load_row(qb.data() + c * HoWm + i * Wm + G.M, qp + ((kplane + c) * L.Ho + i) * L.Wo, L.Wo);
-        for (int64_t c = 0; c < Cgv; ++c)
+      for (int64_t c = 0; c < Cgv; ++c)
+        for (int64_t i = 0; i < L.Ho; ++i)
           load_row(gb.data() + c * HoWm + i * Wm + G.M, gp + ((vplane + c) * L.Ho + i) * L.Wo, L.Wo);
+      // D = dout . out of every output pixel of the task, in the order of the planes; row i's
+      // at Dt + i * Wo (the lanes past Wo read the next row's or 0: D is only used where P > 0)
+      std::fill(Dt.begin(), Dt.end(), acc_t(0));
+      for (int64_t c = 0; c < Cgv; ++c) {
+        const scalar_t* g1 = gp + (vplane + c) * HoWo;
+        const scalar_t* o1 = outp + (vplane + c) * HoWo;
+        acc_t* d = Dt.data();
+        #pragma GCC ivdep
+        for (int64_t k = 0; k < HoWo; ++k) d[k] += static_cast<acc_t>(g1[k]) * static_cast<acc_t>(o1[k]);
       }
       if (tp != nullptr) {
         convert(tb.data(), tp + h * L.T, L.T);
@@ -713,13 +724,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         kern.probabilities(Pp, i, lrow.data());
         // dP and D = dout . out
         kern.row_dots(grow, HoWm, vb.data(), Cgv, i, dSp);
-        // (the rows of out through o, 0 past Wo, then whole vectors; D is only read where P > 0)
-        for (int64_t c = 0; c < Cgv; ++c) load_row(o.data() + c * Wb, outp + ((vplane + c) * L.Ho + i) * L.Wo, L.Wo);
-        for (int64_t j0 = 0; j0 < Wb; j0 += N) {
-          V d{};
-          for (int64_t c = 0; c < Cgv; ++c) d = fmadd(loadu(grow + c * HoWm + j0), loadu(o.data() + c * Wb + j0), d);
-          storeu(D + j0, d);
-        }
+        const acc_t* D = Dt.data() + i * L.Wo;
         // dS = P (dP - D), 0 where P is 0 (taps outside the image, columns past Wo)
         for (int64_t t = 0; t < KK; ++t)
           for (int64_t j0 = 0; j0 < Wb; j0 += N) {
