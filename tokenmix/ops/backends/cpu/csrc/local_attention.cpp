@@ -672,6 +672,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         const acc_t* s1 = src + c * cstride;
         if (L.cp.s == 1) {
           store_row(o1, s1 + L.pos[0], L.W, f);
+        } else if (L.cp.s == 2 && std::is_same<scalar_t, acc_t>::value) {
+          // column 2m + g (g = 0, 1) sits at index m + (pad + g) / 2 of phase (pad + g) % 2
+          const int64_t pad = L.cp.pad_cols, pw = L.cp.phase_width;
+          const acc_t* pe = s1 + (pad % 2) * pw + pad / 2;
+          const acc_t* po = s1 + ((pad + 1) % 2) * pw + (pad + 1) / 2;
+          acc_t* d = reinterpret_cast<acc_t*>(o1);
+          interleave2(d, pe, po, L.W / 2);
+          if (L.W % 2) d[L.W - 1] = pe[L.W / 2];
+          if (f != acc_t(1))
+            for (int64_t col = 0; col < L.W; ++col) d[col] *= f;
         } else {
           for (int64_t col = 0; col < L.W; ++col) o1[col] = static_cast<scalar_t>(s1[L.pos[col]] * f);
         }
