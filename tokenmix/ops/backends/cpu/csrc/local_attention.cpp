@@ -39,6 +39,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace tokenmix_cpu {
@@ -74,6 +75,74 @@ inline V vexp(V x) {
   V y;
   for (int l = 0; l < static_cast<int>(sizeof(V) / sizeof(x[0])); ++l) y[l] = std::exp(x[l]);
   return y;
+}
+
+// Narrow rows (7 or 14 output columns at the late SASA stages) between the tensors and the
+// scratch rows: float rows go in whole vectors, the last one through an AVX-512 lane mask (no
+// read or write past the row's end); other types element by element. A memcpy or a scalar loop
+// per row of 7 cost about as much as a tap's multiply-adds there.
+// d[k] = s[k] for k < n and 0 for n <= k < n rounded up to whole vectors (d has that room).
+template <typename scalar_t, typename acc_t>
+inline void load_row(acc_t* __restrict__ d, const scalar_t* __restrict__ s, int64_t n) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_loadu_ps(s + k));
+    if (k < n) _mm256_storeu_ps(d + k, _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << (n - k)) - 1), s + k));
+    return;
+  }
+#endif
+  constexpr int64_t N = Vec<acc_t>::N;
+  convert(d, s, n);
+  for (int64_t k = n; k < (n + N - 1) / N * N; ++k) d[k] = acc_t(0);
+}
+
+// d[k] = s[k] * f for k < n, converted to the tensor's type.
+template <typename scalar_t, typename acc_t>
+inline void store_row(scalar_t* __restrict__ d, const acc_t* __restrict__ s, int64_t n, acc_t f) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+    const __m256 fv = _mm256_set1_ps(f);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(d + k, _mm256_mul_ps(_mm256_loadu_ps(s + k), fv));
+    if (k < n) {
+      const __mmask8 m = static_cast<__mmask8>((1u << (n - k)) - 1);
+      _mm256_mask_storeu_ps(d + k, m, _mm256_mul_ps(_mm256_maskz_loadu_ps(m, s + k), fv));
+    }
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < n; ++k) d[k] = static_cast<scalar_t>(s[k] * f);
+}
+
+// d[2k] = e[k] * f, d[2k+1] = o[k] * f for k < n: a stride-2 row from its two phases, in blocks
+// of 8 and 4 pairs (14-column rows are 7 pairs). Scaled on the way: scaling the written row in
+// place read back vectors spanning several narrower stores (a store-forwarding stall each).
+template <typename T>
+inline void interleave2_scaled(T* __restrict__ d, const T* __restrict__ e, const T* __restrict__ o, int64_t n, T f) {
+  int64_t k = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m256 fv = _mm256_set1_ps(f);
+    for (; k + 8 <= n; k += 8) {
+      const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(e + k), fv), b = _mm256_mul_ps(_mm256_loadu_ps(o + k), fv);
+      const __m256 lo = _mm256_unpacklo_ps(a, b), hi = _mm256_unpackhi_ps(a, b);  // per 128-bit lane
+      _mm256_storeu_ps(d + 2 * k, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(d + 2 * k + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+    if (k + 4 <= n) {
+      const __m128 f4 = _mm_set1_ps(f);
+      const __m128 a = _mm_mul_ps(_mm_loadu_ps(e + k), f4), b = _mm_mul_ps(_mm_loadu_ps(o + k), f4);
+      _mm_storeu_ps(d + 2 * k, _mm_unpacklo_ps(a, b));
+      _mm_storeu_ps(d + 2 * k + 4, _mm_unpackhi_ps(a, b));
+      k += 4;
+    }
+  }
+#endif
+  for (; k < n; ++k) {
+    d[2 * k] = e[k] * f;
+    d[2 * k + 1] = o[k] * f;
+  }
 }
 
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
@@ -272,16 +341,17 @@ struct Kernels {
           continue;
         }
         if (table != nullptr && L.plan.zero_border) {
-          const acc_t b = table[L.brow[u * L.Ho + i] * L.Tw + L.bcol[v * Wo]];
-          #pragma GCC ivdep
-          for (int64_t j = 0; j < Wo; ++j) s[j] = s[j] * scale + b;
+          // whole vectors: the columns past Wo are set to -inf below
+          const V b = Vec<acc_t>::splat(table[L.brow[u * L.Ho + i] * L.Tw + L.bcol[v * Wo]]);
+          const V sv = Vec<acc_t>::splat(scale);
+          for (int64_t j0 = 0; j0 < Wb; j0 += N) storeu(s + j0, fmadd(loadu(s + j0), sv, b));
         } else if (table != nullptr) {
           const acc_t* trow = table + L.brow[u * L.Ho + i] * L.Tw;
           const int64_t* bc = L.bcol.data() + v * Wo;
           for (int64_t j = 0; j < Wo; ++j) s[j] = s[j] * scale + trow[bc[j]];
         } else {
-          #pragma GCC ivdep
-          for (int64_t j = 0; j < Wo; ++j) s[j] *= scale;
+          const V sv = Vec<acc_t>::splat(scale);
+          for (int64_t j0 = 0; j0 < Wb; j0 += N) storeu(s + j0, loadu(s + j0) * sv);
         }
         if (rb != nullptr) {
           const acc_t* r = rb + u * Wb;
@@ -302,8 +372,8 @@ struct Kernels {
   // S -> exp(S_t - max_t S_t), the softmax before normalisation, inv[j] = 1 / sum_t of those and
   // lse[j] = log sum_t exp(S_t) (-inf, inv 0 and the exponentials 0 where every tap is -inf), for
   // all Wb columns.
-  void softmax(acc_t* S, acc_t* lse, acc_t* inv) const {
-    const int64_t Wb = L.Wb, KK = L.KK;
+  void softmax(acc_t* S, int64_t i, acc_t* lse, acc_t* inv) const {
+    const int64_t Wb = L.Wb, KK = L.KK, Kw = L.Kw;
     const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j0 = 0; j0 < Wb; j0 += N) {
       V m = Vec<acc_t>::splat(ninf);
@@ -314,10 +384,16 @@ struct Kernels {
       const V zero = V{};
       const V mf = m == Vec<acc_t>::splat(ninf) ? zero : m;
       V l = zero;
-      for (int64_t t = 0; t < KK; ++t) {
-        const V e = vexp(loadu(S + t * ts + j0) - mf);
-        storeu(S + t * ts + j0, e);
-        l += e;
+      for (int64_t u = 0; u < L.Kh; ++u) {
+        if (L.plan.rows[u * L.Ho + i] < 0) {  // every tap -inf: exp gives 0
+          for (int64_t t = u * Kw; t < (u + 1) * Kw; ++t) storeu(S + t * ts + j0, zero);
+          continue;
+        }
+        for (int64_t t = u * Kw; t < (u + 1) * Kw; ++t) {
+          const V e = vexp(loadu(S + t * ts + j0) - mf);
+          storeu(S + t * ts + j0, e);
+          l += e;
+        }
       }
       storeu(inv + j0, l > zero ? Vec<acc_t>::splat(acc_t(1)) / l : zero);
       for (int n = 0; n < N; ++n) lse[j0 + n] = l[n] > 0 ? m[n] + std::log(l[n]) : ninf;
@@ -325,17 +401,20 @@ struct Kernels {
   }
 
   // S -> P = exp(S - lse) (0 where lse = -inf).
-  void probabilities(acc_t* S, const acc_t* lse) const {
-    const int64_t Wb = L.Wb, KK = L.KK;
+  void probabilities(acc_t* S, int64_t i, const acc_t* lse) const {
+    const int64_t Wb = L.Wb, Kw = L.Kw;
     const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
     for (int64_t j0 = 0; j0 < Wb; j0 += N) {
       V m = loadu(lse + j0);
       const V none = m == Vec<acc_t>::splat(ninf) ? Vec<acc_t>::splat(acc_t(1)) : V{};
       m = none != V{} ? V{} : m;
-      for (int64_t t = 0; t < KK; ++t) {
-        V p = vexp(loadu(S + t * ts + j0) - m);
-        p = none != V{} ? V{} : p;
-        storeu(S + t * ts + j0, p);
+      for (int64_t u = 0; u < L.Kh; ++u) {
+        const bool row_in = L.plan.rows[u * L.Ho + i] >= 0;  // else every tap -inf: P = 0
+        for (int64_t t = u * Kw; t < (u + 1) * Kw; ++t) {
+          V p = row_in ? vexp(loadu(S + t * ts + j0) - m) : V{};
+          p = none != V{} ? V{} : p;
+          storeu(S + t * ts + j0, p);
+        }
       }
     }
   }
@@ -460,19 +539,18 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::T
       fill_rows(vb.data(), L.cs, vp + vplane * L.H * L.W, Cgv, L.H, 0, L.H, L.cp);
       for (int64_t c = 0; c < Cgk; ++c)
         for (int64_t i = 0; i < L.Ho; ++i)
-          convert(qb.data() + c * HoWb + i * L.Wb, qp + ((kplane + c) * L.Ho + i) * L.Wo, L.Wo);
+          load_row(qb.data() + c * HoWb + i * L.Wb, qp + ((kplane + c) * L.Ho + i) * L.Wo, L.Wo);
       if (tp != nullptr) convert(tb.data(), tp + h * L.T, L.T);
       for (int64_t i = 0; i < L.Ho; ++i) {
         kern.row_dots(qb.data() + i * L.Wb, HoWb, kb.data(), Cgk, i, S.data());
         tap.load(L, b * heads + h, i, rb.data(), cb.data());
         kern.scores(S.data(), i, static_cast<acc_t>(scale), tp != nullptr ? tb.data() : nullptr, rbp, cbp);
-        kern.softmax(S.data(), lrow.data(), irow.data());
+        kern.softmax(S.data(), i, lrow.data(), irow.data());
         kern.row_aggregate(S.data(), vb.data(), Cgv, i, o.data());
         for (int64_t c = 0; c < Cgv; ++c) {
-          scalar_t* dst = op + ((vplane + c) * L.Ho + i) * L.Wo;
-          const acc_t* src = o.data() + c * L.Wb;
-          #pragma GCC ivdep
-          for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * irow[j]);
+          acc_t* src = o.data() + c * L.Wb;
+          for (int64_t j0 = 0; j0 < L.Wb; j0 += K::N) storeu(src + j0, loadu(src + j0) * loadu(irow.data() + j0));
+          store_row(op + ((vplane + c) * L.Ho + i) * L.Wo, src, L.Wo, acc_t(1));
         }
         std::memcpy(lp + ((b * heads + h) * L.Ho + i) * L.Wo, lrow.data(), L.Wo * sizeof(acc_t));
       }
@@ -581,9 +659,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t vgrad_rows = gather ? 0 : Cgv * L.cs;
   const int64_t ring = gather ? G.R * KK * Wm : 0;
   const int64_t rbn = tap.row != nullptr ? L.Kh * Wb : 0, cbn = tap.col != nullptr ? L.Kw * Wb : 0;
+  // the zero border's rel_pos gradient: one table entry per tap, its sum over the task's
+  // output rows kept as a vector per tap and added up across lanes once per task
+  const int64_t HoWo = L.Ho * L.Wo;
+  const int64_t tsum = table.defined() && L.plan.zero_border ? KK * N : 0;
   const int64_t need = bytes_of({Cgk * L.cs, Cgv * L.cs, kgrad_rows, vgrad_rows, Cgk * HoWm, Cgv * HoWm,
                                  gather ? 0 : KK * Wb, gather ? 0 : KK * Wb, ring, ring, std::max(Cgk, Cgv) * Wb,
-                                 2 * Wb, 2 * L.T, gather ? (Cgk + Cgv) * rb_cs : 0, rbn, cbn},
+                                 Wb, 2 * L.T, gather ? (Cgk + Cgv) * rb_cs : 0, rbn, cbn, tsum, HoWo + Wb},
                                 sizeof(acc_t));
   const ThreadScratch scratch(need);
   const scalar_t *gp = go.data_ptr<scalar_t>(), *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>();
@@ -603,13 +685,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto S = carver.take<acc_t>(gather ? 0 : KK * Wb), dP = carver.take<acc_t>(gather ? 0 : KK * Wb);
     auto pring = carver.take<acc_t>(ring), sring = carver.take<acc_t>(ring);
     auto o = carver.take<acc_t>(std::max(Cgk, Cgv) * Wb);
-    auto lrow = carver.take<acc_t>(2 * Wb);
+    auto lrow = carver.take<acc_t>(Wb);
     auto tb = carver.take<acc_t>(2 * L.T);
     auto rowbuf = carver.take<acc_t>(gather ? (Cgk + Cgv) * rb_cs : 0);
     auto rb = carver.take<acc_t>(rbn), cb = carver.take<acc_t>(cbn);
+    auto tacc = carver.take<acc_t>(tsum), Dt = carver.take<acc_t>(HoWo + Wb);
     const acc_t* rbp = tap.row != nullptr ? rb.data() : nullptr;
     const acc_t* cbp = tap.col != nullptr ? cb.data() : nullptr;
-    acc_t* D = lrow.data() + Wb;
     acc_t* drel = tb.data() + L.T;
     // input row r of the Cg channels of the task's plane of dst (dk, scaled by f = scale, or dv,
     // f = 1) from scratch rows whose column col sits at pos[col]
@@ -619,9 +701,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         scalar_t* o1 = dst + ((plane + c) * L.H + r) * L.W;
         const acc_t* s1 = src + c * cstride;
         if (L.cp.s == 1) {
-          const int64_t p0 = L.pos[0];
-#pragma GCC ivdep
-          for (int64_t col = 0; col < L.W; ++col) o1[col] = static_cast<scalar_t>(s1[p0 + col] * f);
+          store_row(o1, s1 + L.pos[0], L.W, f);
+        } else if (L.cp.s == 2 && std::is_same<scalar_t, acc_t>::value) {
+          // column 2m + g (g = 0, 1) sits at index m + (pad + g) / 2 of phase (pad + g) % 2
+          const int64_t pad = L.cp.pad_cols, pw = L.cp.phase_width;
+          const acc_t* pe = s1 + (pad % 2) * pw + pad / 2;
+          const acc_t* po = s1 + ((pad + 1) % 2) * pw + (pad + 1) / 2;
+          acc_t* d = reinterpret_cast<acc_t*>(o1);
+          interleave2_scaled(d, pe, po, L.W / 2, f);
+          if (L.W % 2) d[L.W - 1] = pe[L.W / 2] * f;
         } else {
           for (int64_t col = 0; col < L.W; ++col) o1[col] = static_cast<scalar_t>(s1[L.pos[col]] * f);
         }
@@ -635,15 +723,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         std::fill(dkb.begin(), dkb.end(), acc_t(0));
         std::fill(dvb.begin(), dvb.end(), acc_t(0));
       }
-      for (int64_t i = 0; i < L.Ho; ++i) {
-        for (int64_t c = 0; c < Cgk; ++c)
-          convert(qb.data() + c * HoWm + i * Wm + G.M, qp + ((kplane + c) * L.Ho + i) * L.Wo, L.Wo);
-        for (int64_t c = 0; c < Cgv; ++c)
-          convert(gb.data() + c * HoWm + i * Wm + G.M, gp + ((vplane + c) * L.Ho + i) * L.Wo, L.Wo);
+      // (plane by plane, row by row: the tensors read in order)
+      for (int64_t c = 0; c < Cgk; ++c)
+        for (int64_t i = 0; i < L.Ho; ++i)
+          load_row(qb.data() + c * HoWm + i * Wm + G.M, qp + ((kplane + c) * L.Ho + i) * L.Wo, L.Wo);
+      for (int64_t c = 0; c < Cgv; ++c)
+        for (int64_t i = 0; i < L.Ho; ++i)
+          load_row(gb.data() + c * HoWm + i * Wm + G.M, gp + ((vplane + c) * L.Ho + i) * L.Wo, L.Wo);
+      // D = dout . out of every output pixel of the task, in the order of the planes; row i's
+      // at Dt + i * Wo (the lanes past Wo read the next row's or 0: D is only used where P > 0)
+      std::fill(Dt.begin(), Dt.end(), acc_t(0));
+      for (int64_t c = 0; c < Cgv; ++c) {
+        const scalar_t* g1 = gp + (vplane + c) * HoWo;
+        const scalar_t* o1 = outp + (vplane + c) * HoWo;
+        acc_t* d = Dt.data();
+        #pragma GCC ivdep
+        for (int64_t k = 0; k < HoWo; ++k) d[k] += static_cast<acc_t>(g1[k]) * static_cast<acc_t>(o1[k]);
       }
       if (tp != nullptr) {
         convert(tb.data(), tp + h * L.T, L.T);
         std::fill(drel, drel + L.T, acc_t(0));
+        std::fill(tacc.begin(), tacc.end(), acc_t(0));
       }
       for (int64_t i = 0; i < L.Ho; ++i) {
         const acc_t* qrow = qb.data() + i * Wm + G.M;
@@ -659,16 +759,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         kern.scores(Pp, i, sc, tp != nullptr ? tb.data() : nullptr, rbp, cbp);
         std::memcpy(lrow.data(), lp + ((b * heads + h) * L.Ho + i) * L.Wo, L.Wo * sizeof(acc_t));
         std::fill(lrow.data() + L.Wo, lrow.data() + Wb, -std::numeric_limits<acc_t>::infinity());
-        kern.probabilities(Pp, lrow.data());
+        kern.probabilities(Pp, i, lrow.data());
         // dP and D = dout . out
         kern.row_dots(grow, HoWm, vb.data(), Cgv, i, dSp);
-        std::fill(D, D + Wb, acc_t(0));
-        for (int64_t c = 0; c < Cgv; ++c) {
-          const acc_t* g = grow + c * HoWm;
-          const scalar_t* orow = outp + ((vplane + c) * L.Ho + i) * L.Wo;
-          #pragma GCC ivdep
-          for (int64_t j = 0; j < L.Wo; ++j) D[j] += g[j] * static_cast<acc_t>(orow[j]);
-        }
+        const acc_t* D = Dt.data() + i * L.Wo;
         // dS = P (dP - D), 0 where P is 0 (taps outside the image, columns past Wo)
         for (int64_t t = 0; t < KK; ++t)
           for (int64_t j0 = 0; j0 < Wb; j0 += N) {
@@ -676,22 +770,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             const V ds = p * (loadu(dSp + t * ts + j0) - loadu(D + j0));
             storeu(dSp + t * ts + j0, p == V{} ? V{} : ds);
           }
-        if (tp != nullptr) {
+        if (tp != nullptr && L.plan.zero_border) {  // dS is 0 on taps outside the image and past Wo
+          for (int64_t u = 0; u < L.Kh; ++u) {
+            if (L.plan.rows[u * L.Ho + i] < 0) continue;
+            for (int64_t t = u * L.Kw; t < (u + 1) * L.Kw; ++t) {
+              V sum = loadu(tacc.data() + t * N);
+              for (int64_t j0 = 0; j0 < Wb; j0 += N) sum += loadu(dSp + t * ts + j0);
+              storeu(tacc.data() + t * N, sum);
+            }
+          }
+        } else if (tp != nullptr) {
           for (int64_t u = 0; u < L.Kh; ++u) {
             if (L.plan.rows[u * L.Ho + i] < 0) continue;
             acc_t* trow = drel + L.brow[u * L.Ho + i] * L.Tw;
             for (int64_t v = 0; v < L.Kw; ++v) {
               const acc_t* ds = dSp + (u * L.Kw + v) * ts;
               const int64_t* bc = L.bcol.data() + v * L.Wo;
-              if (L.plan.zero_border) {  // one table entry per tap; dS is 0 past Wo
-                V sum{};
-                for (int64_t j0 = 0; j0 < Wb; j0 += N) sum += loadu(ds + j0);
-                acc_t total = 0;
-                for (int n = 0; n < N; ++n) total += sum[n];
-                trow[bc[0]] += total;
-              } else {
-                for (int64_t j = 0; j < L.Wo; ++j) trow[bc[j]] += ds[j];
-              }
+              for (int64_t j = 0; j < L.Wo; ++j) trow[bc[j]] += ds[j];
             }
           }
         }
@@ -713,12 +808,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (dcolp != nullptr) tap_sums(dcolp, L.Kw, 1, L.Kh, L.Kw);
         // dq (scaled)
         kern.row_aggregate(dSp, kb.data(), Cgk, i, o.data());
-        for (int64_t c = 0; c < Cgk; ++c) {
-          scalar_t* dst = dqp + ((kplane + c) * L.Ho + i) * L.Wo;
-          const acc_t* src = o.data() + c * Wb;
-          #pragma GCC ivdep
-          for (int64_t j = 0; j < L.Wo; ++j) dst[j] = static_cast<scalar_t>(src[j] * sc);
-        }
+        for (int64_t c = 0; c < Cgk; ++c) store_row(dqp + ((kplane + c) * L.Ho + i) * L.Wo, o.data() + c * Wb, L.Wo, sc);
         if (!gather) {  // the scatters into dk (scaled at the end) and dv
           kern.row_scatter(dSp, qrow, HoWm, Cgk, i, dkb.data());
           kern.row_scatter(Pp, grow, HoWm, Cgv, i, dvb.data());
@@ -747,6 +837,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           write_rows(dvp, vplane, Cgv, r, dvb.data() + r * L.rs, L.cs, acc_t(1));
         }
       }
+      if (tsum > 0)  // the zero border's table rows and columns do not depend on the output pixel
+        for (int64_t u = 0; u < L.Kh; ++u)
+          for (int64_t v = 0; v < L.Kw; ++v) {
+            acc_t total = 0;
+            for (int n = 0; n < N; ++n) total += tacc[(u * L.Kw + v) * N + n];
+            drel[L.brow[u * L.Ho] * L.Tw + L.bcol[v * L.Wo]] += total;
+          }
       if (tp != nullptr) std::memcpy(drp + (b * heads + h) * L.T, drel, L.T * sizeof(acc_t));
     }
   });
