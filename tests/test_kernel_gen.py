@@ -123,6 +123,16 @@ def test_ceil_pool_equals_official_floor_pool_on_even_sizes():
     torch.testing.assert_close(ours, nn.AvgPool2d(2, 2)(x), atol=0, rtol=0)
 
 
+def test_ceil_pool_keeps_only_its_input_for_backward():
+    # autograd keeps the pool's own input (already kept by the layers around it), never a padded copy
+    x = torch.randn(2, 16, 7, 9, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        CeilAvgPool2d(2)(x)
+    assert saved and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved), \
+        [tuple(t.shape) for t in saved]
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 def test_patch_p1_equals_bottleneck(stride):
     C, K = 32, 3
